@@ -1,0 +1,313 @@
+"""The "sparsed" attention function: dense, switch or sparse per call, driven by SparseDState."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from transformers.masking_utils import bidirectional_mask_function
+
+from . import policy
+from .masks import block_mask_from_table
+from .selection import key_block_counts, select_blocks
+from .state import LayerSelection, SparseDState
+
+__all__ = ["sparsed_attention_forward", "sparsed_mask", "dense_attention", "sparse_attention"]
+
+_RECOMPILE_LIMIT = 64  # distinct static shapes one process may compile before we fail loudly
+_compiled_flex = None
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
+        )
+    B, Hq, L, D = query.shape
+    Bk, Hkv, S, Dk = key.shape
+    if B == 0 or L == 0 or S == 0:
+        raise ValueError(
+            f"batch and lengths must be > 0, got query {tuple(query.shape)}, key {tuple(key.shape)}"
+        )
+    if Bk != B or value.shape[0] != B:
+        raise ValueError(f"query, key, value batch sizes differ: {B}, {Bk}, {value.shape[0]}")
+    if value.shape[1] != Hkv or value.shape[2] != S:
+        raise ValueError(f"key and value shapes differ: {tuple(key.shape)} vs {tuple(value.shape)}")
+    if Dk != D:
+        raise ValueError(f"query and key head_dim differ: {D} vs {Dk}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads must be a multiple of key/value heads (GQA), got Hq={Hq}, Hkv={Hkv}")
+
+
+def _key_valid(attention_mask: object, batch: int, kv_len: int) -> torch.Tensor | None:
+    """Normalise the padding mask to (B, S) bool (True = real key), or None for no padding."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool:
+        got = type(attention_mask).__name__
+        if isinstance(attention_mask, torch.Tensor):
+            got = f"{attention_mask.dtype} tensor"
+        raise TypeError(
+            "attention_mask for 'sparsed' must be a bool padding mask of shape (batch, kv_len) or "
+            f"(batch, 1, 1, kv_len) (what sparsed_mask builds), got {got}"
+        )
+    shape = tuple(attention_mask.shape)
+    if attention_mask.dim() == 4 and shape[1] == 1 and shape[2] == 1:
+        attention_mask = attention_mask[:, 0, 0]
+    elif attention_mask.dim() != 2:
+        raise NotImplementedError(
+            "attention_mask for 'sparsed' must be a key padding mask of shape (batch, kv_len) or "
+            f"(batch, 1, 1, kv_len); general 4D masks are not supported, got shape {shape}. "
+            "Pass the 2D padding mask to the model instead."
+        )
+    if attention_mask.shape != (batch, kv_len):
+        raise ValueError(
+            f"attention_mask was built for another shape: expected (batch, kv_len) = "
+            f"({batch}, {kv_len}), got {shape}"
+        )
+    return attention_mask
+
+
+def dense_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bidirectional dense attention on the fastest SDPA kernel of the device.
+
+    Args:
+        query: (B, Hq, L, D); key, value: (B, Hkv, S, D).
+        key_valid: (B, S) bool padding mask or None.
+    Returns:
+        (B, Hq, L, D).
+    """
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    gqa = query.shape[1] != key.shape[1]
+    with policy.dense_kernels(query, key, mask):
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=False, scale=scaling, enable_gqa=gqa
+        )
+
+
+def _flex():
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    return _compiled_flex
+
+
+def sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_mask: BlockMask,
+    scaling: float,
+) -> torch.Tensor:
+    """Block-sparse attention over ``block_mask`` with compiled FlexAttention.
+
+    Never falls back silently: hitting dynamo's recompile limit raises instead of running the
+    eager kernel, and a disabled torch.compile warns once (the eager kernel still applies the
+    block table through the mask_mod, so it stays correct, but computes every block).
+
+    Args:
+        query: (B, Hq, L, D); key, value: (B, Hkv, S, D).
+    Returns:
+        (B, Hq, L, D).
+    """
+    gqa = query.shape[1] != key.shape[1]
+    options = policy.flex_kernel_options(query, block_mask)
+    if torch.compiler.is_compiling():
+        # Inside a user's torch.compile region: flex_attention is traced into their graph.
+        return flex_attention(
+            query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa, kernel_options=options
+        )
+    if torch._dynamo.config.disable:
+        _warn_once(
+            "dynamo-disabled",
+            "torch.compile is disabled (TORCHDYNAMO_DISABLE): sparsed runs FlexAttention eagerly, "
+            "which is correct but computes and masks every block (slow, O(N^2) memory)",
+        )
+    try:
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            return _flex()(
+                query,
+                key,
+                value,
+                block_mask=block_mask,
+                scale=scaling,
+                enable_gqa=gqa,
+                kernel_options=options,
+            )
+    except torch._dynamo.exc.FailOnRecompileLimitHit as err:
+        raise RuntimeError(
+            f"sparsed: compiled FlexAttention hit the recompile limit ({_RECOMPILE_LIMIT} shapes); "
+            "refusing to fall back to eager attention. Use fewer distinct sequence lengths "
+            "(e.g. pad prompts to a multiple of the block size)."
+        ) from err
+
+
+def _select(
+    state: SparseDState,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    key_valid: torch.Tensor | None,
+) -> LayerSelection:
+    """Score blocks with the layer's real softmax, select, and build the layer's BlockMask."""
+    cfg = state.config
+    B, H, L, _ = query.shape
+    S = key.shape[2]
+    importance = policy.block_importance(query, key, scaling, cfg.block_size, key_valid)
+    gen_block = None if state.gen_start is None else state.gen_start // cfg.block_size
+    table = select_blocks(importance, cfg, gen_block)
+    counts = key_block_counts(key_valid, S, cfg.block_size, B, query.device)  # (B, nKV)
+    attendable = (counts > 0).view(B, 1, 1, -1)
+    density = (table & attendable).sum() / (attendable.sum() * H * table.shape[2])
+    block_mask = block_mask_from_table(
+        table, L, S, cfg.block_size, key_valid, full_blocks=query.device.type == "cuda"
+    )
+    return LayerSelection(block_mask, table, B, H, L, S, density)
+
+
+def sparsed_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sparsed_state: SparseDState | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers AttentionInterface entry point registered as "sparsed".
+
+    Without ``sparsed_state`` it is plain bidirectional dense attention. With one, the state's
+    step decides: dense before the switch step; at the switch step dense attention plus block
+    selection (the layer's BlockMask is cached in the state); sparse FlexAttention after it.
+
+    Args:
+        module: the attention module; needs ``layer_idx`` for sparse steps and must not be causal.
+        query: (B, Hq, L, D) with RoPE applied; key, value: (B, Hkv, S, D), not repeated.
+        attention_mask: None or a bool key padding mask (B, S) / (B, 1, 1, S).
+        scaling: softmax scale; default head_dim ** -0.5.
+    Returns:
+        (attn_output (B, L, Hq, D) contiguous, None).
+    """
+    _check_inputs(query, key, value)
+    if getattr(module, "is_causal", False):
+        raise NotImplementedError(
+            f"'sparsed' attention is bidirectional only (diffusion LMs); {type(module).__name__} "
+            "has is_causal=True"
+        )
+    if sparsed_state is not None and not isinstance(sparsed_state, SparseDState):
+        raise TypeError(f"sparsed_state must be a SparseDState or None, got {type(sparsed_state).__name__}")
+    B, Hq, L, D = query.shape
+    S = key.shape[2]
+    scale = D**-0.5 if scaling is None else float(scaling)
+    key_valid = _key_valid(attention_mask, B, S)
+    if key_valid is not None:
+        # Zero padded keys/values: masked probabilities are 0, but 0 * NaN/Inf garbage is not.
+        keep = key_valid[:, None, :, None]
+        key, value = key.masked_fill(~keep, 0), value.masked_fill(~keep, 0)
+    if dropout and module.training:
+        raise NotImplementedError(
+            f"'sparsed' attention is inference-only; got dropout={dropout} in training mode"
+        )
+
+    if sparsed_state is None:
+        return dense_attention(query, key, value, scale, key_valid).transpose(1, 2).contiguous(), None
+
+    mode = sparsed_state.mode
+    cfg = sparsed_state.config
+    min_len = policy.min_sparse_len(cfg, query.device)
+    if mode == "dense" or min_len > S:
+        if mode != "dense":
+            _warn_once(
+                f"short-{min_len}",
+                f"sparsed: kv length {S} < min_sparse_len {min_len}; SparseD stays dense here "
+                "(sparse attention cannot pay at this length). Set SparseDConfig(min_sparse_len=0) "
+                "to force sparse steps.",
+            )
+            sparsed_state.dense_reason = f"kv length {S} < min_sparse_len {min_len}"
+        return dense_attention(query, key, value, scale, key_valid).transpose(1, 2).contiguous(), None
+
+    layer_idx = getattr(module, "layer_idx", None)
+    if not isinstance(layer_idx, int):
+        raise ValueError(
+            f"'sparsed' needs module.layer_idx (an int) to cache one mask per layer; "
+            f"{type(module).__name__} has layer_idx={layer_idx!r}"
+        )
+    if mode == "switch" or (mode == "sparse" and cfg.reselect):
+        sparsed_state.layers[layer_idx] = _select(sparsed_state, query, key, scale, key_valid)
+        if mode == "switch":
+            return dense_attention(query, key, value, scale, key_valid).transpose(1, 2).contiguous(), None
+
+    sel = sparsed_state.layers.get(layer_idx)
+    if sel is None:
+        raise ValueError(
+            f"sparse step {sparsed_state.step} for layer {layer_idx} but the state holds no "
+            f"selection for it (switch step {sparsed_state.switch} did not run this layer)"
+        )
+    if (sel.batch, sel.num_heads, sel.q_len, sel.kv_len) != (B, Hq, L, S):
+        raise ValueError(
+            f"layer {layer_idx}: the mask was built for (batch, heads, q_len, kv_len) = "
+            f"{(sel.batch, sel.num_heads, sel.q_len, sel.kv_len)}, got {(B, Hq, L, S)}"
+        )
+    out = sparse_attention(query, key, value, sel.block_mask, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def sparsed_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=bidirectional_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """AttentionMaskInterface entry: a (B, 1, 1, S) bool key padding mask, or None.
+
+    The N x N mask is never materialised. Only plain bidirectional masks are accepted: a
+    causal (or otherwise modified) mask function raises rather than being silently ignored.
+    """
+    if mask_function is not bidirectional_mask_function:
+        raise NotImplementedError(
+            "'sparsed' supports only bidirectional attention masks (diffusion LMs); got mask "
+            f"function {getattr(mask_function, '__name__', mask_function)!r}"
+        )
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"expected a 2D padding mask (batch, kv_len), got shape {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask[:, kv_offset : kv_offset + kv_length]
+    if mask.shape != (batch_size, kv_length):
+        raise ValueError(
+            f"padding mask of shape {tuple(attention_mask.shape)} does not cover (batch, kv_len) = "
+            f"({batch_size}, {kv_length})"
+        )
+    return mask.bool()[:, None, None, :]

@@ -1,0 +1,80 @@
+"""SparseDConfig: the knobs of SparseD, validated once at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["SparseDConfig"]
+
+
+def _check_number(name: str, value: object, *, integer: bool = False) -> None:
+    # bool is an int subclass; True as a ratio or a block size is always a bug.
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        expected = "an int" if integer else "a float"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} ({value!r})")
+    if not integer and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SparseDConfig:
+    """How SparseD sparsifies attention over one diffusion generation.
+
+    Steps ``0 .. switch_step(steps) - 1`` run dense attention. The switch step runs dense
+    attention too and, per layer and per query head, keeps for every query block the
+    ``select`` share of key blocks with the highest mean softmax probability. Every later
+    step reuses that block pattern through block-sparse FlexAttention.
+    """
+
+    skip: float = 0.2  # fraction of denoising steps kept dense, in [0, 1]
+    select: float = 0.3  # fraction of key blocks kept per query block, in (0, 1]
+    block_size: int = 128  # tokens per query/key block, a positive multiple of 16
+    generation_share: bool = True  # the generation region gets its own top-k (reference rule)
+    # Sequences shorter than this stay dense (sparse attention cannot pay there).
+    # None: the measured rule of `sparsed_backend.policy.min_sparse_len` for the device.
+    min_sparse_len: int | None = None
+    # Baselines for the fidelity benchmark (SparseD itself is pattern="topk", reselect=False):
+    pattern: str = "topk"  # "topk": SparseD's top-k blocks; "local": sliding window of blocks
+    reselect: bool = False  # re-select from fresh dense scores at every sparse step
+
+    def __post_init__(self) -> None:
+        _check_number("skip", self.skip)
+        if not 0.0 <= self.skip <= 1.0:
+            raise ValueError(f"skip must be in [0, 1], got {self.skip!r}")
+        _check_number("select", self.select)
+        if not 0.0 < self.select <= 1.0:
+            raise ValueError(f"select must be in (0, 1], got {self.select!r}")
+        _check_number("block_size", self.block_size, integer=True)
+        if self.block_size <= 0 or self.block_size % 16 != 0:
+            raise ValueError(f"block_size must be a positive multiple of 16, got {self.block_size!r}")
+        if not isinstance(self.generation_share, bool):
+            raise TypeError(f"generation_share must be a bool, got {type(self.generation_share).__name__}")
+        if self.pattern not in ("topk", "local"):
+            raise ValueError(f"pattern must be 'topk' or 'local', got {self.pattern!r}")
+        if not isinstance(self.reselect, bool):
+            raise TypeError(f"reselect must be a bool, got {type(self.reselect).__name__}")
+        if self.min_sparse_len is not None:
+            _check_number("min_sparse_len", self.min_sparse_len, integer=True)
+            if self.min_sparse_len < 0:
+                raise ValueError(f"min_sparse_len must be >= 0 or None, got {self.min_sparse_len!r}")
+
+    def switch_step(self, steps: int) -> int:
+        """Index of the step that selects blocks; earlier steps are dense, later ones sparse.
+
+        The reference uses ``int(steps * skip) + 1``; we drop the ``+ 1`` so that skip = 0
+        means "select at step 0, sparse from step 1" and skip = 0.2 keeps exactly the first
+        20% of steps dense. ``skip = 1`` returns ``steps``: the generation never goes sparse.
+        """
+        _check_number("steps", steps, integer=True)
+        if steps <= 0:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        return min(int(steps * self.skip), steps)
+
+    def blocks_kept(self, n_blocks: int) -> int:
+        """Key blocks kept out of ``n_blocks``: ceil(select * n), at least 1; all at select = 1."""
+        if n_blocks <= 0:
+            return 0
+        # The epsilon keeps 0.3 * 10 = 3.0000000000000004 from rounding up to 4.
+        return max(1, min(n_blocks, math.ceil(self.select * n_blocks - 1e-9)))

@@ -1,0 +1,112 @@
+"""Block tables -> FlexAttention BlockMasks, built from the tables directly (no N x N work)."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+__all__ = ["block_mask_from_table", "table_mask_mod"]
+
+_HAS_COMPUTE_Q_BLOCKS = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+
+
+def table_mask_mod(table: torch.Tensor, block_size: int, key_valid: torch.Tensor | None):
+    """mask_mod that reads the block table (and the key padding), token by token.
+
+    Compiled FlexAttention evaluates it only inside partial blocks. Eager FlexAttention
+    ignores the block lists and evaluates it everywhere; because it reads the same table, an
+    eager run still computes the selected sparse attention, never silently dense attention.
+
+    Args:
+        table: (B, H, nQ, nKV) bool block table.
+        key_valid: (B, nKV * block_size) bool, False for padding and past the last key; or None.
+    """
+
+    if key_valid is None:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return table[b, h, q_idx // block_size, kv_idx // block_size]
+
+    else:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return table[b, h, q_idx // block_size, kv_idx // block_size] & key_valid[b, kv_idx]
+
+    mask_mod.__name__ = f"sparsed_table_bs{block_size}{'_padded' if key_valid is not None else ''}"
+    return mask_mod
+
+
+def _block_lists(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, nQ, nKV) bool -> counts (B, H, nQ) and indices (B, H, nQ, nKV), selected first.
+
+    The selected key blocks come first in ascending order (a stable sort), which keeps the
+    kernel's key loads in memory order.
+    """
+    counts = table.sum(-1, dtype=torch.int32)
+    indices = torch.argsort((~table).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+    return counts, indices
+
+
+def block_mask_from_table(
+    table: torch.Tensor,
+    q_len: int,
+    kv_len: int,
+    block_size: int,
+    key_valid: torch.Tensor | None = None,
+    full_blocks: bool = True,
+) -> BlockMask:
+    """Build the BlockMask that attends exactly to the blocks of ``table``.
+
+    Key blocks that hold padding or run past ``kv_len`` become partial blocks (the mask_mod
+    masks their tokens); the others become full blocks, which skip the mask_mod.
+
+    Args:
+        table: (B, H, nQ, nKV) bool, nQ = ceil(q_len / block_size), nKV = ceil(kv_len / bs).
+        key_valid: (B, kv_len) bool, True for real keys; None when all keys are real.
+        full_blocks: mark blocks with no masked token as full. False puts every block on the
+            mask_mod path (needed on CPU, where torch 2.13's inductor fails to compile masks
+            made only of full blocks).
+    Returns:
+        A BlockMask for (q_len, kv_len) whose ``to_dense()`` is ``table`` minus key blocks
+        that hold no attendable key.
+    """
+    B, H, n_q, n_kv = table.shape
+    if n_q != -(-q_len // block_size) or n_kv != -(-kv_len // block_size):
+        raise ValueError(
+            f"table of shape {tuple(table.shape)} does not fit q_len={q_len}, kv_len={kv_len} "
+            f"with block_size={block_size}"
+        )
+    tail = n_kv * block_size - kv_len
+    padded_valid = None
+    if key_valid is not None or tail:
+        if key_valid is None:
+            key_valid = torch.ones(B, kv_len, dtype=torch.bool, device=table.device)
+        padded_valid = torch.nn.functional.pad(key_valid, (0, tail), value=False)
+    if padded_valid is None:
+        counts = None
+        attendable = table
+    else:
+        counts = padded_valid.view(B, n_kv, block_size).sum(-1).view(B, 1, 1, n_kv)
+        attendable = table & (counts > 0)
+
+    if full_blocks:
+        full = attendable if counts is None else attendable & (counts == block_size)
+        partial = attendable & ~full
+        full_num, full_idx = _block_lists(full)
+    else:
+        partial, full_num, full_idx = attendable, None, None
+    part_num, part_idx = _block_lists(partial)
+
+    extra = {"compute_q_blocks": False} if _HAS_COMPUTE_Q_BLOCKS else {}
+    return BlockMask.from_kv_blocks(
+        part_num,
+        part_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=table_mask_mod(table, block_size, padded_valid),
+        seq_lengths=(q_len, kv_len),
+        **extra,
+    )

@@ -1,0 +1,179 @@
+"""Block importance and block selection: attention probabilities -> boolean block tables.
+
+A block table is a bool tensor (B, H, nQ, nKV): entry (b, h, i, j) says whether query block i
+of head h attends to key block j. Tables are the one currency between selection and masks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import SparseDConfig
+
+__all__ = [
+    "block_importance",
+    "key_block_counts",
+    "select_topk",
+    "select_local",
+    "select_blocks",
+]
+
+# Bytes of fp32 scores materialised at once while scoring; bounds memory at 64k tokens.
+_SCORE_CHUNK_BYTES = 256 * 2**20
+
+
+def _num_blocks(n: int, block_size: int) -> int:
+    return (n + block_size - 1) // block_size
+
+
+def key_block_counts(
+    key_valid: torch.Tensor | None, kv_len: int, block_size: int, batch: int, device: torch.device
+) -> torch.Tensor:
+    """Number of attendable keys in every key block.
+
+    Args:
+        key_valid: (B, S) bool, True for real keys; None when every key is real.
+    Returns:
+        (B, nKV) int64 counts; the tail block of a length that is not a block multiple is short.
+    """
+    n_kv = _num_blocks(kv_len, block_size)
+    if key_valid is None:
+        counts = torch.full((n_kv,), block_size, dtype=torch.int64, device=device)
+        counts[-1] = kv_len - (n_kv - 1) * block_size
+        return counts.expand(batch, n_kv)
+    pad = n_kv * block_size - kv_len
+    padded = torch.nn.functional.pad(key_valid, (0, pad), value=False)
+    return padded.view(batch, n_kv, block_size).sum(-1)
+
+
+@torch.no_grad()
+def block_importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    block_size: int,
+    key_valid: torch.Tensor | None = None,
+    chunk_bytes: int = _SCORE_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Mean softmax probability of every (query block, key block) pair, per head.
+
+    Rows are normalised over all attendable keys (the real softmax of the layer), then summed
+    per block pair and divided by the number of (query, attendable key) entries in the pair.
+    Key blocks with no attendable key get -inf. Scores are computed in float32 a chunk of
+    query rows at a time, so at most ``chunk_bytes`` of scores live at once.
+
+    Args:
+        query: (B, Hq, L, D).
+        key: (B, Hkv, S, D), Hq % Hkv == 0 (GQA: no repetition is materialised).
+        scaling: the attention's softmax scale (the module's ``scaling``).
+        block_size: tokens per block.
+        key_valid: (B, S) bool, True for real keys; None when all keys are real.
+    Returns:
+        (B, Hq, nQ, nKV) float32.
+    """
+    B, Hq, L, D = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    G = Hq // Hkv
+    n_q, n_kv = _num_blocks(L, block_size), _num_blocks(S, block_size)
+    kv_pad = n_kv * block_size - S
+    counts = key_block_counts(key_valid, S, block_size, B, query.device)  # (B, nKV)
+
+    k32 = key.float().unsqueeze(2)  # (B, Hkv, 1, S, D)
+    masked = None if key_valid is None else ~key_valid.view(B, 1, 1, 1, S)
+
+    # Rows per chunk: whole query blocks, as many as fit the score budget.
+    rows = max(1, chunk_bytes // (4 * Hq * S * block_size)) * block_size
+    out = torch.empty(B, Hq, n_q, n_kv, device=query.device, dtype=torch.float32)
+    for r0 in range(0, L, rows):
+        r1 = min(L, r0 + rows)
+        q32 = query[:, :, r0:r1].float().view(B, Hkv, G, r1 - r0, D)
+        scores = torch.matmul(q32, k32.transpose(-1, -2)).mul_(scaling)  # (B, Hkv, G, r, S)
+        if masked is not None:
+            # masked_fill, not an additive bias: padded keys may hold NaN garbage.
+            scores.masked_fill_(masked, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        # A query row whose keys are all masked has no distribution; it adds nothing.
+        probs = torch.nan_to_num_(probs, nan=0.0)
+        nb = _num_blocks(r1 - r0, block_size)
+        probs = torch.nn.functional.pad(probs, (0, kv_pad, 0, nb * block_size - (r1 - r0)))
+        sums = probs.view(B, Hkv, G, nb, block_size, n_kv, block_size).sum(dim=(4, 6))
+        out[:, :, r0 // block_size : r0 // block_size + nb] = sums.view(B, Hq, nb, n_kv)
+
+    q_rows = torch.full((n_q,), block_size, dtype=torch.float32, device=query.device)
+    q_rows[-1] = L - (n_q - 1) * block_size
+    denom = q_rows.view(1, 1, n_q, 1) * counts.view(B, 1, 1, n_kv).float()
+    out = out / denom
+    return out.masked_fill_((counts == 0).view(B, 1, 1, n_kv), float("-inf"))
+
+
+def _rank_desc(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of every entry along the last dim, highest first; ties go to the lower index."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    arange = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    return ranks.scatter_(-1, order, arange)
+
+
+def _kept(config: SparseDConfig, n: torch.Tensor) -> torch.Tensor:
+    """Tensor form of SparseDConfig.blocks_kept: ceil(select * n), at least 1, at most n."""
+    k = torch.ceil(n.double() * config.select - 1e-9).long()
+    return torch.minimum(k.clamp(min=1), n).masked_fill(n == 0, 0)
+
+
+def select_topk(
+    importance: torch.Tensor, config: SparseDConfig, gen_start_block: int | None = None
+) -> torch.Tensor:
+    """SparseD's rule: per (b, h, query block), keep the top-k key blocks by importance.
+
+    k = ceil(select * attendable key blocks). With ``config.generation_share`` and a
+    ``gen_start``, prompt key blocks are kept when they are in the top-k over all blocks, and
+    the generation region (the block holding ``gen_start`` onward) gets its own top-k with
+    the same ratio, as in the reference implementation.
+
+    Args:
+        importance: (B, H, nQ, nKV) float; -inf marks key blocks with nothing to attend.
+        gen_start: token index of the first generated token, or None.
+    Returns:
+        (B, H, nQ, nKV) bool block table.
+    """
+    n_kv = importance.shape[-1]
+    valid = torch.isfinite(importance)  # (B, H, nQ, nKV)
+    keep_all = _kept(config, valid.sum(-1, keepdim=True))
+    table = _rank_desc(importance) < keep_all
+    if gen_start_block is None or not config.generation_share:
+        return table & valid
+    g = min(max(gen_start_block, 0), n_kv)
+    if g == 0 or g == n_kv:
+        return table & valid
+    gen = importance[..., g:]
+    keep_gen = _kept(config, torch.isfinite(gen).sum(-1, keepdim=True))
+    table[..., g:] = _rank_desc(gen) < keep_gen
+    return table & valid
+
+
+def select_local(importance: torch.Tensor, config: SparseDConfig) -> torch.Tensor:
+    """Baseline of the same density: a window of k key blocks centred on the query block.
+
+    Only the shapes and the -inf marks of ``importance`` are used (not its values).
+    """
+    B, H, n_q, n_kv = importance.shape
+    valid = torch.isfinite(importance)
+    k = _kept(config, valid.sum(-1, keepdim=True))  # (B, H, nQ, 1)
+    # Query block i sits at the same relative position among the key blocks.
+    centre = (torch.arange(n_q, device=importance.device) * n_kv) // max(n_q, 1)
+    centre = centre.view(1, 1, n_q, 1)
+    start = (centre - (k - 1) // 2).clamp(min=0)
+    start = torch.minimum(start, (n_kv - k).clamp(min=0))
+    j = torch.arange(n_kv, device=importance.device).view(1, 1, 1, n_kv)
+    return (j >= start) & (j < start + k) & valid
+
+
+def select_blocks(
+    importance: torch.Tensor,
+    config: SparseDConfig,
+    gen_start_block: int | None = None,
+) -> torch.Tensor:
+    """Apply the rule named by ``config.pattern`` ("topk" = SparseD, "local" = sliding)."""
+    if config.pattern == "local":
+        return select_local(importance, config)
+    return select_topk(importance, config, gen_start_block)

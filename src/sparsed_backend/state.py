@@ -1,0 +1,102 @@
+"""Per-generation state: which step we are at and the block masks selected at the switch step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from .config import SparseDConfig
+
+__all__ = ["LayerSelection", "SparseDState", "Mode"]
+
+Mode = Literal["dense", "switch", "sparse"]
+
+
+@dataclass
+class LayerSelection:
+    """What the switch step left for one layer: its BlockMask and the shapes it is valid for."""
+
+    block_mask: BlockMask
+    table: torch.Tensor  # (B, H, nQ, nKV) bool: the selection (its mask_mod reads it too)
+    batch: int
+    num_heads: int
+    q_len: int
+    kv_len: int
+    density: torch.Tensor  # 0-dim: kept share of attendable key blocks over (b, h, q block)
+
+    def memory_bytes(self) -> int:
+        """Device bytes held by the mask's tables (and the tensors its mask_mod reads)."""
+        seen: dict[int, int] = {}
+        for t in self.block_mask.as_tuple(flatten=True):
+            if isinstance(t, torch.Tensor):
+                seen[t.data_ptr()] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+
+@dataclass
+class SparseDState:
+    """The schedule of one generation; pass it to the model as ``sparsed_state=``.
+
+    The sampler calls :meth:`advance` once after each denoising forward. Every layer of one
+    forward sees the same step. The switch step stores one :class:`LayerSelection` per layer
+    (keyed by the attention module's ``layer_idx``); sparse steps reuse it.
+
+    Args:
+        config: the SparseD knobs.
+        steps: the number of denoising forwards of the whole generation.
+        gen_start: index of the first generated token in the (padded) sequence, or None when
+            there is no separate generation region. The key blocks from the block holding it
+            onward get their own top-k share (``config.generation_share``).
+    """
+
+    config: SparseDConfig
+    steps: int
+    gen_start: int | None = None
+    step: int = 0
+    layers: dict[int, LayerSelection] = field(default_factory=dict)
+    dense_reason: str | None = None  # why sparse steps ran dense (set by the backend), if so
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, SparseDConfig):
+            raise TypeError(f"config must be a SparseDConfig, got {type(self.config).__name__}")
+        self.switch = self.config.switch_step(self.steps)  # validates steps
+        if self.gen_start is not None:
+            if isinstance(self.gen_start, bool) or not isinstance(self.gen_start, int):
+                raise TypeError(f"gen_start must be an int or None, got {self.gen_start!r}")
+            if self.gen_start < 0:
+                raise ValueError(f"gen_start must be >= 0, got {self.gen_start}")
+
+    @property
+    def mode(self) -> Mode:
+        """'dense' before the switch step, 'switch' at it, 'sparse' after it."""
+        if self.step >= self.steps:
+            raise ValueError(
+                f"step counter past the schedule: step {self.step} of a {self.steps}-step "
+                "generation; create a new SparseDState (or call reset()) for a new generation"
+            )
+        if self.step < self.switch:
+            return "dense"
+        return "switch" if self.step == self.switch else "sparse"
+
+    def advance(self) -> None:
+        """Move to the next denoising step (call once after every model forward)."""
+        self.step += 1
+
+    def reset(self) -> None:
+        """Start the schedule again and forget every selected mask."""
+        self.step = 0
+        self.layers.clear()
+        self.dense_reason = None
+
+    def density(self) -> float | None:
+        """Mean kept share of key blocks over all layers, or None before the switch."""
+        if not self.layers:
+            return None
+        return float(torch.stack([s.density for s in self.layers.values()]).float().mean())
+
+    def memory_bytes(self) -> int:
+        """Device bytes held by all cached layer masks."""
+        return sum(s.memory_bytes() for s in self.layers.values())

@@ -1,0 +1,315 @@
+"""The "sparsed" attention function: dense/switch/sparse schedule against the fp64 oracle."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.attention.flex_attention import flex_attention
+
+from numerics import assert_close_3way
+from sparsed_backend import SparseDConfig, SparseDState, sparsed_attention_forward
+from sparsed_backend.reference import (
+    attention_reference,
+    block_importance_reference,
+    expand_table,
+    topk_table_reference,
+)
+from sparsed_backend.selection import block_importance
+
+# Every distinct static shape compiles FlexAttention once (~5-20 s on 2 CPU cores), so the
+# property tests draw shapes from this fixed pool: odd lengths, q_len != kv_len, GQA 1:1,
+# 2:1, 4:1, 7:1, batches 1-3, block sizes 16-256, float32 and bfloat16.
+# (B, Hq, Hkv, q_len, kv_len, head_dim, block_size, dtype)
+SHAPES = [
+    (1, 2, 2, 64, 64, 16, 16, torch.float32),
+    (2, 4, 2, 100, 100, 32, 32, torch.float32),
+    (1, 7, 1, 129, 129, 16, 64, torch.float32),
+    (3, 4, 4, 65, 127, 16, 16, torch.float32),
+    (1, 4, 1, 1000, 1000, 16, 128, torch.float32),
+    (2, 4, 1, 63, 63, 32, 16, torch.bfloat16),
+    (1, 2, 2, 7, 7, 16, 256, torch.float32),
+    (1, 1, 1, 1, 1, 16, 16, torch.float32),
+]
+
+
+def module(layer_idx=0, is_causal=False):
+    return SimpleNamespace(layer_idx=layer_idx, is_causal=is_causal, training=False)
+
+
+def make_inputs(shape, seed, pad_kind="none", device="cpu"):
+    b, hq, hkv, q_len, kv_len, d, _, dtype = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, q_len, d, generator=g)
+    # Peaked attention (large logits) so that dropping blocks visibly changes the output.
+    k = torch.randn(b, hkv, kv_len, d, generator=g) * 1.5
+    v = torch.randn(b, hkv, kv_len, d, generator=g)
+    valid = None
+    if pad_kind != "none" and kv_len > 1:
+        valid = torch.ones(b, kv_len, dtype=torch.bool)
+        for i in range(b):
+            n_pad = int(torch.randint(0, kv_len // 2 + 1, (1,), generator=g))
+            if pad_kind == "left":
+                valid[i, :n_pad] = False
+            else:
+                valid[i, kv_len - n_pad :] = False
+        valid = valid.to(device)
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(q), cast(k), cast(v), valid
+
+
+def run_schedule(q, k, v, valid, cfg, gen_start=None, steps=3):
+    """Switch at step 0 (skip=0), then one sparse step. Returns (switch_out, sparse_out, state)."""
+    state = SparseDState(cfg, steps=steps, gen_start=gen_start)
+    mask = None if valid is None else valid[:, None, None, :]
+    scale = q.shape[-1] ** -0.5
+    outs = []
+    for _ in range(2):
+        out, weights = sparsed_attention_forward(module(), q, k, v, mask, scaling=scale, sparsed_state=state)
+        assert weights is None
+        outs.append(out.transpose(1, 2))  # back to (B, H, L, D)
+        state.advance()
+    return outs[0], outs[1], state
+
+
+def real_rows(valid, q_len, kv_len, shape):
+    """Query rows that stand for real tokens (q aligned to the end of kv, as in padding)."""
+    b, hq, _, _, _, d, _, _ = shape
+    if valid is None:
+        return None
+    rows = valid[:, kv_len - q_len :] if kv_len >= q_len else valid.new_ones(b, q_len)
+    return rows[:, None, :, None].expand(b, hq, q_len, d)
+
+
+shape_idx = st.integers(0, len(SHAPES) - 1)
+seeds = st.integers(0, 2**31 - 1)
+pads = st.sampled_from(["none", "left", "right"])
+
+
+@settings(max_examples=40)
+@given(shape_idx, seeds, pads)
+def test_select_one_equals_dense(device, idx, seed, pad):
+    shape = SHAPES[idx]
+    q, k, v, valid = make_inputs(shape, seed, pad, device)
+    cfg = SparseDConfig(skip=0.0, select=1.0, block_size=shape[6], min_sparse_len=0)
+    switch_out, sparse_out, state = run_schedule(q, k, v, valid, cfg)
+    scale = shape[5] ** -0.5
+    golden = attention_reference(q, k, v, scale, valid)
+    lowprec = attention_reference(q, k, v, scale, valid, dtype=q.dtype)
+    where = real_rows(valid, shape[3], shape[4], shape)
+    assert_close_3way(switch_out, golden, lowprec, where)
+    assert_close_3way(sparse_out, golden, lowprec, where)
+    assert state.density() == pytest.approx(1.0)
+
+
+@settings(max_examples=40)
+@given(shape_idx, seeds, pads, st.sampled_from([0.1, 0.2, 0.3, 0.5]), st.booleans())
+def test_select_below_one_equals_reference_masked_by_the_same_blocks(device, idx, seed, pad, select, gen):
+    shape = SHAPES[idx]
+    b, hq, _, q_len, kv_len, d, block, _ = shape
+    q, k, v, valid = make_inputs(shape, seed, pad, device)
+    gen_start = kv_len // 2 if gen else None
+    cfg = SparseDConfig(skip=0.0, select=select, block_size=block, min_sparse_len=0)
+    _, sparse_out, state = run_schedule(q, k, v, valid, cfg, gen_start)
+    table = state.layers[0].table
+    # The selection is SparseD's rule applied to the layer's real block importance.
+    importance = block_importance(q, k, d**-0.5, block, valid)
+    gen_block = None if gen_start is None else gen_start // block
+    assert torch.equal(table.cpu(), topk_table_reference(importance, select, gen_block))
+    # The output is attention restricted to exactly those blocks, built without BlockMask.
+    tokens = expand_table(table, block, q_len, kv_len)
+    golden = attention_reference(q, k, v, d**-0.5, valid, tokens)
+    lowprec = attention_reference(q, k, v, d**-0.5, valid, tokens, dtype=q.dtype)
+    assert_close_3way(sparse_out, golden, lowprec, real_rows(valid, q_len, kv_len, shape))
+
+
+def test_importance_of_the_backend_matches_the_oracle_selection():
+    shape = SHAPES[1]
+    q, k, _, valid = make_inputs(shape, 7, "left")
+    imp = block_importance(q, k, 32**-0.5, 32, valid)
+    ref = block_importance_reference(q, k, 32**-0.5, 32, valid)
+    assert torch.equal(topk_table_reference(imp, 0.3), topk_table_reference(ref, 0.3))
+
+
+def test_sparse_path_really_skips_blocks():
+    """Output differs from dense when the selection drops mass, and equals dense flex over
+    the same mask; running the same BlockMask eagerly still applies the table (no dense)."""
+    shape = SHAPES[4]
+    q, k, v, _ = make_inputs(shape, 0)
+    cfg = SparseDConfig(skip=0.0, select=0.2, block_size=128, min_sparse_len=0)
+    switch_out, sparse_out, state = run_schedule(q, k, v, None, cfg)
+    dense = attention_reference(q, k, v, 16**-0.5, None)
+    assert (sparse_out.double() - dense).abs().max() > 1e-2, "sparse output equals dense: blocks not skipped"
+    assert (switch_out.double() - dense).abs().max() < 1e-4
+    sel = state.layers[0]
+    assert sel.density.item() < 0.5
+    eager = flex_attention(q, k, v, block_mask=sel.block_mask, scale=16**-0.5, enable_gqa=True)
+    torch.testing.assert_close(eager, sparse_out, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_poisoned_with_nan_does_not_leak():
+    shape = SHAPES[1]
+    q, k, v, valid = make_inputs(shape, 3, "left")
+    k2, v2 = k.clone(), v.clone()
+    k2[~valid[:, None, :].expand_as(k2[..., 0])] = float("nan")
+    v2[~valid[:, None, :].expand_as(v2[..., 0])] = float("nan")
+    cfg = SparseDConfig(skip=0.0, select=0.3, block_size=32, min_sparse_len=0)
+    a = run_schedule(q, k, v, valid, cfg)
+    b = run_schedule(q, k2, v2, valid, cfg)
+    where = real_rows(valid, 100, 100, shape)
+    for clean, poisoned in zip(a[:2], b[:2], strict=True):
+        assert torch.isfinite(poisoned[where]).all()
+        assert torch.equal(clean[where], poisoned[where])
+
+
+def test_deterministic_and_independent_of_batch_mates():
+    shape = SHAPES[1]
+    q, k, v, valid = make_inputs(shape, 11, "right")
+    cfg = SparseDConfig(skip=0.0, select=0.3, block_size=32, min_sparse_len=0)
+    first, second = run_schedule(q, k, v, valid, cfg), run_schedule(q, k, v, valid, cfg)
+    assert torch.equal(first[1], second[1])
+    assert torch.equal(first[2].layers[0].table, second[2].layers[0].table)
+    q2, k2, v2, valid2 = make_inputs(shape, 12, "right")
+    mixed = [torch.cat([a[:1], b[1:]]) for a, b in zip((q, k, v, valid), (q2, k2, v2, valid2), strict=True)]
+    other = run_schedule(*mixed, cfg)
+    assert torch.equal(other[1][:1], first[1][:1])
+
+
+def test_no_state_is_plain_dense_attention():
+    shape = SHAPES[2]
+    q, k, v, _ = make_inputs(shape, 5)
+    out, _ = sparsed_attention_forward(module(), q, k, v, None, scaling=0.25)
+    assert out.shape == (1, 129, 7, 16) and out.is_contiguous()
+    torch.testing.assert_close(
+        out.transpose(1, 2).double(), attention_reference(q, k, v, 0.25), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_short_sequences_stay_dense_and_say_so():
+    shape = SHAPES[0]
+    q, k, v, _ = make_inputs(shape, 5)
+    cfg = SparseDConfig(skip=0.0, select=0.1, block_size=16, min_sparse_len=65)
+    with pytest.warns(RuntimeWarning, match=r"kv length 64 < min_sparse_len 65; SparseD stays dense"):
+        _, sparse_out, state = run_schedule(q, k, v, None, cfg)
+    assert state.dense_reason == "kv length 64 < min_sparse_len 65"
+    assert not state.layers
+    torch.testing.assert_close(sparse_out.double(), attention_reference(q, k, v, 0.25), atol=1e-5, rtol=1e-5)
+
+
+def test_no_recompilation_across_steps_and_new_length_compiles():
+    from torch._dynamo.utils import counters
+
+    shape = SHAPES[0]
+    q, k, v, _ = make_inputs(shape, 1)
+    cfg = SparseDConfig(skip=0.0, select=0.5, block_size=16, min_sparse_len=0)
+    state = SparseDState(cfg, steps=6)
+    sparsed_attention_forward(module(), q, k, v, None, sparsed_state=state)
+    state.advance()
+    sparsed_attention_forward(module(), q, k, v, None, sparsed_state=state)  # warm-up compile
+    state.advance()
+    before = dict(counters["stats"])
+    for _ in range(3):
+        sparsed_attention_forward(module(), q, k, v, None, sparsed_state=state)
+        state.advance()
+    assert dict(counters["stats"]) == before, "compiled attention recompiled between steps"
+
+
+def test_reselect_every_step_tracks_new_inputs():
+    shape = SHAPES[0]
+    q, k, v, _ = make_inputs(shape, 2)
+    cfg = SparseDConfig(skip=0.0, select=0.25, block_size=16, min_sparse_len=0, reselect=True)
+    state = SparseDState(cfg, steps=3)
+    sparsed_attention_forward(module(), q, k, v, None, sparsed_state=state)
+    first = state.layers[0].table.clone()
+    state.advance()
+    sparsed_attention_forward(module(), q, k.flip(2), v, None, sparsed_state=state)
+    assert not torch.equal(first, state.layers[0].table)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def good():
+    return torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "match"),
+    [
+        (lambda q, k, v: (q.double(), k, v), TypeError, r"query, key and value must share a dtype"),
+        (lambda q, k, v: (q[0], k, v), ValueError, r"query must be 4D \(batch, heads, seq, head_dim\)"),
+        (lambda q, k, v: (q, k.repeat(1, 1, 1, 1)[:, :, :, :8], v), ValueError, r"head_dim differ: 16 vs 8"),
+        (lambda q, k, v: (q[:, :, :0], k, v), ValueError, r"batch and lengths must be > 0"),
+        (lambda q, k, v: (q[:0], k[:0], v[:0]), ValueError, r"batch and lengths must be > 0"),
+        (
+            lambda q, k, v: (torch.randn(1, 3, 8, 16), k, v),
+            ValueError,
+            r"query heads must be a multiple of key/value heads \(GQA\), got Hq=3, Hkv=2",
+        ),
+        (lambda q, k, v: (q, k, v[:, :, :4]), ValueError, r"key and value shapes differ"),
+        (lambda q, k, v: (q, k, "v"), TypeError, r"value must be a torch.Tensor, got str"),
+    ],
+)
+def test_bad_tensors_raise(mutate, error, match):
+    q, k, v = mutate(*good())
+    with pytest.raises(error, match=match):
+        sparsed_attention_forward(module(), q, k, v, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_device_mismatch_raises():
+    q, k, v = good()
+    with pytest.raises(ValueError, match=r"must be on one device"):
+        sparsed_attention_forward(module(), q.cuda(), k, v, None)
+
+
+def test_causal_module_is_refused():
+    with pytest.raises(NotImplementedError, match=r"bidirectional only .* is_causal=True"):
+        sparsed_attention_forward(module(is_causal=True), *good(), None)
+
+
+@pytest.mark.parametrize(
+    ("mask", "error", "match"),
+    [
+        (
+            torch.ones(1, 7, dtype=torch.bool),
+            ValueError,
+            r"built for another shape: expected .* \(1, 8\), got \(1, 7\)",
+        ),
+        (torch.zeros(1, 1, 1, 8), TypeError, r"must be a bool padding mask .* got torch.float32 tensor"),
+        (
+            torch.ones(1, 1, 8, 8, dtype=torch.bool),
+            NotImplementedError,
+            r"general 4D masks are not supported",
+        ),
+    ],
+)
+def test_bad_masks_raise(mask, error, match):
+    with pytest.raises(error, match=match):
+        sparsed_attention_forward(module(), *good(), mask)
+
+
+def test_sparse_step_without_a_switch_raises():
+    state = SparseDState(SparseDConfig(skip=0.0, min_sparse_len=0), steps=3)
+    state.advance()
+    with pytest.raises(ValueError, match=r"sparse step 1 for layer 0 but the state holds no selection"):
+        sparsed_attention_forward(module(), *good(), None, sparsed_state=state)
+
+
+def test_mask_for_another_length_raises():
+    q, k, v = good()
+    state = SparseDState(SparseDConfig(skip=0.0, min_sparse_len=0, block_size=16), steps=3)
+    sparsed_attention_forward(module(), q, k, v, None, sparsed_state=state)
+    state.advance()
+    q2, k2, v2 = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    with pytest.raises(ValueError, match=r"mask was built for .* \(1, 2, 8, 8\), got \(1, 2, 9, 9\)"):
+        sparsed_attention_forward(module(), q2, k2, v2, None, sparsed_state=state)
+
+
+def test_missing_layer_idx_and_bad_state_raise():
+    state = SparseDState(SparseDConfig(skip=0.0, min_sparse_len=0), steps=3)
+    with pytest.raises(ValueError, match=r"needs module.layer_idx"):
+        sparsed_attention_forward(SimpleNamespace(is_causal=False), *good(), None, sparsed_state=state)
+    with pytest.raises(TypeError, match=r"sparsed_state must be a SparseDState or None, got dict"):
+        sparsed_attention_forward(module(), *good(), None, sparsed_state={})

@@ -1,0 +1,79 @@
+import pytest
+
+from sparsed_backend import SparseDConfig, SparseDState
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"skip": -0.1}, ValueError, r"skip must be in \[0, 1\], got -0.1"),
+        ({"skip": 1.5}, ValueError, r"skip must be in \[0, 1\], got 1.5"),
+        ({"skip": "0.2"}, TypeError, r"skip must be a float, got str"),
+        ({"select": 0.0}, ValueError, r"select must be in \(0, 1\], got 0.0"),
+        ({"select": 1.01}, ValueError, r"select must be in \(0, 1\], got 1.01"),
+        ({"select": float("nan")}, ValueError, r"select must be finite, got nan"),
+        ({"select": True}, TypeError, r"select must be a float, got bool"),
+        ({"block_size": 24}, ValueError, r"block_size must be a positive multiple of 16, got 24"),
+        ({"block_size": 0}, ValueError, r"block_size must be a positive multiple of 16, got 0"),
+        ({"block_size": 64.0}, TypeError, r"block_size must be an int, got float"),
+        ({"pattern": "random"}, ValueError, r"pattern must be 'topk' or 'local', got 'random'"),
+        ({"min_sparse_len": -1}, ValueError, r"min_sparse_len must be >= 0 or None, got -1"),
+        ({"generation_share": 1}, TypeError, r"generation_share must be a bool, got int"),
+        ({"reselect": "yes"}, TypeError, r"reselect must be a bool, got str"),
+    ],
+)
+def test_bad_config_values_raise_naming_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SparseDConfig(**kwargs)
+
+
+def test_config_is_frozen():
+    cfg = SparseDConfig()
+    with pytest.raises(AttributeError):
+        cfg.select = 0.5
+
+
+@pytest.mark.parametrize(
+    ("steps", "skip", "switch"), [(256, 0.2, 51), (128, 0.2, 25), (10, 0.0, 0), (10, 1.0, 10), (1, 0.5, 0)]
+)
+def test_switch_step(steps, skip, switch):
+    assert SparseDConfig(skip=skip).switch_step(steps) == switch
+
+
+@pytest.mark.parametrize(
+    ("select", "n", "k"), [(1.0, 7, 7), (0.3, 10, 3), (0.3, 11, 4), (0.01, 5, 1), (0.5, 1, 1)]
+)
+def test_blocks_kept_is_ceil_with_one_minimum(select, n, k):
+    assert SparseDConfig(select=select).blocks_kept(n) == k
+
+
+def test_state_schedule_and_step_past_the_end():
+    state = SparseDState(SparseDConfig(skip=0.5), steps=4)
+    modes = []
+    for _ in range(4):
+        modes.append(state.mode)
+        state.advance()
+    assert modes == ["dense", "dense", "switch", "sparse"]
+    with pytest.raises(ValueError, match=r"step counter past the schedule: step 4 of a 4-step generation"):
+        _ = state.mode
+    state.reset()
+    assert state.mode == "dense"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"steps": 0}, ValueError, r"steps must be a positive int, got 0"),
+        ({"steps": 2.0}, TypeError, r"steps must be an int, got float"),
+        ({"steps": 4, "gen_start": -1}, ValueError, r"gen_start must be >= 0, got -1"),
+        ({"steps": 4, "gen_start": 1.5}, TypeError, r"gen_start must be an int or None, got 1.5"),
+    ],
+)
+def test_bad_state_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SparseDState(SparseDConfig(), **kwargs)
+
+
+def test_state_needs_a_config():
+    with pytest.raises(TypeError, match=r"config must be a SparseDConfig, got dict"):
+        SparseDState({"select": 0.3}, steps=4)
