@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers.masking_utils import bidirectional_mask_function
 
 from . import policy
+from ._warn import warn_once
 from .masks import block_mask_from_table
 from .selection import key_block_counts, select_blocks
 from .state import LayerSelection, SparseDState
@@ -18,13 +17,6 @@ __all__ = ["sparsed_attention_forward", "sparsed_mask", "dense_attention", "spar
 
 _RECOMPILE_LIMIT = 64  # distinct static shapes one process may compile before we fail loudly
 _compiled_flex = None
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -34,9 +26,7 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
     if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(
-            f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
-        )
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
     if not (query.device == key.device == value.device):
         raise ValueError(
             f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
@@ -44,9 +34,7 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
     B, Hq, L, D = query.shape
     Bk, Hkv, S, Dk = key.shape
     if B == 0 or L == 0 or S == 0:
-        raise ValueError(
-            f"batch and lengths must be > 0, got query {tuple(query.shape)}, key {tuple(key.shape)}"
-        )
+        raise ValueError(f"batch and lengths must be > 0, got query {tuple(query.shape)}, key {tuple(key.shape)}")
     if Bk != B or value.shape[0] != B:
         raise ValueError(f"query, key, value batch sizes differ: {B}, {Bk}, {value.shape[0]}")
     if value.shape[1] != Hkv or value.shape[2] != S:
@@ -80,8 +68,7 @@ def _key_valid(attention_mask: object, batch: int, kv_len: int) -> torch.Tensor 
         )
     if attention_mask.shape != (batch, kv_len):
         raise ValueError(
-            f"attention_mask was built for another shape: expected (batch, kv_len) = "
-            f"({batch}, {kv_len}), got {shape}"
+            f"attention_mask was built for another shape: expected (batch, kv_len) = ({batch}, {kv_len}), got {shape}"
         )
     return attention_mask
 
@@ -122,6 +109,7 @@ def sparse_attention(
     value: torch.Tensor,
     block_mask: BlockMask,
     scaling: float,
+    kernel_options: dict | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention over ``block_mask`` with compiled FlexAttention.
 
@@ -131,18 +119,19 @@ def sparse_attention(
 
     Args:
         query: (B, Hq, L, D); key, value: (B, Hkv, S, D).
+        kernel_options: FlexAttention kernel options; None takes the measured policy's.
     Returns:
         (B, Hq, L, D).
     """
     gqa = query.shape[1] != key.shape[1]
-    options = policy.flex_kernel_options(query, block_mask)
+    options = policy.flex_kernel_options(query, block_mask) if kernel_options is None else kernel_options
     if torch.compiler.is_compiling():
         # Inside a user's torch.compile region: flex_attention is traced into their graph.
         return flex_attention(
             query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa, kernel_options=options
         )
     if torch._dynamo.config.disable:
-        _warn_once(
+        warn_once(
             "dynamo-disabled",
             "torch.compile is disabled (TORCHDYNAMO_DISABLE): sparsed runs FlexAttention eagerly, "
             "which is correct but computes and masks every block (slow, O(N^2) memory)",
@@ -172,20 +161,22 @@ def _select(
     key: torch.Tensor,
     scaling: float,
     key_valid: torch.Tensor | None,
+    lse: torch.Tensor | None = None,
 ) -> LayerSelection:
-    """Score blocks with the layer's real softmax, select, and build the layer's BlockMask."""
+    """Score blocks with the layer's real softmax, select, and build the layer's BlockMask.
+
+    ``lse``: (B, Hq, L) log-sum-exp rows of the dense pass, when the dense kernel gave them.
+    """
     cfg = state.config
     B, H, L, _ = query.shape
     S = key.shape[2]
-    importance = policy.block_importance(query, key, scaling, cfg.block_size, key_valid)
+    importance = policy.block_importance(query, key, scaling, cfg.block_size, key_valid, lse)
     gen_block = None if state.gen_start is None else state.gen_start // cfg.block_size
     table = select_blocks(importance, cfg, gen_block)
     counts = key_block_counts(key_valid, S, cfg.block_size, B, query.device)  # (B, nKV)
     attendable = (counts > 0).view(B, 1, 1, -1)
     density = (table & attendable).sum() / (attendable.sum() * H * table.shape[2])
-    block_mask = block_mask_from_table(
-        table, L, S, cfg.block_size, key_valid, full_blocks=query.device.type == "cuda"
-    )
+    block_mask = block_mask_from_table(table, L, S, cfg.block_size, key_valid, full_blocks=query.device.type == "cuda")
     return LayerSelection(block_mask, table, B, H, L, S, density)
 
 
@@ -217,8 +208,7 @@ def sparsed_attention_forward(
     _check_inputs(query, key, value)
     if getattr(module, "is_causal", False):
         raise NotImplementedError(
-            f"'sparsed' attention is bidirectional only (diffusion LMs); {type(module).__name__} "
-            "has is_causal=True"
+            f"'sparsed' attention is bidirectional only (diffusion LMs); {type(module).__name__} has is_causal=True"
         )
     if sparsed_state is not None and not isinstance(sparsed_state, SparseDState):
         raise TypeError(f"sparsed_state must be a SparseDState or None, got {type(sparsed_state).__name__}")
@@ -231,9 +221,7 @@ def sparsed_attention_forward(
         keep = key_valid[:, None, :, None]
         key, value = key.masked_fill(~keep, 0), value.masked_fill(~keep, 0)
     if dropout and module.training:
-        raise NotImplementedError(
-            f"'sparsed' attention is inference-only; got dropout={dropout} in training mode"
-        )
+        raise NotImplementedError(f"'sparsed' attention is inference-only; got dropout={dropout} in training mode")
 
     if sparsed_state is None:
         return dense_attention(query, key, value, scale, key_valid).transpose(1, 2).contiguous(), None
@@ -243,7 +231,7 @@ def sparsed_attention_forward(
     min_len = policy.min_sparse_len(cfg, query.device)
     if mode == "dense" or min_len > S:
         if mode != "dense":
-            _warn_once(
+            warn_once(
                 f"short-{min_len}",
                 f"sparsed: kv length {S} < min_sparse_len {min_len}; SparseD stays dense here "
                 "(sparse attention cannot pay at this length). Set SparseDConfig(min_sparse_len=0) "
@@ -258,10 +246,12 @@ def sparsed_attention_forward(
             f"'sparsed' needs module.layer_idx (an int) to cache one mask per layer; "
             f"{type(module).__name__} has layer_idx={layer_idx!r}"
         )
-    if mode == "switch" or (mode == "sparse" and cfg.reselect):
+    if mode == "switch":
+        out, lse = policy.dense_with_lse(query, key, value, scale, key_valid, dense_attention)
+        sparsed_state.layers[layer_idx] = _select(sparsed_state, query, key, scale, key_valid, lse)
+        return out.transpose(1, 2).contiguous(), None
+    if cfg.reselect:  # fidelity baseline: a fresh selection at every sparse step
         sparsed_state.layers[layer_idx] = _select(sparsed_state, query, key, scale, key_valid)
-        if mode == "switch":
-            return dense_attention(query, key, value, scale, key_valid).transpose(1, 2).contiguous(), None
 
     sel = sparsed_state.layers.get(layer_idx)
     if sel is None:
@@ -301,9 +291,7 @@ def sparsed_mask(
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
-        raise ValueError(
-            f"expected a 2D padding mask (batch, kv_len), got shape {tuple(attention_mask.shape)}"
-        )
+        raise ValueError(f"expected a 2D padding mask (batch, kv_len), got shape {tuple(attention_mask.shape)}")
     mask = attention_mask[:, kv_offset : kv_offset + kv_length]
     if mask.shape != (batch_size, kv_length):
         raise ValueError(

@@ -12,6 +12,8 @@ from .config import SparseDConfig
 
 __all__ = [
     "block_importance",
+    "block_prob_sums",
+    "importance_from_sums",
     "key_block_counts",
     "select_topk",
     "select_local",
@@ -46,8 +48,25 @@ def key_block_counts(
     return padded.view(batch, n_kv, block_size).sum(-1)
 
 
+def importance_from_sums(sums: torch.Tensor, q_len: int, counts: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Turn per-block-pair probability sums into means; key blocks with no key get -inf.
+
+    Args:
+        sums: (B, H, nQ, nKV) float32 sums of softmax probabilities per block pair.
+        counts: (B, nKV) attendable keys per key block (see key_block_counts).
+    Returns:
+        (B, H, nQ, nKV) float32 importance.
+    """
+    B, _, n_q, n_kv = sums.shape
+    q_rows = torch.full((n_q,), block_size, dtype=torch.float32, device=sums.device)
+    q_rows[-1] = q_len - (n_q - 1) * block_size
+    denom = q_rows.view(1, 1, n_q, 1) * counts.view(B, 1, 1, n_kv).float()
+    out = sums / denom
+    return out.masked_fill_((counts == 0).view(B, 1, 1, n_kv), float("-inf"))
+
+
 @torch.no_grad()
-def block_importance(
+def block_prob_sums(
     query: torch.Tensor,
     key: torch.Tensor,
     scaling: float,
@@ -55,18 +74,16 @@ def block_importance(
     key_valid: torch.Tensor | None = None,
     chunk_bytes: int = _SCORE_CHUNK_BYTES,
 ) -> torch.Tensor:
-    """Mean softmax probability of every (query block, key block) pair, per head.
+    """Sum of softmax probabilities per (query block, key block) pair, in plain PyTorch.
 
-    Rows are normalised over all attendable keys (the real softmax of the layer), then summed
-    per block pair and divided by the number of (query, attendable key) entries in the pair.
-    Key blocks with no attendable key get -inf. Scores are computed in float32 a chunk of
-    query rows at a time, so at most ``chunk_bytes`` of scores live at once.
+    Rows are normalised over all attendable keys (the real softmax of the layer). Scores are
+    computed in float32 a chunk of query rows at a time, so at most ``chunk_bytes`` of scores
+    live at once.
 
     Args:
         query: (B, Hq, L, D).
         key: (B, Hkv, S, D), Hq % Hkv == 0 (GQA: no repetition is materialised).
         scaling: the attention's softmax scale (the module's ``scaling``).
-        block_size: tokens per block.
         key_valid: (B, S) bool, True for real keys; None when all keys are real.
     Returns:
         (B, Hq, nQ, nKV) float32.
@@ -76,8 +93,6 @@ def block_importance(
     G = Hq // Hkv
     n_q, n_kv = _num_blocks(L, block_size), _num_blocks(S, block_size)
     kv_pad = n_kv * block_size - S
-    counts = key_block_counts(key_valid, S, block_size, B, query.device)  # (B, nKV)
-
     k32 = key.float().unsqueeze(2)  # (B, Hkv, 1, S, D)
     masked = None if key_valid is None else ~key_valid.view(B, 1, 1, 1, S)
 
@@ -98,12 +113,25 @@ def block_importance(
         probs = torch.nn.functional.pad(probs, (0, kv_pad, 0, nb * block_size - (r1 - r0)))
         sums = probs.view(B, Hkv, G, nb, block_size, n_kv, block_size).sum(dim=(4, 6))
         out[:, :, r0 // block_size : r0 // block_size + nb] = sums.view(B, Hq, nb, n_kv)
+    return out
 
-    q_rows = torch.full((n_q,), block_size, dtype=torch.float32, device=query.device)
-    q_rows[-1] = L - (n_q - 1) * block_size
-    denom = q_rows.view(1, 1, n_q, 1) * counts.view(B, 1, 1, n_kv).float()
-    out = out / denom
-    return out.masked_fill_((counts == 0).view(B, 1, 1, n_kv), float("-inf"))
+
+def block_importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    block_size: int,
+    key_valid: torch.Tensor | None = None,
+    chunk_bytes: int = _SCORE_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Mean softmax probability of every (query block, key block) pair, per head (PyTorch).
+
+    The mean runs over the (query, attendable key) entries of the pair; key blocks with no
+    attendable key get -inf. Shapes as in :func:`block_prob_sums`; returns (B, Hq, nQ, nKV).
+    """
+    sums = block_prob_sums(query, key, scaling, block_size, key_valid, chunk_bytes)
+    counts = key_block_counts(key_valid, key.shape[2], block_size, query.shape[0], query.device)
+    return importance_from_sums(sums, query.shape[2], counts, block_size)
 
 
 def _rank_desc(scores: torch.Tensor) -> torch.Tensor:
@@ -120,9 +148,7 @@ def _kept(config: SparseDConfig, n: torch.Tensor) -> torch.Tensor:
     return torch.minimum(k.clamp(min=1), n).masked_fill(n == 0, 0)
 
 
-def select_topk(
-    importance: torch.Tensor, config: SparseDConfig, gen_start_block: int | None = None
-) -> torch.Tensor:
+def select_topk(importance: torch.Tensor, config: SparseDConfig, gen_start_block: int | None = None) -> torch.Tensor:
     """SparseD's rule: per (b, h, query block), keep the top-k key blocks by importance.
 
     k = ceil(select * attendable key blocks). With ``config.generation_share`` and a

@@ -1,0 +1,99 @@
+"""Shared benchmark plumbing: timing, memory, environment stamp, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(fn, device: torch.device, warmup_ms: float = 50, rep_ms: float = 300) -> float:
+    """Median milliseconds of ``fn()``; device-synced, warm-up discarded. NaN if it raises."""
+    try:
+        if device.type == "cuda":
+            import triton.testing
+
+            return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        fn()
+        times = []
+        t_end = time.perf_counter() + rep_ms / 1000
+        while time.perf_counter() < t_end or len(times) < 3:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(times)
+    except Exception as err:  # a failing config prints NaN and the run goes on
+        print(f"    ! {type(err).__name__}: {str(err).splitlines()[0][:200]}", file=sys.stderr)
+        return math.nan
+
+
+def peak_mib(fn, device: torch.device) -> float:
+    """Peak device memory (MiB) allocated while ``fn()`` runs, above what was allocated before."""
+    if device.type != "cuda":
+        return math.nan
+    try:
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    except Exception:
+        return math.nan
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "command": " ".join(sys.argv),
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            pass
+    return env
+
+
+def write_results(name: str, env: dict, rows: list[dict], table: str, out_dir: Path | None = None) -> Path:
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    header = "\n".join(f"- {k}: {v}" for k, v in env.items())
+    (out_dir / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{table}\n")
+    return out_dir
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Fused GPU kernels (Triton). Imported lazily: CPU installs have no Triton."""
