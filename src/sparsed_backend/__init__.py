@@ -17,12 +17,16 @@ ATTN_IMPLEMENTATION = "sparsed"
 
 
 def register() -> None:
-    """Register "sparsed" with transformers' attention and mask interfaces (idempotent)."""
+    """Register "sparsed" with transformers' attention and mask interfaces, and the LLaDA and
+    Dream models with the Auto classes. Runs on import; safe to call again."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    from .models import register_models
+
     AttentionInterface.register(ATTN_IMPLEMENTATION, sparsed_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sparsed_mask)
+    register_models()
 
 
 register()

@@ -1,0 +1,499 @@
+"""Diffusion samplers for LLaDA and Dream that drive a SparseD step state.
+
+Both follow the official samplers' semantics (LLaDA's ``generate.py``: semi-autoregressive
+blocks, a fixed number of tokens unmasked per step; Dream's ``_sample``: the timestep schedule
+``linspace(1, eps, steps + 1)``), rewritten so that the step loop has fixed shapes and no host
+syncs:
+
+- the LM head runs only on the positions being decoded (``logits_to_keep``): the current block
+  for LLaDA, the generation region for Dream;
+- LLaDA's per-step token counts are fixed per block (as in the official sampler) and known on
+  the host, so top-k gets a Python int; Dream's depend on how many tokens are still masked, so
+  they stay on the device and a rank comparison replaces top-k (k may differ per row);
+- sampling works on the whole decoded region and selects with ``torch.where`` instead of
+  gathering the masked positions with a data-dependent boolean index;
+- nothing in the loop reads a value back to the host (no ``.item()``, ``.tolist()``, ``int()``
+  of a device tensor).
+
+Batches are LEFT padded: ``attention_mask`` (B, P) marks real prompt tokens; positions are
+``cumsum(mask) - 1`` so a padded row computes what it would alone; pad tokens are never
+changed. One transformers-internal sync remains: with padding, transformers' sdpa/eager mask
+builders call ``padding_mask.all()`` once per forward (to skip an all-ones mask). A batch
+without padding is detected once before the loop and runs with no mask at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SparseDConfig
+from .state import SparseDState
+
+__all__ = ["DiffusionGenerationOutput", "dream_generate", "llada_generate"]
+
+LLADA_REMASKING = ("low_confidence", "random")
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+
+@dataclass
+class DiffusionGenerationOutput:
+    """What a sampler returns with ``return_dict_in_generate=True``.
+
+    Attributes:
+        sequences: (B, P + G) the (padded) prompt followed by the generated tokens.
+        sparsed_state: the SparseD schedule that ran (``.switch`` is the switch step,
+            ``.density()`` the kept share of key blocks), or None without ``sparsed``.
+        num_forwards: model forwards run (one per denoising step; CFG batches its two halves).
+        history: with ``output_history=True``, the sequences after every step.
+    """
+
+    sequences: torch.LongTensor
+    sparsed_state: SparseDState | None
+    num_forwards: int
+    history: tuple[torch.LongTensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_float(name: str, value: object, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
+    if not value >= minimum:  # also rejects NaN
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def _check_model(model: nn.Module, sparsed: SparseDConfig | None) -> None:
+    causal = [name for name, m in model.named_modules() if getattr(m, "is_causal", False) is True]
+    if causal:
+        raise ValueError(
+            "model attention must be bidirectional (is_causal=False) for diffusion sampling, "
+            f"got is_causal=True in {causal[0]!r}"
+        )
+    if sparsed is not None:
+        if not isinstance(sparsed, SparseDConfig):
+            raise TypeError(f"sparsed must be a SparseDConfig or None, got {type(sparsed).__name__}")
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if impl != "sparsed":
+            raise ValueError(
+                "sparsed is given but the model's attention implementation is "
+                f"{impl!r}, expected 'sparsed' (load with attn_implementation='sparsed' or call "
+                "model.set_attn_implementation('sparsed'))"
+            )
+
+
+def _prepare(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    mask_id: int,
+    gen_length: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Validate the prompt batch and lay out the canvas.
+
+    Returns:
+        x: (B, P + G) prompt then ``gen_length`` mask tokens.
+        mask: (B, P + G) 2D attention mask, or None when no row is padded.
+        position_ids: (B, P + G) cumsum(mask) - 1 clamped at 0, or None when no row is padded.
+        prompt_index: (B, P + G) bool, True on real prompt tokens.
+    """
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2D (batch, prompt_len), got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    batch, prompt_len = input_ids.shape
+    if batch == 0 or prompt_len == 0:
+        raise ValueError(f"input_ids must have batch >= 1 and prompt length >= 1, got shape {tuple(input_ids.shape)}")
+    device = getattr(model, "device", None)
+    if device is not None and torch.device(device) != input_ids.device:
+        raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+            raise ValueError(
+                f"attention_mask must be a tensor of shape {tuple(input_ids.shape)} (like input_ids), got {got!r}"
+            )
+        real = attention_mask.to(device=input_ids.device).long()
+        # Validation reads the mask back once, before the step loop.
+        if not bool(((real == 0) | (real == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+        if not bool((real[:, 1:] >= real[:, :-1]).all()) or not bool(real[:, -1].all()):
+            raise ValueError(
+                "attention_mask must be LEFT padded (zeros, then ones, ending with a real token) for every row"
+            )
+        if bool(real.all()):
+            real = None  # no padding: run without a mask (no per-forward mask build or sync)
+    else:
+        real = None
+    prompt_real = torch.ones_like(input_ids, dtype=torch.bool) if real is None else real.bool()
+    if bool(((input_ids == mask_id) & prompt_real).any()):
+        raise ValueError(f"the prompt must not contain the mask token (id {mask_id}); found it in input_ids")
+
+    x = F.pad(input_ids.long(), (0, gen_length), value=mask_id)
+    prompt_index = F.pad(prompt_real, (0, gen_length), value=False)
+    if real is None:
+        return x, None, None, prompt_index
+    mask = F.pad(real, (0, gen_length), value=1)
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    return x, mask, position_ids, prompt_index
+
+
+def _mask_id(model: nn.Module, mask_id: int | None, name: str) -> int:
+    if mask_id is None:
+        mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
+        if mask_id is None:
+            raise ValueError(f"{name} is None and model.config.mask_token_id is not set")
+    return _check_int(name, mask_id, 0)
+
+
+class _Runner:
+    """Calls the model once per step with the fixed inputs and advances the SparseD state."""
+
+    def __init__(self, model, mask, position_ids, state: SparseDState | None, cfg: bool = False):
+        self.model, self.state = model, state
+        self.mask = mask if mask is None or not cfg else torch.cat([mask, mask])
+        self.position_ids = position_ids if position_ids is None or not cfg else torch.cat([position_ids] * 2)
+        self.kwargs = {} if state is None else {"sparsed_state": state}
+        self.forwards = 0
+
+    def __call__(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """x (B', L), keep (K,) sequence indices -> logits (B', K, V)."""
+        logits = self.model(
+            input_ids=x,
+            attention_mask=self.mask,
+            position_ids=self.position_ids,
+            logits_to_keep=keep,
+            **self.kwargs,
+        ).logits
+        if self.state is not None:
+            self.state.advance()
+        self.forwards += 1
+        return logits
+
+
+def _output(x, state, runner, history, return_dict_in_generate):
+    if not return_dict_in_generate:
+        return x
+    return DiffusionGenerationOutput(
+        sequences=x,
+        sparsed_state=state,
+        num_forwards=runner.forwards,
+        history=None if history is None else tuple(history),
+    )
+
+
+# ----------------------------------------------------------------------------------- LLaDA
+
+
+def llada_transfer_schedule(masked: int, steps: int) -> list[int]:
+    """Tokens unmasked at each of ``steps`` steps of one block (LLaDA's get_num_transfer_tokens):
+    ``masked // steps`` each, the first ``masked % steps`` steps one more."""
+    base, remainder = divmod(masked, steps)
+    return [base + (1 if i < remainder else 0) for i in range(steps)]
+
+
+def _gumbel_argmax(logits: torch.Tensor, temperature: float, generator) -> torch.Tensor:
+    """argmax of LLaDA's ``exp(logits) / (-log u) ** T`` with u ~ U(0, 1) in float64.
+
+    Taken in log form, ``logits - T * log(-log u)``: the same argmax without exp overflowing.
+    """
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.to(torch.float64)
+    u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    return (logits - temperature * torch.log(-torch.log(u))).argmax(-1)
+
+
+@torch.no_grad()
+def llada_generate(
+    model: nn.Module,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    steps: int,
+    gen_length: int,
+    block_length: int | None = None,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    remasking: str = "low_confidence",
+    mask_id: int | None = None,
+    generator: torch.Generator | None = None,
+    sparsed: SparseDConfig | None = None,
+    output_history: bool = False,
+    return_dict_in_generate: bool = False,
+) -> torch.LongTensor | DiffusionGenerationOutput:
+    """LLaDA's semi-autoregressive masked-diffusion sampler.
+
+    The ``gen_length`` mask tokens after the prompt are decoded block by block
+    (``block_length`` each); every block gets ``steps / num_blocks`` steps, and each step
+    unmasks the most confident (``"low_confidence"``: highest softmax probability of the
+    predicted token; ``"random"``: random scores) of the block's masked tokens, in numbers
+    fixed by :func:`llada_transfer_schedule`.
+
+    Args:
+        model: a bidirectional LM whose forward takes ``logits_to_keep`` (e.g. LLaDAModelLM).
+        input_ids: (B, P) prompt token ids, LEFT padded.
+        attention_mask: (B, P) 1 for real tokens, 0 for left padding; None: no padding.
+        steps: denoising steps (= model forwards) in total; a multiple of the block count.
+        gen_length: tokens to generate; a multiple of ``block_length``.
+        block_length: tokens per semi-autoregressive block; None: ``gen_length`` (one block).
+        temperature: Gumbel-max noise scale (float64); 0 is greedy.
+        cfg_scale: classifier-free guidance; > 0 also runs the prompt replaced by mask tokens
+            (in the same batched forward) and uses ``uncond + (cfg_scale + 1) * (cond - uncond)``.
+        remasking: "low_confidence" or "random".
+        mask_id: the mask token; None: ``model.config.mask_token_id``.
+        generator: draws the noise (on the model's device), for reproducible sampling.
+        sparsed: SparseD knobs; the model must use ``attn_implementation="sparsed"``. One
+            SparseDState spans the whole generation (gen_start = P).
+        output_history / return_dict_in_generate: see :class:`DiffusionGenerationOutput`.
+
+    Returns:
+        (B, P + gen_length) token ids, or a DiffusionGenerationOutput.
+    """
+    steps = _check_int("steps", steps, 1)
+    gen_length = _check_int("gen_length", gen_length, 1)
+    block_length = gen_length if block_length is None else _check_int("block_length", block_length, 1)
+    if gen_length % block_length != 0:
+        raise ValueError(
+            f"gen_length must be divisible by block_length, got gen_length={gen_length}, block_length={block_length}"
+        )
+    num_blocks = gen_length // block_length
+    if steps % num_blocks != 0:
+        raise ValueError(
+            f"steps must be divisible by the number of blocks gen_length/block_length = {num_blocks}, got steps={steps}"
+        )
+    temperature = _check_float("temperature", temperature)
+    cfg_scale = _check_float("cfg_scale", cfg_scale)
+    if remasking not in LLADA_REMASKING:
+        raise ValueError(f"remasking must be one of {LLADA_REMASKING}, got {remasking!r}")
+    mask_id = _mask_id(model, mask_id, "mask_id")
+    _check_model(model, sparsed)
+    x, mask, position_ids, prompt_index = _prepare(model, input_ids, attention_mask, mask_id, gen_length)
+
+    prompt_len = input_ids.shape[1]
+    state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
+    run = _Runner(model, mask, position_ids, state, cfg=cfg_scale > 0)
+    steps_per_block = steps // num_blocks
+    # Every block starts fully masked (the prompt holds no mask token), so the schedule is
+    # the same for all rows and all blocks, and known here on the host.
+    schedule = llada_transfer_schedule(block_length, steps_per_block)
+    history = [] if output_history else None
+
+    for b in range(num_blocks):
+        start = prompt_len + b * block_length
+        keep = torch.arange(start, start + block_length, device=x.device)
+        for k in schedule:
+            block = x[:, start : start + block_length]  # (B, BL)
+            if cfg_scale > 0:
+                uncond = x.masked_fill(prompt_index, mask_id)
+                cond_logits, uncond_logits = run(torch.cat([x, uncond]), keep).chunk(2)
+                logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
+            else:
+                logits = run(x, keep)  # (B, BL, V)
+            if k == 0:  # more steps than tokens: this step unmasks nothing
+                if history is not None:
+                    history.append(x.clone())
+                continue
+            x0 = _gumbel_argmax(logits, temperature, generator)  # (B, BL)
+            if remasking == "low_confidence":
+                probs = torch.softmax(logits.float(), dim=-1)
+                score = torch.gather(probs, -1, x0[..., None]).squeeze(-1)
+            else:
+                score = torch.rand(x0.shape, device=x0.device, generator=generator)
+            is_masked = block == mask_id
+            score = torch.where(is_masked, score, -torch.inf)
+            chosen = torch.topk(score, k, dim=-1).indices  # k <= masked count: only masked picked
+            transfer = torch.zeros_like(is_masked).scatter_(-1, chosen, True)
+            x[:, start : start + block_length] = torch.where(transfer, x0, block)
+            if history is not None:
+                history.append(x.clone())
+    return _output(x, state, run, history, return_dict_in_generate)
+
+
+# ----------------------------------------------------------------------------------- Dream
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability mass reaches top_p (at least one)."""
+    sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+    cumulative = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
+    remove = cumulative > top_p
+    remove[..., 1:] = remove[..., :-1].clone()  # shift right: keep the token crossing top_p
+    remove[..., 0] = False
+    remove = torch.zeros_like(remove).scatter_(-1, sorted_idx, remove)
+    return logits.masked_fill(remove, torch.finfo(logits.dtype).min)
+
+
+def _top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    top_k = min(top_k, logits.shape[-1])
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+
+
+def _sample_tokens(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float | None,
+    top_k: int | None,
+    generator: torch.Generator | None,
+    confidence_kind: str = "prob",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dream's sample_tokens on (B, G, V) logits -> confidence (B, G) fp32, tokens (B, G).
+
+    confidence_kind: "prob" (probability of the drawn token), "margin" (top-1 minus top-2
+    probability) or "neg_entropy" (sum p log p).
+    """
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        logits = _top_p_filter(logits, top_p)
+    if top_k is not None:
+        logits = _top_k_filter(logits, top_k)
+    probs = torch.softmax(logits, dim=-1)
+    if temperature > 0:
+        flat = probs.reshape(-1, probs.shape[-1])
+        x0 = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+        confidence = torch.gather(probs, -1, x0[..., None]).squeeze(-1)
+    else:
+        confidence, x0 = probs.max(dim=-1)
+    if confidence_kind == "margin":
+        top2 = torch.topk(probs, 2, dim=-1).values
+        confidence = top2[..., 0] - top2[..., 1]
+    elif confidence_kind == "neg_entropy":
+        confidence = torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
+    return confidence, x0
+
+
+def _rank_select(score: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(B, G) scores, (B, 1) counts -> (B, G) bool marking each row's ``count`` highest scores.
+
+    A fixed-shape top-k whose k may differ per row and live on the device (no host sync)."""
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    positions = torch.arange(score.shape[-1], device=score.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return rank < count
+
+
+@torch.no_grad()
+def dream_generate(
+    model: nn.Module,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    steps: int,
+    max_new_tokens: int,
+    alg: str = "origin",
+    alg_temp: float | None = None,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    eps: float = 1e-3,
+    mask_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    sparsed: SparseDConfig | None = None,
+    output_history: bool = False,
+    return_dict_in_generate: bool = False,
+) -> torch.LongTensor | DiffusionGenerationOutput:
+    """Dream's masked-diffusion sampler (``DreamGenerationMixin._sample``).
+
+    The ``max_new_tokens`` mask tokens after the prompt are decoded over ``steps`` steps on the
+    timestep grid ``linspace(1, eps, steps + 1)``. Logits are shifted one position right
+    (position i is predicted by the logits at i - 1). ``alg="origin"`` unmasks each masked token
+    with probability ``1 - s / t``; the other algorithms unmask the ``int(n_masked * (1 - s / t))``
+    most confident masked tokens (all of them at the last step), or sample that many positions
+    from ``softmax(confidence / alg_temp)`` when ``alg_temp`` > 0.
+
+    Args:
+        model: a bidirectional LM whose forward takes ``logits_to_keep`` (e.g. DreamModel).
+        input_ids: (B, P) prompt token ids, LEFT padded.
+        attention_mask: (B, P) 1 for real tokens, 0 for left padding; None: no padding.
+        steps: denoising steps (= model forwards).
+        max_new_tokens: tokens to generate.
+        alg: "origin", "maskgit_plus", "topk_margin" or "entropy".
+        alg_temp: temperature of the position sampling (confidence algorithms); None/0: top-k.
+        temperature, top_p, top_k: token sampling; temperature 0 is greedy.
+        eps: last timestep, in (0, 1).
+        mask_token_id: the mask token; None: ``model.config.mask_token_id``.
+        generator: draws the noise (on the model's device), for reproducible sampling.
+        sparsed: SparseD knobs; the model must use ``attn_implementation="sparsed"``. One
+            SparseDState spans the whole generation (gen_start = P).
+        output_history / return_dict_in_generate: see :class:`DiffusionGenerationOutput`.
+
+    Returns:
+        (B, P + max_new_tokens) token ids, or a DiffusionGenerationOutput.
+    """
+    steps = _check_int("steps", steps, 1)
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
+    if alg not in DREAM_ALGS:
+        raise ValueError(f"alg must be one of {DREAM_ALGS}, got {alg!r}")
+    alg_temp = 0.0 if alg_temp is None else _check_float("alg_temp", alg_temp)
+    temperature = _check_float("temperature", temperature)
+    if top_p is not None:
+        top_p = _check_float("top_p", top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None:
+        top_k = _check_int("top_k", top_k, 1)
+    eps = _check_float("eps", eps)
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+    mask_token_id = _mask_id(model, mask_token_id, "mask_token_id")
+    _check_model(model, sparsed)
+    x, mask, position_ids, _ = _prepare(model, input_ids, attention_mask, mask_token_id, max_new_tokens)
+
+    prompt_len = input_ids.shape[1]
+    state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
+    run = _Runner(model, mask, position_ids, state)
+    # Shifted logits: the token at position j is predicted at j - 1, so the generation region
+    # [P, P + G) needs the LM head on [P - 1, P + G - 1) (P >= 1: the prompt is never empty).
+    keep = torch.arange(prompt_len - 1, prompt_len + max_new_tokens - 1, device=x.device)
+    # The timestep grid stays on the host: each step's ratio is a Python float (exactly the
+    # float32 value the official sampler computes on the device), so nothing is read back.
+    timesteps = torch.linspace(1, eps, steps + 1, dtype=torch.float32)
+    kind = {"topk_margin": "margin", "entropy": "neg_entropy"}.get(alg, "prob")
+    history = [] if output_history else None
+
+    for i in range(steps):
+        region = x[:, prompt_len:]  # (B, G)
+        is_masked = region == mask_token_id
+        logits = run(x, keep)  # (B, G, V), already shifted by the choice of `keep`
+        ratio = float(1 - timesteps[i + 1] / timesteps[i]) if i < steps - 1 else 1.0
+        if alg == "origin":
+            _, x0 = _sample_tokens(logits, temperature, top_p, top_k, generator)
+            draw = torch.rand(is_masked.shape, device=x.device, generator=generator)
+            region = torch.where(is_masked & (draw < ratio), x0, region)
+        else:
+            confidence, x0 = _sample_tokens(logits, temperature, top_p, top_k, generator, kind)
+            # Tokens to unmask, per row, on the device: int(n_masked * (1 - s / t)) in float32,
+            # all of them at the last step. (The official sampler averages n_masked over the
+            # batch; rows only differ when the model predicts the mask token itself.)
+            n_masked = is_masked.sum(-1, keepdim=True)  # (B, 1)
+            count = (n_masked.float() * ratio).long() if i < steps - 1 else n_masked
+            score = torch.where(is_masked, confidence, -torch.inf)
+            if alg_temp > 0:
+                # Sampling positions without replacement from softmax(confidence / alg_temp)
+                # (the official torch.multinomial) is the top-k of log-weights plus Gumbel
+                # noise; float64 keeps confidence / alg_temp from underflowing.
+                u = torch.rand(score.shape, dtype=torch.float64, device=x.device, generator=generator)
+                score = score.double() / alg_temp - torch.log(-torch.log(u))
+            region = torch.where(_rank_select(score, count) & is_masked, x0, region)
+        x[:, prompt_len:] = region
+        if history is not None:
+            history.append(x.clone())
+    return _output(x, state, run, history, return_dict_in_generate)

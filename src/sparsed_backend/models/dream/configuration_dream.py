@@ -1,0 +1,72 @@
+"""DreamConfig: the fields of the official Dream-v0-7B ``config.json`` (Qwen2 names)."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+__all__ = ["DreamConfig"]
+
+
+@strict
+class DreamConfig(PreTrainedConfig):
+    """Configuration of a Dream masked-diffusion language model (Qwen2.5 layout).
+
+    Defaults are those of Dream-v0-Instruct-7B. RoPE keeps the official ``rope_theta`` /
+    ``rope_scaling`` fields (not transformers 5's ``rope_parameters``), so a config saved
+    here still loads with the official remote code. Unknown fields are kept as attributes;
+    settings this port does not implement raise ``NotImplementedError`` when a model is
+    built (see :meth:`check_supported`).
+    """
+
+    model_type = "Dream"  # capital D, as in the official checkpoints
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int | None = 4  # GQA; None: num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 131072
+    initializer_range: float | int = 0.02
+    rms_norm_eps: float | int = 1e-6
+    use_cache: bool = False  # diffusion LMs re-encode the whole sequence every step
+    tie_word_embeddings: bool = False
+    rope_theta: float | int = 1000000.0
+    rope_scaling: dict | None = None  # only None (plain RoPE) is implemented
+    use_sliding_window: bool = False  # sliding-window attention is not implemented
+    sliding_window: int | None = None
+    max_window_layers: int = 28
+    attention_dropout: float | int = 0.0
+    mask_token_id: int | None = 151666
+    pad_token_id: int | None = 151643
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list[int] | None = 151643
+
+    def __post_init__(self, **kwargs) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        super().__post_init__(**kwargs)
+
+    def check_supported(self) -> None:
+        """Raise NotImplementedError for settings this port does not implement."""
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind != "default":
+                raise NotImplementedError(
+                    f"Dream port: rope_scaling={self.rope_scaling!r} is not implemented (supported: rope_scaling=None)"
+                )
+        if self.use_sliding_window:
+            raise NotImplementedError("Dream port: use_sliding_window=True is not implemented (supported: False)")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size must be divisible by num_attention_heads, got hidden_size="
+                f"{self.hidden_size}, num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                "num_attention_heads must be divisible by num_key_value_heads, got "
+                f"{self.num_attention_heads} and {self.num_key_value_heads}"
+            )
