@@ -96,10 +96,20 @@ def dense_attention(
         )
 
 
+def _flex_call(query, key, value, block_mask, scale, enable_gqa, kernel_options):
+    return flex_attention(
+        query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options
+    )
+
+
 def _flex():
+    # Compile our own wrapper, not flex_attention itself: dynamo keeps its cache, recompile
+    # count and automatic-dynamic state per code object, so compiling flex_attention directly
+    # would share them with transformers' "flex_attention" backend (which compiles with
+    # dynamic shapes and then broke our static CPU kernels: CppCompileError on torch 2.13).
     global _compiled_flex
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+        _compiled_flex = torch.compile(_flex_call, dynamic=False, fullgraph=True)
     return _compiled_flex
 
 
