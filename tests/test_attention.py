@@ -190,9 +190,7 @@ def test_no_state_is_plain_dense_attention():
     q, k, v, _ = make_inputs(shape, 5)
     out, _ = sparsed_attention_forward(module(), q, k, v, None, scaling=0.25)
     assert out.shape == (1, 129, 7, 16) and out.is_contiguous()
-    torch.testing.assert_close(
-        out.transpose(1, 2).double(), attention_reference(q, k, v, 0.25), atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(out.transpose(1, 2).double(), attention_reference(q, k, v, 0.25), atol=1e-5, rtol=1e-5)
 
 
 def test_short_sequences_stay_dense_and_say_so():

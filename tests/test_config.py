@@ -40,9 +40,7 @@ def test_switch_step(steps, skip, switch):
     assert SparseDConfig(skip=skip).switch_step(steps) == switch
 
 
-@pytest.mark.parametrize(
-    ("select", "n", "k"), [(1.0, 7, 7), (0.3, 10, 3), (0.3, 11, 4), (0.01, 5, 1), (0.5, 1, 1)]
-)
+@pytest.mark.parametrize(("select", "n", "k"), [(1.0, 7, 7), (0.3, 10, 3), (0.3, 11, 4), (0.01, 5, 1), (0.5, 1, 1)])
 def test_blocks_kept_is_ceil_with_one_minimum(select, n, k):
     assert SparseDConfig(select=select).blocks_kept(n) == k
 

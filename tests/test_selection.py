@@ -66,9 +66,7 @@ def test_importance_ignores_nan_in_padded_keys():
     valid[0, :20] = False
     poisoned = k.clone()
     poisoned[0, :, :20] = float("nan")
-    torch.testing.assert_close(
-        block_importance(q, poisoned, 0.3, 16, valid), block_importance(q, k, 0.3, 16, valid)
-    )
+    torch.testing.assert_close(block_importance(q, poisoned, 0.3, 16, valid), block_importance(q, k, 0.3, 16, valid))
 
 
 @st.composite
@@ -135,6 +133,4 @@ def test_local_window_has_the_same_density_as_topk(n_q, n_kv, select):
     for row in local[0, 0]:
         idx = row.nonzero().flatten()
         assert idx.numel() == k and int(idx[-1] - idx[0]) == k - 1
-    assert math.isclose(
-        local.float().mean().item(), select_topk(imp, SparseDConfig(select=select)).float().mean()
-    )
+    assert math.isclose(local.float().mean().item(), select_topk(imp, SparseDConfig(select=select)).float().mean())
