@@ -36,3 +36,25 @@ def test_triton_importance_matches_oracle(b, hq, hkv, q_len, kv_len, d, block, d
     # Products of bf16 inputs accumulate in fp32 inside the kernel (tf32 for fp32 inputs).
     rel = ((got[fin].double() - want[fin]).abs() / want[fin].abs().clamp(min=1e-6)).max().item()
     assert rel < (2e-2 if dtype == torch.float32 else 1e-2), rel
+
+
+@cuda
+@pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (28, 4)])
+def test_dense_pass_log_sum_exp_and_one_pass_scoring(hq, hkv):
+    """The switch step's dense pass (cuDNN) returns the rows' log-sum-exp; scoring with it in
+    one pass equals the two-pass kernel and the oracle."""
+    from sparsed_backend.attention import dense_attention
+    from sparsed_backend.reference import attention_reference
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(1, h, 1000, 128, device="cuda", generator=g).bfloat16() for h in (hq, hkv, hkv))
+    out, lse = policy.dense_with_lse(q, k, v, 128**-0.5, None, dense_attention)
+    assert lse is not None, "cuDNN gave no log-sum-exp on this machine"
+    ref = attention_reference(q, k, v, 128**-0.5)
+    assert (out.double() - ref).abs().max().item() < 2e-2
+    kk = k.double().repeat_interleave(hq // hkv, 1)
+    want_lse = torch.logsumexp(q.double() @ kk.transpose(-1, -2) * 128**-0.5, dim=-1)
+    assert (lse.double() - want_lse).abs().max().item() < 1e-2
+    one = policy.block_importance(q, k, 128**-0.5, 128, None, lse)
+    two = policy.block_importance(q, k, 128**-0.5, 128, None)
+    torch.testing.assert_close(one, two, rtol=2e-2, atol=1e-6)
