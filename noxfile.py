@@ -33,6 +33,15 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def tests_oldest(session: nox.Session) -> None:
+    """The suite against the oldest transformers we support (5.17)."""
+    _install(session, "test,demo")
+    session.install("transformers==5.17.0")
+    session.env.setdefault("HYPOTHESIS_PROFILE", "ci")
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """The main job: the shipped retrieval model, dense vs sparsed, offline on CPU."""
     _install(session, "demo")

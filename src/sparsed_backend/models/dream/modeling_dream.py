@@ -22,10 +22,11 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
+from .._common import keep_positions
 from .configuration_dream import DreamConfig
 
 __all__ = ["DreamBaseModel", "DreamModel", "DreamPreTrainedModel"]
@@ -295,7 +296,7 @@ class DreamModel(DreamPreTrainedModel):
             inputs_embeds=inputs_embeds,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        logits = self.lm_head(keep_positions(outputs.last_hidden_state, logits_to_keep))
         return CausalLMOutput(logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     def diffusion_generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs):
