@@ -102,11 +102,21 @@ def flex_kernel_options(query: torch.Tensor, block_mask: BlockMask) -> dict | No
     return None
 
 
+# LLaDA-8B shape, 32 layers, select 0.3, H100 (benchmarks/results/bench_e2e.md): a sparse
+# step is 1.02x faster than a cuDNN dense step at 2048 tokens and 1.05x at 4096. Shorter
+# lengths were not measured, so they stay dense rather than risk a slowdown.
+_CUDA_MIN_SPARSE_LEN = 2048
+
+
 def min_sparse_len(config: SparseDConfig, device: torch.device) -> int:
-    """Shortest kv length at which sparse steps are used; shorter sequences stay dense."""
+    """Shortest kv length at which sparse steps are used; shorter sequences stay dense.
+
+    ``config.min_sparse_len`` wins when set. Otherwise CUDA uses the measured 2048; other
+    devices have no measured rule and always go sparse (CPU runs are for correctness).
+    """
     if config.min_sparse_len is not None:
         return config.min_sparse_len
-    return 0
+    return _CUDA_MIN_SPARSE_LEN if device.type == "cuda" else 0
 
 
 @functools.cache
