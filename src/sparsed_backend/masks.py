@@ -91,13 +91,18 @@ def block_mask_from_table(
         counts = padded_valid.view(B, n_kv, block_size).sum(-1).view(B, 1, 1, n_kv)
         attendable = table & (counts > 0)
 
-    if full_blocks:
-        full = attendable if counts is None else attendable & (counts == block_size)
-        partial = attendable & ~full
+    if full_blocks and counts is None:
+        # No padding and no ragged tail: every block is full. The partial list is empty, so
+        # it shares the full list's index tensor (never read) instead of a second copy.
+        full_num, full_idx = _block_lists(attendable)
+        part_num, part_idx = torch.zeros_like(full_num), full_idx
+    elif full_blocks:
+        full = attendable & (counts == block_size)
         full_num, full_idx = _block_lists(full)
+        part_num, part_idx = _block_lists(attendable & ~full)
     else:
-        partial, full_num, full_idx = attendable, None, None
-    part_num, part_idx = _block_lists(partial)
+        full_num, full_idx = None, None
+        part_num, part_idx = _block_lists(attendable)
 
     extra = {"compute_q_blocks": False} if _HAS_COMPUTE_Q_BLOCKS else {}
     return BlockMask.from_kv_blocks(
