@@ -28,9 +28,9 @@ class LayerSelection:
     density: torch.Tensor  # 0-dim: kept share of attendable key blocks over (b, h, q block)
 
     def memory_bytes(self) -> int:
-        """Device bytes held by the mask's tables (and the tensors its mask_mod reads)."""
+        """Device bytes held by the mask's block lists and the block table its mask_mod reads."""
         seen: dict[int, int] = {}
-        for t in self.block_mask.as_tuple(flatten=True):
+        for t in (*self.block_mask.as_tuple(flatten=True), self.table):
             if isinstance(t, torch.Tensor):
                 seen[t.data_ptr()] = t.numel() * t.element_size()
         return sum(seen.values())
