@@ -2,7 +2,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 # 'ci': derandomised so CI is reproducible; 'dev': fresh examples each run.
 settings.register_profile(
@@ -15,11 +15,15 @@ settings.register_profile(
 settings.register_profile(
     "dev", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
+# 'gpu': a lent machine's minutes are scarce: fewer examples and no shrinking (a failure is
+# reported as drawn, with its blob to replay).
 settings.register_profile(
     "gpu",
     deadline=None,
     derandomize=True,
-    max_examples=60,
+    max_examples=30,
+    print_blob=True,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))

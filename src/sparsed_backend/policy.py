@@ -92,12 +92,27 @@ _SM90_D128 = {
 }
 
 
+def _pow2_divisor(block: int, cap: int) -> int:
+    tile = cap
+    while block % tile:
+        tile //= 2
+    return tile
+
+
 def flex_kernel_options(query: torch.Tensor, block_mask: BlockMask) -> dict | None:
-    """FlexAttention kernel options for this shape (None: FlexAttention's defaults)."""
-    if not query.is_cuda or query.shape[-1] != 128 or query.dtype not in (torch.float16, torch.bfloat16):
+    """FlexAttention kernel options for this shape (None: FlexAttention's defaults).
+
+    FlexAttention's CUDA tiles must divide the BlockMask's block size; its defaults are up to
+    128 wide, so blocks that are not multiples of 128 get tiles that divide them (seen on the
+    H100: block_size 32 failed to compile with the defaults).
+    """
+    if not query.is_cuda:
         return None
     q_block, kv_block = block_mask.BLOCK_SIZE
-    if torch.cuda.get_device_capability(query.device) == (9, 0) and q_block % 128 == 0 and kv_block % 128 == 0:
+    if q_block % 128 or kv_block % 128:
+        return {"BLOCK_M": _pow2_divisor(q_block, 64), "BLOCK_N": _pow2_divisor(kv_block, 64), "num_stages": 2}
+    fast = query.shape[-1] == 128 and query.dtype in (torch.float16, torch.bfloat16)
+    if fast and torch.cuda.get_device_capability(query.device) == (9, 0):
         return dict(_SM90_D128)
     return None
 
@@ -130,10 +145,7 @@ def _triton_available() -> bool:
 
 def _tile(block_size: int) -> int:
     """Largest power-of-two tile <= 128 that divides the block size (block_size % 16 == 0)."""
-    tile = 128
-    while block_size % tile:
-        tile //= 2
-    return tile
+    return _pow2_divisor(block_size, 128)
 
 
 def _fold(sums: torch.Tensor, ratio: int, dim: int, n_blocks: int) -> torch.Tensor:
