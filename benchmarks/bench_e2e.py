@@ -1,0 +1,149 @@
+"""End to end: one denoising step of a LLaDA-8B-shaped model (random weights), dense vs sparsed.
+
+    python benchmarks/bench_e2e.py --lengths 16384 32768 65536 --layers 32     # H100
+    python benchmarks/bench_e2e.py                                             # CPU smoke size
+
+Per length it times, in one process and on one model: a dense step on the fastest dense
+kernel (cuDNN through our backend's dense path), a dense step on FlashAttention-2 (HF "sdpa"
+pinned to the flash backend), the switch step (dense + block scoring + masks for every
+layer) and a sparse step. It then weighs them by the schedule (skip, select) for several step
+counts: total = dense * switch_index + switch + sparse * (steps - switch_index - 1).
+Logits are computed for the last --gen-length positions only, as the samplers do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from common import environment, markdown_table, write_results
+from sparsed_backend import SparseDConfig, SparseDState
+from sparsed_backend.models import LLaDAConfig, LLaDAModelLM
+
+
+def build_model(layers: int, device: torch.device, dtype: torch.dtype, small: bool) -> LLaDAModelLM:
+    if small:  # CPU smoke size
+        cfg = LLaDAConfig(d_model=256, n_heads=4, n_kv_heads=4, n_layers=layers, mlp_hidden_size=512,
+                          vocab_size=512, embedding_size=512)  # fmt: skip
+    else:  # LLaDA-8B shape
+        cfg = LLaDAConfig(n_layers=layers)
+    with torch.device(device):
+        model = LLaDAModelLM._from_config(cfg, attn_implementation="sparsed", dtype=dtype)
+    return model.eval()
+
+
+def timed(fn, device, repeats: int) -> tuple[float, float]:
+    """(median seconds, peak MiB above baseline) of ``fn()`` over ``repeats`` synced runs."""
+    times, peak = [], math.nan
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2], peak
+
+
+@torch.inference_mode()
+def run_length(model, n, args, device, rows):
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, n), device=device, generator=g)
+    keep = args.gen_length
+    cfg = SparseDConfig(skip=args.skip, select=args.select, block_size=args.block_size, min_sparse_len=0)
+    steps = 1000  # any schedule long enough to park the state on a given step kind
+    switch = cfg.switch_step(steps)
+
+    def dense():
+        model(ids, logits_to_keep=keep)
+
+    def flash():
+        model.config._attn_implementation = "sdpa"
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                model(ids, logits_to_keep=keep)
+        finally:
+            model.config._attn_implementation = "sparsed"
+
+    state = SparseDState(cfg, steps=steps, gen_start=n - keep)
+
+    def switch_step():
+        state.step = switch
+        state.layers.clear()
+        model(ids, logits_to_keep=keep, sparsed_state=state)
+
+    def sparse_step():
+        state.step = switch + 1
+        model(ids, logits_to_keep=keep, sparsed_state=state)
+
+    result = {"N": n, "layers": model.config.n_layers}
+    for name, fn, reps in (
+        ("dense_cudnn", dense, args.repeats),
+        ("dense_fa2", flash, args.repeats),
+        ("switch", switch_step, max(1, args.repeats - 1)),
+        ("sparse", sparse_step, args.repeats),
+    ):
+        fn()  # warm-up: compilation and autotuning stay out of the numbers
+        sec, peak = timed(fn, device, reps)
+        result[f"{name}_s"], result[f"{name}_peak_mib"] = sec, peak
+        print(f"  N={n:6d} {name:12s} {sec:8.3f} s  peak {peak:9.1f} MiB", flush=True)
+    result["mask_state_mib"] = state.memory_bytes() / 2**20
+    result["density"] = state.density()
+    result["step_speedup"] = result["dense_cudnn_s"] / result["sparse_s"]
+    result["switch_over_dense"] = result["switch_s"] / result["dense_cudnn_s"]
+    for total_steps in args.steps:
+        s = cfg.switch_step(total_steps)
+        sparse_total = s * result["dense_cudnn_s"] + result["switch_s"] + (total_steps - s - 1) * result["sparse_s"]
+        for base in ("dense_cudnn", "dense_fa2"):
+            row = dict(result, steps=total_steps, baseline=base)
+            row["baseline_total_s"] = total_steps * result[f"{base}_s"]
+            row["sparsed_total_s"] = sparse_total
+            row["speedup"] = row["baseline_total_s"] / sparse_total
+            rows.append(row)
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536] if cuda else [512])
+    p.add_argument("--layers", type=int, default=32 if cuda else 2)
+    p.add_argument("--steps", type=int, nargs="+", default=[128, 256, 1024])
+    p.add_argument("--skip", type=float, default=0.2)
+    p.add_argument("--select", type=float, default=0.3)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--gen-length", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--name", default="bench_e2e" if cuda else "bench_e2e_cpu_smoke")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    env = environment(device)
+    env.update(skip=args.skip, select=args.select, block_size=args.block_size, layers=args.layers, batch=1)
+    print(json.dumps(env))
+    model = build_model(args.layers, device, dtype, small=not cuda)
+    rows: list[dict] = []
+    for n in args.lengths:
+        run_length(model, n, args, device, rows)
+        if cuda:
+            torch.cuda.empty_cache()
+    cols = ["N", "layers", "steps", "baseline", "dense_cudnn_s", "dense_fa2_s", "switch_s", "sparse_s",
+            "baseline_total_s", "sparsed_total_s", "speedup", "sparse_peak_mib", "dense_cudnn_peak_mib",
+            "mask_state_mib"]  # fmt: skip
+    table = markdown_table(rows, cols)
+    write_results(args.name, env, rows, table, args.out)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
