@@ -26,7 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .._common import keep_positions
+from .._common import eager_attention_forward, keep_positions, rotate_half
 from .configuration_dream import DreamConfig
 
 __all__ = ["DreamBaseModel", "DreamModel", "DreamPreTrainedModel"]
@@ -71,47 +71,12 @@ class DreamRotaryEmbedding(nn.Module):
             return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary_pos_emb(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Hq, L, D), k (B, Hkv, L, D), cos/sin (B, L, D)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, Hkv, L, D) -> (B, Hkv * n_rep, L, D), each kv head repeated for its query group."""
-    if n_rep == 1:
-        return x
-    b, h, n, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain softmax attention; mask is transformers' additive (B, 1, Lq, Lk) eager mask."""
-    key = repeat_kv(key, module.num_key_value_groups)
-    value = repeat_kv(value, module.num_key_value_groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()  # (B, L, Hq, D)
-    return out, probs
 
 
 class DreamAttention(nn.Module):

@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .._common import keep_positions
+from .._common import eager_attention_forward, keep_positions, rotate_half
 from .configuration_llada import LLaDAConfig
 
 __all__ = ["LLaDAModel", "LLaDAModelLM", "LLaDAPreTrainedModel"]
@@ -69,11 +69,6 @@ class LLaDARotaryEmbedding(nn.Module):
             return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary_pos_emb(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_precision: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,36 +82,6 @@ def apply_rotary_pos_emb(
     q_out = q_ * cos + rotate_half(q_) * sin
     k_out = k_ * cos + rotate_half(k_) * sin
     return q_out.to(q.dtype), k_out.to(k.dtype)
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, Hkv, L, D) -> (B, Hkv * n_rep, L, D), each kv head repeated for its query group."""
-    if n_rep == 1:
-        return x
-    b, h, n, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain softmax attention; mask is transformers' additive (B, 1, Lq, Lk) eager mask."""
-    key = repeat_kv(key, module.num_key_value_groups)
-    value = repeat_kv(value, module.num_key_value_groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()  # (B, L, Hq, D)
-    return out, probs
 
 
 class LLaDABlock(nn.Module):
