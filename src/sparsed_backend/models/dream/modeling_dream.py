@@ -26,25 +26,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .._common import eager_attention_forward, keep_positions, rotate_half
+from .._common import RMSNorm, eager_attention_forward, keep_positions, rotate_half
 from .configuration_dream import DreamConfig
 
 __all__ = ["DreamBaseModel", "DreamModel", "DreamPreTrainedModel"]
 
 
-class DreamRMSNorm(nn.Module):
-    """RMSNorm computed in fp32, cast back before the weight (Qwen2RMSNorm)."""
-
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+class DreamRMSNorm(RMSNorm):
+    """RMSNorm in fp32 (Qwen2RMSNorm); the class name keeps transformers' RMSNorm weight init."""
 
 
 class DreamRotaryEmbedding(nn.Module):

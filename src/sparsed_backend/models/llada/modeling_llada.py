@@ -24,25 +24,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .._common import eager_attention_forward, keep_positions, rotate_half
+from .._common import RMSNorm, eager_attention_forward, keep_positions, rotate_half
 from .configuration_llada import LLaDAConfig
 
 __all__ = ["LLaDAModel", "LLaDAModelLM", "LLaDAPreTrainedModel"]
 
 
-class LLaDARMSNorm(nn.Module):
-    """RMSNorm computed in fp32, cast back before the weight (as the original RMSLayerNorm)."""
-
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+class LLaDARMSNorm(RMSNorm):
+    """RMSNorm in fp32 (as the original RMSLayerNorm); the class name keeps transformers' RMSNorm weight init."""
 
 
 class LLaDARotaryEmbedding(nn.Module):
