@@ -296,3 +296,27 @@ def test_from_pretrained_with_sparsed_attention(tmp_path, kind):
         got = model(ids, attention_mask=mask, position_ids=pos, logits_to_keep=8).logits
         expected = reference(ids, attention_mask=mask, position_ids=pos, logits_to_keep=8).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused elementwise kernels run on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_elementwise_match_eager_on_cuda(dtype):
+    """RMSNorm, RoPE and SwiGLU compiled into one kernel each compute what the eager code does."""
+    from sparsed_backend.models._common import rms_norm, swiglu
+    from sparsed_backend.models.dream.modeling_dream import apply_rotary_pos_emb as dream_rope
+    from sparsed_backend.models.llada.modeling_llada import apply_rotary_pos_emb as llada_rope
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    for n in (7, 300):  # two lengths through the same dynamic-shape kernels
+        x = torch.randn(2, n, 64, device="cuda", dtype=dtype, generator=g)
+        w = torch.rand(64, device="cuda", dtype=dtype, generator=g) + 0.5
+        torch.testing.assert_close(rms_norm(x, w, 1e-5), rms_norm.eager(x, w, 1e-5), **tol)
+        torch.testing.assert_close(swiglu(x, x.flip(-1)), swiglu.eager(x, x.flip(-1)), **tol)
+        q = torch.randn(2, 4, n, 16, device="cuda", dtype=dtype, generator=g)
+        k = torch.randn(2, 2, n, 16, device="cuda", dtype=dtype, generator=g)
+        ang = torch.rand(2, n, 16, device="cuda", generator=g) * 6.3
+        cos, sin = ang.cos(), ang.sin()
+        for fused, eager, extra in ((llada_rope, llada_rope.eager, (True,)), (dream_rope, dream_rope.eager, ())):
+            for got, want in zip(fused(q, k, cos, sin, *extra), eager(q, k, cos, sin, *extra), strict=True):
+                torch.testing.assert_close(got, want, **tol)

@@ -26,7 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .._common import RMSNorm, eager_attention_forward, keep_positions, rotate_half
+from .._common import RMSNorm, cuda_fused, eager_attention_forward, keep_positions, rotate_half, swiglu
 from .configuration_dream import DreamConfig
 
 __all__ = ["DreamBaseModel", "DreamModel", "DreamPreTrainedModel"]
@@ -60,6 +60,7 @@ class DreamRotaryEmbedding(nn.Module):
             return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
+@cuda_fused
 def apply_rotary_pos_emb(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,8 +124,11 @@ class DreamMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.fused_silu = config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_silu:
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .._common import RMSNorm, eager_attention_forward, keep_positions, rotate_half
+from .._common import RMSNorm, cuda_fused, eager_attention_forward, keep_positions, rotate_half, swiglu
 from .configuration_llada import LLaDAConfig
 
 __all__ = ["LLaDAModel", "LLaDAModelLM", "LLaDAPreTrainedModel"]
@@ -58,6 +58,7 @@ class LLaDARotaryEmbedding(nn.Module):
             return emb.cos(), emb.sin()
 
 
+@cuda_fused
 def apply_rotary_pos_emb(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_precision: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +101,6 @@ class LLaDABlock(nn.Module):
         self.ff_proj = nn.Linear(config.d_model, hidden, bias=False)
         self.up_proj = nn.Linear(config.d_model, hidden, bias=False)
         self.ff_out = nn.Linear(hidden, config.d_model, bias=False)
-        self.act = nn.SiLU()
         self.dropout = nn.Dropout(float(config.residual_dropout))
 
     def attention(
@@ -144,7 +144,7 @@ class LLaDABlock(nn.Module):
         x = hidden_states
         x = x + self.dropout(self.attention(self.attn_norm(x), position_embeddings, attention_mask, **kwargs))
         h = self.ff_norm(x)
-        h = self.ff_out(self.act(self.ff_proj(h)) * self.up_proj(h))
+        h = self.ff_out(swiglu(self.ff_proj(h), self.up_proj(h)))
         return x + self.dropout(h)
 
 
