@@ -55,6 +55,8 @@ if str(REPO / "src") not in sys.path:  # PYTHONPATH=src is the documented way; t
 
 from sparsed_backend.demo.task import (  # noqa: E402
     ANSWER_LEN,
+    KEY_ALPHABET,
+    VALUE_ALPHABET,
     exact_match,
     make_batch,
     make_record_example,
@@ -98,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--mask-eps", type=float, help="t ~ U(eps, 1) as in LLaDA")
     a("--p-full-mask", type=float, help="share of sequences with t = 1 (every answer token masked)")
     a("--p-prompt-mask", type=float, help="prompt tokens masked with probability this * t (0: never)")
+    a("--p-few-records", type=float, help="share of steps with prompts of only 2..--few-records records")
+    a("--few-records", type=int, help="most records in such a prompt")
     a("--batch-tokens", type=int, help="tokens per step; batch = this // length")
     a("--train-lengths", type=int, nargs="+", help="sequence lengths (BOS+prompt+answer)")
     a("--curriculum-start", type=int, help="longest length allowed at first")
@@ -185,8 +189,29 @@ def _init_worker(encoder: Encoder) -> None:
     torch.set_num_threads(1)
 
 
-def make_train_batch(seed: int, seq_len: int, batch: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+FILLER = "."  # left padding of few-record prompts (in the tokenizer, in no key or value)
+
+
+def few_record_example(rng: random.Random, n_tokens: int, n_records: int) -> tuple[str, str, int]:
+    """A prompt of only ``n_records`` records and one question, left-padded with FILLER.
+
+    Returns (prompt, answer, offset of the answer in prompt + answer). Keys are single symbols.
+    """
+    keys = rng.sample(KEY_ALPHABET, n_records)
+    values = ["".join(rng.choices(VALUE_ALPHABET, k=ANSWER_LEN)) for _ in range(n_records)]
+    q = rng.randrange(n_records)
+    body = "".join(f"{k}:{v};" for k, v in zip(keys, values, strict=True)) + f"?{keys[q]}:"
+    prompt = FILLER * (n_tokens - len(body)) + body
+    return prompt, values[q], n_tokens
+
+
+def make_train_batch(
+    seed: int, seq_len: int, batch: int, n_queries: int, few: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (batch, seq_len), BOS + prompt + answer, and the answer positions.
+
+    ``few`` > 0 draws prompts of 2..few records (left-padded, one question) instead: lookups
+    among a handful of records, where the retrieval circuit forms quickly (EXPERIMENTS.md).
 
     Returns:
         ids (B, L) int64 and answer positions (B, n_queries * GEN_LEN) int64: every question's
@@ -194,9 +219,15 @@ def make_train_batch(seed: int, seq_len: int, batch: int, n_queries: int) -> tup
     """
     assert _ENCODER is not None
     rng = random.Random(seed)
-    exs = [make_record_example(rng, seq_len - 1 - GEN_LEN, n_queries) for _ in range(batch)]
-    ids = _ENCODER([ex.prompt + ex.answer for ex in exs])
-    starts = np.array([ex.answer_offsets for ex in exs], dtype=np.int64) + 1  # + BOS
+    n_prompt = seq_len - 1 - GEN_LEN
+    if few:
+        exs = [few_record_example(rng, n_prompt, rng.randint(2, few)) for _ in range(batch)]
+        ids = _ENCODER([p + a for p, a, _ in exs])
+        starts = np.array([[off] for _, _, off in exs], dtype=np.int64) + 1
+    else:
+        recs = [make_record_example(rng, n_prompt, n_queries) for _ in range(batch)]
+        ids = _ENCODER([ex.prompt + ex.answer for ex in recs])
+        starts = np.array([ex.answer_offsets for ex in recs], dtype=np.int64) + 1  # + BOS
     pos = (starts[:, :, None] + np.arange(GEN_LEN)).reshape(batch, -1)  # (B, Q * G)
     return ids, pos
 
@@ -216,11 +247,11 @@ class Loader:
         self.queue: deque[Future | tuple[np.ndarray, np.ndarray]] = deque()
 
     def _request(self) -> None:
-        seq_len, n_queries = self.choose_len()
+        seq_len, n_queries, few = self.choose_len()
         batch = max(1, self.args.batch_tokens // seq_len)
         seed = self.args.seed * 1_000_003 + self.count  # batch i: a function of (seed, i, shape)
         self.count += 1
-        job = (seed, seq_len, batch, n_queries)
+        job = (seed, seq_len, batch, n_queries, few)
         if self.pool is None:
             self.queue.append(make_train_batch(*job))
         else:
@@ -519,14 +550,16 @@ def main(argv: list[str] | None = None) -> dict:
     curriculum = Curriculum(args)
     gate_sets: dict[int, tuple[torch.Tensor, list[str]]] = {}
 
-    def choose_len() -> tuple[int, int]:
+    def choose_len() -> tuple[int, int, int]:
         allowed = curriculum.allowed(progress_box[0])
+        if rng.random() < args.p_few_records:  # short, few-record lookups at the shortest length
+            return allowed[0], 1, args.few_records
         seq_len = allowed[-1] if rng.random() < args.p_longest else rng.choice(allowed)
         q_max = max(1, min(args.max_queries, seq_len // args.tokens_per_query))
         while q_max > 1 and min_tokens(q_max) > seq_len - 1 - GEN_LEN:
             q_max -= 1
         single = q_max == 1 or rng.random() < args.p_single_query
-        return seq_len, 1 if single else rng.randint(2, q_max)
+        return seq_len, 1 if single else rng.randint(2, q_max), 0
 
     loader = Loader(args, encoder, choose_len)
     model = build_model(args, tokenizer, device)
