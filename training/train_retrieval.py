@@ -154,6 +154,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     min_len = min(args.train_lengths + args.eval_lengths)
     if min_len < 64:
         p.error(f"lengths must be >= 64 (the task needs >= 56 prompt characters), got {min_len}")
+    if args.p_few_records > 0:
+        need = args.few_records * (1 + 1 + ANSWER_LEN + 1) + 3  # "k:vvvv;" records + "?k:"
+        if args.few_records < 2 or need > min(args.train_lengths) - 1 - GEN_LEN:
+            p.error(
+                f"--few-records must be >= 2 and its prompts ({need} characters) must fit the shortest "
+                f"training length {min(args.train_lengths)} minus BOS and answer, got {args.few_records}"
+            )
     if args.d_model % args.n_heads:
         p.error(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
     return args
@@ -211,7 +218,8 @@ def make_train_batch(
     """Token ids (batch, seq_len), BOS + prompt + answer, and the answer positions.
 
     ``few`` > 0 draws prompts of 2..few records (left-padded, one question) instead: lookups
-    among a handful of records, where the retrieval circuit forms quickly (EXPERIMENTS.md).
+    among a handful of records (the recall probe learnt 2-record lookup quickly with 4 layers;
+    mixed into this task it did not help, EXPERIMENTS.md).
 
     Returns:
         ids (B, L) int64 and answer positions (B, n_queries * GEN_LEN) int64: every question's
