@@ -56,6 +56,9 @@ if str(REPO / "src") not in sys.path:  # PYTHONPATH=src is the documented way; t
 from sparsed_backend.demo.task import (  # noqa: E402
     ANSWER_LEN,
     KEY_ALPHABET,
+    KV_SEP,
+    QUESTION,
+    RECORD_SEP,
     VALUE_ALPHABET,
     exact_match,
     make_batch,
@@ -155,7 +158,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min_len < 64:
         p.error(f"lengths must be >= 64 (the task needs >= 56 prompt characters), got {min_len}")
     if args.p_few_records > 0:
-        need = args.few_records * (1 + 1 + ANSWER_LEN + 1) + 3  # "k:vvvv;" records + "?k:"
+        record, question = len(f"k{KV_SEP}{'v' * ANSWER_LEN}{RECORD_SEP}"), len(f"{QUESTION}k{KV_SEP}")
+        need = args.few_records * record + question
         if args.few_records < 2 or need > min(args.train_lengths) - 1 - GEN_LEN:
             p.error(
                 f"--few-records must be >= 2 and its prompts ({need} characters) must fit the shortest "
@@ -199,17 +203,15 @@ def _init_worker(encoder: Encoder) -> None:
 FILLER = "."  # left padding of few-record prompts (in the tokenizer, in no key or value)
 
 
-def few_record_example(rng: random.Random, n_tokens: int, n_records: int) -> tuple[str, str, int]:
-    """A prompt of only ``n_records`` records and one question, left-padded with FILLER.
-
-    Returns (prompt, answer, offset of the answer in prompt + answer). Keys are single symbols.
-    """
+def few_record_example(rng: random.Random, n_tokens: int, n_records: int) -> tuple[str, str]:
+    """A prompt of ``n_tokens`` characters with only ``n_records`` records (single-symbol keys)
+    and one question, left-padded with FILLER; returns (prompt, answer)."""
     keys = rng.sample(KEY_ALPHABET, n_records)
     values = ["".join(rng.choices(VALUE_ALPHABET, k=ANSWER_LEN)) for _ in range(n_records)]
     q = rng.randrange(n_records)
-    body = "".join(f"{k}:{v};" for k, v in zip(keys, values, strict=True)) + f"?{keys[q]}:"
-    prompt = FILLER * (n_tokens - len(body)) + body
-    return prompt, values[q], n_tokens
+    records = "".join(f"{k}{KV_SEP}{v}{RECORD_SEP}" for k, v in zip(keys, values, strict=True))
+    body = records + f"{QUESTION}{keys[q]}{KV_SEP}"
+    return FILLER * (n_tokens - len(body)) + body, values[q]
 
 
 def make_train_batch(
@@ -230,8 +232,8 @@ def make_train_batch(
     n_prompt = seq_len - 1 - GEN_LEN
     if few:
         exs = [few_record_example(rng, n_prompt, rng.randint(2, few)) for _ in range(batch)]
-        ids = _ENCODER([p + a for p, a, _ in exs])
-        starts = np.array([[off] for _, _, off in exs], dtype=np.int64) + 1
+        ids = _ENCODER([p + a for p, a in exs])
+        starts = np.full((batch, 1), n_prompt + 1, dtype=np.int64)  # the answer ends every row
     else:
         recs = [make_record_example(rng, n_prompt, n_queries) for _ in range(batch)]
         ids = _ENCODER([ex.prompt + ex.answer for ex in recs])
