@@ -1,151 +1,203 @@
-"""Fidelity: exact-match accuracy of the shipped retrieval model, dense vs SparseD and baselines.
+"""Fidelity: greedy exact match of the shipped retrieval model, dense vs SparseD and baselines.
 
-    python benchmarks/fidelity.py --prompts 256                 # GPU, the committed table
-    python benchmarks/fidelity.py --prompts 16 --lengths 512    # CPU smoke size
+    python benchmarks/fidelity.py                                  # GPU: the committed table
+    python benchmarks/fidelity.py --prompts 8 --lengths 512 --selects 0.3   # CPU smoke size
 
-Grid: context length x select x skip for SparseD (skip = 0 is "sparse from step 0": the
-pattern chosen at step 0 is used from step 1 on), plus baselines of the same density in the
-same harness: "local" (a sliding window of key blocks, no scoring) and "reselect" (top-k
-blocks chosen afresh from dense scores at every sparse step). Every cell answers the same
-prompts greedily; the interval is the 95% Wilson score interval.
+Every cell answers the same fresh prompts (``sample_prompts(seed=--seed + length)``; training
+never used these seeds) with the LLaDA sampler, one answer token per step (5 steps; skip 0.2
+puts the switch on step 1, so step 0 runs dense). Methods, all at the same density per select:
+
+- ``sparsed``: SparseD (top-k blocks from the switch step's dense attention, reused);
+- ``sparsed+diag``: the same, every query block keeping its own key block (not in the paper);
+- ``reselect``: top-k chosen afresh from dense scores at every sparse step;
+- ``local``: a sliding window of key blocks around each query block;
+- ``random``: a random block pattern drawn once at the switch step.
+
+The interval is the 95% Wilson score interval. For the top-k methods the row also gives how
+often the answer's query block keeps the asked record's key block: over all (prompt, layer,
+head), and per layer in at least one head.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import time
+from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel
 
 from common import environment, markdown_table, write_results
 from sparsed_backend import SparseDConfig
-from sparsed_backend.cli import shipped_model_path
-from sparsed_backend.demo import exact_match, make_batch
-from sparsed_backend.generation import llada_generate
+from sparsed_backend.demo import model_path
+from sparsed_backend.demo.evaluate import answer_prompts, wilson_interval
+from sparsed_backend.demo.task import sample_prompts
+
+METHODS = {
+    "sparsed": {},
+    "sparsed+diag": {"keep_diagonal": True},
+    "reselect": {"reselect": True},
+    "local": {"pattern": "local"},
+    "random": {"pattern": "random"},
+}
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return math.nan, math.nan
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+def record_block_kept(states, record_pos: torch.Tensor, answer_block: int, block_size: int) -> tuple[float, float]:
+    """Share of (prompt, layer, head) whose answer query block keeps the record's key block,
+    and share of (prompt, layer) where at least one head keeps it."""
+    tables = []
+    for st in states:
+        tables.append(torch.stack([st.layers[i].table[:, :, answer_block].cpu() for i in sorted(st.layers)], 1))
+    t = torch.cat(tables)  # (B, layers, H, nKV)
+    rb = (record_pos // block_size).view(-1, 1, 1, 1).expand(-1, t.shape[1], t.shape[2], 1)
+    kept = t.gather(-1, rb).squeeze(-1)  # (B, layers, H)
+    return kept.float().mean().item(), kept.any(-1).float().mean().item()
 
 
-@torch.inference_mode()
-def accuracy(model, tok, ids, answers, args, sparsed) -> tuple[int, float]:
-    correct, density = 0, []
-    for i in range(0, ids.shape[0], args.batch):
-        out = llada_generate(
-            model, ids[i : i + args.batch], steps=args.steps, gen_length=args.gen_length,
-            block_length=args.gen_length, sparsed=sparsed, return_dict_in_generate=True,
-        )  # fmt: skip
-        preds = tok.batch_decode(out.sequences[:, ids.shape[1] :], skip_special_tokens=True)
-        correct += sum(exact_match(p, a) for p, a in zip(preds, answers[i : i + args.batch], strict=True))
-        if out.sparsed_state is not None and out.sparsed_state.layers:
-            density.append(out.sparsed_state.density())
-    return correct, (sum(density) / len(density) if density else 1.0)
+def summary_table(rows: list[dict]) -> str:
+    """Exact match in % [95% interval], one row per (method, select), one column per length."""
+    lengths = sorted({r["N"] for r in rows})
+    keys = []
+    for r in rows:
+        if (r["method"], r["select"]) not in keys:
+            keys.append((r["method"], r["select"]))
+    lines = ["| method | select | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in lengths) + " |"]  # fmt: skip
+    for method, select in keys:
+        cells = []
+        for n in lengths:
+            r = next((r for r in rows if (r["N"], r["method"], r["select"]) == (n, method, select)), None)
+            cells.append("" if r is None else f"{r['accuracy']:.1%} [{r['ci95_low']:.1%}, {r['ci95_high']:.1%}]")
+        lines.append(f"| {method} | {'-' if method == 'dense' else select} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(rows: list[dict], env: dict, name: str, out: str | None) -> None:
+    cols = ["N", "method", "select", "accuracy", "ci95_low", "ci95_high", "correct", "prompts", "density",
+            "record_block_kept_heads", "record_block_kept_layers"]  # fmt: skip
+    table = (
+        "Exact match, % [95% Wilson interval]:\n\n" + summary_table(rows) + "\n\nEvery cell, with the kept "
+        "density and how often the answer's query block keeps the asked record's key block (share of "
+        "(prompt, layer, head); share of (prompt, layer) with at least one head):\n\n" + markdown_table(rows, cols)
+    )
+    out_dir = write_results(name, env, rows, table, out)
+    plot(rows, out_dir / f"{name}.png")
+    print(table)
 
 
 def main() -> None:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048] if cuda else [512])
-    p.add_argument("--selects", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
-    p.add_argument("--skips", type=float, nargs="+", default=[0.0, 0.1, 0.2])
-    p.add_argument("--baseline-skip", type=float, default=0.2, help="skip used by the baselines")
-    p.add_argument("--prompts", type=int, default=256 if cuda else 16)
-    p.add_argument("--batch", type=int, default=128 if cuda else 8)
-    p.add_argument("--steps", type=int, default=None, help="default: one per generated token")
-    p.add_argument("--gen-length", type=int, default=None, help="default: the model's trained answer span")
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--model", default=None)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--selects", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 1.0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--skip", type=float, default=0.2)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--prompts", type=int, default=256 if cuda else 8)
+    p.add_argument("--batch", type=int, default=64 if cuda else 8)
+    p.add_argument("--model", default=None, help="model directory (default: the shipped one)")
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--seed", type=int, default=9000, help="prompts of length n use seed + n")
     p.add_argument("--name", default="fidelity" if cuda else "fidelity_cpu_smoke")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="results directory (default: benchmarks/results)")
+    p.add_argument("--render", default=None, help="only re-render the tables and plot of this results JSON")
     args = p.parse_args()
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        render(saved["rows"], saved["environment"], args.name, args.out)
+        return
     device = torch.device("cuda" if cuda else "cpu")
-    path = args.model or shipped_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
+    path = args.model or model_path()
     model = AutoModel.from_pretrained(path, attn_implementation="sparsed", dtype=getattr(torch, args.dtype))
     model = model.to(device).eval()
-    args.gen_length = args.gen_length or int(getattr(model.config, "demo_gen_length", 4))
-    args.steps = args.steps or args.gen_length
     env = environment(device)
-    env.update(model=str(path), dtype=args.dtype, prompts_per_cell=args.prompts, steps=args.steps,
-               gen_length=args.gen_length, block_size=args.block_size, greedy=True)  # fmt: skip
+    env.update(model=str(path), dtype=args.dtype, prompts_per_cell=args.prompts, skip=args.skip,
+               block_size=args.block_size, greedy=True, prompt_seed=f"{args.seed} + length")  # fmt: skip
     print(json.dumps(env))
+    out_dir = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
+    partial = out_dir / f"{args.name}.partial.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial.write_text("")
 
     rows: list[dict] = []
     for n in args.lengths:
-        prompts, answers = make_batch(random.Random(args.seed + n), n, args.prompts)
-        ids = tok(prompts, return_tensors="pt")["input_ids"].to(device)
-        cells = [("dense", None, None, None)]
-        for skip in args.skips:
+        prompts = sample_prompts(n, args.prompts, seed=args.seed + n)
+        cells = [("dense", 1.0, None)]
+        for method in args.methods:
             for select in args.selects:
-                cells.append(("sparsed", select, skip, SparseDConfig(skip=skip, select=select,
-                              block_size=args.block_size, min_sparse_len=0)))  # fmt: skip
-        for select in args.selects:
-            for name, extra in (("local", {"pattern": "local"}), ("reselect", {"reselect": True})):
-                cfg = SparseDConfig(skip=args.baseline_skip, select=select, block_size=args.block_size,
-                                    min_sparse_len=0, **extra)  # fmt: skip
-                cells.append((name, select, args.baseline_skip, cfg))
-        for method, select, skip, cfg in cells:
+                if select == 1.0 and method != "sparsed":
+                    continue  # select 1.0 keeps every block whatever the rule
+                cfg = SparseDConfig(skip=args.skip, select=select, block_size=args.block_size, min_sparse_len=0,
+                                    **METHODS[method])  # fmt: skip
+                cells.append((method, select, cfg))
+        for method, select, cfg in cells:
+            torch.manual_seed(0)  # the random pattern
             t0 = time.perf_counter()
-            k, density = accuracy(model, tok, ids, answers, args, cfg)
-            lo, hi = wilson(k, len(answers))
-            row = {"N": ids.shape[1], "method": method, "select": select, "skip": skip, "correct": k,
-                   "prompts": len(answers), "accuracy": k / len(answers), "ci95_low": lo, "ci95_high": hi,
-                   "density": density, "seconds": time.perf_counter() - t0}  # fmt: skip
+            ans = answer_prompts(model, prompts, sparsed=cfg, batch=args.batch)
+            k = ans.n_correct
+            lo, hi = wilson_interval(k, args.prompts)
+            row = {"N": n, "method": method, "select": select, "accuracy": k / args.prompts, "ci95_low": lo,
+                   "ci95_high": hi, "correct": k, "prompts": args.prompts}  # fmt: skip
+            if ans.states:
+                st = ans.states[0]
+                row["density"] = sum(s.density() for s in ans.states) / len(ans.states)
+                row["switch"] = f"{st.switch} of {st.steps}"
+                if cfg.pattern == "topk":
+                    head, layer = record_block_kept(ans.states, prompts.record_pos, n // args.block_size,
+                                                    args.block_size)  # fmt: skip
+                    row["record_block_kept_heads"], row["record_block_kept_layers"] = head, layer
+            row["seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
-            print(f"  N={row['N']:5d} {method:9s} select={select} skip={skip}: {k}/{len(answers)} "
-                  f"= {row['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] density {density:.2f}", flush=True)  # fmt: skip
-    cols = ["N", "method", "select", "skip", "accuracy", "ci95_low", "ci95_high", "correct", "prompts", "density"]
-    table = markdown_table(rows, cols)
-    out = write_results(args.name, env, rows, table, args.out)
-    plot(rows, out / f"{args.name}.png")
-    print(table)
+            with partial.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"N={n} {method:12s} select={select}: {k}/{args.prompts} = {k / args.prompts:.1%} "
+                  f"[{lo:.1%}, {hi:.1%}] density {row.get('density', 1.0):.3f} "
+                  f"record kept {row.get('record_block_kept_heads', float('nan')):.2f} ({row['seconds']} s)",
+                  flush=True)  # fmt: skip
+    render(rows, env, args.name, args.out)
+    partial.unlink()
 
 
-def plot(rows, path) -> None:
+def plot(rows: list[dict], path: Path) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib is not installed: no plot")
         return
     lengths = sorted({r["N"] for r in rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.2), squeeze=False)
-    for ax, n in zip(axes[0], lengths, strict=True):
+    fig, axes = plt.subplots(1, len(lengths) + 1, figsize=(4.6 * (len(lengths) + 1), 4.0), squeeze=False)
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    color = {m: f"C{i}" for i, m in enumerate(["dense", *METHODS])}
+    for ax, n in zip(axes[0], lengths, strict=False):
         sub = [r for r in rows if r["N"] == n]
         dense = next(r for r in sub if r["method"] == "dense")
-        ax.axhline(dense["accuracy"], color="black", ls="--", label="dense")
-        series = {}
-        for r in sub:
-            if r["method"] == "sparsed":
-                series.setdefault(f"SparseD skip={r['skip']}", []).append(r)
-            elif r["method"] != "dense":
-                series.setdefault(f"{r['method']} skip={r['skip']}", []).append(r)
-        for label, pts in series.items():
-            xs = [r["select"] for r in pts]
-            ys = [r["accuracy"] for r in pts]
+        ax.axhspan(dense["ci95_low"], dense["ci95_high"], color="grey", alpha=0.25, label="dense (95% CI)")
+        for m in methods:
+            pts = sorted((r for r in sub if r["method"] == m), key=lambda r: r["select"])
             err = [[r["accuracy"] - r["ci95_low"] for r in pts], [r["ci95_high"] - r["accuracy"] for r in pts]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
-        ax.set(
-            xlabel="select (share of key blocks kept)", ylabel="exact match", title=f"N = {n} tokens", ylim=(0, 1.02)
-        )
+            ax.errorbar([r["select"] for r in pts], [r["accuracy"] for r in pts], yerr=err, marker="o", capsize=3,
+                        label=m, color=color[m])  # fmt: skip
+        ax.set(xlabel="select (share of key blocks kept)", ylabel="exact match", title=f"prompt {n} tokens",
+               ylim=(0, 1.02))  # fmt: skip
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    select = 0.3 if any(r["select"] == 0.3 for r in rows) else max(r["select"] for r in rows if r["method"] != "dense")
+    for m in ["dense", *methods]:
+        pts = sorted((r for r in rows if r["method"] == m and (m == "dense" or r["select"] == select)),
+                     key=lambda r: r["N"])  # fmt: skip
+        ax.plot([r["N"] for r in pts], [r["accuracy"] for r in pts], marker="o", label=m, color=color[m])
+    ax.set(xlabel="prompt tokens", ylabel="exact match", title=f"select {select}", ylim=(0, 1.02))
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

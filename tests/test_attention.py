@@ -17,7 +17,7 @@ from sparsed_backend.reference import (
     expand_table,
     topk_table_reference,
 )
-from sparsed_backend.selection import block_importance
+from sparsed_backend.selection import block_importance, generation_start_block
 
 # Every distinct static shape compiles FlexAttention once (~5-20 s on 2 CPU cores), so the
 # property tests draw shapes from this fixed pool: odd lengths, q_len != kv_len, GQA 1:1,
@@ -124,8 +124,13 @@ def test_select_below_one_equals_reference_masked_by_the_same_blocks(device, idx
     # The selection is SparseD's rule applied to the layer's real block importance (computed
     # by the device's implementation; tests/test_kernels.py checks it against the oracle).
     importance = policy.block_importance(q, k, d**-0.5, block, valid)
-    gen_block = None if gen_start is None else gen_start // block
-    assert torch.equal(table.cpu(), topk_table_reference(importance, select, gen_block))
+    gen_block = generation_start_block(gen_start, block, importance.shape[-1])
+    gen_imp = None
+    if gen_block is not None and 0 < gen_block < importance.shape[-1]:
+        # The generation blocks are ranked under a softmax over the generation keys alone.
+        g0 = gen_block * block
+        gen_imp = policy.block_importance(q, k[:, :, g0:], d**-0.5, block, None if valid is None else valid[:, g0:])
+    assert torch.equal(table.cpu(), topk_table_reference(importance, select, gen_block, True, gen_imp))
     # The output is attention restricted to exactly those blocks, built without BlockMask.
     tokens = expand_table(table, block, q_len, kv_len)
     golden = attention_reference(q, k, v, d**-0.5, valid, tokens)
@@ -320,3 +325,31 @@ def test_missing_layer_idx_and_bad_state_raise():
         sparsed_attention_forward(SimpleNamespace(is_causal=False), *good(), None, sparsed_state=state)
     with pytest.raises(TypeError, match=r"sparsed_state must be a SparseDState or None, got dict"):
         sparsed_attention_forward(module(), *good(), None, sparsed_state={})
+
+
+def test_disabled_compile_warns_and_still_computes_the_sparse_result(monkeypatch):
+    """TORCH_COMPILE_DISABLE=1: one warning, then eager FlexAttention over the same blocks."""
+    from sparsed_backend import _warn
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=g) for _ in range(3))
+    cfg = SparseDConfig(skip=0.0, select=0.34, block_size=32, min_sparse_len=0)
+    _, compiled, state = run_schedule(q, k, v, None, cfg)
+    monkeypatch.setattr(_warn, "_warned", set())
+    with torch._dynamo.config.patch(disable=True), pytest.warns(RuntimeWarning, match="torch.compile is disabled"):
+        _, eager, eager_state = run_schedule(q, k, v, None, cfg)
+    assert torch.equal(eager_state.layers[0].table, state.layers[0].table)
+    torch.testing.assert_close(eager, compiled, rtol=1e-5, atol=1e-5)
+    dense = attention_reference(q, k, v, 16**-0.5).float()
+    assert not torch.allclose(eager, dense, atol=1e-3), "the eager run must still be sparse"
+
+
+def test_recompile_limit_raises_instead_of_running_eagerly(monkeypatch):
+    from sparsed_backend import attention
+
+    monkeypatch.setattr(attention, "_RECOMPILE_LIMIT", 1)
+    cfg = SparseDConfig(skip=0.0, select=0.5, block_size=16, min_sparse_len=0)
+    with pytest.raises(RuntimeError, match="hit the recompile limit .*refusing to fall back to eager"):
+        for n in (80, 112, 144):  # new static shapes: the second one already exceeds a limit of 1
+            q, k, v = (torch.randn(1, 1, n, 24) for _ in range(3))
+            run_schedule(q, k, v, None, cfg)

@@ -58,3 +58,26 @@ def test_dense_pass_log_sum_exp_and_one_pass_scoring(hq, hkv):
     one = policy.block_importance(q, k, 128**-0.5, 128, None, lse)
     two = policy.block_importance(q, k, 128**-0.5, 128, None)
     torch.testing.assert_close(one, two, rtol=2e-2, atol=1e-6)
+
+
+@cuda
+@pytest.mark.gpu
+def test_scoring_past_two_to_the_31_elements():
+    """batch * heads * length * head_dim > 2**31: 32-bit offsets would wrap and read out of bounds.
+
+    17 x 1024 heads x 1024 x 128 = 2.28e9 elements per tensor (4.6 GB in bf16), short rows so the
+    compute stays small; the last batch entry, whose offsets are past 2**31, is checked against
+    the PyTorch implementation.
+    """
+    from sparsed_backend.selection import block_importance
+
+    b, h, n, d = 17, 1024, 1024, 128
+    assert b * h * n * d > 2**31
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    got = policy.block_importance(q, k, d**-0.5, 128, None)
+    want = block_importance(q[-1:, -8:], k[-1:, -8:], d**-0.5, 128, None)
+    torch.testing.assert_close(got[-1:, -8:], want, rtol=2e-2, atol=1e-6)
+    del q, k
+    torch.cuda.empty_cache()

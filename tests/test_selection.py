@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 
 from sparsed_backend import SparseDConfig
 from sparsed_backend.reference import block_importance_reference, topk_table_reference
-from sparsed_backend.selection import block_importance, select_blocks, select_local, select_topk
+from sparsed_backend.selection import (
+    block_importance,
+    generation_start_block,
+    select_blocks,
+    select_local,
+    select_topk,
+)
 
 LENGTHS = [1, 7, 63, 64, 65, 127, 129]
 
@@ -82,12 +88,23 @@ def importance_tables(draw):
     return imp, select, gen
 
 
+def gen_table(imp: torch.Tensor, gen: int | None, seed: int = 0) -> torch.Tensor | None:
+    """A generation-region importance (its own softmax) with the same -inf marks, ties included."""
+    if gen is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    tail = imp[..., gen:]
+    vals = torch.tensor([0.0, 0.1, 0.5, 1.0])[torch.randint(0, 4, tail.shape, generator=g)]
+    return vals.masked_fill(torch.isinf(tail), float("-inf"))
+
+
 @given(importance_tables(), st.booleans())
 def test_topk_is_exact_with_lower_index_tie_break(case, share):
     imp, select, gen = case
     cfg = SparseDConfig(select=select, generation_share=share)
-    got = select_topk(imp, cfg, gen)
-    want = topk_table_reference(imp, select, gen, share)
+    gen_imp = gen_table(imp, gen)
+    got = select_topk(imp, cfg, gen, gen_imp)
+    want = topk_table_reference(imp, select, gen, share, gen_imp)
     assert torch.equal(got, want)
     assert not (got & torch.isinf(imp)).any(), "selected a block with nothing to attend"
 
@@ -95,7 +112,7 @@ def test_topk_is_exact_with_lower_index_tie_break(case, share):
 @given(importance_tables())
 def test_select_one_keeps_every_attendable_block(case):
     imp, _, gen = case
-    table = select_topk(imp, SparseDConfig(select=1.0), gen)
+    table = select_topk(imp, SparseDConfig(select=1.0), gen, gen_table(imp, gen))
     assert torch.equal(table, torch.isfinite(imp))
 
 
@@ -104,8 +121,19 @@ def test_generation_region_keeps_its_own_share():
     imp = torch.tensor([[[[9.0, 8.0, 7.0, 6.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]]]])
     cfg = SparseDConfig(select=0.2)
     assert select_topk(imp, cfg, None)[0, 0, 0].nonzero().flatten().tolist() == [0, 1]
-    shared = select_topk(imp, cfg, 4)[0, 0, 0].nonzero().flatten().tolist()
+    shared = select_topk(imp, cfg, 4, imp[..., 4:])[0, 0, 0].nonzero().flatten().tolist()
     assert shared == [0, 1, 8, 9]  # global top-2 (both prompt) + top-2 of the 6 generation blocks
+    # The generation blocks are ranked by their own importance (a softmax over their keys only).
+    own = torch.tensor([[[[0.9, 0.8, 0.0, 0.0, 0.0, 0.0]]]])
+    assert select_topk(imp, cfg, 4, own)[0, 0, 0].nonzero().flatten().tolist() == [0, 1, 4, 5]
+    with pytest.raises(ValueError, match=r"gen_importance must have shape \(1, 1, 1, 6\) .*, got None"):
+        select_topk(imp, cfg, 4)
+
+
+@pytest.mark.parametrize(("gen_start", "n_kv", "want"), [(None, 4, None), (256, 4, 2), (300, 5, 3), (300, 3, 2)])
+def test_generation_region_starts_at_the_first_block_after_the_prompt(gen_start, n_kv, want):
+    # The reference: the first block starting at or after the prompt's end, else the last block.
+    assert generation_start_block(gen_start, 128, n_kv) == want
 
 
 def test_heads_select_independently():
@@ -134,3 +162,31 @@ def test_local_window_has_the_same_density_as_topk(n_q, n_kv, select):
         idx = row.nonzero().flatten()
         assert idx.numel() == k and int(idx[-1] - idx[0]) == k - 1
     assert math.isclose(local.float().mean().item(), select_topk(imp, SparseDConfig(select=select)).float().mean())
+
+
+@given(importance_tables())
+def test_keep_diagonal_keeps_own_block_within_the_same_count(case):
+    imp, select, gen = case
+    plain = select_topk(imp, SparseDConfig(select=select), gen, gen_table(imp, gen))
+    diag = select_topk(imp, SparseDConfig(select=select, keep_diagonal=True), gen, gen_table(imp, gen))
+    n_q, n_kv = imp.shape[-2:]
+    i = torch.arange(min(n_q, n_kv))
+    own = torch.isfinite(imp[..., i, i])
+    assert diag[..., i, i][own].all(), "an attendable own block was dropped"
+    if gen is None or gen in (0, n_kv):
+        # One top-k over all blocks: the diagonal takes one of the same k slots.
+        assert torch.equal(diag.sum(-1), plain.sum(-1))
+    assert not (diag & torch.isinf(imp)).any()
+
+
+def test_random_pattern_has_topk_counts_and_is_reproducible():
+    imp = torch.rand(2, 3, 6, 20)
+    imp[0, :, :, -3:] = float("-inf")  # padded key blocks are never drawn
+    cfg = SparseDConfig(select=0.3, pattern="random")
+    torch.manual_seed(0)
+    a = select_blocks(imp, cfg)
+    torch.manual_seed(0)
+    assert torch.equal(a, select_blocks(imp, cfg))
+    topk = select_topk(imp, SparseDConfig(select=0.3))
+    assert torch.equal(a.sum(-1), topk.sum(-1)) and not torch.equal(a, topk)
+    assert not (a & torch.isinf(imp)).any()

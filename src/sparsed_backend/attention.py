@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
 from transformers.masking_utils import bidirectional_mask_function
 
 from . import policy
 from ._warn import warn_once
 from .masks import block_mask_from_table
-from .selection import key_block_counts, select_blocks
+from .selection import generation_start_block, key_block_counts, select_blocks
 from .state import LayerSelection, SparseDState
 
 __all__ = ["sparsed_attention_forward", "sparsed_mask", "dense_attention", "sparse_attention"]
@@ -124,8 +124,8 @@ def sparse_attention(
     """Block-sparse attention over ``block_mask`` with compiled FlexAttention.
 
     Never falls back silently: hitting dynamo's recompile limit raises instead of running the
-    eager kernel, and a disabled torch.compile warns once (the eager kernel still applies the
-    block table through the mask_mod, so it stays correct, but computes every block).
+    eager kernel, and a disabled torch.compile warns once and computes the same blocks through
+    SDPA with the BlockMask's mask_mod expanded to tokens (correct, but every block is computed).
 
     Args:
         query: (B, Hq, L, D); key, value: (B, Hkv, S, D).
@@ -143,9 +143,15 @@ def sparse_attention(
     if torch._dynamo.config.disable:
         warn_once(
             "dynamo-disabled",
-            "torch.compile is disabled (TORCHDYNAMO_DISABLE): sparsed runs FlexAttention eagerly, "
-            "which is correct but computes and masks every block (slow, O(N^2) memory)",
+            "torch.compile is disabled (TORCH_COMPILE_DISABLE / TORCHDYNAMO_DISABLE): sparsed computes "
+            "the selected blocks through SDPA with the expanded token mask, which is correct but "
+            "computes every block (slow, O(N^2) memory)",
         )
+        # FlexAttention itself compiles (even its "eager" path raises "found no compiled frames"
+        # with dynamo disabled), so expand the BlockMask's mask_mod, which reads the same table.
+        mask = create_mask(block_mask.mask_mod, query.shape[0], query.shape[1], query.shape[2], key.shape[2],
+                           device=query.device)  # fmt: skip
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     try:
         with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
             return _flex()(
@@ -180,9 +186,17 @@ def _select(
     cfg = state.config
     B, H, L, _ = query.shape
     S = key.shape[2]
-    importance = policy.block_importance(query, key, scaling, cfg.block_size, key_valid, lse)
-    gen_block = None if state.gen_start is None else state.gen_start // cfg.block_size
-    table = select_blocks(importance, cfg, gen_block)
+    bs = cfg.block_size
+    importance = policy.block_importance(query, key, scaling, bs, key_valid, lse)
+    n_kv = importance.shape[-1]
+    gen_block = generation_start_block(state.gen_start, bs, n_kv)
+    gen_importance = None
+    if gen_block is not None and cfg.generation_share and cfg.pattern == "topk" and 0 < gen_block < n_kv:
+        # The reference ranks the generation key blocks under a softmax over those keys alone.
+        g0 = gen_block * bs
+        gen_valid = None if key_valid is None else key_valid[:, g0:]
+        gen_importance = policy.block_importance(query, key[:, :, g0:], scaling, bs, gen_valid)
+    table = select_blocks(importance, cfg, gen_block, gen_importance)
     counts = key_block_counts(key_valid, S, cfg.block_size, B, query.device)  # (B, nKV)
     attendable = (counts > 0).view(B, 1, 1, -1)
     density = (table & attendable).sum() / (attendable.sum() * H * table.shape[2])

@@ -9,28 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 from .config import SparseDConfig
-
-DEMO_MODEL = "retrieval_llada"
-
-
-def shipped_model_path() -> Path:
-    """Directory of the small retrieval LLaDA that ships inside the package."""
-    path = Path(str(resources.files("sparsed_backend") / "assets" / DEMO_MODEL))
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the shipped demo model is missing at {path}; reinstall sparsed_backend "
-            "(package data) or train it with training/train_retrieval.py"
-        )
-    return path
 
 
 class StepTimer:
@@ -62,7 +47,7 @@ class StepTimer:
             h.remove()
 
 
-def _draw_blocks(state, layer: int, heads: list[int], path: Path, title: str) -> Path | None:
+def _draw_blocks(state, layer: int, heads: list[int], path: Path, title: str, marks: tuple[int, int]) -> Path | None:
     try:
         import matplotlib
 
@@ -72,87 +57,107 @@ def _draw_blocks(state, layer: int, heads: list[int], path: Path, title: str) ->
         print("matplotlib is not installed: no picture (pip install 'sparsed_backend[demo]')")
         return None
     table = state.layers[layer].table[0].float().cpu()  # (H, nQ, nKV)
-    fig, axes = plt.subplots(1, len(heads), figsize=(3.2 * len(heads), 3.4), squeeze=False)
+    answer_block, record_block = marks
+    fig, axes = plt.subplots(1, len(heads), figsize=(3.2 * len(heads), 3.6), squeeze=False)
     for ax, h in zip(axes[0], heads, strict=True):
         ax.imshow(table[h], cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        ax.scatter([record_block], [answer_block], marker="o", s=40, facecolors="none", edgecolors="red")
         ax.set_title(f"layer {layer} head {h}: {table[h].mean():.0%} kept", fontsize=9)
         ax.set_xlabel("key block")
         ax.set_ylabel("query block")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def _check_range(flag: str, value, low, high=None) -> None:
+    if value < low or (high is not None and value > high):
+        want = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{flag} must be {want}, got {value}")
+
+
 def demo(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel
 
-    from .demo import exact_match, make_batch
-    from .generation import llada_generate
+    from .demo import model_path
+    from .demo.evaluate import answer_prompts, wilson_interval
+    from .demo.task import N_KEYS, VALUE_LEN, min_prompt_tokens, sample_prompts
+    from .demo.tokenizer import build_tokenizer
 
-    torch.manual_seed(args.seed)
-    path = Path(args.model) if args.model else shipped_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
+    path = Path(args.model) if args.model else model_path()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model: no config.json in {path}")
+    _check_range("--prompts", args.prompts, 1)
+    _check_range("--batch", args.batch, 1)
+    _check_range("--steps", args.steps, 1, VALUE_LEN)
+    _check_range("--records", args.records, 1, N_KEYS)
+    config = AutoConfig.from_pretrained(path)
+    _check_range("--length", args.length, min_prompt_tokens(args.records), int(config.max_sequence_length))
+    layer = config.n_layers - 1 if args.layer is None else args.layer
+    _check_range("--layer", layer, 0, config.n_layers - 1)
+    cfg = SparseDConfig(skip=args.skip, select=args.select, block_size=args.block_size, min_sparse_len=0,
+                        keep_diagonal=args.keep_diagonal)  # fmt: skip
     model = AutoModel.from_pretrained(path, attn_implementation="sparsed", dtype=torch.float32).eval()
-    prompts, answers = make_batch(random.Random(args.seed), args.length, args.prompts)
-    ids = tok(prompts, return_tensors="pt")["input_ids"]
-    gen = len(answers[0])
-    steps = args.steps or gen
-    cfg = SparseDConfig(skip=args.skip, select=args.select, block_size=args.block_size, min_sparse_len=0)
+    torch.manual_seed(args.seed)
+    prompts = sample_prompts(args.length, args.prompts, n_records=args.records, seed=args.seed)
+    tok = build_tokenizer()
     print(
         f"model {path.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-        f"{model.config.n_layers} layers x {model.config.n_heads} heads | {args.prompts} prompts of "
-        f"{ids.shape[1]} tokens | {steps} denoising steps for {gen} answer tokens"
+        f"{model.config.n_layers} layers x {model.config.n_heads} heads | {args.prompts} prompts "
+        f"(seed {args.seed}), {args.records} records each | {args.steps} denoising steps for {VALUE_LEN} answer tokens"
     )
-    print(f"SparseD: skip={cfg.skip} select={cfg.select} block_size={cfg.block_size}")
+    print(f"SparseD: skip={cfg.skip} select={cfg.select} block_size={cfg.block_size}"
+          + (" keep_diagonal=True" if cfg.keep_diagonal else ""))  # fmt: skip
 
     results, timers = {}, {}
     runs = [("dense", None), ("sparsed", cfg)]
-    with torch.inference_mode(), tqdm(total=len(runs) * len(prompts), desc="answering", unit="prompt") as bar:
+    with tqdm(total=len(runs) * args.prompts, desc="answering", unit="prompt") as bar:
         for name, sparsed in runs:
             timer = StepTimer(model)
-            outs, state = [], None
-            for i in range(0, len(prompts), args.batch):
-                out = llada_generate(
-                    model, ids[i : i + args.batch], steps=steps, gen_length=gen, block_length=gen,
-                    sparsed=sparsed, return_dict_in_generate=True,
-                )  # fmt: skip
-                outs += tok.batch_decode(out.sequences[:, ids.shape[1] :], skip_special_tokens=True)
-                state = out.sparsed_state
-                bar.update(min(args.batch, len(prompts) - i))
+            results[name] = answer_prompts(model, prompts, sparsed=sparsed, batch=args.batch, steps=args.steps,
+                                           on_batch=bar.update)  # fmt: skip
             timer.remove()
-            results[name], timers[name] = (outs, state), timer
+            timers[name] = timer
 
+    dense, sparse = results["dense"], results["sparsed"]
     print()
-    print(f"{'#':>3}  {'answer':8s}{'dense':10s}{'sparsed':10s}")
-    for i, ans in enumerate(answers):
-        d, s = results["dense"][0][i], results["sparsed"][0][i]
-        print(f"{i:>3}  {ans:8s}{d:6s}{'ok' if d == ans else '--':4s}{s:6s}{'ok' if s == ans else '--':4s}")
-    acc = {n: sum(exact_match(p, a) for p, a in zip(results[n][0], answers, strict=True)) / len(answers)
-           for n in results}  # fmt: skip
-    state = results["sparsed"][1]
+    print(f"{'#':>3}  {'record at':>9}  {'answer':8s}{'dense':10s}{'sparsed':10s}")
+    for i in range(args.prompts):
+        cells = [tok.decode(prompts.answers[i])]
+        for r in (dense, sparse):
+            cells.append(f"{tok.decode(r.generated[i])} {'ok' if r.correct[i] else '--'}")
+        print(f"{i:>3}  {int(prompts.record_pos[i]):>9}  {cells[0]:8s}{cells[1]:10s}{cells[2]:10s}")
+    n = args.prompts
+    state = sparse.states[0]
     print()
-    agree = sum(d == s for d, s in zip(results["dense"][0], results["sparsed"][0], strict=True))
+    print(f"prompt tokens: {args.length}")
+    print(f"exact match: dense {dense.n_correct / n:.0%} | sparsed {sparse.n_correct / n:.0%}")
+    print(f"switch step: {state.switch} of {state.steps}")
+    agree = int((dense.generated == sparse.generated).all(-1).sum())
+    (dlo, dhi), (slo, shi) = wilson_interval(dense.n_correct, n), wilson_interval(sparse.n_correct, n)
     print(
-        f"exact match: dense {acc['dense']:.0%} | sparsed {acc['sparsed']:.0%} | "
-        f"sparsed gives the dense answer on {agree}/{len(answers)} prompts"
+        f"95% intervals over {n} prompts: dense [{dlo:.0%}, {dhi:.0%}] | sparsed [{slo:.0%}, {shi:.0%}] | "
+        f"sparsed gives the dense answer on {agree}/{n}"
     )
+    density = sum(s.density() for s in sparse.states) / len(sparse.states)
     print(
-        f"switch step: {state.switch} of {state.steps} (steps before it dense) | "
-        f"kept key blocks (density): {state.density():.1%} | mask state {state.memory_bytes() / 2**10:.0f} KiB"
+        f"steps before the switch run dense | kept key blocks (density): {density:.1%} | "
+        f"mask state {state.memory_bytes() / 2**10:.0f} KiB per batch"
     )
     t = timers["sparsed"]
     print(
-        f"mean step time (batch {args.batch}, CPU): dense {timers['dense'].mean('dense') * 1e3:.0f} ms | "
-        f"switch {t.mean('switch') * 1e3:.0f} ms | sparse {t.mean('sparse') * 1e3:.0f} ms"
-        "  (first sparse step of a shape includes torch.compile)"
+        f"mean step time (batch {min(args.batch, n)}, {next(model.parameters()).device}): dense "
+        f"{timers['dense'].mean('dense') * 1e3:.0f} ms | switch {t.mean('switch') * 1e3:.0f} ms | sparse "
+        f"{t.mean('sparse') * 1e3:.0f} ms  (the first sparse step of a shape includes torch.compile)"
     )
-    layer = model.config.n_layers - 1 if args.layer is None else args.layer
+    marks = (args.length // cfg.block_size, int(prompts.record_pos[0]) // cfg.block_size)
     picture = _draw_blocks(
         state, layer, list(range(min(4, model.config.n_heads))), Path(args.out),
-        f"SparseD blocks kept (black) for prompt 0, select={cfg.select}, block={cfg.block_size} tokens",
+        f"SparseD blocks kept (black), prompt 0, select={cfg.select}, block={cfg.block_size}; "
+        "red: answer's query block x record's key block", marks,
     )  # fmt: skip
     if picture:
         print(f"selected blocks of layer {layer}: {picture}")
@@ -224,15 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="answer retrieval prompts with dense and sparsed attention (CPU, offline)")
-    d.add_argument("--prompts", type=int, default=8)
-    d.add_argument("--length", type=int, default=1024, help="prompt length in tokens (characters)")
-    d.add_argument("--batch", type=int, default=8)
-    d.add_argument("--steps", type=int, default=None, help="denoising steps (default: one per answer token)")
+    d.add_argument("--prompts", type=int, default=8, help="fresh prompts to answer (default 8)")
+    d.add_argument("--length", type=int, default=2048, help="prompt length in tokens, BOS included (default 2048)")
+    d.add_argument("--records", type=int, default=64, help="records per prompt (default 64, as trained)")
+    d.add_argument("--batch", type=int, default=8, help="prompts per sampler call (default 8)")
+    d.add_argument("--steps", type=int, default=5, help="denoising steps, 1-5 (default 5: one per answer token)")
     d.add_argument("--skip", type=float, default=0.2)
     d.add_argument("--select", type=float, default=0.3)
-    d.add_argument("--block-size", type=int, default=64)
+    d.add_argument("--block-size", type=int, default=128)
+    d.add_argument("--keep-diagonal", action="store_true", help="every query block keeps its own key block")
     d.add_argument("--layer", type=int, default=None, help="layer to draw (default: the last)")
-    d.add_argument("--seed", type=int, default=1234)
+    d.add_argument(
+        "--seed",
+        type=int,
+        default=1234,
+        help="draws the prompts on the CPU (training drew from CUDA generators: every seed is fresh)",
+    )
     d.add_argument("--model", default=None, help="model directory (default: the shipped one)")
     d.add_argument("--out", default="sparsed_demo_blocks.png", help="PNG of the selected blocks")
     d.set_defaults(fn=demo)

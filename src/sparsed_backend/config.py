@@ -36,8 +36,13 @@ class SparseDConfig:
     # None: the measured rule of `sparsed_backend.policy.min_sparse_len` for the device.
     min_sparse_len: int | None = None
     # Baselines for the fidelity benchmark (SparseD itself is pattern="topk", reselect=False):
-    pattern: str = "topk"  # "topk": SparseD's top-k blocks; "local": sliding window of blocks
+    # "topk": SparseD's top-k blocks; "local": a sliding window of blocks; "random": a random
+    # pattern of the same density, drawn once at the switch step (torch's global RNG).
+    pattern: str = "topk"
     reselect: bool = False  # re-select from fresh dense scores at every sparse step
+    # Not in the reference: every query block keeps its own key block (the diagonal) within its
+    # k blocks. Measured on the demo model in benchmarks/results/fidelity.md.
+    keep_diagonal: bool = False
 
     def __post_init__(self) -> None:
         _check_number("skip", self.skip)
@@ -51,10 +56,11 @@ class SparseDConfig:
             raise ValueError(f"block_size must be a positive multiple of 16, got {self.block_size!r}")
         if not isinstance(self.generation_share, bool):
             raise TypeError(f"generation_share must be a bool, got {type(self.generation_share).__name__}")
-        if self.pattern not in ("topk", "local"):
-            raise ValueError(f"pattern must be 'topk' or 'local', got {self.pattern!r}")
-        if not isinstance(self.reselect, bool):
-            raise TypeError(f"reselect must be a bool, got {type(self.reselect).__name__}")
+        if self.pattern not in ("topk", "local", "random"):
+            raise ValueError(f"pattern must be 'topk', 'local' or 'random', got {self.pattern!r}")
+        for name in ("reselect", "keep_diagonal"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.min_sparse_len is not None:
             _check_number("min_sparse_len", self.min_sparse_len, integer=True)
             if self.min_sparse_len < 0:

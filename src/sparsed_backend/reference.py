@@ -106,12 +106,15 @@ def topk_table_reference(
     select: float,
     gen_start_block: int | None = None,
     generation_share: bool = True,
+    gen_importance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SparseD's selection in plain Python loops: (B, H, nQ, nKV) importance -> bool table.
 
     Per row: keep the ceil(select * n) attendable blocks with the highest importance (ties to
     the lower index); with a generation region from ``gen_start_block`` on, prompt blocks
-    keep their global top-k membership and generation blocks get their own top-k.
+    keep their global top-k membership and generation blocks get their own top-k, ranked by
+    ``gen_importance`` (B, H, nQ, nKV - gen_start_block): the importance under a softmax over
+    the generation keys alone.
     """
     B, H, n_q, n_kv = importance.shape
     table = torch.zeros(B, H, n_q, n_kv, dtype=torch.bool)
@@ -129,8 +132,9 @@ def topk_table_reference(
                 row = imp[b][h][i]
                 keep = top(row, list(range(n_kv)))
                 if split:
-                    keep = {j for j in keep if j < gen_start_block}
-                    keep |= top(row, list(range(gen_start_block, n_kv)))
+                    g = gen_start_block
+                    gen_row = [float("nan")] * g + gen_importance[b, h, i].double().cpu().tolist()
+                    keep = {j for j in keep if j < g} | top(gen_row, list(range(g, n_kv)))
                 for j in keep:
                     table[b, h, i, j] = True
     return table

@@ -1,248 +1,180 @@
-"""Synthetic long-context key-value retrieval: prompts whose answer only attention can find.
+"""Synthetic long-context retrieval: prompts whose answer only attention can find.
 
-A prompt is a run of records ``key:value;`` followed by a question ``?key:``; the answer is
-that key's value. Keys are 1-2 random CJK symbols, unique within a prompt; values are 4
-characters from ``[a-z0-9]`` with at least one digit, unique within a prompt. Keys contain no
-digit and delimiters appear in neither, so the answer string occurs exactly once in the
-prompt: as the queried record's value. Nothing about the question or the answer's surroundings
-predicts the value, so a model can only answer by attending to the matching record, whose
-index is uniform over the prompt.
+Every token is one character of the demo tokenizer (`sparsed_backend.demo.tokenizer`):
 
-The tokenizer (`sparsed_backend.demo.tokenizer`) is character-level, so a prompt of
-``n_tokens`` characters is ``n_tokens`` tokens (plus the BOS token the tokenizer prepends).
+- a **record** is a key followed by its value: one key symbol (512 CJK ideographs) and
+  ``VALUE_LEN`` value symbols (512 Hangul syllables);
+- a **prompt** is BOS, then ``n_records`` records at uniformly random places in a haystack
+  of random value symbols, then the question ``?`` + key;
+- the **answer** is that key's value, ``VALUE_LEN`` tokens, generated after the prompt.
 
-``make_example(random.Random(0), 80)``::
+Keys are distinct within a prompt and appear nowhere else, the value symbols are drawn
+independently of everything, and the haystack is made of the same symbols: the only way to
+the answer is to attend from the question to the one matching record, wherever it is. Which
+record is asked is uniform, so the answer's position is uniform over the prompt.
 
-    prompt = "亏乡:ig3b;儲:c76d;凲倡:4z2w;僒偨:w3l0;亖:zc7h;乥之:2ftd;兦佒:959r;倽佪:9jcy;佃:7h2t;傏:kd2l;?兦佒:"
-    answer = "959r"
-
-``n_queries > 1`` answers the first questions in the prompt and leaves the last open
-(``...jr;僐:xz9m;?也:g3b9;?僐:xz9m;?佒倽:`` -> ``c7h2``): a multi-needle variant, and denser
-supervision for training.
+Everything here works on token ids in torch (any device, a ``torch.Generator`` for
+reproducibility), so the same sampler feeds training on a GPU, the demo and the benchmarks.
 """
 
 from __future__ import annotations
 
-import random
-import string
 from dataclasses import dataclass
 
+import torch
+
 __all__ = [
-    "ANSWER_LEN",
-    "KEY_ALPHABET",
-    "MIN_TOKENS",
-    "VALUE_ALPHABET",
-    "RetrievalExample",
+    "BOS_ID",
+    "EOS_ID",
+    "KEY_BASE",
+    "KEY_SYMBOLS",
+    "MASK_ID",
+    "N_KEYS",
+    "N_VALUES",
+    "QUESTION_ID",
+    "RECORD_LEN",
+    "VALUE_BASE",
+    "VALUE_LEN",
+    "VALUE_SYMBOLS",
+    "VOCAB_SIZE",
+    "Records",
+    "RetrievalPrompts",
     "exact_match",
-    "make_batch",
-    "make_example",
-    "make_record_example",
-    "min_tokens",
+    "min_prompt_tokens",
+    "sample_prompts",
+    "sample_records",
 ]
 
-# Keys are 1-2 symbols from 1024 CJK ideographs (one token each), so finding the record takes
-# one or two content matches: 4-6 letter keys over 26 letters did not learn at all in a
-# 7-minute H100 budget (training/README.md). Values stay lowercase/digits, so no value can be
-# mistaken for a key. 1024 symbols leave room for unique one-symbol keys at 8k tokens.
-KEY_ALPHABET = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 1024))
-VALUE_ALPHABET = string.ascii_lowercase + string.digits
-KEY_MIN, KEY_MAX = 1, 2  # key length range, inclusive
-ANSWER_LEN = 4  # every value (so every answer) has exactly this many characters
-KV_SEP, RECORD_SEP, QUESTION = ":", ";", "?"
-# Characters of one record beyond its key: ":" + value + ";".
-_RECORD_EXTRA = len(KV_SEP) + ANSWER_LEN + len(RECORD_SEP)
-# Characters of the question beyond its key: "?" + key + ":".
-_QUESTION_EXTRA = len(QUESTION) + len(KV_SEP)
-_MIN_RECORDS = 4
+# Token ids. The special tokens carry LLaDA's roles (EOS doubles as pad, as in LLaDA).
+EOS_ID, BOS_ID, MASK_ID, UNK_ID, QUESTION_ID = 0, 1, 2, 3, 4
+N_KEYS = 512
+N_VALUES = 512
+KEY_BASE = 5
+VALUE_BASE = KEY_BASE + N_KEYS
+VOCAB_SIZE = VALUE_BASE + N_VALUES
+# The characters that spell them (the tokenizer is built from these).
+KEY_SYMBOLS = "".join(chr(c) for c in range(0x4E00, 0x4E00 + N_KEYS))
+VALUE_SYMBOLS = "".join(chr(c) for c in range(0xAC00, 0xAC00 + N_VALUES))
+# Five answer tokens: with one token decoded per step and skip = 0.2 the switch falls on step 1,
+# so one step runs dense before it and three answer tokens are decoded with sparse attention.
+VALUE_LEN = 5
+RECORD_LEN = 1 + VALUE_LEN
+QUESTION_LEN = 2  # "?" + key
 
 
-@dataclass(frozen=True)
-class RetrievalExample:
-    """One prompt with the structure needed to check it.
-
-    Attributes:
-        prompt: records then the question(s), exactly ``n_tokens`` characters.
-        answer: the value of the last (open) question's key, ``ANSWER_LEN`` characters.
-        keys: the record keys in prompt order.
-        values: the record values in prompt order.
-        query_indices: indices into ``keys`` of the questions in prompt order; all but the
-            last are answered in the prompt (``?key:value;``), the last is open.
-    """
-
-    prompt: str
-    answer: str
-    keys: tuple[str, ...]
-    values: tuple[str, ...]
-    query_indices: tuple[int, ...]
-
-    @property
-    def query_index(self) -> int:
-        """Index into ``keys`` of the open question's record."""
-        return self.query_indices[-1]
-
-    @property
-    def query_offset(self) -> int:
-        """Character offset in ``prompt`` of the open question's record value."""
-        before = sum(len(k) + _RECORD_EXTRA for k in self.keys[: self.query_index])
-        return before + len(self.keys[self.query_index]) + len(KV_SEP)
-
-    @property
-    def answer_offsets(self) -> tuple[int, ...]:
-        """Offsets in ``prompt + answer`` of every question's answer, the open one last."""
-        offsets = []
-        pos = sum(len(k) + _RECORD_EXTRA for k in self.keys)
-        for q in self.query_indices:
-            pos += len(QUESTION) + len(self.keys[q]) + len(KV_SEP)
-            offsets.append(pos)
-            pos += ANSWER_LEN + len(RECORD_SEP)
-        return tuple(offsets)
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
+def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
-def _min_records(n_queries: int) -> int:
-    # One record nobody asks about keeps the length budget reachable by +-1 steps.
-    return max(_MIN_RECORDS, n_queries + 1)
+def min_prompt_tokens(n_records: int) -> int:
+    """Shortest prompt (BOS included) that holds ``n_records`` records and the question."""
+    return 1 + n_records * RECORD_LEN + QUESTION_LEN
 
 
-def min_tokens(n_queries: int = 1) -> int:
-    """Shortest prompt with ``n_queries`` questions, whatever the key lengths."""
-    _check_int("n_queries", n_queries, 1)
-    n_records = _min_records(n_queries)
-    answered = (n_queries - 1) * (ANSWER_LEN + len(RECORD_SEP))
-    shortest = n_records * (KEY_MAX + _RECORD_EXTRA) + n_queries * (KEY_MAX + _QUESTION_EXTRA) + answered
-    # With keys of 1-2 symbols, consecutive record counts leave gaps of unreachable lengths
-    # below about 8 * (KEY_MAX + _RECORD_EXTRA) characters; from there on every length fits.
-    return max(shortest, 8 * (KEY_MAX + _RECORD_EXTRA) + n_queries * _QUESTION_EXTRA + answered)
+@dataclass(frozen=True)
+class Records:
+    """A batch of record bodies (no BOS, no question).
 
-
-def _key_lengths(rng: random.Random, weights: list[int], budget: int) -> list[int]:
-    """Key lengths in [KEY_MIN, KEY_MAX] with sum(weight * length) == budget.
-
-    A record's weight is 1, plus 1 if a question names its key (the key is written twice).
-    Lengths start i.i.d. uniform and are then nudged one character at a time at random records
-    until the total fits (a weight-2 move that overshoots by one is undone elsewhere).
+    Attributes:
+        tokens: (B, body_len) records scattered in a haystack of value symbols.
+        keys: (B, R) key token ids, distinct within a row.
+        values: (B, R, VALUE_LEN) value token ids.
+        starts: (B, R) body offset of each record's key.
     """
-    n = len(weights)
-    lengths = [rng.randint(KEY_MIN, KEY_MAX) for _ in range(n)]
-    total = sum(w * n for w, n in zip(weights, lengths, strict=True))
-    while total != budget:
-        step = 1 if total < budget else -1
-        i = rng.randrange(n)
-        if KEY_MIN <= lengths[i] + step <= KEY_MAX:
-            lengths[i] += step
-            total += weights[i] * step
-    return lengths
+
+    tokens: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    starts: torch.Tensor
 
 
-def _unique_strings(rng: random.Random, lengths: list[int], alphabet: str, need_digit: bool = False) -> list[str]:
-    """Distinct random strings of the given lengths (optionally each with a digit), in order.
+def sample_records(
+    batch: int, body_len: int, n_records: int, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> Records:
+    """Scatter ``n_records`` records uniformly at random over a haystack of ``body_len`` tokens.
 
-    All characters come from one ``choices`` call (fast); strings that break a rule are redrawn
-    one by one, in order, which keeps the result a function of the rng state alone.
+    The body is a random interleaving of ``body_len - n_records * RECORD_LEN`` haystack tokens
+    and ``n_records`` records, every interleaving equally likely.
     """
-    chars = "".join(rng.choices(alphabet, k=sum(lengths)))
-    out: list[str] = []
-    seen: set[str] = set()
-    start = 0
-    for n in lengths:
-        s = chars[start : start + n]
-        start += n
-        while s in seen or (need_digit and not any(c.isdigit() for c in s)):
-            s = "".join(rng.choices(alphabet, k=n))
-        seen.add(s)
-        out.append(s)
-    return out
+    _check_int("batch", batch, 1)
+    _check_int("n_records", n_records, 1)
+    if n_records > N_KEYS:
+        raise ValueError(f"n_records must be <= {N_KEYS} (distinct keys), got {n_records}")
+    haystack = body_len - n_records * RECORD_LEN
+    if haystack < 0:
+        raise ValueError(
+            f"body_len must be >= n_records * {RECORD_LEN} = {n_records * RECORD_LEN} (the records), got {body_len}"
+        )
+    kw = {"device": device, "generator": generator}
+    tokens = torch.randint(VALUE_BASE, VALUE_BASE + N_VALUES, (batch, body_len), **kw)
+    keys = KEY_BASE + torch.rand(batch, N_KEYS, **kw).argsort(1)[:, :n_records]
+    values = torch.randint(VALUE_BASE, VALUE_BASE + N_VALUES, (batch, n_records, VALUE_LEN), **kw)
+    # Items: haystack tokens and records in random order; record i's start is its item index
+    # plus VALUE_LEN for every record before it.
+    items = haystack + n_records
+    record_items = torch.rand(batch, items, **kw).argsort(1)[:, :n_records].sort(1).values
+    starts = record_items + VALUE_LEN * torch.arange(n_records, device=device)
+    offsets = starts.unsqueeze(-1) + torch.arange(RECORD_LEN, device=device)  # (B, R, RECORD_LEN)
+    tokens.scatter_(1, offsets.flatten(1), torch.cat([keys.unsqueeze(-1), values], -1).flatten(1))
+    return Records(tokens, keys, values, starts)
 
 
-def make_record_example(rng: random.Random, n_tokens: int, n_queries: int = 1) -> RetrievalExample:
-    """Draw one retrieval prompt of exactly ``n_tokens`` characters.
+@dataclass(frozen=True)
+class RetrievalPrompts:
+    """A batch of retrieval prompts of one length.
+
+    Attributes:
+        input_ids: (B, n_tokens) BOS, records in a haystack, ``?`` + the asked key.
+        answers: (B, VALUE_LEN) the asked key's value.
+        record_pos: (B,) position in ``input_ids`` of the asked record's key.
+    """
+
+    input_ids: torch.Tensor
+    answers: torch.Tensor
+    record_pos: torch.Tensor
+
+
+def sample_prompts(
+    n_tokens: int,
+    batch: int,
+    *,
+    n_records: int = 64,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> RetrievalPrompts:
+    """Draw ``batch`` prompts of exactly ``n_tokens`` tokens (BOS included).
 
     Args:
-        rng: the only source of randomness; the same state gives the same example.
-        n_tokens: prompt length in characters (= tokens, BOS excluded), >= ``min_tokens``.
-        n_queries: questions about distinct records; the first ``n_queries - 1`` are answered
-            in the prompt (a multi-needle variant, and denser supervision for training), the
-            last is open. 1 gives the plain task.
-
-    Returns:
-        The example with its records, so tests can check the invariants.
+        n_tokens: prompt length, >= ``min_prompt_tokens(n_records)``.
+        batch: number of prompts.
+        n_records: records per prompt (the shipped model was trained with 64).
+        seed: seeds a fresh generator (give this or ``generator``).
+        generator: advanced in place; must live on ``device``.
+        device: where the tensors are made.
     """
-    _check_int("n_queries", n_queries, 1)
-    _check_int("n_tokens", n_tokens, min_tokens(n_queries))
-    # Characters that do not depend on key lengths, for r records.
-    answered = (n_queries - 1) * (ANSWER_LEN + len(RECORD_SEP))
-
-    def fixed(r: int) -> int:
-        return r * _RECORD_EXTRA + n_queries * _QUESTION_EXTRA + answered
-
-    mean_key = (KEY_MIN + KEY_MAX) / 2
-    n_records = round((n_tokens - fixed(0) - n_queries * mean_key) / (mean_key + _RECORD_EXTRA))
-    n_records = max(n_records, _min_records(n_queries))
-    for _ in range(n_tokens):  # smallest adjustment that makes the key-length budget reachable
-        budget = n_tokens - fixed(n_records)
-        if budget < (n_records + n_queries) * KEY_MIN:
-            n_records -= 1
-        elif budget > (n_records + n_queries) * KEY_MAX:
-            n_records += 1
-        else:
-            break
-    else:
-        raise ValueError(f"n_tokens={n_tokens} cannot be laid out with {n_queries} question(s)")
-    # Distinct records, uniform over the prompt, in random order.
-    queries = rng.sample(range(n_records), n_queries)
-    weights = [1] * n_records
-    for q in queries:
-        weights[q] = 2
-    lengths = _key_lengths(rng, weights, budget)
-    keys = _unique_strings(rng, lengths, KEY_ALPHABET)
-    values = _unique_strings(rng, [ANSWER_LEN] * n_records, VALUE_ALPHABET, need_digit=True)
-    parts = [f"{k}{KV_SEP}{v}{RECORD_SEP}" for k, v in zip(keys, values, strict=True)]
-    parts += [f"{QUESTION}{keys[q]}{KV_SEP}{values[q]}{RECORD_SEP}" for q in queries[:-1]]
-    parts.append(f"{QUESTION}{keys[queries[-1]]}{KV_SEP}")
-    prompt = "".join(parts)
-    assert len(prompt) == n_tokens, (len(prompt), n_tokens)
-    return RetrievalExample(prompt, values[queries[-1]], tuple(keys), tuple(values), tuple(queries))
+    _check_int("n_records", n_records, 1)
+    _check_int("n_tokens", n_tokens, min_prompt_tokens(n_records))
+    if (seed is None) == (generator is None):
+        raise ValueError("give exactly one of seed and generator")
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(_check_int("seed", seed, 0))
+    rec = sample_records(batch, n_tokens - 1 - QUESTION_LEN, n_records, generator, device)
+    asked = torch.randint(0, n_records, (batch, 1), device=device, generator=generator)
+    key = rec.keys.gather(1, asked)
+    ids = torch.cat(
+        [torch.full((batch, 1), BOS_ID, device=device), rec.tokens, torch.full_like(key, QUESTION_ID), key], 1
+    )
+    answers = rec.values.gather(1, asked.unsqueeze(-1).expand(-1, -1, VALUE_LEN)).squeeze(1)
+    return RetrievalPrompts(ids, answers, 1 + rec.starts.gather(1, asked).squeeze(1))
 
 
-MIN_TOKENS = min_tokens(1)  # shortest plain prompt
-
-
-def make_example(rng: random.Random, n_tokens: int, n_queries: int = 1) -> tuple[str, str]:
-    """Draw one ``(prompt, answer)`` pair; see `make_record_example`."""
-    ex = make_record_example(rng, n_tokens, n_queries)
-    return ex.prompt, ex.answer
-
-
-def make_batch(
-    rng: random.Random | int, n_tokens: int, batch_size: int, n_queries: int = 1
-) -> tuple[list[str], list[str]]:
-    """Draw ``batch_size`` examples of the same length (so they stack without padding).
-
-    Args:
-        rng: a ``random.Random`` (advanced in place) or an int seed.
-        n_tokens: prompt length in characters of every example.
-        batch_size: number of examples, >= 1.
-        n_queries: questions per prompt (see `make_record_example`).
-
-    Returns:
-        ``(prompts, answers)``, two lists of ``batch_size`` strings.
-    """
-    if isinstance(rng, int) and not isinstance(rng, bool):
-        rng = random.Random(rng)
-    if not isinstance(rng, random.Random):
-        raise TypeError(f"rng must be a random.Random or an int seed, got {type(rng).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    pairs = [make_example(rng, n_tokens, n_queries) for _ in range(batch_size)]
-    return [p for p, _ in pairs], [a for _, a in pairs]
-
-
-def exact_match(pred: str, answer: str) -> bool:
-    """Whether a decoded prediction equals the answer, ignoring surrounding whitespace."""
-    return pred.strip() == answer.strip()
+def exact_match(generated: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: every answer token generated right."""
+    if generated.shape != answers.shape:
+        raise ValueError(f"generated must have the answers' shape {tuple(answers.shape)}, got {tuple(generated.shape)}")
+    return (generated == answers).all(-1)

@@ -24,7 +24,8 @@ def _lse_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # 64-bit from here on: b * sqb alone passes 2**31 once batch * heads * length * head_dim does.
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HQ
     h = pid_bh % HQ
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -56,7 +57,8 @@ def _block_sum_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # 64-bit from here on: b * sqb alone passes 2**31 once batch * heads * length * head_dim does.
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HQ
     h = pid_bh % HQ
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -64,7 +66,7 @@ def _block_sum_kernel(
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=offs_m[:, None] < L, other=0.0)
     lse = tl.load(LSE + pid_bh * L + offs_m, mask=offs_m < L, other=float("inf"))
     k_base = K + b * skb + (h // GROUP) * skh
-    out_base = OUT + (pid_bh * tl.num_programs(0) + pid_m) * N_KT
+    out_base = OUT + (pid_bh * tl.num_programs(0) + pid_m) * N_KT  # int64 through pid_bh
     for j in range(0, N_KT):
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         live = offs_n < S

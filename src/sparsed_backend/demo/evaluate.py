@@ -1,0 +1,85 @@
+"""Answering retrieval prompts with the LLaDA sampler, and the statistics reported about it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import SparseDConfig
+from ..state import SparseDState
+from .task import VALUE_LEN, RetrievalPrompts, exact_match
+
+__all__ = ["Answers", "answer_prompts", "wilson_interval"]
+
+
+@dataclass
+class Answers:
+    """What `answer_prompts` returns.
+
+    Attributes:
+        generated: (B, VALUE_LEN) generated answer tokens.
+        correct: (B,) bool, exact match.
+        states: the SparseDState of every batch (empty for dense).
+    """
+
+    generated: torch.Tensor
+    correct: torch.Tensor
+    states: list[SparseDState]
+
+    @property
+    def n_correct(self) -> int:
+        return int(self.correct.sum())
+
+
+@torch.inference_mode()
+def answer_prompts(
+    model: nn.Module,
+    prompts: RetrievalPrompts,
+    *,
+    sparsed: SparseDConfig | None = None,
+    batch: int = 8,
+    steps: int = VALUE_LEN,
+    on_batch: Callable[[int], None] | None = None,
+) -> Answers:
+    """Greedy low-confidence decoding of every prompt's answer (one block of VALUE_LEN tokens).
+
+    Args:
+        model: a LLaDA model; with ``sparsed`` it must use ``attn_implementation="sparsed"``.
+        prompts: from `sample_prompts`; moved to the model's device.
+        sparsed: SparseD knobs, or None for dense attention.
+        batch: prompts per sampler call.
+        steps: denoising steps (VALUE_LEN: one token per step).
+        on_batch: called with the number of prompts done after each call (progress bars).
+    """
+    from ..generation import llada_generate
+
+    device = next(model.parameters()).device
+    ids = prompts.input_ids.to(device)
+    outs, states = [], []
+    for i in range(0, ids.shape[0], batch):
+        out = llada_generate(
+            model, ids[i : i + batch], steps=steps, gen_length=VALUE_LEN, block_length=VALUE_LEN,
+            sparsed=sparsed, return_dict_in_generate=True,
+        )  # fmt: skip
+        outs.append(out.sequences[:, ids.shape[1] :].cpu())
+        if out.sparsed_state is not None:
+            states.append(out.sparsed_state)
+        if on_batch is not None:
+            on_batch(outs[-1].shape[0])
+    generated = torch.cat(outs)
+    return Answers(generated, exact_match(generated, prompts.answers.cpu()), states)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k / n (95% for z = 1.96)."""
+    if n <= 0:
+        raise ValueError(f"n must be >= 1, got {n}")
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -1,0 +1,75 @@
+"""The shipped retrieval model and the `sparsed demo` command."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from sparsed_backend import SparseDConfig
+from sparsed_backend.cli import main
+from sparsed_backend.demo import model_path
+from sparsed_backend.demo.evaluate import answer_prompts, wilson_interval
+from sparsed_backend.demo.task import sample_prompts
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return AutoModel.from_pretrained(model_path(), attn_implementation="sparsed", dtype=torch.float32).eval()
+
+
+def test_shipped_model_retrieves_and_select_one_changes_nothing(shipped):
+    prompts = sample_prompts(1024, 4, seed=31337)
+    dense = answer_prompts(shipped, prompts, batch=4)
+    assert dense.n_correct == 4, dense.generated
+    full = answer_prompts(shipped, prompts, sparsed=SparseDConfig(select=1.0, min_sparse_len=0), batch=4)
+    assert torch.equal(full.generated, dense.generated)
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        wilson_interval(0, 0)
+
+
+def test_demo_prints_the_lines_scripts_read(tmp_path, capsys):
+    out = tmp_path / "blocks.png"
+    assert main(["demo", "--prompts", "2", "--length", "512", "--batch", "2", "--seed", "3", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^prompt tokens: 512$", text, re.M)
+    assert re.search(r"^exact match: dense \d+% \| sparsed \d+%$", text, re.M)
+    assert re.search(r"^switch step: 1 of 5$", text, re.M)
+    assert out.is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--length", "100"], r"--length must be in \[387, 4096\], got 100"),
+        (["--length", "5000"], r"--length must be in \[387, 4096\], got 5000"),
+        (["--steps", "0"], r"--steps must be in \[1, 5\], got 0"),
+        (["--prompts", "0"], r"--prompts must be >= 1, got 0"),
+        (["--model", "/nonexistent/model"], r"--model: no config.json in /nonexistent/model"),
+    ],
+)
+def test_demo_bad_flags_give_one_line(argv, message, capsys):
+    assert main(["demo", *argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_readme_python_blocks_run_as_written(capsys):
+    """Every ```python block of the README runs on the CPU, offline, exactly as printed."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "the README has no python block"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    printed = capsys.readouterr().out
+    assert printed.count("[") >= 2  # the first block prints the generated and the true answers
