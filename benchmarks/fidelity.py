@@ -141,7 +141,7 @@ def main() -> None:
                    "ci95_high": hi, "correct": k, "prompts": args.prompts}  # fmt: skip
             if ans.states:
                 st = ans.states[0]
-                row["density"] = sum(s.density() for s in ans.states) / len(ans.states)
+                row["density"] = ans.density()
                 row["switch"] = f"{st.switch} of {st.steps}"
                 if cfg.pattern == "topk":
                     head, layer = record_block_kept(ans.states, prompts.record_pos, n // args.block_size,

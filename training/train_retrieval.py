@@ -184,8 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     seed, step0 = trainer["seed"], trainer["step"]
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step0)
     gate_gen = torch.Generator(device=device).manual_seed(GATE_SEED_OFFSET + seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wte" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "wte" not in n)]
+    decay, no_decay = [], []  # weight decay on matrices, not on norms or the token embedding
+    for n, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "wte" not in n else no_decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda",

@@ -191,7 +191,7 @@ def _select(
     n_kv = importance.shape[-1]
     gen_block = generation_start_block(state.gen_start, bs, n_kv)
     gen_importance = None
-    if gen_block is not None and cfg.generation_share and cfg.pattern == "topk" and 0 < gen_block < n_kv:
+    if gen_block and cfg.generation_share and cfg.pattern == "topk":  # gen_block < n_kv by construction
         # The reference ranks the generation key blocks under a softmax over those keys alone.
         g0 = gen_block * bs
         gen_valid = None if key_valid is None else key_valid[:, g0:]

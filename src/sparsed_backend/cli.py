@@ -142,7 +142,7 @@ def demo(args: argparse.Namespace) -> int:
         f"95% intervals over {n} prompts: dense [{dlo:.0%}, {dhi:.0%}] | sparsed [{slo:.0%}, {shi:.0%}] | "
         f"sparsed gives the dense answer on {agree}/{n}"
     )
-    density = sum(s.density() for s in sparse.states) / len(sparse.states)
+    density = sparse.density()
     print(
         f"steps before the switch run dense | kept key blocks (density): {density:.1%} | "
         f"mask state {state.memory_bytes() / 2**10:.0f} KiB per batch"

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validate import check_float, check_int
 from .config import SparseDConfig
 from .state import SparseDState
 
@@ -58,22 +59,6 @@ class DiffusionGenerationOutput:
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_float(name: str, value: object, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
-    if not value >= minimum:  # also rejects NaN
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return float(value)
 
 
 def _check_model(model: nn.Module, sparsed: SparseDConfig | None) -> None:
@@ -158,7 +143,7 @@ def _mask_id(model: nn.Module, mask_id: int | None, name: str) -> int:
         mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
         if mask_id is None:
             raise ValueError(f"{name} is None and model.config.mask_token_id is not set")
-    return _check_int(name, mask_id, 0)
+    return check_int(name, mask_id, 0)
 
 
 class _Runner:
@@ -265,9 +250,9 @@ def llada_generate(
     Returns:
         (B, P + gen_length) token ids, or a DiffusionGenerationOutput.
     """
-    steps = _check_int("steps", steps, 1)
-    gen_length = _check_int("gen_length", gen_length, 1)
-    block_length = gen_length if block_length is None else _check_int("block_length", block_length, 1)
+    steps = check_int("steps", steps, 1)
+    gen_length = check_int("gen_length", gen_length, 1)
+    block_length = gen_length if block_length is None else check_int("block_length", block_length, 1)
     if gen_length % block_length != 0:
         raise ValueError(
             f"gen_length must be divisible by block_length, got gen_length={gen_length}, block_length={block_length}"
@@ -277,8 +262,8 @@ def llada_generate(
         raise ValueError(
             f"steps must be divisible by the number of blocks gen_length/block_length = {num_blocks}, got steps={steps}"
         )
-    temperature = _check_float("temperature", temperature)
-    cfg_scale = _check_float("cfg_scale", cfg_scale)
+    temperature = check_float("temperature", temperature)
+    cfg_scale = check_float("cfg_scale", cfg_scale)
     if remasking not in LLADA_REMASKING:
         raise ValueError(f"remasking must be one of {LLADA_REMASKING}, got {remasking!r}")
     mask_id = _mask_id(model, mask_id, "mask_id")
@@ -438,19 +423,19 @@ def dream_generate(
     Returns:
         (B, P + max_new_tokens) token ids, or a DiffusionGenerationOutput.
     """
-    steps = _check_int("steps", steps, 1)
-    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
+    steps = check_int("steps", steps, 1)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     if alg not in DREAM_ALGS:
         raise ValueError(f"alg must be one of {DREAM_ALGS}, got {alg!r}")
-    alg_temp = 0.0 if alg_temp is None else _check_float("alg_temp", alg_temp)
-    temperature = _check_float("temperature", temperature)
+    alg_temp = 0.0 if alg_temp is None else check_float("alg_temp", alg_temp)
+    temperature = check_float("temperature", temperature)
     if top_p is not None:
-        top_p = _check_float("top_p", top_p)
+        top_p = check_float("top_p", top_p)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if top_k is not None:
-        top_k = _check_int("top_k", top_k, 1)
-    eps = _check_float("eps", eps)
+        top_k = check_int("top_k", top_k, 1)
+    eps = check_float("eps", eps)
     if not 0.0 < eps < 1.0:
         raise ValueError(f"eps must be in (0, 1), got {eps!r}")
     mask_token_id = _mask_id(model, mask_token_id, "mask_token_id")

@@ -34,6 +34,10 @@ class Answers:
     def n_correct(self) -> int:
         return int(self.correct.sum())
 
+    def density(self) -> float:
+        """Mean kept share of attendable key blocks over the batches (1.0 for dense)."""
+        return sum(s.density() for s in self.states) / len(self.states) if self.states else 1.0
+
 
 @torch.inference_mode()
 def answer_prompts(

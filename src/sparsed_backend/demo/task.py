@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validate import check_int
+
 __all__ = [
     "BOS_ID",
     "EOS_ID",
@@ -62,14 +64,6 @@ RECORD_LEN = 1 + VALUE_LEN
 QUESTION_LEN = 2  # "?" + key
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def min_prompt_tokens(n_records: int) -> int:
     """Shortest prompt (BOS included) that holds ``n_records`` records and the question."""
     return 1 + n_records * RECORD_LEN + QUESTION_LEN
@@ -100,8 +94,8 @@ def sample_records(
     The body is a random interleaving of ``body_len - n_records * RECORD_LEN`` haystack tokens
     and ``n_records`` records, every interleaving equally likely.
     """
-    _check_int("batch", batch, 1)
-    _check_int("n_records", n_records, 1)
+    check_int("batch", batch, 1)
+    check_int("n_records", n_records, 1)
     if n_records > N_KEYS:
         raise ValueError(f"n_records must be <= {N_KEYS} (distinct keys), got {n_records}")
     haystack = body_len - n_records * RECORD_LEN
@@ -157,12 +151,12 @@ def sample_prompts(
         generator: advanced in place; must live on ``device``.
         device: where the tensors are made.
     """
-    _check_int("n_records", n_records, 1)
-    _check_int("n_tokens", n_tokens, min_prompt_tokens(n_records))
+    check_int("n_records", n_records, 1)
+    check_int("n_tokens", n_tokens, min_prompt_tokens(n_records))
     if (seed is None) == (generator is None):
         raise ValueError("give exactly one of seed and generator")
     if generator is None:
-        generator = torch.Generator(device=device).manual_seed(_check_int("seed", seed, 0))
+        generator = torch.Generator(device=device).manual_seed(check_int("seed", seed, 0))
     rec = sample_records(batch, n_tokens - 1 - QUESTION_LEN, n_records, generator, device)
     asked = torch.randint(0, n_records, (batch, 1), device=device, generator=generator)
     key = rec.keys.gather(1, asked)
