@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import bench, environment, markdown_table, peak_mib, write_results
-from sparsed_backend import SparseDConfig, SparseDState, policy
-from sparsed_backend.attention import _select, dense_attention, sparse_attention
+from sparsed_backend import SparseDConfig
+from sparsed_backend.attention import dense_attention, sparse_attention
 from sparsed_backend.masks import block_mask_from_table
+from sparsed_backend.switch_step import dense_with_lse, run_switch_step, select_layer
 
 SHAPES = {"llada": (32, 32, 128), "dream": (28, 4, 128)}  # (q heads, kv heads, head_dim)
 
@@ -73,20 +74,15 @@ def run_shape(name, n, args, device, dtype, rows):
     full_mask = block_mask_from_table(full, n, n, bs, None, full_blocks=device.type == "cuda")
     add("flex_dense", lambda: sparse_attention(q, k, v, full_mask, scale))
 
-    _, lse = policy.dense_with_lse(q, k, v, scale, None, dense_attention)
+    _, lse = dense_with_lse(q, k, v, scale)
     for select in args.selects:
-        state = SparseDState(SparseDConfig(skip=0.0, select=select, block_size=bs, min_sparse_len=0), steps=2)
-
-        def switch_step(state=state):
-            out, lse = policy.dense_with_lse(q, k, v, scale, None, dense_attention)
-            return out, _select(state, q, k, scale, None, lse)
-
+        cfg = SparseDConfig(skip=0.0, select=select, block_size=bs, min_sparse_len=0)
         # Scoring + selection + mask build alone (the dense pass's log-sum-exp given).
-        add(f"switch_select@{select}", lambda state=state: _select(state, q, k, scale, None, lse), density=0.0)
+        add(f"switch_select@{select}", lambda cfg=cfg: select_layer(q, k, scale, cfg, lse=lse), density=0.0)
         # The whole switch step: dense attention with log-sum-exp, then the above.
-        switch_ms = add(f"switch_step@{select}", switch_step, density=1.0)
+        switch_ms = add(f"switch_step@{select}", lambda cfg=cfg: run_switch_step(q, k, v, scale, cfg), density=1.0)
         rows[-1]["switch_overhead"] = (switch_ms - backend_ms) / backend_ms
-        sel = _select(state, q, k, scale, None, lse)
+        sel = select_layer(q, k, scale, cfg, lse=lse)
         rows[-1]["mask_mib"] = sel.memory_bytes() / 2**20
         for i, opts in enumerate(args.flex_options):
             tag = f"sparsed@{select}" + (f"[opt{i}]" if len(args.flex_options) > 1 else "")

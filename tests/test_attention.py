@@ -5,19 +5,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import flex_attention
 
 from numerics import assert_close_3way
-from sparsed_backend import SparseDConfig, SparseDState, policy, sparsed_attention_forward
+from sparsed_backend import SparseDConfig, SparseDState, sparsed_attention_forward
+from sparsed_backend._compat import compile_counters
 from sparsed_backend.reference import (
     attention_reference,
     block_importance_reference,
     expand_table,
     topk_table_reference,
 )
-from sparsed_backend.selection import block_importance, generation_start_block
+from sparsed_backend.selection import generation_start_block
+from sparsed_backend.switch_step import block_importance
 
 # Every distinct static shape compiles FlexAttention once (~5-20 s on 2 CPU cores), so the
 # property tests draw shapes from this fixed pool: odd lengths, q_len != kv_len, GQA 1:1,
@@ -123,13 +126,13 @@ def test_select_below_one_equals_reference_masked_by_the_same_blocks(device, idx
     table = state.layers[0].table
     # The selection is SparseD's rule applied to the layer's real block importance (computed
     # by the device's implementation; tests/test_kernels.py checks it against the oracle).
-    importance = policy.block_importance(q, k, d**-0.5, block, valid)
+    importance = block_importance(q, k, d**-0.5, block, valid)
     gen_block = generation_start_block(gen_start, block, importance.shape[-1])
     gen_imp = None
     if gen_block is not None and 0 < gen_block < importance.shape[-1]:
         # The generation blocks are ranked under a softmax over the generation keys alone.
         g0 = gen_block * block
-        gen_imp = policy.block_importance(q, k[:, :, g0:], d**-0.5, block, None if valid is None else valid[:, g0:])
+        gen_imp = block_importance(q, k[:, :, g0:], d**-0.5, block, None if valid is None else valid[:, g0:])
     assert torch.equal(table.cpu(), topk_table_reference(importance, select, gen_block, True, gen_imp))
     # The output is attention restricted to exactly those blocks, built without BlockMask.
     tokens = expand_table(table, block, q_len, kv_len)
@@ -147,27 +150,34 @@ def test_importance_of_the_backend_matches_the_oracle_selection():
 
 
 def test_sparse_path_really_skips_blocks():
-    """Output differs from dense when the selection drops mass, and equals dense flex over
-    the same mask; running the same BlockMask eagerly still applies the table (no dense)."""
+    """The BlockMask lists exactly the selected blocks (far fewer than all), the output differs
+    from dense, and running the same BlockMask eagerly still applies the table (no dense)."""
     shape = (1, 4, 1, 1000, 1000, 16, 128, torch.float32)
     q, k, v, _ = make_inputs(shape, 0)
     cfg = SparseDConfig(skip=0.0, select=0.2, block_size=128, min_sparse_len=0)
     switch_out, sparse_out, state = run_schedule(q, k, v, None, cfg)
+    sel = state.layers[0]
+    mask = sel.block_mask
+    listed = mask.kv_num_blocks.sum() + (0 if mask.full_kv_num_blocks is None else mask.full_kv_num_blocks.sum())
+    n_blocks = 4 * 8 * 8  # heads x query blocks x key blocks
+    assert int(listed) == int(sel.table.sum()) == 4 * 8 * 2  # ceil(0.2 * 8) = 2 key blocks per query block
+    assert int(listed) < n_blocks / 3
     dense = attention_reference(q, k, v, 16**-0.5, None)
     assert (sparse_out.double() - dense).abs().max() > 1e-2, "sparse output equals dense: blocks not skipped"
     assert (switch_out.double() - dense).abs().max() < 1e-4
-    sel = state.layers[0]
-    assert sel.density.item() < 0.5
-    eager = flex_attention(q, k, v, block_mask=sel.block_mask, scale=16**-0.5, enable_gqa=True)
+    eager = flex_attention(q, k, v, block_mask=mask, scale=16**-0.5, enable_gqa=True)
     torch.testing.assert_close(eager, sparse_out, atol=1e-5, rtol=1e-5)
 
 
-def test_padding_poisoned_with_nan_does_not_leak():
+def test_padding_garbage_does_not_leak_and_k_v_are_not_copied():
+    """Padded keys/values hold garbage (any finite values): real rows do not see it. The
+    backend reads K and V in place (the models keep padded positions finite, see
+    test_models.py::test_nan_in_padded_embeddings_does_not_leak)."""
     shape = SHAPES[1]
     q, k, v, valid = make_inputs(shape, 3, "left")
     k2, v2 = k.clone(), v.clone()
-    k2[~valid[:, None, :].expand_as(k2[..., 0])] = float("nan")
-    v2[~valid[:, None, :].expand_as(v2[..., 0])] = float("nan")
+    pad = ~valid[:, None, :].expand_as(k2[..., 0])
+    k2[pad], v2[pad] = 3e4, -3e4
     cfg = SparseDConfig(skip=0.0, select=0.3, block_size=32, min_sparse_len=0)
     a = run_schedule(q, k, v, valid, cfg)
     b = run_schedule(q, k2, v2, valid, cfg)
@@ -175,6 +185,26 @@ def test_padding_poisoned_with_nan_does_not_leak():
     for clean, poisoned in zip(a[:2], b[:2], strict=True):
         assert torch.isfinite(poisoned[where]).all()
         assert torch.equal(clean[where], poisoned[where])
+    assert torch.equal(a[2].layers[0].table, b[2].layers[0].table)
+    assert (k2[pad] == 3e4).all() and (v2[pad] == -3e4).all(), "the backend wrote into K/V"
+
+
+def test_padding_in_whole_blocks_keeps_a_row_equal_to_running_alone():
+    """Left padding by a multiple of block_size keeps the block grid: the padded row selects the
+    same blocks (shifted by the padding) and computes the same output as the prompt alone."""
+    g = torch.Generator().manual_seed(21)
+    n, bs, pad = 68, 32, 32
+    q, k, v = (torch.randn(1, 4 if i == 0 else 2, n, 32, generator=g) * (1.5 if i == 1 else 1) for i in range(3))
+    cfg = SparseDConfig(skip=0.0, select=0.3, block_size=bs, min_sparse_len=0)
+    _, alone, alone_state = run_schedule(q, k, v, None, cfg, gen_start=n - 20)
+    other = [torch.randn(1, t.shape[1], n + pad, 32, generator=g) for t in (q, k, v)]
+    batch = [torch.cat([F.pad(t, (0, 0, pad, 0)), o]) for t, o in zip((q, k, v), other, strict=True)]
+    valid = torch.ones(2, n + pad, dtype=torch.bool)
+    valid[0, :pad] = False
+    _, padded, state = run_schedule(*batch, valid, cfg, gen_start=n + pad - 20)
+    torch.testing.assert_close(padded[:1, :, pad:], alone, atol=1e-6, rtol=1e-5)
+    shift = pad // bs
+    assert torch.equal(state.layers[0].table[:1, :, shift:, shift:], alone_state.layers[0].table)
 
 
 def test_deterministic_and_independent_of_batch_mates():
@@ -209,22 +239,28 @@ def test_short_sequences_stay_dense_and_say_so():
     torch.testing.assert_close(sparse_out.double(), attention_reference(q, k, v, 0.25), atol=1e-5, rtol=1e-5)
 
 
-def test_no_recompilation_across_steps_and_new_length_compiles():
-    from torch._dynamo.utils import counters
+def _graphs() -> int:
+    return compile_counters().get("stats", {}).get("unique_graphs", 0)
 
-    shape = SHAPES[0]
-    q, k, v, _ = make_inputs(shape, 1)
+
+def test_no_recompilation_across_steps_and_new_length_compiles():
     cfg = SparseDConfig(skip=0.0, select=0.5, block_size=16, min_sparse_len=0)
-    state = SparseDState(cfg, steps=6)
-    sparsed_attention_forward(module(), q, k, v, None, sparsed_state=state)
-    state.advance()
-    sparsed_attention_forward(module(), q, k, v, None, sparsed_state=state)  # warm-up compile
-    state.advance()
-    before = dict(counters["stats"])
-    for _ in range(3):
-        sparsed_attention_forward(module(), q, k, v, None, sparsed_state=state)
-        state.advance()
-    assert dict(counters["stats"]) == before, "compiled attention recompiled between steps"
+
+    def steps(n, count, seed):
+        q, k, v = (torch.randn(1, 2, n, 16, generator=torch.Generator().manual_seed(seed)) for _ in range(3))
+        state = SparseDState(cfg, steps=count + 1)
+        for _ in range(count + 1):  # the switch step, then `count` sparse steps
+            sparsed_attention_forward(module(), q, k, v, None, sparsed_state=state)
+            state.advance()
+
+    steps(64, 1, 0)  # warm-up: compiles the 64-token shape (if no earlier test did)
+    before = _graphs()
+    steps(64, 3, 1)
+    assert _graphs() == before, "compiled attention recompiled between steps of one shape"
+    steps(80, 1, 2)  # a length this process has not compiled yet
+    assert _graphs() == before + 1, "a new length must compile exactly one new graph"
+    steps(80, 3, 3)
+    assert _graphs() == before + 1, "the new length recompiled on later steps"
 
 
 def test_reselect_every_step_tracks_new_inputs():
@@ -353,3 +389,62 @@ def test_recompile_limit_raises_instead_of_running_eagerly(monkeypatch):
         for n in (80, 112, 144):  # new static shapes: the second one already exceeds a limit of 1
             q, k, v = (torch.randn(1, 1, n, 24) for _ in range(3))
             run_schedule(q, k, v, None, cfg)
+
+
+def test_cudnn_log_sum_exp_unavailable_warns_and_scores_without_it(monkeypatch):
+    """Where cuDNN refuses the switch step's inputs, one warning, then the dense output and a
+    selection scored without the log-sum-exp (the same blocks)."""
+    from sparsed_backend import _compat, _warn, switch_step
+
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=g) for _ in range(3))
+    cfg = SparseDConfig(skip=0.0, select=0.34, block_size=32, min_sparse_len=0)
+    plain_out, plain = switch_step.run_switch_step(q, k, v, 0.25, cfg)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cuDNN Frontend error: no valid execution plans\nmore detail")
+
+    monkeypatch.setattr(switch_step, "_cudnn_lse_applies", lambda query, key_valid: True)
+    monkeypatch.setattr(_compat, "cudnn_attention_with_lse", refuse)
+    monkeypatch.setattr(_warn, "_warned", set())
+    with pytest.warns(RuntimeWarning, match=r"cuDNN attention with log-sum-exp is unavailable \(cuDNN Frontend"):
+        out, sel = switch_step.run_switch_step(q, k, v, 0.25, cfg)
+    torch.testing.assert_close(out, plain_out)
+    assert torch.equal(sel.table, plain.table)
+
+
+def test_private_torch_apis_are_all_present():
+    from sparsed_backend import _compat
+
+    assert _compat.missing() == []
+
+
+_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _SM90, reason="the tuned kernel options are for sm90 (H100/H200)")
+@pytest.mark.parametrize(("hq", "hkv", "pad"), [(32, 32, False), (28, 4, False), (8, 8, True)])
+def test_sm90_kernel_options_compute_the_selected_blocks(hq, hkv, pad):
+    """head_dim 128, bf16, block 128 on sm90 runs FlexAttention with the measured options
+    (BLOCK 128x128, TMA, rows guaranteed safe): the result is attention over the same blocks."""
+    from sparsed_backend import policy
+
+    n, d = 1000, 128
+    g = torch.Generator(device="cuda").manual_seed(4)
+    q = torch.randn(1, hq, n, d, device="cuda", generator=g).bfloat16()
+    k = (torch.randn(1, hkv, n, d, device="cuda", generator=g) * 1.5).bfloat16()
+    v = torch.randn(1, hkv, n, d, device="cuda", generator=g).bfloat16()
+    valid = None
+    if pad:
+        valid = torch.ones(1, n, dtype=torch.bool, device="cuda")
+        valid[:, :200] = False
+    cfg = SparseDConfig(skip=0.0, select=0.3, block_size=128, min_sparse_len=0)
+    _, out, state = run_schedule(q, k, v, valid, cfg)
+    sel = state.layers[0]
+    options = policy.flex_kernel_options(q, sel.block_mask)
+    assert options is not None and options["BLOCK_M"] == options["BLOCK_N"] == 128 and options["USE_TMA"]
+    tokens = expand_table(sel.table, 128, n, n)
+    golden = attention_reference(q, k, v, d**-0.5, valid, tokens)
+    lowprec = attention_reference(q, k, v, d**-0.5, valid, tokens, dtype=q.dtype)
+    assert_close_3way(out, golden, lowprec, real_rows(valid, n, n, (1, hq, hkv, n, n, d, 128, q.dtype)))

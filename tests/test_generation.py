@@ -294,6 +294,62 @@ def test_step_loop_never_syncs_with_the_host(kind, overrides, device):
     assert out.shape == (2, P + G)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("reselect", [False, True])
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_sparsed_step_loop_never_syncs_with_the_host(kind, reselect, device):
+    """The same promise with sparsed attention: dense steps, the switch step (scoring, top-k,
+    BlockMask) and sparse steps, with re-selection at every step too. A first generation
+    compiles FlexAttention (compilation may read back); the second one is checked."""
+    import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
+
+    if device.type != "cuda":
+        pytest.skip("torch.cuda.set_sync_debug_mode needs a CUDA device")
+    model = model_for(kind, "sparsed", device)
+    ids = prompts()[0].to(device)
+    config = SparseDConfig(skip=0.25, select=0.5, block_size=16, min_sparse_len=0, reselect=reselect)
+    run = lambda: GENERATE[kind](model, ids, sparsed=config, **args(kind))  # noqa: E731
+    try:
+        run()
+        handle = model.register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error"))
+        try:
+            out = run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            handle.remove()
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert out.shape == (2, P + G)
+
+
+def test_two_generations_compile_a_bounded_number_of_graphs():
+    """FlexAttention compiles per distinct shape, not per layer or step: one generation over a
+    4-layer model compiles exactly one graph (the one sparse shape every layer and step
+    shares), and a second generation of the same shape compiles none."""
+    import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
+    from sparsed_backend._compat import compile_counters
+    from sparsed_backend.models import LLaDAConfig, LLaDAModelLM
+    from tiny_models import TINY
+
+    def graphs() -> int:
+        return compile_counters().get("stats", {}).get("unique_graphs", 0)
+
+    torch.manual_seed(0)
+    model = LLaDAModelLM(LLaDAConfig(**{**TINY["llada"], "n_layers": 4})).eval()
+    model.set_attn_implementation("sparsed")
+    ids, mask = prompts(3)
+    ids, mask = torch.cat([ids, ids]), torch.cat([mask, mask])  # batch 4: a shape no other test uses
+    config = SparseDConfig(skip=0.25, select=0.5, block_size=16, min_sparse_len=0)
+    start = graphs()
+    out = llada_generate(model, ids, mask, sparsed=config, return_dict_in_generate=True, **args("llada"))
+    first = graphs() - start
+    assert sorted(out.sparsed_state.layers) == [0, 1, 2, 3]
+    again = llada_generate(model, ids, mask, sparsed=config, **args("llada"))
+    assert torch.equal(again, out.sequences)
+    assert first == 1, f"one generation compiled {first} graphs"
+    assert graphs() - start == first, "the second generation recompiled"
+
+
 # ------------------------------------------------------------------------------ bad input
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sparsed_backend import policy
 from sparsed_backend.reference import block_importance_reference
+from sparsed_backend.switch_step import block_importance, dense_with_lse
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
 
@@ -29,7 +29,7 @@ def test_triton_importance_matches_oracle(b, hq, hkv, q_len, kv_len, d, block, d
     if pad:
         valid = torch.ones(b, kv_len, dtype=torch.bool, device="cuda")
         valid[-1, : kv_len // 3] = False
-    got = policy.block_importance(q, k, d**-0.5, block, valid)
+    got = block_importance(q, k, d**-0.5, block, valid)
     want = block_importance_reference(q, k, d**-0.5, block, valid).to(got.device)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     fin = torch.isfinite(want)
@@ -43,20 +43,19 @@ def test_triton_importance_matches_oracle(b, hq, hkv, q_len, kv_len, d, block, d
 def test_dense_pass_log_sum_exp_and_one_pass_scoring(hq, hkv):
     """The switch step's dense pass (cuDNN) returns the rows' log-sum-exp; scoring with it in
     one pass equals the two-pass kernel and the oracle."""
-    from sparsed_backend.attention import dense_attention
     from sparsed_backend.reference import attention_reference
 
     g = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(1, h, 1000, 128, device="cuda", generator=g).bfloat16() for h in (hq, hkv, hkv))
-    out, lse = policy.dense_with_lse(q, k, v, 128**-0.5, None, dense_attention)
+    out, lse = dense_with_lse(q, k, v, 128**-0.5, None)
     assert lse is not None, "cuDNN gave no log-sum-exp on this machine"
     ref = attention_reference(q, k, v, 128**-0.5)
     assert (out.double() - ref).abs().max().item() < 2e-2
     kk = k.double().repeat_interleave(hq // hkv, 1)
     want_lse = torch.logsumexp(q.double() @ kk.transpose(-1, -2) * 128**-0.5, dim=-1)
     assert (lse.double() - want_lse).abs().max().item() < 1e-2
-    one = policy.block_importance(q, k, 128**-0.5, 128, None, lse)
-    two = policy.block_importance(q, k, 128**-0.5, 128, None)
+    one = block_importance(q, k, 128**-0.5, 128, None, lse)
+    two = block_importance(q, k, 128**-0.5, 128, None)
     torch.testing.assert_close(one, two, rtol=2e-2, atol=1e-6)
 
 
@@ -67,17 +66,15 @@ def test_scoring_past_two_to_the_31_elements():
 
     17 x 1024 heads x 1024 x 128 = 2.28e9 elements per tensor (4.6 GB in bf16), short rows so the
     compute stays small; the last batch entry, whose offsets are past 2**31, is checked against
-    the PyTorch implementation.
+    fp64 oracle.
     """
-    from sparsed_backend.selection import block_importance
-
     b, h, n, d = 17, 1024, 1024, 128
     assert b * h * n * d > 2**31
     g = torch.Generator(device="cuda").manual_seed(2)
     q = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
-    got = policy.block_importance(q, k, d**-0.5, 128, None)
-    want = block_importance(q[-1:, -8:], k[-1:, -8:], d**-0.5, 128, None)
+    got = block_importance(q, k, d**-0.5, 128, None)
+    want = block_importance_reference(q[-1:, -8:], k[-1:, -8:], d**-0.5, 128, None).float().to(got.device)
     torch.testing.assert_close(got[-1:, -8:], want, rtol=2e-2, atol=1e-6)
     del q, k
     torch.cuda.empty_cache()

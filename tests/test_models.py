@@ -281,6 +281,39 @@ def test_sparsed_logits_match_independent_eager(kind, device):
         model.set_attn_implementation("sdpa")
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "sparsed"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_nan_in_padded_embeddings_does_not_leak(kind, attn):
+    """The models zero padded positions once per forward, so NaN embeddings there (a user's
+    inputs_embeds, say) reach no real row: dense, switch and sparse steps alike."""
+    import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
+    from sparsed_backend.config import SparseDConfig
+    from sparsed_backend.state import SparseDState
+
+    model = tiny_model(kind).cpu()
+    model.set_attn_implementation(attn)
+    ids, mask, pos = padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+    poisoned = embeds.clone()
+    poisoned[0, :PAD] = float("nan")
+    config = SparseDConfig(select=0.5, skip=0.0, block_size=16, min_sparse_len=0)
+    states = [SparseDState(config=config, steps=2) for _ in range(2)] if attn == "sparsed" else None
+    try:
+        for _ in range(2 if states else 1):
+            extra = [{"sparsed_state": s} for s in states] if states else [{}, {}]
+            with torch.no_grad():
+                clean = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, **extra[0]).logits
+                dirty = model(inputs_embeds=poisoned, attention_mask=mask, position_ids=pos, **extra[1]).logits
+            assert torch.isfinite(dirty[real]).all()
+            torch.testing.assert_close(dirty[real], clean[real], rtol=0, atol=0)
+            for s in states or ():
+                s.advance()
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_from_pretrained_with_sparsed_attention(tmp_path, kind):
     import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)

@@ -9,13 +9,14 @@ from hypothesis import strategies as st
 
 from sparsed_backend import SparseDConfig
 from sparsed_backend.reference import block_importance_reference, topk_table_reference
+from sparsed_backend.scoring import block_prob_sums
 from sparsed_backend.selection import (
-    block_importance,
     generation_start_block,
     select_blocks,
     select_local,
     select_topk,
 )
+from sparsed_backend.switch_step import block_importance
 
 LENGTHS = [1, 7, 63, 64, 65, 127, 129]
 
@@ -60,8 +61,8 @@ def test_importance_uses_bounded_chunks():
     # A tiny chunk budget forces one query block per chunk; the result must not change.
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 2, 200, 16, generator=g), torch.randn(1, 2, 200, 16, generator=g)
-    whole = block_importance(q, k, 0.25, 32)
-    chunked = block_importance(q, k, 0.25, 32, chunk_bytes=1)
+    whole = block_prob_sums(q, k, 0.25, 32)
+    chunked = block_prob_sums(q, k, 0.25, 32, chunk_bytes=1)
     torch.testing.assert_close(whole, chunked)
 
 

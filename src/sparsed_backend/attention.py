@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
 from transformers.masking_utils import bidirectional_mask_function
 
-from . import policy
+from . import _compat, policy
 from ._warn import warn_once
-from .masks import block_mask_from_table
-from .selection import generation_start_block, key_block_counts, select_blocks
-from .state import LayerSelection, SparseDState
+from .dense import dense_attention
+from .state import SparseDState
+from .switch_step import run_switch_step, select_layer
 
 __all__ = ["sparsed_attention_forward", "sparsed_mask", "dense_attention", "sparse_attention"]
 
@@ -73,29 +73,6 @@ def _key_valid(attention_mask: object, batch: int, kv_len: int) -> torch.Tensor 
     return attention_mask
 
 
-def dense_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    scaling: float,
-    key_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Bidirectional dense attention on the fastest SDPA kernel of the device.
-
-    Args:
-        query: (B, Hq, L, D); key, value: (B, Hkv, S, D).
-        key_valid: (B, S) bool padding mask or None.
-    Returns:
-        (B, Hq, L, D).
-    """
-    mask = None if key_valid is None else key_valid[:, None, None, :]
-    gqa = query.shape[1] != key.shape[1]
-    with policy.dense_kernels(query, key, mask):
-        return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, is_causal=False, scale=scaling, enable_gqa=gqa
-        )
-
-
 def _flex_call(query, key, value, block_mask, scale, enable_gqa, kernel_options):
     return flex_attention(
         query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options
@@ -140,7 +117,7 @@ def sparse_attention(
         return flex_attention(
             query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa, kernel_options=options
         )
-    if torch._dynamo.config.disable:
+    if _compat.compile_disabled():
         warn_once(
             "dynamo-disabled",
             "torch.compile is disabled (TORCH_COMPILE_DISABLE / TORCHDYNAMO_DISABLE): sparsed computes "
@@ -153,7 +130,7 @@ def sparse_attention(
                            device=query.device)  # fmt: skip
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     try:
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        with _compat.fail_past_recompile_limit(_RECOMPILE_LIMIT):
             return _flex()(
                 query,
                 key,
@@ -163,45 +140,12 @@ def sparse_attention(
                 enable_gqa=gqa,
                 kernel_options=options,
             )
-    except torch._dynamo.exc.FailOnRecompileLimitHit as err:
+    except _compat.RecompileLimitHit as err:
         raise RuntimeError(
             f"sparsed: compiled FlexAttention hit the recompile limit ({_RECOMPILE_LIMIT} shapes); "
             "refusing to fall back to eager attention. Use fewer distinct sequence lengths "
             "(e.g. pad prompts to a multiple of the block size)."
         ) from err
-
-
-def _select(
-    state: SparseDState,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    scaling: float,
-    key_valid: torch.Tensor | None,
-    lse: torch.Tensor | None = None,
-) -> LayerSelection:
-    """Score blocks with the layer's real softmax, select, and build the layer's BlockMask.
-
-    ``lse``: (B, Hq, L) log-sum-exp rows of the dense pass, when the dense kernel gave them.
-    """
-    cfg = state.config
-    B, H, L, _ = query.shape
-    S = key.shape[2]
-    bs = cfg.block_size
-    importance = policy.block_importance(query, key, scaling, bs, key_valid, lse)
-    n_kv = importance.shape[-1]
-    gen_block = generation_start_block(state.gen_start, bs, n_kv)
-    gen_importance = None
-    if gen_block and cfg.generation_share and cfg.pattern == "topk":  # gen_block < n_kv by construction
-        # The reference ranks the generation key blocks under a softmax over those keys alone.
-        g0 = gen_block * bs
-        gen_valid = None if key_valid is None else key_valid[:, g0:]
-        gen_importance = policy.block_importance(query, key[:, :, g0:], scaling, bs, gen_valid)
-    table = select_blocks(importance, cfg, gen_block, gen_importance)
-    counts = key_block_counts(key_valid, S, cfg.block_size, B, query.device)  # (B, nKV)
-    attendable = (counts > 0).view(B, 1, 1, -1)
-    density = (table & attendable).sum() / (attendable.sum() * H * table.shape[2])
-    block_mask = block_mask_from_table(table, L, S, cfg.block_size, key_valid, full_blocks=query.device.type == "cuda")
-    return LayerSelection(block_mask, table, B, H, L, S, density)
 
 
 def sparsed_attention_forward(
@@ -239,11 +183,10 @@ def sparsed_attention_forward(
     B, Hq, L, D = query.shape
     S = key.shape[2]
     scale = D**-0.5 if scaling is None else float(scaling)
+    # Padded keys get probability 0 on every path; K and V are used in place (no copy, no new
+    # layout). Their values must be finite (0 * NaN is NaN): the models zero padded embeddings
+    # once per forward (models/_common.zero_padding), which keeps every layer's K/V finite.
     key_valid = _key_valid(attention_mask, B, S)
-    if key_valid is not None:
-        # Zero padded keys/values: masked probabilities are 0, but 0 * NaN/Inf garbage is not.
-        keep = key_valid[:, None, :, None]
-        key, value = key.masked_fill(~keep, 0), value.masked_fill(~keep, 0)
     if dropout and module.training:
         raise NotImplementedError(f"'sparsed' attention is inference-only; got dropout={dropout} in training mode")
 
@@ -270,12 +213,12 @@ def sparsed_attention_forward(
             f"'sparsed' needs module.layer_idx (an int) to cache one mask per layer; "
             f"{type(module).__name__} has layer_idx={layer_idx!r}"
         )
+    where = {"gen_start": sparsed_state.gen_start, "key_valid": key_valid}
     if mode == "switch":
-        out, lse = policy.dense_with_lse(query, key, value, scale, key_valid, dense_attention)
-        sparsed_state.layers[layer_idx] = _select(sparsed_state, query, key, scale, key_valid, lse)
+        out, sparsed_state.layers[layer_idx] = run_switch_step(query, key, value, scale, cfg, **where)
         return out.transpose(1, 2).contiguous(), None
     if cfg.reselect:  # fidelity baseline: a fresh selection at every sparse step
-        sparsed_state.layers[layer_idx] = _select(sparsed_state, query, key, scale, key_valid)
+        sparsed_state.layers[layer_idx] = select_layer(query, key, scale, cfg, **where)
 
     sel = sparsed_state.layers.get(layer_idx)
     if sel is None:

@@ -191,15 +191,15 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from .attention import _select, dense_attention, sparse_attention
-    from .state import SparseDState
+    from .attention import dense_attention, sparse_attention
+    from .switch_step import select_layer
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(1, args.heads, args.length, args.head_dim, device=device, dtype=dtype) for _ in range(3))
     scale = args.head_dim**-0.5
     cfg = SparseDConfig(skip=0.0, select=args.select, block_size=args.block_size, min_sparse_len=0)
-    sel = _select(SparseDState(cfg, steps=2), q, k, scale, None)
+    sel = select_layer(q, k, scale, cfg)
 
     def clock(fn):
         fn()

@@ -5,17 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ._validate import check_number
+
 __all__ = ["SparseDConfig"]
-
-
-def _check_number(name: str, value: object, *, integer: bool = False) -> None:
-    # bool is an int subclass; True as a ratio or a block size is always a bug.
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        expected = "an int" if integer else "a float"
-        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} ({value!r})")
-    if not integer and not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -45,13 +37,13 @@ class SparseDConfig:
     keep_diagonal: bool = False
 
     def __post_init__(self) -> None:
-        _check_number("skip", self.skip)
+        check_number("skip", self.skip)
         if not 0.0 <= self.skip <= 1.0:
             raise ValueError(f"skip must be in [0, 1], got {self.skip!r}")
-        _check_number("select", self.select)
+        check_number("select", self.select)
         if not 0.0 < self.select <= 1.0:
             raise ValueError(f"select must be in (0, 1], got {self.select!r}")
-        _check_number("block_size", self.block_size, integer=True)
+        check_number("block_size", self.block_size, integer=True)
         if self.block_size <= 0 or self.block_size % 16 != 0:
             raise ValueError(f"block_size must be a positive multiple of 16, got {self.block_size!r}")
         if not isinstance(self.generation_share, bool):
@@ -62,7 +54,7 @@ class SparseDConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.min_sparse_len is not None:
-            _check_number("min_sparse_len", self.min_sparse_len, integer=True)
+            check_number("min_sparse_len", self.min_sparse_len, integer=True)
             if self.min_sparse_len < 0:
                 raise ValueError(f"min_sparse_len must be >= 0 or None, got {self.min_sparse_len!r}")
 
@@ -73,7 +65,7 @@ class SparseDConfig:
         means "select at step 0, sparse from step 1" and skip = 0.2 keeps exactly the first
         20% of steps dense. ``skip = 1`` returns ``steps``: the generation never goes sparse.
         """
-        _check_number("steps", steps, integer=True)
+        check_number("steps", steps, integer=True)
         if steps <= 0:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         return min(int(steps * self.skip), steps)

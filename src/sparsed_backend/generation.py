@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._ranking import top_count
 from ._validate import check_float, check_int
 from .config import SparseDConfig
 from .state import SparseDState
@@ -365,16 +366,6 @@ def _sample_tokens(
     return confidence, x0
 
 
-def _rank_select(score: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """(B, G) scores, (B, 1) counts -> (B, G) bool marking each row's ``count`` highest scores.
-
-    A fixed-shape top-k whose k may differ per row and live on the device (no host sync)."""
-    order = torch.argsort(score, dim=-1, descending=True, stable=True)
-    positions = torch.arange(score.shape[-1], device=score.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(-1, order, positions)
-    return rank < count
-
-
 @torch.no_grad()
 def dream_generate(
     model: nn.Module,
@@ -477,7 +468,7 @@ def dream_generate(
                 # noise; float64 keeps confidence / alg_temp from underflowing.
                 u = torch.rand(score.shape, dtype=torch.float64, device=x.device, generator=generator)
                 score = score.double() / alg_temp - torch.log(-torch.log(u))
-            region = torch.where(_rank_select(score, count) & is_masked, x0, region)
+            region = torch.where(top_count(score, count) & is_masked, x0, region)
         x[:, prompt_len:] = region
         if history is not None:
             history.append(x.clone())

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-__all__ = ["block_mask_from_table", "table_mask_mod"]
+from ._compat import FROM_KV_BLOCKS_HAS_COMPUTE_Q_BLOCKS
 
-_HAS_COMPUTE_Q_BLOCKS = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+__all__ = ["block_mask_from_table", "table_mask_mod"]
 
 
 def table_mask_mod(table: torch.Tensor, block_size: int, key_valid: torch.Tensor | None):
@@ -56,6 +54,7 @@ def block_mask_from_table(
     block_size: int,
     key_valid: torch.Tensor | None = None,
     full_blocks: bool = True,
+    key_counts: torch.Tensor | None = None,
 ) -> BlockMask:
     """Build the BlockMask that attends exactly to the blocks of ``table``.
 
@@ -68,6 +67,8 @@ def block_mask_from_table(
         full_blocks: mark blocks with no masked token as full. False puts every block on the
             mask_mod path (needed on CPU, where torch 2.13's inductor fails to compile masks
             made only of full blocks).
+        key_counts: (B, nKV) attendable keys per key block, if the caller computed them
+            (`scoring.key_block_counts`); derived from ``key_valid`` otherwise.
     Returns:
         A BlockMask for (q_len, kv_len) whose ``to_dense()`` is ``table`` minus key blocks
         that hold no attendable key.
@@ -88,7 +89,9 @@ def block_mask_from_table(
         counts = None
         attendable = table
     else:
-        counts = padded_valid.view(B, n_kv, block_size).sum(-1).view(B, 1, 1, n_kv)
+        if key_counts is None:
+            key_counts = padded_valid.view(B, n_kv, block_size).sum(-1)
+        counts = key_counts.view(B, 1, 1, n_kv)
         attendable = table & (counts > 0)
 
     if full_blocks and counts is None:
@@ -104,7 +107,7 @@ def block_mask_from_table(
         full_num, full_idx = None, None
         part_num, part_idx = _block_lists(attendable)
 
-    extra = {"compute_q_blocks": False} if _HAS_COMPUTE_Q_BLOCKS else {}
+    extra = {"compute_q_blocks": False} if FROM_KV_BLOCKS_HAS_COMPUTE_Q_BLOCKS else {}
     return BlockMask.from_kv_blocks(
         part_num,
         part_idx,

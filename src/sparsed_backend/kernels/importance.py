@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["block_prob_sums"]
+__all__ = ["tile_prob_sums"]
 
 _LOG2E = 1.4426950408889634
 
@@ -79,7 +79,7 @@ def _block_sum_kernel(
         tl.store(out_base + j, tl.sum(tl.sum(p, 1), 0))
 
 
-def block_prob_sums(
+def tile_prob_sums(
     query: torch.Tensor,
     key: torch.Tensor,
     scaling: float,

@@ -59,6 +59,19 @@ def keep_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tens
     return hidden_states if logits_to_keep == 0 else hidden_states[:, -logits_to_keep:]
 
 
+def zero_padding(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the embeddings of padded positions, once per forward.
+
+    Attention gives padded keys probability 0, but 0 * NaN is NaN: a padded position must carry
+    finite values. Zeroed inputs keep every layer's padded K/V finite, so the attention backends
+    never copy K and V to clean them. Only a 2D (B, L) padding mask is read; others pass through.
+    """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return inputs_embeds
+    keep = attention_mask.to(device=inputs_embeds.device, dtype=torch.bool)[..., None]
+    return inputs_embeds.masked_fill(~keep, 0)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

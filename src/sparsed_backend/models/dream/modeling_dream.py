@@ -26,7 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .._common import RMSNorm, cuda_fused, eager_attention_forward, keep_positions, rotate_half, swiglu
+from .._common import RMSNorm, cuda_fused, eager_attention_forward, keep_positions, rotate_half, swiglu, zero_padding
 from .configuration_dream import DreamConfig
 
 __all__ = ["DreamBaseModel", "DreamModel", "DreamPreTrainedModel"]
@@ -198,7 +198,7 @@ class DreamBaseModel(DreamPreTrainedModel):
 
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        hidden_states = inputs_embeds
+        hidden_states = zero_padding(inputs_embeds, attention_mask)
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, mask, **kwargs)
         return BaseModelOutput(last_hidden_state=self.norm(hidden_states))

@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .._common import RMSNorm, cuda_fused, eager_attention_forward, keep_positions, rotate_half, swiglu
+from .._common import RMSNorm, cuda_fused, eager_attention_forward, keep_positions, rotate_half, swiglu, zero_padding
 from .configuration_llada import LLaDAConfig
 
 __all__ = ["LLaDAModel", "LLaDAModelLM", "LLaDAPreTrainedModel"]
@@ -213,7 +213,7 @@ class LLaDAModel(LLaDAPreTrainedModel):
 
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         position_embeddings = self.rotary_emb(position_ids)
-        hidden_states = self.transformer.emb_drop(inputs_embeds)
+        hidden_states = self.transformer.emb_drop(zero_padding(inputs_embeds, attention_mask))
         for block in self.transformer.blocks:
             hidden_states = block(hidden_states, position_embeddings, mask, **kwargs)
         hidden_states = self.transformer.ln_f(hidden_states)
