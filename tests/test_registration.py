@@ -23,7 +23,10 @@ PROBE = (
     "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
     "print('sparsed' in AttentionInterface._global_mapping, 'sparsed' in AttentionMaskInterface._global_mapping,\n"
     "      'llada' in CONFIG_MAPPING, 'Dream' in CONFIG_MAPPING)\n"
-    "from sparsed_backend.models import register_models\n"
+    "from sparsed_backend.demo import model_path\n"
+    "from sparsed_backend.models import LLaDAModelLM, register_models\n"
+    "model = LLaDAModelLM.from_pretrained(model_path(), attn_implementation='sparsed')\n"
+    "print(type(model).__name__, model.config._attn_implementation)\n"
     "register_models()\n"
     "print('llada' in CONFIG_MAPPING, 'Dream' in CONFIG_MAPPING)\n"
 )
@@ -38,8 +41,9 @@ def test_import_registers_the_attention_and_both_models():
 
 
 def test_opt_out_keeps_the_attention_and_leaves_the_auto_classes_alone():
-    """SPARSED_REGISTER_MODELS=0: "sparsed" is registered, LLaDA/Dream are not (until asked)."""
+    """SPARSED_REGISTER_MODELS=0: "sparsed" is registered, LLaDA/Dream are not (until asked), and
+    the ports still load explicitly, as the README says."""
     env = {**os.environ, "PYTHONPATH": str(SRC), "SPARSED_REGISTER_MODELS": "0"}
     proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split("\n")[:2] == ["True True False False", "True True"]
+    assert proc.stdout.split("\n")[:3] == ["True True False False", "LLaDAModelLM sparsed", "True True"]
