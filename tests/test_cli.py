@@ -173,6 +173,9 @@ def test_generate_prints_the_answer_and_progress_can_be_turned_off(monkeypatch, 
         def isatty(self) -> bool:
             return True
 
+    # Redraw on every update: tqdm's update() then returns True, which would replace the model's
+    # output if a forward hook passed it on.
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")
     outputs = {}
     for name, extra, env in [("bar", [], None), ("flag", ["--no-progress"], None), ("env", [], "1")]:
         if env is None:

@@ -335,7 +335,11 @@ def generate(args: argparse.Namespace) -> int:
         names.update(gen_length="--gen-length", block_length="--block-length")
     bar = progress(args.steps, "denoising", "step", not args.no_progress)
     with bar, torch.inference_mode(), _flags(**names):
-        hook = model.register_forward_hook(lambda *_: bar.update(1))
+
+        def step_done(*_) -> None:  # returns None: a forward hook's return value would replace the output
+            bar.update(1)
+
+        hook = model.register_forward_hook(step_done)
         try:
             if dream:
                 out = dream_generate(model, ids, steps=args.steps, max_new_tokens=args.gen_length,
