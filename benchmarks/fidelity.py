@@ -30,6 +30,7 @@ from transformers import AutoModel
 
 from common import environment, markdown_table, write_results
 from sparsed_backend import SparseDConfig
+from sparsed_backend._progress import progress
 from sparsed_backend.demo import model_path
 from sparsed_backend.demo.evaluate import answer_prompts, wilson_interval
 from sparsed_backend.demo.task import sample_prompts
@@ -102,6 +103,7 @@ def main() -> None:
     p.add_argument("--name", default="fidelity" if cuda else "fidelity_cpu_smoke")
     p.add_argument("--out", default=None, help="results directory (default: benchmarks/results)")
     p.add_argument("--render", default=None, help="only re-render the tables and plot of this results JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (also SPARSED_NO_PROGRESS=1)")
     args = p.parse_args()
     if args.render:
         saved = json.loads(Path(args.render).read_text())
@@ -120,21 +122,22 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     partial.write_text("")
 
+    cells = [("dense", 1.0, None)]
+    for method in args.methods:
+        for select in args.selects:
+            if select == 1.0 and method != "sparsed":
+                continue  # select 1.0 keeps every block whatever the rule
+            cfg = SparseDConfig(skip=args.skip, select=select, block_size=args.block_size, min_sparse_len=0,
+                                **METHODS[method])  # fmt: skip
+            cells.append((method, select, cfg))
     rows: list[dict] = []
+    bar = progress(len(args.lengths) * len(cells) * args.prompts, "answering", "prompt", not args.no_progress)
     for n in args.lengths:
         prompts = sample_prompts(n, args.prompts, seed=args.seed + n)
-        cells = [("dense", 1.0, None)]
-        for method in args.methods:
-            for select in args.selects:
-                if select == 1.0 and method != "sparsed":
-                    continue  # select 1.0 keeps every block whatever the rule
-                cfg = SparseDConfig(skip=args.skip, select=select, block_size=args.block_size, min_sparse_len=0,
-                                    **METHODS[method])  # fmt: skip
-                cells.append((method, select, cfg))
         for method, select, cfg in cells:
             torch.manual_seed(0)  # the random pattern
             t0 = time.perf_counter()
-            ans = answer_prompts(model, prompts, sparsed=cfg, batch=args.batch)
+            ans = answer_prompts(model, prompts, sparsed=cfg, batch=args.batch, on_batch=bar.update)
             k = ans.n_correct
             lo, hi = wilson_interval(k, args.prompts)
             row = {"N": n, "method": method, "select": select, "accuracy": k / args.prompts, "ci95_low": lo,
@@ -155,6 +158,7 @@ def main() -> None:
                   f"[{lo:.1%}, {hi:.1%}] density {row.get('density', 1.0):.3f} "
                   f"record kept {row.get('record_block_kept_heads', float('nan')):.2f} ({row['seconds']} s)",
                   flush=True)  # fmt: skip
+    bar.close()
     render(rows, env, args.name, args.out)
     partial.unlink()
 

@@ -1,4 +1,4 @@
-"""The three-way numeric check of TESTING.md: golden fp64, low-precision eager, under test."""
+"""The three-way numeric check of docs/testing.md (section 2): golden fp64, low-precision eager, under test."""
 
 from __future__ import annotations
 

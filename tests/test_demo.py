@@ -38,28 +38,15 @@ def test_wilson_interval():
 
 def test_demo_prints_the_lines_scripts_read(tmp_path, capsys):
     out = tmp_path / "blocks.png"
-    assert main(["demo", "--prompts", "2", "--length", "512", "--batch", "2", "--seed", "3", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
+    argv = ["demo", "--prompts", "2", "--length", "512", "--batch", "2", "--seed", "3", "--out", str(out)]
+    argv.append("--no-progress")
+    assert main(argv) == 0
+    text, err = capsys.readouterr()
+    assert err == ""  # no bar, no loading messages: stdout is all there is to parse
     assert re.search(r"^prompt tokens: 512$", text, re.M)
     assert re.search(r"^exact match: dense \d+% \| sparsed \d+%$", text, re.M)
     assert re.search(r"^switch step: 1 of 5$", text, re.M)
     assert out.is_file()
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--length", "100"], r"--length must be in \[387, 4096\], got 100"),
-        (["--length", "5000"], r"--length must be in \[387, 4096\], got 5000"),
-        (["--steps", "0"], r"--steps must be in \[1, 5\], got 0"),
-        (["--prompts", "0"], r"--prompts must be >= 1, got 0"),
-        (["--model", "/nonexistent/model"], r"--model: no config.json in /nonexistent/model"),
-    ],
-)
-def test_demo_bad_flags_give_one_line(argv, message, capsys):
-    assert main(["demo", *argv]) == 2
-    err = capsys.readouterr().err
-    assert re.search(message, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_readme_python_blocks_run_as_written(capsys):

@@ -435,6 +435,35 @@ def test_bad_inputs_raise(kind, make, error, match):
 
 
 @pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_right_padding_error_says_how_to_fix_it(kind):
+    ids, mask = _right_padded(*prompts())
+    with pytest.raises(ValueError, match="LEFT padded") as err:
+        GENERATE[kind](model_for(kind), ids, mask, **args(kind))
+    assert 'tokenizer.padding_side = "left"' in str(err.value)
+    assert 'padding_side="left"' in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_prompt_longer_than_the_model_is_refused(kind):
+    """Prompt + generated tokens past max_position_embeddings (256 here) raise, naming both numbers;
+    exactly at the limit still runs."""
+    model = model_for(kind)
+    limit = model.config.max_position_embeddings
+    assert limit == 256
+    ids, mask = prompts()  # (2, 16)
+    gen = "gen_length" if kind == "llada" else "max_new_tokens"
+    too_long = {gen: limit - ids.shape[1] + 1, "steps": 1}
+    if kind == "llada":
+        too_long["block_length"] = too_long[gen]
+    with pytest.raises(ValueError, match=rf"prompt length 16 \+ {gen} 241 = 257 tokens, more than the model's "
+                                         rf"max_position_embeddings of 256"):  # fmt: skip
+        GENERATE[kind](model, ids, mask, **too_long)
+    fits = {k: v - 1 if k in (gen, "block_length") else v for k, v in too_long.items()}
+    out = GENERATE[kind](model, ids, mask, **fits)
+    assert out.shape == (2, limit)
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
 def test_causal_model_is_refused(kind):
     model = model_for(kind)
     module = next(m for m in model.modules() if hasattr(m, "is_causal"))

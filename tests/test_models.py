@@ -51,7 +51,7 @@ def padded_batch(seed: int = 0):
 def check_logits(kind: str, model, device: torch.device, **kwargs) -> None:
     """Model logits (on `device`) against the independent eager forward: golden in float64 and
     a low-precision reference in the model's dtype, both from the model's own weights
-    (TESTING.md's three-way check)."""
+    (the three-way check of docs/testing.md, section 2)."""
     ids, mask, pos = padded_batch()
     with torch.no_grad():
         logits = model(

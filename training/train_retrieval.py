@@ -97,11 +97,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def trained_positions(args: argparse.Namespace) -> int:
+    """Longest training sequence: the longest prompt followed by its questions and answers. The
+    model's ``max_sequence_length`` (its position limit, which the samplers enforce)."""
+    return max(s.seq_len(s.questions()) for s in default_stages(args.final_records, tuple(args.lengths)))
+
+
 def build_model(args: argparse.Namespace) -> LLaDAModelLM:
     cfg = LLaDAConfig(
         d_model=args.d_model, n_heads=args.n_heads, n_kv_heads=args.n_heads, n_layers=args.n_layers,
         mlp_hidden_size=args.mlp_hidden_size, vocab_size=VOCAB_SIZE, embedding_size=64 * math.ceil(VOCAB_SIZE / 64),
-        rope_theta=args.rope_theta, max_sequence_length=max(args.lengths), mask_token_id=MASK_ID,
+        rope_theta=args.rope_theta, max_sequence_length=trained_positions(args), mask_token_id=MASK_ID,
         eos_token_id=EOS_ID, pad_token_id=EOS_ID, bos_token_id=BOS_ID, weight_tying=False,
     )  # fmt: skip
     return LLaDAModelLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)

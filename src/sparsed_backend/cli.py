@@ -1,21 +1,127 @@
-"""The ``sparsed`` command: demo (the main job), generate, bench.
+"""The ``sparsed`` commands: demo (the main job), generate, bench.
 
-sparsed demo                  # shipped retrieval model, dense vs sparsed, CPU, offline
-sparsed generate --model DIR --prompt "..." --select 0.3
-sparsed bench --length 8192   # attention alone: dense vs sparse on this machine
+The parser lives in `sparsed_cli` (no torch there, so ``--help`` is instant); `main` here is the
+same entry point. Every value a user can get wrong is checked before any work starts: a bad
+flag, path or device raises `UsageError`, which `main` prints as one line naming the flag (what
+was expected, what was received) before exiting with status 2. Errors that library code raises
+about an argument are renamed to the flag that fed it (`_flags`); any other exception is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from sparsed_cli import main
+
+from ._progress import progress, progress_wanted
+from ._validate import check_float, check_int
 from .config import SparseDConfig
+
+__all__ = ["COMMANDS", "StepTimer", "UsageError", "main"]
+
+
+class UsageError(Exception):
+    """A user error on the command line: printed as one line, exit status 2, no traceback."""
+
+
+@contextmanager
+def _flags(**flags: str) -> Iterator[None]:
+    """Turn a ValueError / TypeError about an argument into a UsageError naming its flag.
+
+    ``flags`` maps argument names as library code spells them (``block_size``) to the flags the
+    user typed (``--block-size``). Only errors whose message starts with one of those names (or
+    with a flag, as `check_int` raises when given one) are user errors; any other error is
+    re-raised untouched.
+    """
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        message = str(err).split("\n", 1)[0]
+        first = re.match(r"-*[A-Za-z_]+", message)
+        if first is None or (first.group() not in flags and not first.group().startswith("--")):
+            raise
+        pattern = r"(?<![\w-])(" + "|".join(map(re.escape, flags)) + r")(?![\w-])" if flags else r"(?!)"
+        raise UsageError(re.sub(pattern, lambda m: flags[m.group()], message)) from None
+
+
+SPARSED_FLAGS = {"skip": "--skip", "select": "--select", "block_size": "--block-size"}
+
+
+def _sparsed_config(args: argparse.Namespace, **fixed) -> SparseDConfig:
+    kwargs = {"skip": args.skip} if hasattr(args, "skip") else {}
+    with _flags(**SPARSED_FLAGS):
+        return SparseDConfig(select=args.select, block_size=args.block_size, **kwargs, **fixed)
+
+
+def _device(value: str) -> torch.device:
+    """--device: auto, cpu, cuda or cuda:N, and CUDA only where a device is visible."""
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    expected = "auto, cpu, cuda or cuda:N"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device must be {expected}, got {value!r}") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UsageError(f"--device must be {expected}, got {value!r}")
+    if not torch.cuda.is_available():
+        why = "no CUDA device is visible" if torch.version.cuda else f"torch {torch.__version__} is built without CUDA"
+        raise UsageError(f"--device must be auto, cpu or an available CUDA device, got {value!r} ({why})")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device must be cuda:0 to cuda:{torch.cuda.device_count() - 1} here, got {value!r}")
+    return device
+
+
+def _model_dir(value: str) -> Path:
+    """--model: an existing directory holding config.json."""
+    path = Path(value).expanduser()
+    expected = "a model directory holding config.json"
+    if not path.exists():
+        raise UsageError(f"--model must be {expected}, got {value} (no such directory)")
+    if not path.is_dir():
+        raise UsageError(f"--model must be {expected}, got {value} (a file)")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--model must be {expected}, got {value} (no config.json in it)")
+    return path
+
+
+def _model_config(path: Path, model_types: tuple[str, ...]):
+    from transformers import AutoConfig
+
+    from .models import register_models
+
+    register_models()  # the CLI always loads through the local ports, whatever SPARSED_REGISTER_MODELS says
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:  # unreadable JSON, an unknown model_type
+        raise UsageError(f"--model: cannot read {path / 'config.json'}: {str(err).splitlines()[0]}") from None
+    if config.model_type not in model_types:
+        want = " or ".join(repr(t) for t in model_types)
+        raise UsageError(f"--model must be a checkpoint of model_type {want}, got model_type {config.model_type!r}")
+    return config
+
+
+def _quiet_loading(args: argparse.Namespace) -> None:
+    """transformers' own bars (loading weights) follow the same switch as ours."""
+    if not progress_wanted(not args.no_progress):
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+
+def _positions(config) -> int | None:
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
 
 
 class StepTimer:
@@ -72,37 +178,41 @@ def _draw_blocks(state, layer: int, heads: list[int], path: Path, title: str, ma
     return path
 
 
-def _check_range(flag: str, value, low, high=None) -> None:
-    if value < low or (high is not None and value > high):
-        want = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{flag} must be {want}, got {value}")
-
-
 def demo(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
     from .demo import model_path
     from .demo.evaluate import answer_prompts, wilson_interval
     from .demo.task import N_KEYS, VALUE_LEN, min_prompt_tokens, sample_prompts
     from .demo.tokenizer import build_tokenizer
 
-    path = Path(args.model) if args.model else model_path()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model: no config.json in {path}")
-    _check_range("--prompts", args.prompts, 1)
-    _check_range("--batch", args.batch, 1)
-    _check_range("--steps", args.steps, 1, VALUE_LEN)
-    _check_range("--records", args.records, 1, N_KEYS)
-    config = AutoConfig.from_pretrained(path)
-    _check_range("--length", args.length, min_prompt_tokens(args.records), int(config.max_sequence_length))
+    path = _model_dir(args.model) if args.model else model_path()
+    with _flags():
+        check_int("--prompts", args.prompts, 1)
+        check_int("--batch", args.batch, 1)
+        check_int("--steps", args.steps, 1, VALUE_LEN)
+        check_int("--records", args.records, 1, N_KEYS)
+    cfg = _sparsed_config(args, min_sparse_len=0, keep_diagonal=args.keep_diagonal)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UsageError(f"--out must be a file path in an existing directory, got {args.out} (no such directory)")
+    config = _model_config(path, ("llada",))
+    limit = _positions(config)
+    longest = limit - VALUE_LEN
+    low = min_prompt_tokens(args.records)
+    if not low <= args.length <= longest:
+        raise UsageError(
+            f"--length must be in [{low}, {longest}], got {args.length} ({args.records} records need {low} tokens; the "
+            f"model's {limit:,} positions hold at most {longest:,} prompt tokens before the {VALUE_LEN} answer tokens)"
+        )
     layer = config.n_layers - 1 if args.layer is None else args.layer
-    _check_range("--layer", layer, 0, config.n_layers - 1)
-    cfg = SparseDConfig(skip=args.skip, select=args.select, block_size=args.block_size, min_sparse_len=0,
-                        keep_diagonal=args.keep_diagonal)  # fmt: skip
+    with _flags():
+        check_int("--layer", layer, 0, config.n_layers - 1)
+    _quiet_loading(args)
     model = AutoModel.from_pretrained(path, attn_implementation="sparsed", dtype=torch.float32).eval()
     torch.manual_seed(args.seed)
-    prompts = sample_prompts(args.length, args.prompts, n_records=args.records, seed=args.seed)
+    with _flags(seed="--seed"):
+        prompts = sample_prompts(args.length, args.prompts, n_records=args.records, seed=args.seed)
     tok = build_tokenizer()
     print(
         f"model {path.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
@@ -114,7 +224,7 @@ def demo(args: argparse.Namespace) -> int:
 
     results, timers = {}, {}
     runs = [("dense", None), ("sparsed", cfg)]
-    with tqdm(total=len(runs) * args.prompts, desc="answering", unit="prompt") as bar:
+    with progress(len(runs) * args.prompts, "answering", "prompt", not args.no_progress) as bar:
         for name, sparsed in runs:
             timer = StepTimer(model)
             results[name] = answer_prompts(model, prompts, sparsed=sparsed, batch=args.batch, steps=args.steps,
@@ -155,7 +265,7 @@ def demo(args: argparse.Namespace) -> int:
     )
     marks = (args.length // cfg.block_size, int(prompts.record_pos[0]) // cfg.block_size)
     picture = _draw_blocks(
-        state, layer, list(range(min(4, model.config.n_heads))), Path(args.out),
+        state, layer, list(range(min(4, model.config.n_heads))), out,
         f"SparseD blocks kept (black), prompt 0, select={cfg.select}, block={cfg.block_size}; "
         "red: answer's query block x record's key block", marks,
     )  # fmt: skip
@@ -169,23 +279,77 @@ def generate(args: argparse.Namespace) -> int:
 
     from .generation import dream_generate, llada_generate
 
-    tok = AutoTokenizer.from_pretrained(args.model)
+    device = _device(args.device)
+    path = _model_dir(args.model)
+    config = _model_config(path, ("llada", "Dream"))
+    dream = config.model_type == "Dream"
+    with _flags():
+        check_int("--steps", args.steps, 1)
+        check_int("--gen-length", args.gen_length, 1)
+        check_float("--temperature", args.temperature, 0.0)
+        if args.block_length is not None:
+            check_int("--block-length", args.block_length, 1)
+    if dream and args.block_length is not None:
+        raise UsageError(
+            f"--block-length is for LLaDA checkpoints, got --block-length {args.block_length} with a Dream one"
+        )
+    if not dream:
+        block = args.gen_length if args.block_length is None else args.block_length
+        if args.gen_length % block:
+            raise UsageError(
+                f"--gen-length must be a multiple of --block-length, got --gen-length {args.gen_length} and "
+                f"--block-length {block}"
+            )
+        if args.steps % (args.gen_length // block):
+            raise UsageError(
+                f"--steps must be a multiple of the block count --gen-length / --block-length = "
+                f"{args.gen_length // block}, got --steps {args.steps}"
+            )
+    sparsed = _sparsed_config(args) if args.attn == "sparsed" and args.select is not None else None
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--model: no tokenizer could be loaded from {path}: {str(err).splitlines()[0]}") from None
+    ids = tok(args.prompt, return_tensors="pt", verbose=False)["input_ids"]
+    if ids.shape[1] == 0:
+        raise UsageError("--prompt must hold at least one token, got an empty prompt")
+    limit = _positions(config)
+    if limit is not None and ids.shape[1] + args.gen_length > limit:
+        raise UsageError(
+            f"--prompt ({ids.shape[1]:,} tokens) and --gen-length ({args.gen_length:,}) make "
+            f"{ids.shape[1] + args.gen_length:,} tokens, more than the model's maximum of {limit:,} positions"
+        )
+    mask_id = getattr(config, "mask_token_id", None)
+    if mask_id is not None and bool((ids == mask_id).any()):
+        raise UsageError(f"--prompt must not contain the mask token (id {mask_id}), got a prompt that does")
     dtype = getattr(torch, args.dtype)
-    model = AutoModel.from_pretrained(args.model, attn_implementation=args.attn, dtype=dtype).eval()
-    model.to(args.device)
-    ids = tok(args.prompt, return_tensors="pt")["input_ids"].to(args.device)
-    sparsed = None
-    if args.attn == "sparsed" and args.select is not None:
-        sparsed = SparseDConfig(skip=args.skip, select=args.select, block_size=args.block_size)
-    g = torch.Generator(device=args.device).manual_seed(args.seed)
-    with torch.inference_mode():
-        if model.config.model_type == "Dream":
-            out = dream_generate(model, ids, steps=args.steps, max_new_tokens=args.gen_length,
-                                 temperature=args.temperature, generator=g, sparsed=sparsed)  # fmt: skip
-        else:
-            out = llada_generate(model, ids, steps=args.steps, gen_length=args.gen_length,
-                                 block_length=args.block_length, temperature=args.temperature,
-                                 generator=g, sparsed=sparsed)  # fmt: skip
+    _quiet_loading(args)
+    model = AutoModel.from_pretrained(path, attn_implementation=args.attn, dtype=dtype).eval()
+    model.to(device)
+    ids = ids.to(device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    names = {"steps": "--steps", "temperature": "--temperature", **SPARSED_FLAGS}
+    if dream:
+        names["max_new_tokens"] = "--gen-length"
+    else:
+        names.update(gen_length="--gen-length", block_length="--block-length")
+    bar = progress(args.steps, "denoising", "step", not args.no_progress)
+    with bar, torch.inference_mode(), _flags(**names):
+
+        def step_done(*_) -> None:  # returns None: a forward hook's return value would replace the output
+            bar.update(1)
+
+        hook = model.register_forward_hook(step_done)
+        try:
+            if dream:
+                out = dream_generate(model, ids, steps=args.steps, max_new_tokens=args.gen_length,
+                                     temperature=args.temperature, generator=g, sparsed=sparsed)  # fmt: skip
+            else:
+                out = llada_generate(model, ids, steps=args.steps, gen_length=args.gen_length,
+                                     block_length=args.block_length, temperature=args.temperature,
+                                     generator=g, sparsed=sparsed)  # fmt: skip
+        finally:
+            hook.remove()
     print(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return 0
 
@@ -194,15 +358,26 @@ def bench(args: argparse.Namespace) -> int:
     from .attention import dense_attention, sparse_attention
     from .switch_step import select_layer
 
-    device = torch.device(args.device)
+    cuda = _device(args.device).type == "cuda"
+    for name, on_cuda, on_cpu in (("length", 8192, 1024), ("heads", 32, 4), ("head_dim", 128, 64)):
+        if getattr(args, name) is None:
+            setattr(args, name, on_cuda if cuda else on_cpu)
+    with _flags():
+        check_int("--length", args.length, 1)
+        check_int("--heads", args.heads, 1)
+        check_int("--head-dim", args.head_dim, 1)
+        check_int("--repeats", args.repeats, 1)
+    _sparsed_config(args, skip=0.0, min_sparse_len=0)  # checks --select and --block-size
+    device = _device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(1, args.heads, args.length, args.head_dim, device=device, dtype=dtype) for _ in range(3))
     scale = args.head_dim**-0.5
     cfg = SparseDConfig(skip=0.0, select=args.select, block_size=args.block_size, min_sparse_len=0)
     sel = select_layer(q, k, scale, cfg)
 
-    def clock(fn):
+    def clock(fn, bar):
         fn()
+        bar.update(1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -210,10 +385,13 @@ def bench(args: argparse.Namespace) -> int:
             fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / args.repeats * 1e3
+        elapsed = time.perf_counter() - t0
+        bar.update(args.repeats)  # after the clock stops: the bar's own time is not measured
+        return elapsed / args.repeats * 1e3
 
-    dense_ms = clock(lambda: dense_attention(q, k, v, scale))
-    sparse_ms = clock(lambda: sparse_attention(q, k, v, sel.block_mask, scale))
+    with progress(2 * (args.repeats + 1), "timing", "call", not args.no_progress) as bar:
+        dense_ms = clock(lambda: dense_attention(q, k, v, scale), bar)
+        sparse_ms = clock(lambda: sparse_attention(q, k, v, sel.block_mask, scale), bar)
     print(
         f"{device} {dtype} N={args.length} heads={args.heads} d={args.head_dim}: dense {dense_ms:.2f} ms | "
         f"sparsed select={args.select} (density {float(sel.density):.2f}) {sparse_ms:.2f} ms | "
@@ -222,67 +400,10 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="sparsed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("demo", help="answer retrieval prompts with dense and sparsed attention (CPU, offline)")
-    d.add_argument("--prompts", type=int, default=8, help="fresh prompts to answer (default 8)")
-    d.add_argument("--length", type=int, default=2048, help="prompt length in tokens, BOS included (default 2048)")
-    d.add_argument("--records", type=int, default=64, help="records per prompt (default 64, as trained)")
-    d.add_argument("--batch", type=int, default=8, help="prompts per sampler call (default 8)")
-    d.add_argument("--steps", type=int, default=5, help="denoising steps, 1-5 (default 5: one per answer token)")
-    d.add_argument("--skip", type=float, default=0.2)
-    d.add_argument("--select", type=float, default=0.3)
-    d.add_argument("--block-size", type=int, default=128)
-    d.add_argument("--keep-diagonal", action="store_true", help="every query block keeps its own key block")
-    d.add_argument("--layer", type=int, default=None, help="layer to draw (default: the last)")
-    d.add_argument(
-        "--seed",
-        type=int,
-        default=1234,
-        help="draws the prompts on the CPU (training drew from CUDA generators: every seed is fresh)",
-    )
-    d.add_argument("--model", default=None, help="model directory (default: the shipped one)")
-    d.add_argument("--out", default="sparsed_demo_blocks.png", help="PNG of the selected blocks")
-    d.set_defaults(fn=demo)
-
-    g = sub.add_parser("generate", help="generate with a LLaDA or Dream checkpoint directory")
-    g.add_argument("--model", required=True)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--attn", default="sparsed", choices=["sparsed", "sdpa", "eager", "flex_attention"])
-    g.add_argument("--steps", type=int, default=128)
-    g.add_argument("--gen-length", type=int, default=128)
-    g.add_argument("--block-length", type=int, default=None)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--skip", type=float, default=0.2)
-    g.add_argument("--select", type=float, default=0.3, help="SparseD select ratio (sparsed only)")
-    g.add_argument("--block-size", type=int, default=128)
-    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--seed", type=int, default=0)
-    g.set_defaults(fn=generate)
-
-    b = sub.add_parser("bench", help="attention alone: dense vs sparsed on this machine")
-    b.add_argument("--length", type=int, default=8192 if torch.cuda.is_available() else 1024)
-    b.add_argument("--heads", type=int, default=32 if torch.cuda.is_available() else 4)
-    b.add_argument("--head-dim", type=int, default=128 if torch.cuda.is_available() else 64)
-    b.add_argument("--select", type=float, default=0.3)
-    b.add_argument("--block-size", type=int, default=128)
-    b.add_argument("--repeats", type=int, default=10)
-    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    b.set_defaults(fn=bench)
-
-    args = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
-    try:
-        return args.fn(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"sparsed {args.command}: error: {err}", file=sys.stderr)
-        return 2
+COMMANDS = {"demo": demo, "generate": generate, "bench": bench}
 
 
 if __name__ == "__main__":
+    import sys
+
     sys.exit(main())

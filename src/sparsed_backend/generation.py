@@ -120,7 +120,8 @@ def _prepare(
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
         if not bool((real[:, 1:] >= real[:, :-1]).all()) or not bool(real[:, -1].all()):
             raise ValueError(
-                "attention_mask must be LEFT padded (zeros, then ones, ending with a real token) for every row"
+                "attention_mask must be LEFT padded (zeros, then ones, ending with a real token) for every row; "
+                'set tokenizer.padding_side = "left", or pass padding_side="left" when tokenizing the batch'
             )
         if bool(real.all()):
             real = None  # no padding: run without a mask (no per-forward mask build or sync)
@@ -137,6 +138,17 @@ def _prepare(
     mask = F.pad(real, (0, gen_length), value=1)
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     return x, mask, position_ids, prompt_index
+
+
+def _check_length(model: nn.Module, prompt_len: int, gen_length: int, gen_name: str) -> None:
+    """Refuse a canvas longer than the model's position limit (``config.max_position_embeddings``,
+    LLaDA's ``max_sequence_length``): RoPE would run, but on positions the model never saw."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_len + gen_length > limit:
+        raise ValueError(
+            f"prompt length {prompt_len:,} + {gen_name} {gen_length:,} = {prompt_len + gen_length:,} tokens, more "
+            f"than the model's max_position_embeddings of {limit:,}: shorten the prompt or generate fewer tokens"
+        )
 
 
 def _mask_id(model: nn.Module, mask_id: int | None, name: str) -> int:
@@ -270,6 +282,7 @@ def llada_generate(
     mask_id = _mask_id(model, mask_id, "mask_id")
     _check_model(model, sparsed)
     x, mask, position_ids, prompt_index = _prepare(model, input_ids, attention_mask, mask_id, gen_length)
+    _check_length(model, input_ids.shape[1], gen_length, "gen_length")
 
     prompt_len = input_ids.shape[1]
     state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
@@ -432,6 +445,7 @@ def dream_generate(
     mask_token_id = _mask_id(model, mask_token_id, "mask_token_id")
     _check_model(model, sparsed)
     x, mask, position_ids, _ = _prepare(model, input_ids, attention_mask, mask_token_id, max_new_tokens)
+    _check_length(model, input_ids.shape[1], max_new_tokens, "max_new_tokens")
 
     prompt_len = input_ids.shape[1]
     state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)

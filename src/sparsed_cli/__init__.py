@@ -1,0 +1,125 @@
+"""The ``sparsed`` command's argument parser, kept free of torch and transformers.
+
+``sparsed --help``, ``sparsed <command> --help`` and ``sparsed --version`` finish here without
+importing the heavy libraries (importing ``sparsed_backend`` itself loads torch and transformers
+and registers the backend). Once the arguments parse, `main` imports `sparsed_backend.cli`, which
+checks every value and runs the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["build_parser", "main"]
+
+DESCRIPTION = """\
+SparseD sparse attention for diffusion LMs: the demo, generation and an attention benchmark.
+
+  sparsed demo                      # shipped retrieval model, dense vs sparsed, CPU, offline
+  sparsed generate --model DIR --prompt "..." --select 0.3
+  sparsed bench --length 8192       # attention alone: dense vs sparsed on this machine
+
+A bad flag, path or device prints one line and exits with status 2.
+"""
+
+PROGRESS_HELP = (
+    "no progress bars (they go to stderr, and only when it is a terminal); SPARSED_NO_PROGRESS=1 does the same"
+)
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("sparsed_backend")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        from sparsed_backend import __version__
+
+        return __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (no usage block), still exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: ...)" to every option with a real default whose help does not state it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand; values are checked later, by `sparsed_backend.cli`."""
+    p = _Parser(prog="sparsed", description=DESCRIPTION, formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,generate,bench}")
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help_, description=help_, formatter_class=_HelpFormatter)
+        s.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
+        return s
+
+    d = command("demo", "answer retrieval prompts with dense and sparsed attention (CPU, offline)")
+    d.add_argument("--prompts", type=int, default=8, help="fresh prompts to answer")
+    d.add_argument("--length", type=int, default=2048, help="prompt length in tokens, BOS included")
+    d.add_argument("--records", type=int, default=64, help="records per prompt (64 as trained)")
+    d.add_argument("--batch", type=int, default=8, help="prompts per sampler call")
+    d.add_argument("--steps", type=int, default=5, help="denoising steps, 1-5 (5: one per answer token)")
+    d.add_argument("--skip", type=float, default=0.2, help="SparseD: share of steps kept dense, in [0, 1]")
+    d.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept, in (0, 1]")
+    d.add_argument("--block-size", type=int, default=128, help="SparseD: tokens per block, a multiple of 16")
+    d.add_argument("--keep-diagonal", action="store_true", help="every query block keeps its own key block")
+    d.add_argument("--layer", type=int, default=None, help="layer to draw (default: the last)")
+    d.add_argument("--seed", type=int, default=1234, help="draws the prompts (on the CPU: no training seed repeats)")
+    d.add_argument("--model", default=None, help="model directory (default: the shipped one)")
+    d.add_argument("--out", default="sparsed_demo_blocks.png", help="PNG of the selected blocks")
+
+    g = command("generate", "generate with a LLaDA or Dream checkpoint directory")
+    g.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer)")
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--attn", default="sparsed", choices=["sparsed", "sdpa", "eager", "flex_attention"],
+                   help="attention implementation")  # fmt: skip
+    g.add_argument("--steps", type=int, default=128, help="denoising steps (model forwards)")
+    g.add_argument("--gen-length", type=int, default=128, help="tokens to generate")
+    g.add_argument("--block-length", type=int, default=None,
+                   help="LLaDA only: tokens per semi-autoregressive block (default: --gen-length)")  # fmt: skip
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 is greedy")
+    g.add_argument("--skip", type=float, default=0.2, help="SparseD: share of steps kept dense, in [0, 1]")
+    g.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept, in (0, 1]")
+    g.add_argument("--block-size", type=int, default=128, help="SparseD: tokens per block, a multiple of 16")
+    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="model dtype")
+    g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    g.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")
+
+    b = command("bench", "attention alone: dense vs sparsed on this machine")
+    b.add_argument("--length", type=int, default=None, help="sequence length (default: 8192 on CUDA, 1024 on CPU)")
+    b.add_argument("--heads", type=int, default=None, help="attention heads (default: 32 on CUDA, 4 on CPU)")
+    b.add_argument("--head-dim", type=int, default=None, help="head dimension (default: 128 on CUDA, 64 on CPU)")
+    b.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept, in (0, 1]")
+    b.add_argument("--block-size", type=int, default=128, help="SparseD: tokens per block, a multiple of 16")
+    b.add_argument("--repeats", type=int, default=10, help="timed calls of each kernel")
+    b.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, then run the command. A user error (`sparsed_backend.cli.UsageError`) prints one
+    line and returns 2; anything else is a bug and keeps its traceback."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; set before transformers loads
+    from sparsed_backend import cli  # torch, transformers
+
+    try:
+        return cli.COMMANDS[args.command](args)
+    except cli.UsageError as err:
+        print(f"sparsed {args.command}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,229 @@
+"""The `sparsed` command line: one-line user errors, help without torch, progress switches."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsed_backend
+from sparsed_backend import cli
+from sparsed_backend.cli import UsageError, _flags, main
+from sparsed_backend.demo import model_path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = str(model_path())
+# A generate run that costs well under a second once the model is loaded (dense SDPA, no compile).
+QUICK = ["--model", SHIPPED, "--prompt", "abc", "--steps", "2", "--gen-length", "2", "--attn", "sdpa",
+         "--dtype", "float32", "--device", "cpu"]  # fmt: skip
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """main(argv) -> (exit status, stdout, stderr); argparse's SystemExit counts as a status."""
+    try:
+        status = main(argv)
+    except SystemExit as stop:
+        status = stop.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(status: int, err: str, message: str) -> None:
+    assert status == 2, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    # Flags, never internal names: no snake_case word outside paths and quoted values.
+    words = [w for w in err.split() if "/" not in w and "'" not in w]
+    assert not [w for w in words if re.search(r"\b[a-z]+_[a-z_]+\b", w)], err
+
+
+def _dream_checkpoint(path: Path) -> str:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import write_checkpoint
+
+    write_checkpoint(path, "dream")
+    return str(path)
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+
+BAD_INPUTS = [
+    # generate
+    (["generate", "--model", "/nonexistent/model", "--prompt", "hi"],
+     r"^sparsed generate: error: --model must be a model directory holding config\.json, "
+     r"got /nonexistent/model \(no such directory\)$"),
+    (["generate", "--model", "{file}", "--prompt", "hi"], r"--model must be a model directory .*\(a file\)"),
+    (["generate", "--model", "{empty}", "--prompt", "hi"], r"--model must be .*\(no config\.json in it\)"),
+    pytest.param(["generate", *QUICK, "--device", "cuda"],
+                 r"--device must be auto, cpu or an available CUDA device, got 'cuda' \(", marks=NO_CUDA),
+    (["generate", *QUICK, "--device", "tpu"], r"--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["generate", *QUICK, "--steps", "0"], r"--steps must be >= 1, got 0"),
+    (["generate", *QUICK, "--gen-length", "0"], r"--gen-length must be >= 1, got 0"),
+    (["generate", *QUICK, "--gen-length", "6", "--block-length", "4"],
+     r"--gen-length must be a multiple of --block-length, got --gen-length 6 and --block-length 4"),
+    (["generate", *QUICK, "--gen-length", "4", "--block-length", "2", "--steps", "3"],
+     r"--steps must be a multiple of the block count --gen-length / --block-length = 2, got --steps 3"),
+    (["generate", *QUICK, "--temperature", "-1"], r"--temperature must be >= 0\.0, got -1\.0"),
+    (["generate", *QUICK, "--attn", "sparsed", "--select", "2"], r"--select must be in \(0, 1\], got 2\.0"),
+    (["generate", *QUICK, "--attn", "sparsed", "--skip", "1.5"], r"--skip must be in \[0, 1\], got 1\.5"),
+    (["generate", *QUICK, "--attn", "sparsed", "--block-size", "10"],
+     r"--block-size must be a positive multiple of 16, got 10"),
+    (["generate", *QUICK, "--prompt", "x" * 5272, "--gen-length", "128", "--steps", "128"],
+     r"--prompt \(5,273 tokens\) and --gen-length \(128\) make 5,401 tokens, "
+     r"more than the model's maximum of 4,206 positions$"),
+    (["generate", "--model", "{dream}", "--prompt", "hi", "--block-length", "4"],
+     r"--block-length is for LLaDA checkpoints, got --block-length 4 with a Dream one"),
+    (["generate", "--model", "{config_only}", "--prompt", "hi", "--device", "cpu"],
+     r"--model: no tokenizer could be loaded from "),
+    (["generate", "--model", SHIPPED, "--prompt", "hi", "--attn", "flash"],
+     r"^sparsed generate: error: argument --attn: invalid choice: 'flash'"),
+    # bench
+    (["bench", "--length", "0"], r"^sparsed bench: error: --length must be >= 1, got 0$"),
+    (["bench", "--heads", "0"], r"^sparsed bench: error: --heads must be >= 1, got 0$"),
+    (["bench", "--head-dim", "0"], r"--head-dim must be >= 1, got 0"),
+    (["bench", "--repeats", "0"], r"^sparsed bench: error: --repeats must be >= 1, got 0$"),
+    (["bench", "--select", "0"], r"--select must be in \(0, 1\], got 0\.0"),
+    (["bench", "--block-size", "10"], r"--block-size must be a positive multiple of 16, got 10"),
+    pytest.param(["bench", "--device", "cuda"], r"--device must be auto, cpu or an available CUDA device",
+                 marks=NO_CUDA),
+    # demo
+    (["demo", "--steps", "0"], r"^sparsed demo: error: --steps must be in \[1, 5\], got 0$"),
+    (["demo", "--steps", "6"], r"--steps must be in \[1, 5\], got 6"),
+    (["demo", "--prompts", "0"], r"^sparsed demo: error: --prompts must be >= 1, got 0$"),
+    (["demo", "--batch", "0"], r"--batch must be >= 1, got 0"),
+    (["demo", "--records", "0"], r"--records must be in \[1, 512\], got 0"),
+    (["demo", "--length", "10"], r"--length must be in \[387, 4201\], got 10 \(64 records need 387 tokens"),
+    (["demo", "--length", "5000"],
+     r"--length must be in \[387, 4201\], got 5000 .*the model's 4,206 positions hold at most 4,201 prompt tokens"),
+    (["demo", "--layer", "6"], r"--layer must be in \[0, 5\], got 6"),
+    (["demo", "--select", "0"], r"--select must be in \(0, 1\], got 0\.0"),
+    (["demo", "--out", "/nonexistent/dir/blocks.png"],
+     r"--out must be a file path in an existing directory, got /nonexistent/dir/blocks\.png"),
+    (["demo", "--model", "/nonexistent/model"], r"--model must be a model directory holding config\.json"),
+    (["demo", "--prompts", "x"], r"^sparsed demo: error: argument --prompts: invalid int value: 'x'$"),
+    (["demo", "--bogus"], r"^sparsed: error: unrecognized arguments: --bogus$"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUTS)
+def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "config.json").write_text((Path(SHIPPED) / "config.json").read_text())
+    paths = {"file": str(tmp_path / "file"), "empty": str(tmp_path / "empty"),
+             "config_only": str(tmp_path / "config_only")}  # fmt: skip
+    if "{dream}" in argv:
+        paths["dream"] = _dream_checkpoint(tmp_path / "dream")
+    argv = [a.format(**paths) if a.startswith("{") else a for a in argv]
+    status, out, err = run_main(argv, capsys)
+    assert_one_line_error(status, err, message)
+    assert out == ""
+
+
+def test_the_shipped_entry_point_prints_one_line_too():
+    """The same through a real process: stderr is exactly one line, exit status 2."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsed_cli", "bench", "--repeats", "0"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr == "sparsed bench: error: --repeats must be >= 1, got 0\n"
+    assert proc.stdout == ""
+
+
+def test_flags_renames_argument_errors_and_passes_bugs_through():
+    renamed = r"^--block-size must be a positive multiple of 16, got 10$"
+    with pytest.raises(UsageError, match=renamed), _flags(block_size="--block-size"):
+        raise ValueError("block_size must be a positive multiple of 16, got 10")
+    names = {"steps": "--steps", "gen_length": "--gen-length", "block_length": "--block-length"}
+    renamed = r"^--steps must .* --gen-length/--block-length = 2, got --steps=3$"
+    with pytest.raises(UsageError, match=renamed), _flags(**names):
+        raise ValueError("steps must be divisible by gen_length/block_length = 2, got steps=3")
+    with pytest.raises(UsageError, match=r"^--prompts must be >= 1, got 0$"), _flags():
+        raise ValueError("--prompts must be >= 1, got 0")
+    with pytest.raises(ValueError, match="shapes do not match"), _flags(**names):
+        raise ValueError("shapes do not match in steps")  # not about an argument: a bug
+    with pytest.raises(RuntimeError), _flags(**names):
+        raise RuntimeError("steps must be >= 1")  # other exception types are never user errors
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """An error that is not about a flag propagates out of main (so the user sees a traceback)."""
+    import sparsed_backend.generation as generation
+
+    def broken(*args, **kwargs):
+        raise ValueError("index 7 is out of bounds")
+
+    monkeypatch.setattr(generation, "llada_generate", broken)
+    with pytest.raises(ValueError, match="index 7 is out of bounds"):
+        main(["generate", *QUICK, "--no-progress"])
+
+
+def test_generate_prints_the_answer_and_progress_can_be_turned_off(monkeypatch, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    # Redraw on every update: tqdm's update() then returns True, which would replace the model's
+    # output if a forward hook passed it on.
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")
+    outputs = {}
+    for name, extra, env in [("bar", [], None), ("flag", ["--no-progress"], None), ("env", [], "1")]:
+        if env is None:
+            monkeypatch.delenv("SPARSED_NO_PROGRESS", raising=False)
+        else:
+            monkeypatch.setenv("SPARSED_NO_PROGRESS", env)
+        terminal = Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert main(["generate", *QUICK, *extra]) == 0
+        outputs[name] = (capsys.readouterr().out, terminal.getvalue())
+    out, err = outputs["bar"]
+    assert "denoising" in err  # the bar, on a terminal
+    assert len(out.splitlines()) == 1  # the answer, one line, and nothing else on stdout
+    for name in ("flag", "env"):
+        assert outputs[name] == (out, ""), name
+
+
+def test_help_shows_defaults_and_version(capsys):
+    status, out, _ = run_main(["demo", "--help"], capsys)
+    assert status == 0
+    assert re.search(r"--prompts PROMPTS\s+fresh prompts to answer \(default: 8\)", out)
+    assert "(default: 2048)" in out and "--no-progress" in out
+    status, out, _ = run_main(["bench", "--help"], capsys)
+    assert status == 0 and "(default: 10)" in out and "8192 on CUDA, 1024 on CPU" in out
+    status, out, _ = run_main(["--version"], capsys)
+    assert status == 0 and out == f"sparsed {sparsed_backend.__version__}\n"
+
+
+def test_help_and_version_do_not_import_torch():
+    """Parsing --help / --version never loads torch, transformers or sparsed_backend itself."""
+    code = (
+        "import sys\n"
+        "from sparsed_cli import main\n"
+        "for argv in (['--help'], ['demo', '--help'], ['generate', '--help'], ['bench', '--help'], ['--version']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as stop:\n"
+        "        assert stop.code == 0, (argv, stop.code)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'sparsed_backend') if m in sys.modules), file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "[]"
+    assert "usage: sparsed" in proc.stdout
+
+
+def test_console_script_is_the_light_parser():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^sparsed = "sparsed_cli:main"$', text, re.M)
+    assert cli.main is __import__("sparsed_cli").main
