@@ -92,7 +92,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--selects", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 1.0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--caches", nargs="*", default=[], choices=["prefix", "dual"],
+                   help="add rows with a K/V cache: dense and sparsed (no cache rows are the default)")  # fmt: skip
     p.add_argument("--skip", type=float, default=0.2)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--prompts", type=int, default=256 if cuda else 8)
@@ -122,22 +124,27 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     partial.write_text("")
 
-    cells = [("dense", 1.0, None)]
+    cells = [("dense", 1.0, None, None)]
     for method in args.methods:
         for select in args.selects:
             if select == 1.0 and method != "sparsed":
                 continue  # select 1.0 keeps every block whatever the rule
             cfg = SparseDConfig(skip=args.skip, select=select, block_size=args.block_size, min_sparse_len=0,
                                 **METHODS[method])  # fmt: skip
-            cells.append((method, select, cfg))
+            cells.append((method, select, cfg, None))
+    for cache in args.caches:  # the K/V cache rows: dense and SparseD, each with the cache
+        cells.append((f"dense+{cache}", 1.0, None, cache))
+        for select in args.selects:
+            cfg = SparseDConfig(skip=args.skip, select=select, block_size=args.block_size, min_sparse_len=0)
+            cells.append((f"sparsed+{cache}", select, cfg, cache))
     rows: list[dict] = []
     bar = progress(len(args.lengths) * len(cells) * args.prompts, "answering", "prompt", not args.no_progress)
     for n in args.lengths:
         prompts = sample_prompts(n, args.prompts, seed=args.seed + n)
-        for method, select, cfg in cells:
+        for method, select, cfg, cache in cells:
             torch.manual_seed(0)  # the random pattern
             t0 = time.perf_counter()
-            ans = answer_prompts(model, prompts, sparsed=cfg, batch=args.batch, on_batch=bar.update)
+            ans = answer_prompts(model, prompts, sparsed=cfg, batch=args.batch, kv_cache=cache, on_batch=bar.update)
             k = ans.n_correct
             lo, hi = wilson_interval(k, args.prompts)
             row = {"N": n, "method": method, "select": select, "accuracy": k / args.prompts, "ci95_low": lo,

@@ -157,6 +157,7 @@ def sparsed_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     sparsed_state: SparseDState | None = None,
+    query_start: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers AttentionInterface entry point registered as "sparsed".
@@ -170,6 +171,10 @@ def sparsed_attention_forward(
         query: (B, Hq, L, D) with RoPE applied; key, value: (B, Hkv, S, D), not repeated.
         attention_mask: None or a bool key padding mask (B, S) / (B, 1, 1, S).
         scaling: softmax scale; default head_dim ** -0.5.
+        query_start: set by a cached step (kv_cache.py), whose L query rows are the window
+            ``[query_start, query_start + L)`` of the S positions: sparse steps use the
+            selection's rows of that window, and the switch step refuses it (selection needs
+            every row). None: the queries are the selection's own rows.
     Returns:
         (attn_output (B, L, Hq, D) contiguous, None).
     """
@@ -214,6 +219,12 @@ def sparsed_attention_forward(
             f"{type(module).__name__} has layer_idx={layer_idx!r}"
         )
     where = {"gen_start": sparsed_state.gen_start, "key_valid": key_valid}
+    windowed = query_start is not None
+    if windowed and (mode == "switch" or cfg.reselect):
+        raise ValueError(
+            f"layer {layer_idx}: block selection needs every query row, but this forward runs rows "
+            f"[{query_start}, {query_start + L}) of {S} (a cached step); select at a full forward"
+        )
     if mode == "switch":
         out, sparsed_state.layers[layer_idx] = run_switch_step(query, key, value, scale, cfg, **where)
         return out.transpose(1, 2).contiguous(), None
@@ -226,12 +237,13 @@ def sparsed_attention_forward(
             f"sparse step {sparsed_state.step} for layer {layer_idx} but the state holds no "
             f"selection for it (switch step {sparsed_state.switch} did not run this layer)"
         )
-    if (sel.batch, sel.num_heads, sel.q_len, sel.kv_len) != (B, Hq, L, S):
+    if (sel.batch, sel.num_heads, sel.kv_len) != (B, Hq, S) or (not windowed and sel.q_len != L):
         raise ValueError(
             f"layer {layer_idx}: the mask was built for (batch, heads, q_len, kv_len) = "
             f"{(sel.batch, sel.num_heads, sel.q_len, sel.kv_len)}, got {(B, Hq, L, S)}"
         )
-    out = sparse_attention(query, key, value, sel.block_mask, scale)
+    block_mask = sel.window_mask(query_start, L, cfg.block_size, key_valid) if windowed else sel.block_mask
+    out = sparse_attention(query, key, value, block_mask, scale)
     return out.transpose(1, 2).contiguous(), None
 
 

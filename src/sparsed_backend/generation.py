@@ -33,6 +33,7 @@ from torch import nn
 from ._ranking import top_count
 from ._validate import check_float, check_int
 from .config import SparseDConfig
+from .kv_cache import BlockKVCache, check_kv_cache
 from .state import SparseDState
 
 __all__ = ["DiffusionGenerationOutput", "dream_generate", "llada_generate"]
@@ -51,12 +52,15 @@ class DiffusionGenerationOutput:
             ``.density()`` the kept share of key blocks), or None without ``sparsed``.
         num_forwards: model forwards run (one per denoising step; CFG batches its two halves).
         history: with ``output_history=True``, the sequences after every step.
+        kv_cache: with ``kv_cache``, the BlockKVCache that ran (``.refreshes`` full forwards,
+            ``.memory_bytes()`` held at the end).
     """
 
     sequences: torch.LongTensor
     sparsed_state: SparseDState | None
     num_forwards: int
     history: tuple[torch.LongTensor, ...] | None = None
+    kv_cache: BlockKVCache | None = None
 
 
 # ----------------------------------------------------------------------------- validation
@@ -160,21 +164,36 @@ def _mask_id(model: nn.Module, mask_id: int | None, name: str) -> int:
 
 
 class _Runner:
-    """Calls the model once per step with the fixed inputs and advances the SparseD state."""
+    """Calls the model once per step with the fixed inputs and advances the SparseD state.
 
-    def __init__(self, model, mask, position_ids, state: SparseDState | None, cfg: bool = False):
-        self.model, self.state = model, state
+    With a ``BlockKVCache`` a call either refreshes (``window=None``: the whole sequence, its
+    K/V kept) or runs only the positions ``[start, stop)`` of ``window`` against the cache.
+    """
+
+    def __init__(self, model, mask, position_ids, state: SparseDState | None, cfg: bool = False, cache=None):
+        self.model, self.state, self.cache = model, state, cache
         self.mask = mask if mask is None or not cfg else torch.cat([mask, mask])
         self.position_ids = position_ids if position_ids is None or not cfg else torch.cat([position_ids] * 2)
         self.kwargs = {} if state is None else {"sparsed_state": state}
+        if cache is not None:
+            self.kwargs["kv_cache"] = cache
         self.forwards = 0
 
-    def __call__(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, keep: torch.Tensor, window: tuple[int, int] | None = None) -> torch.Tensor:
         """x (B', L), keep (K,) sequence indices -> logits (B', K, V)."""
+        position_ids = self.position_ids
+        if self.cache is not None:
+            if window is None:
+                self.cache.refresh()
+            else:
+                start, stop = window
+                self.cache.set_window(start, stop)
+                x, keep = x[:, start:stop], keep - start
+                position_ids = None if position_ids is None else position_ids[:, start:stop]
         logits = self.model(
             input_ids=x,
             attention_mask=self.mask,
-            position_ids=self.position_ids,
+            position_ids=position_ids,
             logits_to_keep=keep,
             **self.kwargs,
         ).logits
@@ -182,6 +201,27 @@ class _Runner:
             self.state.advance()
         self.forwards += 1
         return logits
+
+
+def _cache_window(mode: str, need: tuple[int, int], block: tuple[int, int], length: int, align: int):
+    """Positions a cached step runs: the logits it needs and the block whose tokens change; the
+    rest of the sequence comes from the cache ("prefix": everything after the block is run too).
+
+    ``align`` > 1 (sparsed) moves the start down to a block-size multiple, so the window's query
+    blocks are the switch step's (the extra rows are recomputed, not approximated).
+    """
+    start = min(need[0], block[0])
+    stop = length if mode == "prefix" else max(need[1], block[1])
+    start -= start % align
+    if mode == "dual":
+        stop = min(-(-stop // align) * align, length)
+    return start, stop
+
+
+def _refreshes(step_in_block: int, state: SparseDState | None) -> bool:
+    """Whether a cached step runs the whole sequence: a block's first step, and the SparseD
+    switch step (block selection needs every query row), which keeps the paper's schedule."""
+    return step_in_block == 0 or (state is not None and state.mode == "switch")
 
 
 def _output(x, state, runner, history, return_dict_in_generate):
@@ -192,6 +232,7 @@ def _output(x, state, runner, history, return_dict_in_generate):
         sparsed_state=state,
         num_forwards=runner.forwards,
         history=None if history is None else tuple(history),
+        kv_cache=runner.cache,
     )
 
 
@@ -232,6 +273,7 @@ def llada_generate(
     mask_id: int | None = None,
     generator: torch.Generator | None = None,
     sparsed: SparseDConfig | None = None,
+    kv_cache: str | None = None,
     output_history: bool = False,
     return_dict_in_generate: bool = False,
 ) -> torch.LongTensor | DiffusionGenerationOutput:
@@ -258,6 +300,12 @@ def llada_generate(
         generator: draws the noise (on the model's device), for reproducible sampling.
         sparsed: SparseD knobs; the model must use ``attn_implementation="sparsed"``. One
             SparseDState spans the whole generation (gen_start = P).
+        kv_cache: None (every step runs the whole sequence), "prefix" or "dual" (see
+            ``kv_cache.py``): the first step of each block refreshes every layer's K/V; the
+            block's other steps run only the block ("dual") or the block and what follows it
+            ("prefix") against them. With ``sparsed`` the switch step also runs the whole
+            sequence and refreshes the cache (selection needs every row), so the SparseD
+            schedule is the same as without a cache. Not with ``cfg_scale > 0``.
         output_history / return_dict_in_generate: see :class:`DiffusionGenerationOutput`.
 
     Returns:
@@ -279,15 +327,22 @@ def llada_generate(
     cfg_scale = check_float("cfg_scale", cfg_scale)
     if remasking not in LLADA_REMASKING:
         raise ValueError(f"remasking must be one of {LLADA_REMASKING}, got {remasking!r}")
+    kv_cache = check_kv_cache(kv_cache)
+    if kv_cache is not None and cfg_scale > 0:
+        raise ValueError(f"kv_cache={kv_cache!r} does not support classifier-free guidance (cfg_scale={cfg_scale})")
     mask_id = _mask_id(model, mask_id, "mask_id")
     _check_model(model, sparsed)
     x, mask, position_ids, prompt_index = _prepare(model, input_ids, attention_mask, mask_id, gen_length)
     _check_length(model, input_ids.shape[1], gen_length, "gen_length")
 
     prompt_len = input_ids.shape[1]
-    state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
-    run = _Runner(model, mask, position_ids, state, cfg=cfg_scale > 0)
     steps_per_block = steps // num_blocks
+    state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
+    if kv_cache is not None and sparsed is not None and sparsed.reselect:
+        raise ValueError("sparsed.reselect=True needs a full forward at every step; it cannot run with kv_cache")
+    cache = None if kv_cache is None else BlockKVCache(kv_cache)
+    run = _Runner(model, mask, position_ids, state, cfg=cfg_scale > 0, cache=cache)
+    align = 1 if sparsed is None else sparsed.block_size
     # Every block starts fully masked (the prompt holds no mask token), so the schedule is
     # the same for all rows and all blocks, and known here on the host.
     schedule = llada_transfer_schedule(block_length, steps_per_block)
@@ -296,14 +351,16 @@ def llada_generate(
     for b in range(num_blocks):
         start = prompt_len + b * block_length
         keep = torch.arange(start, start + block_length, device=x.device)
-        for k in schedule:
+        stop = start + block_length
+        window = None if kv_cache is None else _cache_window(kv_cache, (start, stop), (start, stop), x.shape[1], align)
+        for i, k in enumerate(schedule):
             block = x[:, start : start + block_length]  # (B, BL)
             if cfg_scale > 0:
                 uncond = x.masked_fill(prompt_index, mask_id)
                 cond_logits, uncond_logits = run(torch.cat([x, uncond]), keep).chunk(2)
                 logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
             else:
-                logits = run(x, keep)  # (B, BL, V)
+                logits = run(x, keep, None if _refreshes(i, state) else window)  # (B, BL, V)
             if k == 0:  # more steps than tokens: this step unmasks nothing
                 if history is not None:
                     history.append(x.clone())
@@ -396,6 +453,8 @@ def dream_generate(
     mask_token_id: int | None = None,
     generator: torch.Generator | None = None,
     sparsed: SparseDConfig | None = None,
+    block_length: int | None = None,
+    kv_cache: str | None = None,
     output_history: bool = False,
     return_dict_in_generate: bool = False,
 ) -> torch.LongTensor | DiffusionGenerationOutput:
@@ -422,6 +481,11 @@ def dream_generate(
         generator: draws the noise (on the model's device), for reproducible sampling.
         sparsed: SparseD knobs; the model must use ``attn_implementation="sparsed"``. One
             SparseDState spans the whole generation (gen_start = P).
+        block_length: None (Dream's sampler: the whole generation is one region) or tokens
+            per semi-autoregressive block, as LLaDA decodes: block after block, each with
+            ``steps / num_blocks`` steps on its own grid ``linspace(1, eps, steps_per_block + 1)``.
+        kv_cache: None, "prefix" or "dual", as in :func:`llada_generate`; needs
+            ``block_length`` (without blocks nothing is finished early enough to cache).
         output_history / return_dict_in_generate: see :class:`DiffusionGenerationOutput`.
 
     Returns:
@@ -442,28 +506,57 @@ def dream_generate(
     eps = check_float("eps", eps)
     if not 0.0 < eps < 1.0:
         raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+    kv_cache = check_kv_cache(kv_cache)
+    if kv_cache is not None and block_length is None:
+        raise ValueError(
+            f"kv_cache={kv_cache!r} needs block_length: without blocks Dream decodes the whole generation at "
+            "once, so no block is finished and nothing can be cached"
+        )
+    block_length = max_new_tokens if block_length is None else check_int("block_length", block_length, 1)
+    if max_new_tokens % block_length != 0:
+        raise ValueError(
+            f"max_new_tokens must be divisible by block_length, got max_new_tokens={max_new_tokens}, "
+            f"block_length={block_length}"
+        )
+    num_blocks = max_new_tokens // block_length
+    if steps % num_blocks != 0:
+        raise ValueError(
+            f"steps must be divisible by the number of blocks max_new_tokens/block_length = {num_blocks}, "
+            f"got steps={steps}"
+        )
     mask_token_id = _mask_id(model, mask_token_id, "mask_token_id")
     _check_model(model, sparsed)
     x, mask, position_ids, _ = _prepare(model, input_ids, attention_mask, mask_token_id, max_new_tokens)
     _check_length(model, input_ids.shape[1], max_new_tokens, "max_new_tokens")
 
     prompt_len = input_ids.shape[1]
+    steps_per_block = steps // num_blocks
     state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
-    run = _Runner(model, mask, position_ids, state)
-    # Shifted logits: the token at position j is predicted at j - 1, so the generation region
-    # [P, P + G) needs the LM head on [P - 1, P + G - 1) (P >= 1: the prompt is never empty).
-    keep = torch.arange(prompt_len - 1, prompt_len + max_new_tokens - 1, device=x.device)
+    if kv_cache is not None and sparsed is not None and sparsed.reselect:
+        raise ValueError("sparsed.reselect=True needs a full forward at every step; it cannot run with kv_cache")
+    cache = None if kv_cache is None else BlockKVCache(kv_cache)
+    run = _Runner(model, mask, position_ids, state, cache=cache)
+    align = 1 if sparsed is None else sparsed.block_size
     # The timestep grid stays on the host: each step's ratio is a Python float (exactly the
     # float32 value the official sampler computes on the device), so nothing is read back.
-    timesteps = torch.linspace(1, eps, steps + 1, dtype=torch.float32)
+    timesteps = torch.linspace(1, eps, steps_per_block + 1, dtype=torch.float32)
     kind = {"topk_margin": "margin", "entropy": "neg_entropy"}.get(alg, "prob")
     history = [] if output_history else None
 
-    for i in range(steps):
-        region = x[:, prompt_len:]  # (B, G)
+    for b, i in ((b, i) for b in range(num_blocks) for i in range(steps_per_block)):
+        start = prompt_len + b * block_length
+        stop = start + block_length
+        # Shifted logits: the token at position j is predicted at j - 1, so the block [start,
+        # stop) needs the LM head on [start - 1, stop - 1) (start >= 1: the prompt is never empty).
+        keep = torch.arange(start - 1, stop - 1, device=x.device)
+        window = None
+        if kv_cache is not None and not _refreshes(i, state):
+            window = _cache_window(kv_cache, (start - 1, stop - 1), (start, stop), x.shape[1], align)
+        region = x[:, start:stop]  # (B, BL)
         is_masked = region == mask_token_id
-        logits = run(x, keep)  # (B, G, V), already shifted by the choice of `keep`
-        ratio = float(1 - timesteps[i + 1] / timesteps[i]) if i < steps - 1 else 1.0
+        logits = run(x, keep, window)  # (B, BL, V), already shifted by the choice of `keep`
+        last = i == steps_per_block - 1
+        ratio = float(1 - timesteps[i + 1] / timesteps[i]) if not last else 1.0
         if alg == "origin":
             _, x0 = _sample_tokens(logits, temperature, top_p, top_k, generator)
             draw = torch.rand(is_masked.shape, device=x.device, generator=generator)
@@ -474,7 +567,7 @@ def dream_generate(
             # all of them at the last step. (The official sampler averages n_masked over the
             # batch; rows only differ when the model predicts the mask token itself.)
             n_masked = is_masked.sum(-1, keepdim=True)  # (B, 1)
-            count = (n_masked.float() * ratio).long() if i < steps - 1 else n_masked
+            count = (n_masked.float() * ratio).long() if not last else n_masked
             score = torch.where(is_masked, confidence, -torch.inf)
             if alg_temp > 0:
                 # Sampling positions without replacement from softmax(confidence / alg_temp)
@@ -483,7 +576,7 @@ def dream_generate(
                 u = torch.rand(score.shape, dtype=torch.float64, device=x.device, generator=generator)
                 score = score.double() / alg_temp - torch.log(-torch.log(u))
             region = torch.where(top_count(score, count) & is_masked, x0, region)
-        x[:, prompt_len:] = region
+        x[:, start:stop] = region
         if history is not None:
             history.append(x.clone())
     return _output(x, state, run, history, return_dict_in_generate)

@@ -9,6 +9,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from .config import SparseDConfig
+from .masks import block_mask_from_table
 
 __all__ = ["LayerSelection", "SparseDState", "Mode"]
 
@@ -26,11 +27,34 @@ class LayerSelection:
     q_len: int
     kv_len: int
     density: torch.Tensor  # 0-dim: kept share of attendable key blocks over (b, h, q block)
+    _window: tuple | None = field(default=None, repr=False)  # (start, q_len, mask) of the last window
+
+    def window_mask(self, start: int, q_len: int, block_size: int, key_valid: torch.Tensor | None) -> BlockMask:
+        """The BlockMask for query rows ``[start, start + q_len)`` only (a cached step's window).
+
+        The rows keep the blocks selected for them; ``start`` must be a multiple of the block
+        size so that the window's query blocks are the selection's. The last window's mask is
+        kept, so the steps of one block build it once.
+        """
+        if start % block_size or start < 0 or start + q_len > self.q_len:
+            raise ValueError(
+                f"a sparse window must start at a multiple of block_size {block_size} and lie within "
+                f"the {self.q_len} selected rows, got rows [{start}, {start + q_len})"
+            )
+        if self._window is not None and self._window[:2] == (start, q_len):
+            return self._window[2]
+        rows = self.table[:, :, start // block_size : -(-(start + q_len) // block_size)]
+        mask = block_mask_from_table(
+            rows, q_len, self.kv_len, block_size, key_valid, full_blocks=rows.device.type == "cuda"
+        )
+        self._window = (start, q_len, mask)
+        return mask
 
     def memory_bytes(self) -> int:
         """Device bytes held by the mask's block lists and the block table its mask_mod reads."""
         seen: dict[int, int] = {}
-        for t in (*self.block_mask.as_tuple(flatten=True), self.table):
+        masks = [self.block_mask] + ([] if self._window is None else [self._window[2]])
+        for t in (*(x for m in masks for x in m.as_tuple(flatten=True)), self.table):
             if isinstance(t, torch.Tensor):
                 seen[t.data_ptr()] = t.numel() * t.element_size()
         return sum(seen.values())

@@ -47,6 +47,7 @@ def answer_prompts(
     sparsed: SparseDConfig | None = None,
     batch: int = 8,
     steps: int = VALUE_LEN,
+    kv_cache: str | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Answers:
     """Greedy low-confidence decoding of every prompt's answer (one block of VALUE_LEN tokens).
@@ -57,6 +58,7 @@ def answer_prompts(
         sparsed: SparseD knobs, or None for dense attention.
         batch: prompts per sampler call.
         steps: denoising steps (VALUE_LEN: one token per step).
+        kv_cache: None, "prefix" or "dual" (see `llada_generate`).
         on_batch: called with the number of prompts done after each call (progress bars).
     """
     from ..generation import llada_generate
@@ -67,7 +69,7 @@ def answer_prompts(
     for i in range(0, ids.shape[0], batch):
         out = llada_generate(
             model, ids[i : i + batch], steps=steps, gen_length=VALUE_LEN, block_length=VALUE_LEN,
-            sparsed=sparsed, return_dict_in_generate=True,
+            sparsed=sparsed, kv_cache=kv_cache, return_dict_in_generate=True,
         )  # fmt: skip
         outs.append(out.sequences[:, ids.shape[1] :].cpu())
         if out.sparsed_state is not None:

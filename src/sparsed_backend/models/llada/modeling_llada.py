@@ -24,6 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
+from ...kv_cache import BlockKVCache, window_attention_mask
 from .._common import RMSNorm, cuda_fused, eager_attention_forward, keep_positions, rotate_half, swiglu, zero_padding
 from .configuration_llada import LLaDAConfig
 
@@ -117,6 +118,9 @@ class LLaDABlock(nn.Module):
         v = self.v_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin, self.config.rope_full_precision)
+        kv_cache = kwargs.pop("kv_cache", None)
+        if kv_cache is not None:  # block-wise diffusion caching (kv_cache.BlockKVCache)
+            k, v = kv_cache.update(k, v, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -199,6 +203,7 @@ class LLaDAModel(LLaDAPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        kv_cache: BlockKVCache | None = None,
         **kwargs,
     ) -> BaseModelOutput:
         """input_ids (B, L) or inputs_embeds (B, L, d_model); attention_mask (B, L) with 1 for
@@ -208,12 +213,24 @@ class LLaDAModel(LLaDAPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.transformer.wte(input_ids)
+        window = None if kv_cache is None else kv_cache.window
+        start = 0 if window is None else window[0]
         if position_ids is None:
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+            position_ids = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
 
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        row_mask = attention_mask
+        if window is None:
+            mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+            )
+        else:  # a cached step: queries are the window, keys the whole sequence
+            mask = window_attention_mask(attention_mask, self.config._attn_implementation, inputs_embeds.dtype)
+            row_mask = None if attention_mask is None else attention_mask[:, window[0] : window[1]]
+            kwargs["query_start"] = start
+        if kv_cache is not None:
+            kwargs["kv_cache"] = kv_cache
         position_embeddings = self.rotary_emb(position_ids)
-        hidden_states = self.transformer.emb_drop(zero_padding(inputs_embeds, attention_mask))
+        hidden_states = self.transformer.emb_drop(zero_padding(inputs_embeds, row_mask))
         for block in self.transformer.blocks:
             hidden_states = block(hidden_states, position_embeddings, mask, **kwargs)
         hidden_states = self.transformer.ln_f(hidden_states)

@@ -1,0 +1,216 @@
+"""Prefix / dual K/V caching for block-wise sampling (kv_cache.py) on the tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
+from sparsed_backend.config import SparseDConfig
+from sparsed_backend.generation import dream_generate, llada_generate
+from sparsed_backend.kv_cache import BlockKVCache
+from sparsed_backend.state import SparseDState
+from tiny_models import MASK_ID, PAD_ID, tiny_model
+
+GENERATE = {"llada": llada_generate, "dream": dream_generate}
+P, G, BL = 16, 32, 16  # prompt, generated tokens, block length: the shapes test_generation uses
+
+
+def prompts(seed: int = 0):
+    """Two prompts, the second left padded by 6: ids (2, P), mask (2, P)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, MASK_ID, (2, P), generator=g)
+    mask = torch.ones(2, P, dtype=torch.long)
+    ids[1, :6], mask[1, :6] = PAD_ID, 0
+    return ids, mask
+
+
+def with_attn(kind: str, attn: str):
+    model = tiny_model(kind)
+    model.set_attn_implementation(attn)
+    return model
+
+
+def args(kind: str, **overrides) -> dict:
+    base = (
+        {"steps": 8, "gen_length": G, "block_length": BL}
+        if kind == "llada"
+        else {"steps": 8, "max_new_tokens": G, "block_length": BL, "alg": "entropy"}
+    )
+    return {**base, **overrides}
+
+
+_recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+    _recorded[module.layer_idx] = (key.clone(), value.clone())
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register("recording_sdpa", _recording_sdpa)
+AttentionMaskInterface.register("recording_sdpa", sdpa_mask)
+
+
+def canvas(seed: int = 1):
+    ids, mask = prompts(seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([ids, torch.randint(2, MASK_ID, (2, G), generator=g)], 1)
+    x[:, P + 20 :] = MASK_ID  # later blocks still masked, as during sampling
+    full = torch.cat([mask, torch.ones(2, G, dtype=torch.long)], 1)
+    return x, full, (full.cumsum(-1) - 1).clamp_min(0)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_refresh_caches_fresh_k_v_and_a_window_on_unchanged_tokens_equals_the_full_forward(kind, mode):
+    """A refresh stores exactly the K/V a plain forward computes and returns its logits; a
+    windowed forward over unchanged tokens reproduces the full forward's logits there."""
+    x, mask, pos = canvas()
+    model = with_attn(kind, "recording_sdpa")
+    with torch.no_grad():
+        plain = model(x, attention_mask=mask, position_ids=pos).logits
+        fresh = dict(_recorded)
+        model.set_attn_implementation("sdpa")
+        cache = BlockKVCache(mode)
+        cache.refresh()
+        refreshed = model(x, attention_mask=mask, position_ids=pos, kv_cache=cache).logits
+        torch.testing.assert_close(refreshed, plain, rtol=0, atol=0)
+        for layer, (k, v) in fresh.items():
+            torch.testing.assert_close(cache._keys[layer], k, rtol=0, atol=0)
+            torch.testing.assert_close(cache._values[layer], v, rtol=0, atol=0)
+        start, stop = P + BL, (x.shape[1] if mode == "prefix" else P + 2 * BL)
+        cache.set_window(start, stop)
+        window = model(x[:, start:stop], attention_mask=mask, position_ids=pos[:, start:stop], kv_cache=cache).logits
+    torch.testing.assert_close(window, plain[:, start:stop], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_sparse_window_uses_the_switch_steps_rows(kind):
+    """A refresh on a sparse step, then a cached sparse step on a block-aligned window with the
+    tokens unchanged: the window's logits are the refresh's rows (the same selected blocks)."""
+    x, mask, pos = canvas(2)
+    model = with_attn(kind, "sparsed")
+    cfg = SparseDConfig(skip=0.0, select=0.5, block_size=16, min_sparse_len=0)
+    state = SparseDState(cfg, steps=3, gen_start=P)
+    cache = BlockKVCache("dual")
+    try:
+        with torch.no_grad():
+            model(x, attention_mask=mask, position_ids=pos, sparsed_state=state)  # the switch step
+            state.advance()
+            cache.refresh()
+            full = model(x, attention_mask=mask, position_ids=pos, sparsed_state=state, kv_cache=cache).logits
+            state.advance()
+            cache.set_window(P, P + BL)
+            rows = {"position_ids": pos[:, P : P + BL], "sparsed_state": state, "kv_cache": cache}
+            part = model(x[:, P : P + BL], attention_mask=mask, **rows).logits
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert state.mode == "sparse" and state.layers[0].density < 1
+    torch.testing.assert_close(part, full[:, P : P + BL], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_one_step_per_block_never_uses_the_cache_and_equals_no_cache(kind, mode):
+    """With one step per block every step is a refresh: the cached sampler is exactly the plain one."""
+    model = with_attn(kind, "sdpa")
+    ids, mask = prompts()
+    plain = GENERATE[kind](model, ids, mask, **args(kind, steps=2))
+    cached = GENERATE[kind](model, ids, mask, kv_cache=mode, **args(kind, steps=2))
+    assert torch.equal(cached, plain)
+
+
+def test_dream_block_length_of_the_whole_generation_is_the_unblocked_sampler():
+    model = with_attn("dream", "sdpa")
+    ids, mask = prompts()
+    a = dream_generate(model, ids, mask, steps=8, max_new_tokens=G, alg="entropy")
+    b = dream_generate(model, ids, mask, steps=8, max_new_tokens=G, alg="entropy", block_length=G)
+    assert torch.equal(a, b)
+
+
+CASES = [
+    ("llada", {"remasking": "low_confidence"}),
+    ("llada", {"remasking": "random", "temperature": 0.7}),
+    ("dream", {"alg": "entropy"}),
+    ("dream", {"alg": "origin", "temperature": 0.7}),
+    ("dream", {"alg": "maskgit_plus", "temperature": 0.7, "alg_temp": 0.5}),
+]
+
+
+@pytest.mark.parametrize("sparsed", [False, True])
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize(("kind", "overrides"), CASES)
+def test_cached_sampling_decodes_everything_and_padded_rows_do_not_touch_batch_mates(kind, overrides, mode, sparsed):
+    """Every remasking rule, GQA (the tiny models have 4 query / 2 kv heads), a padded row: the
+    cached sampler keeps the prompt, and a row's tokens do not depend on the other row of its
+    batch."""
+    model = with_attn(kind, "sparsed" if sparsed else "sdpa")
+    cfg = SparseDConfig(skip=0.25, select=0.5, block_size=16, min_sparse_len=0) if sparsed else None
+    ids, mask = prompts(3)
+    other, other_mask = prompts(4)
+    run = lambda i, m: GENERATE[kind](  # noqa: E731
+        model, i, m, kv_cache=mode, sparsed=cfg, generator=torch.Generator().manual_seed(0),
+        return_dict_in_generate=True, **args(kind, **overrides),
+    )  # fmt: skip
+    try:
+        out = run(ids, mask)
+        mixed = run(torch.stack([other[0], ids[1]]), torch.stack([other_mask[0], mask[1]]))
+    finally:
+        model.set_attn_implementation("sdpa")
+    seq = out.sequences
+    assert torch.equal(seq[:, :P], ids)
+    assert out.num_forwards == 8 and seq.shape == (2, P + G)
+    if sparsed:
+        # skip 0.25 of 8 steps: the switch is step 2, inside the first block; it runs the whole
+        # sequence (a third refresh besides the two block starts) and selects for every layer.
+        assert out.sparsed_state.switch == 2 and sorted(out.sparsed_state.layers) == [0, 1]
+        assert out.kv_cache.refreshes == 3
+    else:
+        assert out.kv_cache.refreshes == 2
+    if overrides.get("temperature", 0) == 0 and overrides.get("remasking") != "random":
+        assert torch.equal(mixed.sequences[1], seq[1])
+
+
+BAD = [
+    ("llada", {"kv_cache": "full"}, ValueError, r"kv_cache must be None, 'prefix' or 'dual', got 'full'"),
+    ("dream", {"kv_cache": "prefix", "block_length": None}, ValueError, r"kv_cache='prefix' needs block_length"),
+    ("llada", {"kv_cache": "dual", "cfg_scale": 1.0}, ValueError, r"does not support classifier-free guidance"),
+    ("dream", {"block_length": 10}, ValueError, r"max_new_tokens must be divisible by block_length"),
+    ("dream", {"steps": 3}, ValueError, r"steps must be divisible by the number of blocks .* = 2, got steps=3"),
+]
+
+
+@pytest.mark.parametrize(("kind", "overrides", "error", "match"), BAD)
+def test_bad_cache_arguments_raise(kind, overrides, error, match):
+    model = with_attn(kind, "sdpa")
+    ids, mask = prompts()
+    with pytest.raises(error, match=match):
+        GENERATE[kind](model, ids, mask, **args(kind, **overrides))
+
+
+def test_reselect_and_unsupported_attention_are_refused_with_a_cache():
+    ids, mask = prompts()
+    model = with_attn("llada", "sparsed")
+    try:
+        with pytest.raises(ValueError, match=r"reselect=True needs a full forward at every step"):
+            llada_generate(model, ids, mask, kv_cache="prefix", sparsed=SparseDConfig(reselect=True), **args("llada"))
+    finally:
+        model.set_attn_implementation("sdpa")
+    cache = BlockKVCache("prefix")
+    with pytest.raises(ValueError, match=r"set_window before any refresh"):
+        cache.set_window(0, 4)
+    model = with_attn("llada", "flex_attention")
+    x, full, pos = canvas()
+    try:
+        cache.refresh()
+        with torch.no_grad():
+            model(x, attention_mask=full, position_ids=pos, kv_cache=cache)
+        cache.set_window(P, P + BL)
+        with pytest.raises(NotImplementedError, match=r"kv_cache supports the 'sdpa', 'eager' and 'sparsed'"):
+            model(x[:, P : P + BL], attention_mask=full, position_ids=pos[:, P : P + BL], kv_cache=cache)
+    finally:
+        model.set_attn_implementation("sdpa")
