@@ -24,7 +24,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .._common import RMSNorm, cuda_fused, eager_attention_forward, keep_positions, rotate_half, swiglu
+from .._common import (
+    RMSNorm,
+    check_tensor_parallel_heads,
+    cuda_fused,
+    eager_attention_forward,
+    keep_positions,
+    rotate_half,
+    swiglu,
+)
 from .configuration_llada import LLaDAConfig
 
 __all__ = ["LLaDAModel", "LLaDAModelLM", "LLaDAPreTrainedModel"]
@@ -173,6 +181,7 @@ class LLaDAModel(LLaDAPreTrainedModel):
     def __init__(self, config: LLaDAConfig) -> None:
         super().__init__(config)
         config.check_supported()
+        check_tensor_parallel_heads(config, config.n_heads, config.effective_n_kv_heads)
         rows = config.embedding_size or config.vocab_size
         self.transformer = nn.ModuleDict(
             {
