@@ -22,6 +22,7 @@ weights hold after loading and the peak allocated while stepping (weights includ
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -49,7 +50,9 @@ def _setup() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        # Rank 0 may spend minutes writing the checkpoint while the others wait at a barrier.
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=datetime.timedelta(minutes=30))  # fmt: skip
     return rank, world, device
 
 

@@ -182,8 +182,18 @@ def tp_results(tmp_path_factory):
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_run_rank, args=(r, port, paths, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
+    # CPU ranks even on a GPU machine: transformers shards onto the accelerator it detects, and
+    # the gloo group here is a CPU one. The children inherit the environment at start.
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if hidden is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
     try:
         results = [queue.get(timeout=240) for _ in range(WORLD)]
     finally:
