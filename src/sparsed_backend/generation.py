@@ -14,6 +14,9 @@ syncs:
   gathering the masked positions with a data-dependent boolean index;
 - nothing in the loop reads a value back to the host (no ``.item()``, ``.tolist()``, ``int()``
   of a device tensor).
+- under tensor parallelism (a model loaded with a TP plan) the first rank of the TP group
+  decides every step's tokens and broadcasts them, so all ranks keep the same sequence
+  whatever their generators hold (see ``tensor_parallel.py``).
 
 Batches are LEFT padded: ``attention_mask`` (B, P) marks real prompt tokens; positions are
 ``cumsum(mask) - 1`` so a padded row computes what it would alone; pad tokens are never
@@ -35,6 +38,7 @@ from ._validate import check_float, check_int
 from .config import SparseDConfig
 from .kv_cache import BlockKVCache, check_kv_cache
 from .state import SparseDState
+from .tensor_parallel import RankSync, rank_sync
 
 __all__ = ["DiffusionGenerationOutput", "dream_generate", "llada_generate"]
 
@@ -153,6 +157,16 @@ def _check_length(model: nn.Module, prompt_len: int, gen_length: int, gen_name: 
             f"prompt length {prompt_len:,} + {gen_name} {gen_length:,} = {prompt_len + gen_length:,} tokens, more "
             f"than the model's max_position_embeddings of {limit:,}: shorten the prompt or generate fewer tokens"
         )
+
+
+def _tensor_parallel(model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> RankSync | None:
+    """For a tensor-parallel model: check that every rank got the same prompt batch and return
+    the RankSync through which the first rank's tokens are shared after each step."""
+    sync = rank_sync(model)
+    if sync is not None:
+        sync.check_same("input_ids", x)
+        sync.check_same("attention_mask", mask)
+    return sync
 
 
 def _mask_id(model: nn.Module, mask_id: int | None, name: str) -> int:
@@ -334,6 +348,7 @@ def llada_generate(
     _check_model(model, sparsed)
     x, mask, position_ids, prompt_index = _prepare(model, input_ids, attention_mask, mask_id, gen_length)
     _check_length(model, input_ids.shape[1], gen_length, "gen_length")
+    sync = _tensor_parallel(model, x, mask)
 
     prompt_len = input_ids.shape[1]
     steps_per_block = steps // num_blocks
@@ -375,7 +390,9 @@ def llada_generate(
             score = torch.where(is_masked, score, -torch.inf)
             chosen = torch.topk(score, k, dim=-1).indices  # k <= masked count: only masked picked
             transfer = torch.zeros_like(is_masked).scatter_(-1, chosen, True)
-            x[:, start : start + block_length] = torch.where(transfer, x0, block)
+            block = torch.where(transfer, x0, block)
+            # Tensor parallel: the first rank's draw decides (ranks' generators may differ).
+            x[:, start : start + block_length] = block if sync is None else sync.share(block)
             if history is not None:
                 history.append(x.clone())
     return _output(x, state, run, history, return_dict_in_generate)
@@ -528,6 +545,7 @@ def dream_generate(
     _check_model(model, sparsed)
     x, mask, position_ids, _ = _prepare(model, input_ids, attention_mask, mask_token_id, max_new_tokens)
     _check_length(model, input_ids.shape[1], max_new_tokens, "max_new_tokens")
+    sync = _tensor_parallel(model, x, mask)
 
     prompt_len = input_ids.shape[1]
     steps_per_block = steps // num_blocks
@@ -576,7 +594,8 @@ def dream_generate(
                 u = torch.rand(score.shape, dtype=torch.float64, device=x.device, generator=generator)
                 score = score.double() / alg_temp - torch.log(-torch.log(u))
             region = torch.where(top_count(score, count) & is_masked, x0, region)
-        x[:, start:stop] = region
+        # Tensor parallel: the first rank's draw decides (ranks' generators may differ).
+        x[:, start:stop] = region if sync is None else sync.share(region)
         if history is not None:
             history.append(x.clone())
     return _output(x, state, run, history, return_dict_in_generate)

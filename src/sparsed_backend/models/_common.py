@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -70,6 +71,36 @@ def zero_padding(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | Non
         return inputs_embeds
     keep = attention_mask.to(device=inputs_embeds.device, dtype=torch.bool)[..., None]
     return inputs_embeds.masked_fill(~keep, 0)
+
+
+def tensor_parallel_size(config) -> int:
+    """The TP size ``from_pretrained(distributed_config=...)`` will shard this model over (1: none).
+
+    transformers puts the DistributedConfig (its ``tp_size`` already resolved from the world
+    size) on the config before it builds the model, so the model can check its shapes early.
+    """
+    dist_config = getattr(config, "distributed_config", None)
+    size = getattr(dist_config, "tp_size", None)
+    return 1 if size is None else int(size)
+
+
+def check_tensor_parallel_heads(config, num_heads: int, num_kv_heads: int) -> None:
+    """Raise ValueError unless every TP rank gets whole query heads and whole GQA groups.
+
+    Column-wise q/k/v hand rank r the r-th contiguous slice of the query heads and of the kv
+    heads. When both head counts divide by the TP size, the slices line up: the query heads
+    of a rank are exactly the groups of its own kv heads, so attention needs no communication.
+    Anything else would split a head or pair a query head with another rank's kv head.
+    """
+    tp = tensor_parallel_size(config)
+    if tp <= 1:
+        return
+    if num_heads % tp or num_kv_heads % tp:
+        raise ValueError(
+            f"tensor parallelism needs the attention heads and the key/value heads to divide by the "
+            f"TP size (distributed_config.tp_size={tp}), got {num_heads} attention heads and "
+            f"{num_kv_heads} key/value heads; use a TP size that divides {math.gcd(num_heads, num_kv_heads)}"
+        )
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

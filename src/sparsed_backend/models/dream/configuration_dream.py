@@ -21,6 +21,21 @@ class DreamConfig(PreTrainedConfig):
 
     model_type = "Dream"  # capital D, as in the official checkpoints
     keys_to_ignore_at_inference = ["past_key_values"]
+    # Tensor parallelism: Qwen2's plan. Column-wise q/k/v give every rank whole query heads and
+    # the kv heads of exactly those query groups (contiguous slices of Hq and Hkv line up when
+    # both divide by the TP size, which the model checks when it is built). The embedding is
+    # split by vocabulary as transformers >= 5.2x does for Qwen2 by default; naming it here makes
+    # 5.17 do the same. The LM head's rule is on DreamModel (``_tp_plan``).
+    base_model_tp_plan = {
+        "embed_tokens": "embedding_rowwise",
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
 
     vocab_size: int = 152064
     hidden_size: int = 3584

@@ -27,7 +27,16 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from ...kv_cache import BlockKVCache, window_attention_mask
-from .._common import RMSNorm, cuda_fused, eager_attention_forward, keep_positions, rotate_half, swiglu, zero_padding
+from .._common import (
+    RMSNorm,
+    check_tensor_parallel_heads,
+    cuda_fused,
+    eager_attention_forward,
+    keep_positions,
+    rotate_half,
+    swiglu,
+    zero_padding,
+)
 from .configuration_dream import DreamConfig
 
 __all__ = ["DreamBaseModel", "DreamModel", "DreamPreTrainedModel"]
@@ -175,6 +184,7 @@ class DreamBaseModel(DreamPreTrainedModel):
     def __init__(self, config: DreamConfig) -> None:
         super().__init__(config)
         config.check_supported()
+        check_tensor_parallel_heads(config, config.num_attention_heads, config.num_key_value_heads)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DreamDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = DreamRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -228,6 +238,7 @@ class DreamModel(DreamPreTrainedModel):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # iff tie_word_embeddings
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # vocabulary split, logits gathered (as Qwen2)
 
     def __init__(self, config: DreamConfig) -> None:
         super().__init__(config)

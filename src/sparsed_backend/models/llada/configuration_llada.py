@@ -20,6 +20,23 @@ class LLaDAConfig(PreTrainedConfig):
 
     model_type = "llada"
     keys_to_ignore_at_inference = ["past_key_values"]
+    # Tensor parallelism (``from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto"))``
+    # under torchrun), the Llama layout under the checkpoint's names: q/k/v and the SwiGLU input
+    # projections split by output features (whole heads per rank, kv heads with their query
+    # groups), attn_out and the MLP's ff_out split by input features (one all-reduce each). The
+    # vocabulary is split for the embedding (partial lookups summed) and for the LM head, which
+    # LLaDA keeps inside the base model as ``transformer.ff_out`` (its logits are gathered).
+    base_model_tp_plan = {
+        "transformer.wte": "embedding_rowwise",
+        "transformer.blocks.*.q_proj": "colwise",
+        "transformer.blocks.*.k_proj": "colwise",
+        "transformer.blocks.*.v_proj": "colwise",
+        "transformer.blocks.*.attn_out": "rowwise",
+        "transformer.blocks.*.ff_proj": "colwise",
+        "transformer.blocks.*.up_proj": "colwise",
+        "transformer.blocks.*.ff_out": "rowwise",
+        "transformer.ff_out": "colwise_gather_output",
+    }
     # Standard names, so that transformers utilities (and users) can read them.
     attribute_map = {
         "hidden_size": "d_model",

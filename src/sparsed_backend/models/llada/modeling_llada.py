@@ -25,7 +25,16 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from ...kv_cache import BlockKVCache, window_attention_mask
-from .._common import RMSNorm, cuda_fused, eager_attention_forward, keep_positions, rotate_half, swiglu, zero_padding
+from .._common import (
+    RMSNorm,
+    check_tensor_parallel_heads,
+    cuda_fused,
+    eager_attention_forward,
+    keep_positions,
+    rotate_half,
+    swiglu,
+    zero_padding,
+)
 from .configuration_llada import LLaDAConfig
 
 __all__ = ["LLaDAModel", "LLaDAModelLM", "LLaDAPreTrainedModel"]
@@ -177,6 +186,7 @@ class LLaDAModel(LLaDAPreTrainedModel):
     def __init__(self, config: LLaDAConfig) -> None:
         super().__init__(config)
         config.check_supported()
+        check_tensor_parallel_heads(config, config.n_heads, config.effective_n_kv_heads)
         rows = config.embedding_size or config.vocab_size
         self.transformer = nn.ModuleDict(
             {
