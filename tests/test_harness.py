@@ -245,20 +245,19 @@ def _instance(kind, args, idx=0):
 
 
 def test_loglikelihood_of_the_shipped_model_is_reproducible_and_prefers_the_answer(harness_model):
-    doc = load_docs(1024)[0]
-    wrong = doc["answer"][::-1]
-    lm = _make(harness_model, mc_samples=4, batch_size=10, seed=11)
-    reqs = [
-        _instance("loglikelihood", (doc["prompt"], doc["answer"])),
-        _instance("loglikelihood", (doc["prompt"], wrong)),
-    ]
+    lm = _make(harness_model, mc_samples=2, batch_size=6, seed=11)
+    task = sample_prompts(512, 1, seed=SEED_BASE + 512)  # short, to keep the test cheap
+    prompt = lm.tokenizer.decode(task.input_ids[0, 1:].tolist())
+    answer = lm.tokenizer.decode(task.answers[0].tolist())
+    wrong = answer[::-1]
+    reqs = [_instance("loglikelihood", (prompt, answer)), _instance("loglikelihood", (prompt, wrong))]
     first = lm.loglikelihood(reqs)
     assert first == lm.loglikelihood(reqs)  # same seed, same numbers
     (right_ll, right_greedy), (wrong_ll, wrong_greedy) = first
     assert right_greedy and not wrong_greedy
     assert right_ll > wrong_ll + 5
     with pytest.raises(NotImplementedError, match="does not implement loglikelihood_rolling"):
-        lm.loglikelihood_rolling([_instance("loglikelihood_rolling", (doc["prompt"],))])
+        lm.loglikelihood_rolling([_instance("loglikelihood_rolling", (prompt,))])
 
 
 def test_sparsed_loglikelihood_warns_that_it_runs_dense(harness_model):
@@ -307,6 +306,34 @@ def test_generation_kwargs_the_model_cannot_apply_warn(harness_model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # greedy settings agree with temperature 0: no warning
         assert lm._gen_settings({"do_sample": False, "temperature": 0.0, "max_gen_toks": 2}) == ([], 2)
+
+
+def test_a_dream_checkpoint_is_detected_and_runs_both_request_types(harness_model, tmp_path):
+    from sparsed_backend.demo.task import MASK_ID as DEMO_MASK
+    from sparsed_backend.demo.task import VOCAB_SIZE
+    from sparsed_backend.demo.tokenizer import build_tokenizer
+    from tiny_models import TINY, write_checkpoint
+
+    # A tiny Dream with the demo tokenizer's vocabulary (text in, text out).
+    cfg = TINY["dream"] | {"vocab_size": VOCAB_SIZE, "mask_token_id": DEMO_MASK, "bos_token_id": 1,
+                           "eos_token_id": 0, "pad_token_id": 0}  # fmt: skip
+    write_checkpoint(tmp_path, "dream", cfg)
+    build_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"model args \['block_length'\] belong to the llada sampler; this checkpoint is dream"
+    ):
+        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", block_length=4)
+    lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=4, steps=4, mc_samples=3,
+                                   batch_size=4, alg="maskgit_plus")  # fmt: skip
+    assert lm.family == "dream" and lm.alg == "maskgit_plus"
+    prompts = ["\u4e00\u4e01?", "\u4e02" * 5]
+    out = lm.generate_until([_instance("generate_until", (p, {"until": [], "max_gen_toks": 4})) for p in prompts])
+    assert len(out) == 2 and all(isinstance(t, str) and len(t) <= 4 for t in out)
+    got = lm.loglikelihood([_instance("loglikelihood", (prompts[0], "\uac00\uac01"))])
+    ctx = lm.tokenizer(prompts[0])["input_ids"]
+    direct = masked_loglikelihood(lm.model, [(ctx, [517, 518])], mask_id=DEMO_MASK, pad_id=0, mc_samples=3,
+                                  batch_size=4, seed=0, shifted=True)  # fmt: skip
+    assert got == direct
 
 
 # ----------------------------------------------------------------------------- the console script

@@ -1,9 +1,10 @@
 """Monte Carlo masked log-likelihood of a continuation under a masked diffusion LM.
 
-A masked diffusion LM gives no exact ``log p(continuation | context)``; its authors score
-multiple-choice tasks with a Monte Carlo estimate of the ELBO-style bound (LLaDA paper, arXiv
-2502.09992, eq. 6 and its Appendix B.6; Dream evaluates the same way). For a continuation ``c``
-of ``L`` tokens after a context ``p``, one sample
+A masked diffusion LM gives no exact ``log p(continuation | context)``; LLaDA's authors score
+multiple-choice tasks with a Monte Carlo estimate of a lower bound on it (Nie et al., "Large
+Language Diffusion Models", arXiv 2502.09992: the conditional likelihood estimate with the
+number of masked tokens drawn uniformly). We use the same estimate for Dream, following its
+shifted logits. For a continuation ``c`` of ``L`` tokens after a context ``p``, one sample
 
 1. draws ``l`` uniformly from ``1..L``,
 2. masks a uniformly random subset of ``l`` continuation tokens (the context stays visible),

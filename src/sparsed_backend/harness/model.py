@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 FAMILIES = {"llada": "llada", "Dream": "dream"}  # config.model_type -> sampler family
 ATTN = ("dense", "sparsed")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Generation kwargs a task may set that the model args already decide; consistent values pass.
-_SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k")
 
 
 # ------------------------------------------------------------------------------ argument parsing
@@ -274,8 +272,8 @@ class DiffusionLM(LM):
         if self.max_length and total > self.max_length:
             warn_once(
                 "harness-too-long",
-                f"sparsed-dlm: a request of {total} tokens exceeds the model's max length {self.max_length}; "
-                "it runs untruncated",
+                f"sparsed-dlm: a request of {total} tokens (prompt + generation) is longer than the model's "
+                f"configured length {self.max_length}; it runs untruncated",
             )
 
     # ---------------------------------------------------------------------------- generation
@@ -296,9 +294,9 @@ class DiffusionLM(LM):
         greedy = self.temperature == 0.0
         for key, value in gen_kwargs.items():
             consistent = (key == "do_sample" and value is (not greedy)) or (
-                key == "temperature" and float(value) == self.temperature
+                key == "temperature" and isinstance(value, (int, float)) and float(value) == self.temperature
             )
-            if key not in _SAMPLING_KEYS or not consistent:
+            if not consistent:
                 warn_once(
                     f"harness-gen-{key}-{value}",
                     f"sparsed-dlm: the task's generation kwarg {key}={value!r} is not applied; the model args "
