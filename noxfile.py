@@ -1,4 +1,4 @@
-"""Sessions: tests (the whole suite, CPU), demo (the main job), bench, lint.
+"""Sessions: tests (the whole suite, CPU, lm-eval harness included), demo (the main job), bench, lint.
 
 pip install nox && nox -s tests
 """
@@ -27,7 +27,7 @@ def _install(session: nox.Session, extras: str) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The whole test suite on CPU (Hypothesis profile 'ci': derandomised, bounded)."""
-    _install(session, "test,demo")
+    _install(session, "test,demo,eval")
     session.env.setdefault("HYPOTHESIS_PROFILE", "ci")
     session.run("pytest", "-q", "--hypothesis-show-statistics", *session.posargs)
 

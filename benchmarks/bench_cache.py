@@ -1,0 +1,213 @@
+"""End to end with a K/V cache: dense, sparsed, and each with the prefix / dual cache.
+
+    python benchmarks/bench_cache.py --lengths 16384 65536                      # H100, LLaDA-8B shape
+    python benchmarks/bench_cache.py --model dream --lengths 131072 --variants dense+prefix sparsed+prefix
+    python benchmarks/bench_cache.py                                            # CPU smoke size
+
+Per prompt length, in one process on one random-weight model (bf16 on CUDA):
+
+- no cache: a dense step, the switch step and a sparse step are timed after a warm-up and
+  weighed by the schedule, as bench_e2e.py does (a 64k dense generation of 256 steps would
+  take over 20 minutes);
+- with a cache: the real sampler runs the whole generation (``llada_generate`` /
+  ``dream_generate`` with ``block_length``). Every forward is timed (synchronised); a step
+  kind's first forward (compilation, autotuning) counts at the median of that kind's others,
+  and a kind that runs once (the switch step) at its warm no-cache time. ``wall_s`` is the
+  raw wall time, compilation included.
+
+Peak memory is measured above the weights; ``cache_mib`` is what the cache holds at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from bench_e2e import build_model, timed
+from common import environment, markdown_table, write_results
+from sparsed_backend import SparseDConfig, SparseDState
+from sparsed_backend.generation import dream_generate, llada_generate
+
+VARIANTS = ["dense+prefix", "dense+dual", "sparsed+prefix", "sparsed+dual"]
+
+
+def build_dream(layers: int, device: torch.device, dtype: torch.dtype, small: bool):
+    from sparsed_backend.models import DreamConfig, DreamModel
+
+    if small:
+        cfg = DreamConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=layers,
+                          intermediate_size=512, vocab_size=512, max_position_embeddings=1 << 20)  # fmt: skip
+    else:  # Dream-7B shape: 28 layers, 28 query / 4 key-value heads
+        cfg = DreamConfig(num_hidden_layers=layers, max_position_embeddings=1 << 20)
+    with torch.device(device):
+        model = DreamModel._from_config(cfg, attn_implementation="sparsed", dtype=dtype)
+    return model.eval()
+
+
+class ForwardClock:
+    """Forward hooks: each forward's synchronised wall time, keyed by (SparseD mode, query rows)."""
+
+    def __init__(self, model, device):
+        self.device, self.records = device, []
+        self._hooks = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                       model.register_forward_hook(self._post, with_kwargs=True)]  # fmt: skip
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _pre(self, module, args, kwargs):
+        state = kwargs.get("sparsed_state")
+        mode = "dense" if state is None else state.mode
+        self._key = (mode, kwargs["input_ids"].shape[1])
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _post(self, module, args, kwargs, output):
+        self._sync()
+        self.records.append((self._key, time.perf_counter() - self._t0))
+
+    def steady_total(self, single: dict[str, float]) -> float:
+        """Sum of all forwards, each kind's first one replaced as described in the module doc."""
+        by_key: dict = {}
+        for key, t in self.records:
+            by_key.setdefault(key, []).append(t)
+        total = 0.0
+        for key, times in by_key.items():
+            if len(times) > 1:
+                total += statistics.median(times[1:]) * len(times)
+            else:
+                total += single.get(key[0], times[0])
+        return total
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
+
+
+def memory_above(device, base):
+    return (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else float("nan")
+
+
+@torch.inference_mode()
+def run_length(model, kind, n, args, device, rows):
+    g = torch.Generator(device=device).manual_seed(0)
+    prompt_len = n - args.gen_length
+    top = model.config.mask_token_id  # prompts never hold the mask token
+    ids = torch.randint(0, top, (1, prompt_len), device=device, generator=g)
+    full = torch.randint(0, top, (1, n), device=device, generator=g)
+    cfg = SparseDConfig(skip=args.skip, select=args.select, block_size=args.block_size, min_sparse_len=0)
+    keep = torch.arange(prompt_len, n, device=device)
+    state = SparseDState(cfg, steps=args.steps, gen_start=prompt_len)
+    switch = cfg.switch_step(args.steps)
+
+    def step(mode_step):
+        def fn():
+            if mode_step is None:
+                model(full, logits_to_keep=keep)
+                return
+            state.step = mode_step
+            if mode_step == switch:
+                state.layers.clear()
+            model(full, logits_to_keep=keep, sparsed_state=state)
+
+        return fn
+
+    single = {}
+    for name, fn in (("dense", step(None)), ("switch", step(switch)), ("sparse", step(switch + 1))):
+        fn()  # warm-up: compilation and autotuning stay out of the numbers
+        single[name], _ = timed(fn, device, args.repeats)
+        print(f"  N={n:6d} {name:8s} step {single[name]:8.3f} s", flush=True)
+    dense_total = args.steps * single["dense"]
+    sparsed_total = switch * single["dense"] + single["switch"] + (args.steps - switch - 1) * single["sparse"]
+    state.layers.clear()
+    base_row = {"N": n, "model": kind, "steps": args.steps, "gen_length": args.gen_length,
+                "block_length": args.block_length, "dense_step_s": single["dense"], "switch_step_s": single["switch"],
+                "sparse_step_s": single["sparse"]}  # fmt: skip
+    results = {"dense": dense_total, "sparsed": sparsed_total}
+    rows.append(dict(base_row, variant="dense", total_s=dense_total, measured="projected"))
+    rows.append(dict(base_row, variant="sparsed", total_s=sparsed_total, measured="projected"))
+    generate = llada_generate if kind == "llada" else dream_generate
+    length_arg = {"gen_length": args.gen_length} if kind == "llada" else {"max_new_tokens": args.gen_length}
+    for variant in args.variants:
+        attn, cache = variant.split("+")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        clock = ForwardClock(model, device)
+        t0 = time.perf_counter()
+        out = generate(
+            model, ids, steps=args.steps, block_length=args.block_length, kv_cache=cache,
+            sparsed=cfg if attn == "sparsed" else None, return_dict_in_generate=True, **length_arg,
+        )  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        clock.remove()
+        total = clock.steady_total({"switch": single["switch"]})
+        results[variant] = total
+        row = dict(base_row, variant=variant, total_s=total, wall_s=wall, measured="run",
+                   peak_mib=memory_above(device, base), cache_mib=out.kv_cache.memory_bytes() / 2**20,
+                   refreshes=out.kv_cache.refreshes, forwards=out.num_forwards)  # fmt: skip
+        if out.sparsed_state is not None:
+            row["density"] = out.sparsed_state.density()
+        rows.append(row)
+        print(f"  N={n:6d} {variant:15s} {total:8.2f} s (wall {wall:.2f} s) peak {row['peak_mib']:.0f} MiB "
+              f"cache {row['cache_mib']:.0f} MiB", flush=True)  # fmt: skip
+        del out
+    for row in rows:
+        if row["N"] == n and row["model"] == kind:
+            row["speedup_vs_dense"] = dense_total / row["total_s"]
+            if "dense+prefix" in results:
+                row["speedup_vs_dense_prefix"] = results["dense+prefix"] / row["total_s"]
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["llada", "dream"], default="llada")
+    p.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536] if cuda else [640])
+    p.add_argument("--layers", type=int, default=None, help="default: 32 (LLaDA) / 28 (Dream) on CUDA, 2 on CPU")
+    p.add_argument("--steps", type=int, default=256 if cuda else 16)
+    p.add_argument("--gen-length", type=int, default=256 if cuda else 64)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--skip", type=float, default=0.2)
+    p.add_argument("--select", type=float, default=0.3)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    p.add_argument("--name", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    layers = args.layers or ((32 if args.model == "llada" else 28) if cuda else 2)
+    name = args.name or (f"bench_cache_{args.model}" if cuda else f"bench_cache_{args.model}_cpu_smoke")
+    env = environment(device)
+    env.update(model=args.model, skip=args.skip, select=args.select, block_size=args.block_size, layers=layers,
+               batch=1, steps=args.steps, gen_length=args.gen_length, block_length=args.block_length)  # fmt: skip
+    print(json.dumps(env), flush=True)
+    if args.model == "llada":
+        model = build_model(layers, device, dtype, small=not cuda)
+        model.config.max_sequence_length = max(args.lengths)  # random weights: any length
+    else:
+        model = build_dream(layers, device, dtype, small=not cuda)
+    if model.config.mask_token_id >= model.config.vocab_size:  # the CPU smoke model's small vocabulary
+        model.config.mask_token_id = model.config.vocab_size - 1
+    rows: list[dict] = []
+    for n in args.lengths:
+        run_length(model, args.model, n, args, device, rows)
+    cols = ["model", "N", "variant", "measured", "total_s", "wall_s", "speedup_vs_dense", "speedup_vs_dense_prefix",
+            "peak_mib", "cache_mib", "refreshes", "forwards", "density"]  # fmt: skip
+    table = markdown_table(rows, cols)
+    write_results(name, env, rows, table, args.out)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,414 @@
+"""``sparsed-dlm``: an lm-evaluation-harness model for LLaDA and Dream checkpoints, dense or SparseD.
+
+    sparsed-eval --model sparsed-dlm --model_args pretrained=PATH,attn=sparsed,select=0.3 --tasks ...
+
+Importing this module imports ``lm_eval.models`` first (once an outside model is registered,
+lm-eval no longer loads its own registry on demand, and ``--model hf`` would fail), then
+registers `DiffusionLM` under ``sparsed-dlm``.
+
+- ``generate_until`` runs the project's samplers (`llada_generate`, `dream_generate`) on
+  left-padded batches, with SparseD when ``attn=sparsed``.
+- ``loglikelihood`` is the Monte Carlo masked estimate of `harness.likelihood`, always with dense
+  attention (see `DiffusionLM.loglikelihood`).
+- ``loglikelihood_rolling`` raises NotImplementedError.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lm_eval.models  # noqa: F401  (must come before our registration: see the module docstring)
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from .. import SparseDConfig
+from .._warn import warn_once
+from ..generation import DREAM_ALGS, LLADA_REMASKING, dream_generate, llada_generate
+from . import MODEL_NAME
+from .likelihood import masked_loglikelihood
+
+__all__ = ["DiffusionLM"]
+
+log = logging.getLogger(__name__)
+
+FAMILIES = {"llada": "llada", "Dream": "dream"}  # config.model_type -> sampler family
+ATTN = ("dense", "sparsed")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ------------------------------------------------------------------------------ argument parsing
+
+
+def _fail(name: str, expected: str, value: object) -> ValueError:
+    return ValueError(f"model arg {name}: expected {expected}, got {value!r}")
+
+
+def _int(name: str, value: object, minimum: int) -> int:
+    """An int from an int or a decimal string (the CLI passes both); ValueError naming ``name``."""
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(name, f"an int >= {minimum}", value)
+    return value
+
+
+def _float(name: str, value: object, low: float, high: float = math.inf, *, open_low: bool = False) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _fail(name, "a number", value) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(name, "a number", value)
+    if (value <= low if open_low else value < low) or value > high:
+        bounds = f"{'(' if open_low else '['}{low}, {high}{']' if high < math.inf else ')'}"
+        raise _fail(name, f"a number in {bounds}", value)
+    return float(value)
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise _fail(name, f"one of {choices}", value)
+    return value
+
+
+def _bool(name: str, value: object) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise _fail(name, "true or false", value)
+    return value
+
+
+def _device(value: object) -> torch.device:
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise _fail("device", "a torch device such as 'cpu' or 'cuda:0'", value) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # lm-eval's CLI passes device='cuda:0' to every model unless told otherwise.
+        warn_once(
+            "harness-no-cuda",
+            f"sparsed-dlm: device {value!r} asked for but CUDA is not available; running on the CPU "
+            "(pass --device cpu to choose it)",
+        )
+        return torch.device("cpu")
+    return device
+
+
+def _dtype(value: object, device: torch.device) -> torch.dtype:
+    if value in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[_choice("dtype", value, ("auto", *DTYPES))]
+
+
+@register_model(MODEL_NAME)
+class DiffusionLM(LM):
+    """LLaDA or Dream (detected from ``config.model_type``) behind lm-eval's LM interface.
+
+    Model args (``--model_args key=value,...``; ints and floats may arrive as strings):
+
+    Args:
+        pretrained: checkpoint directory (or Hub id) of a LLaDA or Dream model.
+        tokenizer: tokenizer directory; default ``pretrained``.
+        attn: ``dense`` (transformers' sdpa) or ``sparsed`` (SparseD during generation).
+        skip, select, block_size, min_sparse_len, keep_diagonal: `SparseDConfig` fields; only
+            with ``attn=sparsed`` (defaults: SparseDConfig's).
+        gen_length: tokens the sampler generates per request (default 128).
+        steps: denoising steps (default ``gen_length``).
+        block_length: LLaDA only, semi-autoregressive block (default ``gen_length``).
+        remasking: LLaDA only, ``low_confidence`` (default) or ``random``.
+        alg, alg_temp, top_p, top_k: Dream only (default ``alg=entropy``, as Dream's own example).
+        temperature: sampling temperature (default 0: greedy).
+        mc_samples: Monte Carlo samples per loglikelihood request (default 128).
+        seed: seeds the masks of loglikelihood and the sampling noise (default 0).
+        dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16``, ``float16``.
+        device: ``cpu``, ``cuda``, ``cuda:N``; lm-eval's CLI passes ``cuda:0`` unless told
+            otherwise, which runs on the CPU (with a warning) where CUDA is missing. None: CUDA if
+            available, else CPU.
+        batch_size: prompts per sampler call and rows per likelihood forward (an int; default 1).
+        max_batch_size: lm-eval passes it; only meaningful with ``batch_size=auto``, unsupported.
+    """
+
+    def __init__(self, pretrained: str | None = None, **kwargs) -> None:
+        super().__init__()
+        if not isinstance(pretrained, str) or not pretrained:
+            raise _fail("pretrained", "a checkpoint path or Hub id", pretrained)
+        known = {
+            "tokenizer", "attn", "skip", "select", "block_size", "min_sparse_len", "keep_diagonal", "gen_length",
+            "steps", "block_length", "remasking", "alg", "alg_temp", "top_p", "top_k", "temperature",
+            "mc_samples", "seed", "dtype", "device", "batch_size", "max_batch_size",
+        }  # fmt: skip
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown model args {unknown}; sparsed-dlm takes pretrained and {sorted(known)}")
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(pretrained)
+        self.family = FAMILIES.get(getattr(config, "model_type", None))
+        if self.family is None:
+            raise _fail("pretrained", f"a checkpoint with model_type in {tuple(FAMILIES)}", config.model_type)
+        self._parse(kwargs)
+        self._device = _device(kwargs.get("device"))
+        self.dtype = _dtype(kwargs.get("dtype", "auto"), self._device)
+        self._load(pretrained, kwargs.get("tokenizer", pretrained))
+
+    # -------------------------------------------------------------------------------- setup
+
+    def _parse(self, kw: dict) -> None:
+        self.attn = _choice("attn", kw.get("attn", "dense"), ATTN)
+        sparse_keys = ("skip", "select", "block_size", "min_sparse_len", "keep_diagonal")
+        self.sparsed = None
+        if self.attn == "sparsed":
+            fields = {}
+            if "skip" in kw:
+                fields["skip"] = _float("skip", kw["skip"], 0.0, 1.0)
+            if "select" in kw:
+                fields["select"] = _float("select", kw["select"], 0.0, 1.0, open_low=True)
+            if "block_size" in kw:
+                fields["block_size"] = _int("block_size", kw["block_size"], 16)
+                if fields["block_size"] % 16:
+                    raise _fail("block_size", "a positive multiple of 16", kw["block_size"])
+            if kw.get("min_sparse_len") is not None:
+                fields["min_sparse_len"] = _int("min_sparse_len", kw["min_sparse_len"], 0)
+            if "keep_diagonal" in kw:
+                fields["keep_diagonal"] = _bool("keep_diagonal", kw["keep_diagonal"])
+            self.sparsed = SparseDConfig(**fields)
+        else:
+            given = [k for k in sparse_keys if k in kw]
+            if given:
+                raise ValueError(f"model args {given} are SparseD settings: they need attn=sparsed, got attn=dense")
+
+        self.gen_length = _int("gen_length", kw.get("gen_length", 128), 1)
+        self.steps = _int("steps", kw.get("steps", self.gen_length), 1)
+        self.temperature = _float("temperature", kw.get("temperature", 0.0), 0.0)
+        other = "dream" if self.family == "llada" else "llada"
+        own_keys = {"llada": ("block_length", "remasking"), "dream": ("alg", "alg_temp", "top_p", "top_k")}
+        wrong = [k for k in own_keys[other] if k in kw]
+        if wrong:
+            raise ValueError(f"model args {wrong} belong to the {other} sampler; this checkpoint is {self.family}")
+        if self.family == "llada":
+            self.block_length = _int("block_length", kw.get("block_length", self.gen_length), 1)
+            if self.gen_length % self.block_length:
+                raise _fail("block_length", f"a divisor of gen_length={self.gen_length}", self.block_length)
+            blocks = self.gen_length // self.block_length
+            if self.steps % blocks:
+                raise _fail("steps", f"a multiple of gen_length / block_length = {blocks}", self.steps)
+            self.remasking = _choice("remasking", kw.get("remasking", "low_confidence"), LLADA_REMASKING)
+        else:
+            self.alg = _choice("alg", kw.get("alg", "entropy"), DREAM_ALGS)
+            self.alg_temp = _float("alg_temp", kw.get("alg_temp", 0.0), 0.0)
+            self.top_p = None if kw.get("top_p") is None else _float("top_p", kw["top_p"], 0.0, 1.0, open_low=True)
+            self.top_k = None if kw.get("top_k") is None else _int("top_k", kw["top_k"], 1)
+
+        self.mc_samples = _int("mc_samples", kw.get("mc_samples", 128), 1)
+        self.seed = _int("seed", kw.get("seed", 0), 0)
+        batch_size = kw.get("batch_size", 1)
+        if isinstance(batch_size, str) and batch_size.startswith("auto"):
+            raise _fail("batch_size", "an int >= 1 (automatic batch sizes are not supported)", batch_size)
+        self.batch_size = _int("batch_size", batch_size, 1)
+        if kw.get("max_batch_size") is not None:
+            warn_once("harness-max-batch", "sparsed-dlm: max_batch_size only applies to batch_size=auto; ignored")
+
+    def _load(self, pretrained: str, tokenizer: str) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        impl = "sparsed" if self.attn == "sparsed" else "sdpa"
+        model = AutoModel.from_pretrained(pretrained, attn_implementation=impl, dtype=self.dtype)
+        self.model = model.to(self._device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.mask_id = getattr(self.model.config, "mask_token_id", None)
+        if self.mask_id is None:
+            raise _fail("pretrained", "a config with mask_token_id set", None)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
+        if self.pad_id is None or self.pad_id == self.mask_id:
+            raise ValueError(
+                f"the tokenizer needs a pad or eos token other than the mask token (id {self.mask_id}), "
+                f"got {self.pad_id!r}"
+            )
+        self.max_length = getattr(self.model.config, "max_sequence_length", None) or getattr(
+            self.model.config, "max_position_embeddings", None
+        )
+        log.info(
+            "sparsed-dlm: %s (%s) attn=%s sparsed=%s on %s %s",
+            pretrained, self.family, self.attn, self.sparsed, self._device, self.dtype,
+        )  # fmt: skip
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        # Model args win over lm-eval's CLI defaults (device='cuda:0', batch_size=1).
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **arg_dict})
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", "").replace("/", "__")
+
+    # ---------------------------------------------------------------------------- tokenizing
+
+    def _encode_context(self, context: str) -> list[int]:
+        """Context ids with the tokenizer's special tokens (the demo and LLaDA tokenizers add BOS).
+
+        An empty context becomes the BOS (or EOS) token alone: every model forward needs one."""
+        ids = self.tokenizer(context)["input_ids"]
+        if not ids:
+            prefix = self.tokenizer.bos_token_id
+            ids = [prefix if prefix is not None else self.tokenizer.eos_token_id]
+        return ids
+
+    def _warn_length(self, total: int) -> None:
+        if self.max_length and total > self.max_length:
+            warn_once(
+                "harness-too-long",
+                f"sparsed-dlm: a request of {total} tokens (prompt + generation) is longer than the model's "
+                f"configured length {self.max_length}; it runs untruncated",
+            )
+
+    # ---------------------------------------------------------------------------- generation
+
+    def _gen_settings(self, gen_kwargs: dict) -> tuple[list[str], int]:
+        """Stop strings and the token budget of one request; warns once about what is not applied."""
+        gen_kwargs = dict(gen_kwargs)
+        until = gen_kwargs.pop("until", None)
+        until = [] if until is None else [until] if isinstance(until, str) else list(until)
+        max_gen = gen_kwargs.pop("max_gen_toks", None)
+        max_gen = self.gen_length if max_gen is None else _int("max_gen_toks", max_gen, 1)
+        if max_gen > self.gen_length:
+            warn_once(
+                f"harness-max-gen-{max_gen}",
+                f"sparsed-dlm: the task asks for up to max_gen_toks={max_gen} tokens but the sampler generates "
+                f"gen_length={self.gen_length}; raise gen_length to give it more",
+            )
+        greedy = self.temperature == 0.0
+        for key, value in gen_kwargs.items():
+            consistent = (key == "do_sample" and value is (not greedy)) or (
+                key == "temperature" and isinstance(value, (int, float)) and float(value) == self.temperature
+            )
+            if not consistent:
+                warn_once(
+                    f"harness-gen-{key}-{value}",
+                    f"sparsed-dlm: the task's generation kwarg {key}={value!r} is not applied; the model args "
+                    f"decide sampling (temperature={self.temperature})",
+                )
+        return until, min(max_gen, self.gen_length)
+
+    def _sample(self, ids: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+        """(B, P) left-padded prompts -> (B, gen_length) generated ids."""
+        if self.family == "llada":
+            out = llada_generate(
+                self.model, ids, mask, steps=self.steps, gen_length=self.gen_length,
+                block_length=self.block_length, temperature=self.temperature, remasking=self.remasking,
+                mask_id=self.mask_id, generator=generator, sparsed=self.sparsed,
+            )  # fmt: skip
+        else:
+            out = dream_generate(
+                self.model, ids, mask, steps=self.steps, max_new_tokens=self.gen_length, alg=self.alg,
+                alg_temp=self.alg_temp, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                mask_token_id=self.mask_id, generator=generator, sparsed=self.sparsed,
+            )  # fmt: skip
+        return out[:, ids.shape[1] :]
+
+    def _decode(self, ids: list[int], until: list[str]) -> str:
+        """Generated ids -> text: cut at the first EOS token, drop special tokens, cut at the
+        earliest stop string."""
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and eos in ids:
+            ids = ids[: ids.index(eos)]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in until:
+            if stop:
+                text = text.split(stop, 1)[0]
+        return text
+
+    @torch.inference_mode()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Sample ``gen_length`` tokens per request (batched, left padded), keep the first
+        ``min(max_gen_toks, gen_length)`` of them, cut at EOS and at the stop strings."""
+        items = []
+        for req in requests:
+            context, gen_kwargs = req.args
+            until, budget = self._gen_settings(gen_kwargs)
+            ids = self._encode_context(context)
+            self._warn_length(len(ids) + self.gen_length)
+            items.append((ids, until, budget))
+        order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+        results: list[str | None] = [None] * len(items)
+        generator = torch.Generator(device=self._device).manual_seed(self.seed)
+        bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc="sparsed-dlm generate")
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            width = max(len(items[i][0]) for i in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for b, i in enumerate(chunk):
+                n = len(items[i][0])
+                ids[b, width - n :] = torch.tensor(items[i][0])
+                mask[b, width - n :] = 1
+            generated = self._sample(ids.to(self._device), mask.to(self._device), generator).cpu()
+            for b, i in enumerate(chunk):
+                _, until, budget = items[i]
+                text = self._decode(generated[b, :budget].tolist(), until)
+                results[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            bar.update(len(chunk))
+        bar.close()
+        return results
+
+    # ---------------------------------------------------------------------------- likelihood
+
+    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation ids: the whole text is encoded once and split after the
+        context's token count, so a token spanning the boundary is not counted twice; trailing
+        spaces of the context move to the continuation (lm-eval's convention)."""
+        stripped = len(context) - len(context.rstrip(" "))
+        if stripped:
+            context, continuation = context[:-stripped], context[-stripped:] + continuation
+        ctx = self._encode_context(context)
+        cont = self._encode_context(context + continuation)[len(ctx) :]
+        if not cont:
+            raise ValueError(f"the continuation {continuation!r} encodes to no tokens after the context")
+        return ctx, cont
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """Monte Carlo masked estimate of log p(continuation | context) (`harness.likelihood`),
+        ``mc_samples`` samples per request, and whether greedy decoding of the fully masked
+        continuation (one forward, argmax per position) gives it exactly.
+
+        Attention is dense here even with ``attn=sparsed``: SparseD is a schedule over the
+        denoising steps of a generation whose early steps run dense, and a likelihood forward
+        is a single step (a one-time warning says so)."""
+        if self.sparsed is not None:
+            warn_once(
+                "harness-ll-dense",
+                "sparsed-dlm: loglikelihood runs dense attention (a single forward is a dense step of "
+                "SparseD's schedule); attn=sparsed only changes generate_until",
+            )
+        pairs = [self._split(*req.args) for req in requests]
+        for ctx, cont in pairs:
+            self._warn_length(len(ctx) + len(cont))
+        out = masked_loglikelihood(
+            self.model, pairs, mask_id=self.mask_id, pad_id=self.pad_id, mc_samples=self.mc_samples,
+            batch_size=self.batch_size, seed=self.seed, shifted=self.family == "dream", device=self._device,
+        )  # fmt: skip
+        for req, res in zip(requests, out, strict=True):
+            self.cache_hook.add_partial("loglikelihood", req.args, res)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        raise NotImplementedError(
+            "sparsed-dlm does not implement loglikelihood_rolling (perplexity tasks): a masked diffusion LM "
+            "has no left-to-right token likelihood to roll over a document; use generate_until or "
+            "loglikelihood (multiple-choice) tasks"
+        )

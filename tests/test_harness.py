@@ -1,0 +1,387 @@
+"""lm-evaluation-harness support: the MC likelihood, the sparsed-dlm model, sparsed-eval, the task.
+
+Tests that need lm_eval skip with a reason where it is missing (``pip install -e ".[eval]"``);
+nox's tests session installs it, so they run in CI.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsed_backend import _warn
+from sparsed_backend.demo import model_path
+from sparsed_backend.demo.task import sample_prompts
+from sparsed_backend.harness.likelihood import draw_masks, masked_loglikelihood
+from sparsed_backend.harness.task_data import DOCS_PER_LENGTH, LENGTHS, SEED_BASE, load_docs, make_docs
+from tiny_models import MASK_ID, PAD_ID, tiny_model
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+NO_LM_EVAL = "lm_eval is not installed (pip install -e '.[eval]'); nox -s tests installs it"
+
+
+def _lm_eval():
+    return pytest.importorskip("lm_eval", reason=NO_LM_EVAL)
+
+
+def _bin(name: str) -> str:
+    """A console script of the running interpreter's environment."""
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        pytest.skip(f"{name} is not installed next to {sys.executable} (pip install -e '.[eval]')")
+    return str(path)
+
+
+# --------------------------------------------------------------------------- Monte Carlo likelihood
+
+
+def exact_bound(model, context, continuation, shifted):
+    """Mean and standard deviation of one sample of the estimator, by enumerating every
+    (l, subset) with its probability 1/L * 1/C(L, l)."""
+    L = len(continuation)
+    mean = second = 0.0
+    for n_masked in range(1, L + 1):
+        subsets = list(itertools.combinations(range(L), n_masked))
+        for subset in subsets:
+            x = context + [MASK_ID if i in subset else t for i, t in enumerate(continuation)]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([x])).logits[0].double(), -1)
+            start = len(context) - (1 if shifted else 0)
+            value = L / n_masked * sum(float(logp[start + i, continuation[i]]) for i in subset)
+            p = 1 / L / len(subsets)
+            mean += p * value
+            second += p * value * value
+    return mean, math.sqrt(max(second - mean * mean, 0.0))
+
+
+def _requests(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ctx = lambda n: torch.randint(2, 120, (n,), generator=g).tolist()
+    # Different context and continuation lengths, so that packed batches need padding.
+    return [(ctx(9), ctx(2)), (ctx(5), ctx(1)), (ctx(13), ctx(3))]
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_mc_estimate_converges_to_the_exact_expectation(kind):
+    model = tiny_model(kind)
+    requests = _requests()
+    exact = [exact_bound(model, c, x, kind == "dream") for c, x in requests]
+    assert exact[1][1] < 1e-9  # one token: always masked, weight 1, no variance
+    errors = []
+    for n in (8, 64, 1024):
+        est = masked_loglikelihood(model, requests, mask_id=MASK_ID, pad_id=PAD_ID, mc_samples=n, batch_size=256,
+                                   seed=7, shifted=kind == "dream")  # fmt: skip
+        for (value, _), (mean, sd) in zip(est, exact, strict=True):
+            assert abs(value - mean) <= 4 * sd / math.sqrt(n) + 1e-4, (n, value, mean, sd)
+        errors.append(abs(est[2][0] - exact[2][0]))
+    # The 3-token request's error shrinks with the samples (its sd is far from 0).
+    assert exact[2][1] > 0.1 and errors[-1] < 4 * exact[2][1] / 32 + 1e-4
+
+
+def test_mc_estimate_is_reproducible_and_independent_of_batching():
+    model = tiny_model("llada")
+    requests = _requests(1)
+    run = lambda **kw: masked_loglikelihood(model, requests, mask_id=MASK_ID, pad_id=PAD_ID, **kw)
+    a = run(mc_samples=32, batch_size=8, seed=3)
+    assert a == run(mc_samples=32, batch_size=8, seed=3)
+    b = run(mc_samples=32, batch_size=5, seed=3)
+    assert [x[0] for x in b] == pytest.approx([x[0] for x in a], abs=1e-4)
+    reordered = masked_loglikelihood(model, requests[::-1], mask_id=MASK_ID, pad_id=PAD_ID, mc_samples=32,
+                                     batch_size=8, seed=3)[::-1]  # fmt: skip
+    assert [x[0] for x in reordered] == pytest.approx([x[0] for x in a], abs=1e-4)
+    c = run(mc_samples=32, batch_size=8, seed=4)
+    assert c[2][0] != a[2][0]  # another seed, other masks (the 1-token request has only one)
+
+
+def test_greedy_flag_is_the_argmax_of_the_fully_masked_continuation():
+    model = tiny_model("llada")
+    context = _requests()[0][0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([context + [MASK_ID] * 3])).logits[0]
+    best = logits[len(context) :].argmax(-1).tolist()
+    other = [best[0], best[1], (best[2] + 1) % 100 + 2]
+    out = masked_loglikelihood(model, [(context, best), (context, other)], mask_id=MASK_ID, pad_id=PAD_ID,
+                               mc_samples=4, batch_size=10, seed=0)  # fmt: skip
+    assert [g for _, g in out] == [True, False]
+
+
+def test_draw_masks_counts_are_uniform_and_never_empty():
+    masks = draw_masks(4, 4000, torch.Generator().manual_seed(0))
+    counts = masks.sum(-1)
+    assert counts.min() == 1 and counts.max() == 4
+    share = torch.bincount(counts, minlength=5)[1:].float() / 4000
+    assert torch.allclose(share, torch.full((4,), 0.25), atol=0.03)
+    assert torch.allclose(masks.float().mean(0), torch.full((4,), 2.5 / 4), atol=0.03)  # positions alike
+
+
+def test_mc_estimate_rejects_bad_requests():
+    model = tiny_model("llada")
+    kw = {"mask_id": MASK_ID, "pad_id": PAD_ID, "mc_samples": 2, "batch_size": 2, "seed": 0}
+    with pytest.raises(ValueError, match=r"requests\[0\]: the context must hold at least one token"):
+        masked_loglikelihood(model, [([], [5])], **kw)
+    with pytest.raises(ValueError, match=r"requests\[1\]: the continuation must hold at least one token"):
+        masked_loglikelihood(model, [([4], [5]), ([4], [])], **kw)
+    with pytest.raises(ValueError, match=r"requests\[0\] contains the mask token \(id 127\)"):
+        masked_loglikelihood(model, [([4, MASK_ID], [5])], **kw)
+
+
+# ------------------------------------------------------------------------------------- task data
+
+
+def test_shipped_task_data_is_the_seeded_draw_and_tokenizes_to_the_prompt_ids():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path())
+    for n in LENGTHS:
+        docs = load_docs(n)
+        assert len(docs) == DOCS_PER_LENGTH and docs == make_docs(n)
+        prompts = sample_prompts(n, DOCS_PER_LENGTH, seed=SEED_BASE + n)
+        for i in (0, 1, DOCS_PER_LENGTH - 1):
+            # The text the task feeds the model encodes to exactly the task's prompt (BOS added).
+            assert tok(docs[i]["prompt"])["input_ids"] == prompts.input_ids[i].tolist()
+            assert tok(docs[i]["answer"], add_special_tokens=False)["input_ids"] == prompts.answers[i].tolist()
+            assert tok.decode(prompts.answers[i].tolist()) == docs[i]["answer"]
+            assert docs[i]["record_pos"] == int(prompts.record_pos[i])
+
+
+def test_task_prompts_are_not_the_other_evaluations_prompts():
+    ours = sample_prompts(1024, DOCS_PER_LENGTH, seed=SEED_BASE + 1024).input_ids[:4]
+    for other in (5000, 9000):  # training's final evaluation, the fidelity benchmark
+        theirs = sample_prompts(1024, 256, seed=other + 1024).input_ids[:4]
+        assert all(not torch.equal(ours[i], theirs[j]) for i in range(4) for j in range(4))
+    with pytest.raises(ValueError, match=r"length must be one of \(1024, 2048, 4096\), got 512"):
+        make_docs(512)
+
+
+# ---------------------------------------------------------------------------- the sparsed-dlm model
+
+
+@pytest.fixture(scope="module")
+def harness_model():
+    _lm_eval()
+    from sparsed_backend.harness import model
+
+    return model
+
+
+def _make(harness_model, **kw):
+    kw.setdefault("device", "cpu")
+    return harness_model.DiffusionLM(pretrained=str(model_path()), **kw)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"steps": 0}, r"model arg steps: expected an int >= 1, got 0"),
+        ({"steps": "five"}, r"model arg steps: expected an int >= 1, got 'five'"),
+        ({"gen_length": 2.5}, r"model arg gen_length: expected an int >= 1, got 2.5"),
+        ({"attn": "flash"}, r"model arg attn: expected one of \('dense', 'sparsed'\), got 'flash'"),
+        ({"attn": "sparsed", "select": 1.5}, r"model arg select: expected a number in \(0.0, 1.0\], got 1.5"),
+        ({"attn": "sparsed", "skip": "x"}, r"model arg skip: expected a number, got 'x'"),
+        ({"attn": "sparsed", "block_size": 24}, r"model arg block_size: expected a positive multiple of 16, got 24"),
+        ({"select": 0.3}, r"model args \['select'\] are SparseD settings: they need attn=sparsed, got attn=dense"),
+        ({"alg": "entropy"}, r"model args \['alg'\] belong to the dream sampler; this checkpoint is llada"),
+        ({"remasking": "top"}, r"model arg remasking: expected one of \('low_confidence', 'random'\), got 'top'"),
+        ({"gen_length": 6, "block_length": 4}, r"model arg block_length: expected a divisor of gen_length=6, got 4"),
+        ({"gen_length": 8, "block_length": 4, "steps": 3},
+         r"model arg steps: expected a multiple of gen_length / block_length = 2, got 3"),
+        ({"batch_size": "auto"}, r"model arg batch_size: expected an int >= 1 \(automatic batch sizes are not "),
+        ({"dtype": "float64"}, r"model arg dtype: expected one of \('auto', 'float32', 'bfloat16', 'float16'\)"),
+        ({"device": "gpu0"}, r"model arg device: expected a torch device such as 'cpu' or 'cuda:0', got 'gpu0'"),
+        ({"mc_samples": -1}, r"model arg mc_samples: expected an int >= 1, got -1"),
+        ({"temperature": "hot"}, r"model arg temperature: expected a number, got 'hot'"),
+        ({"stepz": 3}, r"unknown model args \['stepz'\]; sparsed-dlm takes pretrained and"),
+    ],
+)  # fmt: skip
+def test_bad_model_args_name_the_arg_the_expectation_and_the_value(harness_model, args, message):
+    with pytest.raises(ValueError, match=message):
+        _make(harness_model, **args)
+
+
+def test_pretrained_must_be_a_diffusion_lm(harness_model, tmp_path):
+    with pytest.raises(ValueError, match=r"model arg pretrained: expected a checkpoint path or Hub id, got None"):
+        harness_model.DiffusionLM(device="cpu")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"expected a checkpoint with model_type in \('llada', 'Dream'\), got 'gpt2'"):
+        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu")
+
+
+def test_cli_style_args_strings_and_defaults(harness_model):
+    # What lm-eval's CLI hands over: numbers as strings or ints, device='cuda:0', batch_size as str.
+    lm = harness_model.DiffusionLM.create_from_arg_string(
+        f"pretrained={model_path()},attn=sparsed,select=0.3,skip=0.2,block_size=128,steps=5,gen_length=5,device=cpu",
+        {"device": "cuda:0", "batch_size": "4", "max_batch_size": None},
+    )
+    assert (lm.steps, lm.gen_length, lm.block_length, lm.batch_size) == (5, 5, 5, 4)
+    assert lm.sparsed.select == 0.3 and lm.sparsed.block_size == 128 and lm.device == torch.device("cpu")
+    assert lm.model.config._attn_implementation == "sparsed"
+    args = {"pretrained": str(model_path()), "steps": "5", "gen_length": 5, "device": "cpu"}
+    lm = harness_model.DiffusionLM.create_from_arg_obj(args, {"batch_size": 2})
+    assert (lm.steps, lm.batch_size, lm.sparsed) == (5, 2, None)
+    assert lm.model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's warning")
+def test_cuda_device_without_cuda_warns_once_and_runs_on_cpu(harness_model):
+    _warn._warned.discard("harness-no-cuda")
+    with pytest.warns(RuntimeWarning, match=r"device 'cuda:0' asked for but CUDA is not available"):
+        lm = _make(harness_model, device="cuda:0", gen_length=5)
+    assert lm.device == torch.device("cpu")
+
+
+def _instance(kind, args, idx=0):
+    from lm_eval.api.instance import Instance
+
+    return Instance(request_type=kind, doc={}, arguments=args, idx=idx)
+
+
+def test_loglikelihood_of_the_shipped_model_is_reproducible_and_prefers_the_answer(harness_model):
+    lm = _make(harness_model, mc_samples=2, batch_size=6, seed=11)
+    task = sample_prompts(512, 1, seed=SEED_BASE + 512)  # short, to keep the test cheap
+    prompt = lm.tokenizer.decode(task.input_ids[0, 1:].tolist())
+    answer = lm.tokenizer.decode(task.answers[0].tolist())
+    wrong = answer[::-1]
+    reqs = [_instance("loglikelihood", (prompt, answer)), _instance("loglikelihood", (prompt, wrong))]
+    first = lm.loglikelihood(reqs)
+    assert first == lm.loglikelihood(reqs)  # same seed, same numbers
+    (right_ll, right_greedy), (wrong_ll, wrong_greedy) = first
+    assert right_greedy and not wrong_greedy
+    assert right_ll > wrong_ll + 5
+    with pytest.raises(NotImplementedError, match="does not implement loglikelihood_rolling"):
+        lm.loglikelihood_rolling([_instance("loglikelihood_rolling", (prompt,))])
+
+
+def test_sparsed_loglikelihood_warns_that_it_runs_dense(harness_model):
+    lm = _make(harness_model, attn="sparsed", mc_samples=1, batch_size=2)
+    _warn._warned.discard("harness-ll-dense")
+    with pytest.warns(RuntimeWarning, match="loglikelihood runs dense attention"):
+        lm.loglikelihood([_instance("loglikelihood", ("\u4e00\uac00", "\uac01"))])
+
+
+def test_generate_until_batches_and_passes_the_sampler_settings(harness_model, monkeypatch):
+    lm = _make(harness_model, attn="sparsed", select=0.3, skip=0.2, steps=5, gen_length=5, batch_size=2)
+    calls = []
+
+    def fake_generate(model, ids, mask, **kw):
+        calls.append((ids.clone(), None if mask is None else mask.clone(), kw))
+        # Per row: value symbols 0..4 of the row's real prompt length, then an EOS at the end.
+        n = mask.sum(-1, keepdim=True)
+        gen = 517 + (n + torch.arange(5)) % 512
+        gen[:, 4] = 0
+        return torch.cat([ids, gen], 1)
+
+    monkeypatch.setattr(harness_model, "llada_generate", fake_generate)
+    prompts = ["\u4e00" * 3, "\u4e00" * 6, "\u4e00" * 4]
+    reqs = [_instance("generate_until", (p, {"until": [], "max_gen_toks": 5})) for p in prompts]
+    reqs[2] = _instance("generate_until", (prompts[2], {"until": [chr(0xAC00 + 7)], "max_gen_toks": 3}))
+    out = lm.generate_until(reqs)
+    assert len(calls) == 2  # batch_size 2, three requests
+    ids, mask, kw = calls[0]
+    assert ids.shape == (2, 7) and mask.tolist() == [[1] * 7, [0, 0, 1, 1, 1, 1, 1]]  # left padded, longest first
+    assert ids[1, :2].tolist() == [lm.pad_id] * 2
+    assert kw["sparsed"] == lm.sparsed and (kw["steps"], kw["gen_length"], kw["block_length"]) == (5, 5, 5)
+    sym = lambda n, k: "".join(chr(0xAC00 + (n + j) % 512) for j in range(k))
+    assert out[0] == sym(4, 4)  # cut at the EOS in the last place
+    assert out[1] == sym(7, 4)
+    assert out[2] == sym(5, 2)  # max_gen_toks 3, then cut at the stop string (symbol 7)
+
+
+def test_generation_kwargs_the_model_cannot_apply_warn(harness_model):
+    lm = _make(harness_model, steps=5, gen_length=5)
+    _warn._warned.discard("harness-max-gen-64")
+    _warn._warned.discard("harness-gen-top_p-0.9")
+    with pytest.warns(RuntimeWarning, match=r"max_gen_toks=64 tokens but the sampler generates gen_length=5"):
+        assert lm._gen_settings({"until": "x", "max_gen_toks": 64}) == (["x"], 5)
+    with pytest.warns(RuntimeWarning, match=r"generation kwarg top_p=0.9 is not applied"):
+        lm._gen_settings({"top_p": 0.9})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # greedy settings agree with temperature 0: no warning
+        assert lm._gen_settings({"do_sample": False, "temperature": 0.0, "max_gen_toks": 2}) == ([], 2)
+
+
+def test_a_dream_checkpoint_is_detected_and_runs_both_request_types(harness_model, tmp_path):
+    from sparsed_backend.demo.task import MASK_ID as DEMO_MASK
+    from sparsed_backend.demo.task import VOCAB_SIZE
+    from sparsed_backend.demo.tokenizer import build_tokenizer
+    from tiny_models import TINY, write_checkpoint
+
+    # A tiny Dream with the demo tokenizer's vocabulary (text in, text out).
+    cfg = TINY["dream"] | {"vocab_size": VOCAB_SIZE, "mask_token_id": DEMO_MASK, "bos_token_id": 1,
+                           "eos_token_id": 0, "pad_token_id": 0}  # fmt: skip
+    write_checkpoint(tmp_path, "dream", cfg)
+    build_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"model args \['block_length'\] belong to the llada sampler; this checkpoint is dream"
+    ):
+        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", block_length=4)
+    lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=4, steps=4, mc_samples=3,
+                                   batch_size=4, alg="maskgit_plus")  # fmt: skip
+    assert lm.family == "dream" and lm.alg == "maskgit_plus"
+    prompts = ["\u4e00\u4e01?", "\u4e02" * 5]
+    out = lm.generate_until([_instance("generate_until", (p, {"until": [], "max_gen_toks": 4})) for p in prompts])
+    assert len(out) == 2 and all(isinstance(t, str) and len(t) <= 4 for t in out)
+    got = lm.loglikelihood([_instance("loglikelihood", (prompts[0], "\uac00\uac01"))])
+    ctx = lm.tokenizer(prompts[0])["input_ids"]
+    direct = masked_loglikelihood(lm.model, [(ctx, [517, 518])], mask_id=DEMO_MASK, pad_id=0, mc_samples=3,
+                                  batch_size=4, seed=0, shifted=True)  # fmt: skip
+    assert got == direct
+
+
+# ----------------------------------------------------------------------------- the console script
+
+
+def test_import_keeps_lm_eval_optional_and_builtin_models_registered():
+    _lm_eval()
+    code = (
+        "import sys, sparsed_backend, sparsed_backend.demo, sparsed_backend.harness\n"
+        "assert 'lm_eval' not in sys.modules, 'import sparsed_backend imported lm_eval'\n"
+        "import sparsed_backend.harness.model\n"
+        "from lm_eval.api.registry import get_model, model_registry\n"
+        "assert {'hf', 'vllm', 'dummy'} <= set(model_registry.keys()), sorted(model_registry.keys())\n"
+        "print(get_model('dummy').__name__, get_model('sparsed-dlm').__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **OFFLINE})
+    assert out.returncode == 0, out.stderr
+    # lm-eval's own models stay registered (materializing "hf" needs lm-eval[hf]: accelerate).
+    assert out.stdout.split() == ["DummyLM", "DiffusionLM"]
+
+
+def test_sparsed_eval_runs_the_task_end_to_end_offline_from_any_directory(tmp_path):
+    _lm_eval()
+    exe = _bin("sparsed-eval")
+    hf_home, work = tmp_path / "hf_home", tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_CACHE"))}
+    env |= OFFLINE | {"HF_HOME": str(hf_home), "PYTHONWARNINGS": "ignore"}
+    cmd = [exe, "--model", "sparsed-dlm", "--model_args", f"pretrained={model_path()},steps=5,gen_length=5",
+           "--tasks", "sparsed_retrieval_1024", "--limit", "2", "--batch_size", "2", "--device", "cpu",
+           "--log_samples", "--output_path", str(work / "out")]  # fmt: skip
+    out = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "|sparsed_retrieval_1024|" in out.stdout and "|exact_match|" in out.stdout
+    # Nothing under HF_HOME: no Hub download, no datasets cache.
+    assert not hf_home.exists() or not any(hf_home.rglob("*")), sorted(hf_home.rglob("*"))
+    samples = [json.loads(line) for p in (work / "out").rglob("samples_sparsed_retrieval_1024_*.jsonl")
+               for line in p.read_text().splitlines()]  # fmt: skip
+    assert len(samples) == 2
+    docs = load_docs(1024)
+    prompts = sample_prompts(1024, DOCS_PER_LENGTH, seed=SEED_BASE + 1024)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path())
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        i = s["doc_id"]
+        context = s["arguments"]["gen_args_0"]["arg_0"]
+        assert context == docs[i]["prompt"]  # the request is the prompt, nothing added
+        assert tok(context)["input_ids"] == prompts.input_ids[i].tolist()
+        assert s["target"] == docs[i]["answer"]
+        assert s["filtered_resps"] == [docs[i]["answer"]] and s["exact_match"] == 1.0  # dense retrieves
