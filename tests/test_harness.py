@@ -200,6 +200,7 @@ def _make(harness_model, **kw):
         ({"mc_samples": -1}, r"model arg mc_samples: expected an int >= 1, got -1"),
         ({"temperature": "hot"}, r"model arg temperature: expected a number, got 'hot'"),
         ({"stepz": 3}, r"unknown model args \['stepz'\]; sparsed-dlm takes pretrained and"),
+        ({"kv_cache": "full"}, r"model arg kv_cache: expected one of \('none', 'prefix', 'dual'\), got 'full'"),
     ],
 )  # fmt: skip
 def test_bad_model_args_name_the_arg_the_expectation_and_the_value(harness_model, args, message):
@@ -289,6 +290,7 @@ def test_generate_until_batches_and_passes_the_sampler_settings(harness_model, m
     assert ids.shape == (2, 7) and mask.tolist() == [[1] * 7, [0, 0, 1, 1, 1, 1, 1]]  # left padded, longest first
     assert ids[1, :2].tolist() == [lm.pad_id] * 2
     assert kw["sparsed"] == lm.sparsed and (kw["steps"], kw["gen_length"], kw["block_length"]) == (5, 5, 5)
+    assert kw["kv_cache"] is None
     sym = lambda n, k: "".join(chr(0xAC00 + (n + j) % 512) for j in range(k))
     assert out[0] == sym(4, 4)  # cut at the EOS in the last place
     assert out[1] == sym(7, 4)
@@ -320,9 +322,15 @@ def test_a_dream_checkpoint_is_detected_and_runs_both_request_types(harness_mode
     write_checkpoint(tmp_path, "dream", cfg)
     build_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(
-        ValueError, match=r"model args \['block_length'\] belong to the llada sampler; this checkpoint is dream"
+        ValueError, match=r"model args \['remasking'\] belong to the llada sampler; this checkpoint is dream"
     ):
-        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", block_length=4)
+        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", remasking="random")
+    with pytest.raises(ValueError, match=r"model arg kv_cache: expected none for Dream without block_length"):
+        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", kv_cache="prefix")
+    cached = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=4, steps=4,
+                                       block_length=2, kv_cache="dual")  # fmt: skip
+    text = cached.generate_until([_instance("generate_until", ("\u4e00\u4e01?", {"until": [], "max_gen_toks": 4}))])
+    assert (cached.block_length, cached.kv_cache) == (2, "dual") and len(text) == 1
     lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=4, steps=4, mc_samples=3,
                                    batch_size=4, alg="maskgit_plus")  # fmt: skip
     assert lm.family == "dream" and lm.alg == "maskgit_plus"

@@ -121,7 +121,10 @@ class DiffusionLM(LM):
             with ``attn=sparsed`` (defaults: SparseDConfig's).
         gen_length: tokens the sampler generates per request (default 128).
         steps: denoising steps (default ``gen_length``).
-        block_length: LLaDA only, semi-autoregressive block (default ``gen_length``).
+        block_length: semi-autoregressive block; LLaDA default ``gen_length``, Dream default
+            none (Dream's own sampler, no blocks).
+        kv_cache: ``none`` (default), ``prefix`` or ``dual``: the samplers' block-wise K/V cache
+            (Dream needs ``block_length`` with it).
         remasking: LLaDA only, ``low_confidence`` (default) or ``random``.
         alg, alg_temp, top_p, top_k: Dream only (default ``alg=entropy``, as Dream's own example).
         temperature: sampling temperature (default 0: greedy).
@@ -142,7 +145,7 @@ class DiffusionLM(LM):
         known = {
             "tokenizer", "attn", "skip", "select", "block_size", "min_sparse_len", "keep_diagonal", "gen_length",
             "steps", "block_length", "remasking", "alg", "alg_temp", "top_p", "top_k", "temperature",
-            "mc_samples", "seed", "dtype", "device", "batch_size", "max_batch_size",
+            "mc_samples", "seed", "dtype", "device", "batch_size", "max_batch_size", "kv_cache",
         }  # fmt: skip
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -188,17 +191,24 @@ class DiffusionLM(LM):
         self.steps = _int("steps", kw.get("steps", self.gen_length), 1)
         self.temperature = _float("temperature", kw.get("temperature", 0.0), 0.0)
         other = "dream" if self.family == "llada" else "llada"
-        own_keys = {"llada": ("block_length", "remasking"), "dream": ("alg", "alg_temp", "top_p", "top_k")}
+        own_keys = {"llada": ("remasking",), "dream": ("alg", "alg_temp", "top_p", "top_k")}
         wrong = [k for k in own_keys[other] if k in kw]
         if wrong:
             raise ValueError(f"model args {wrong} belong to the {other} sampler; this checkpoint is {self.family}")
-        if self.family == "llada":
-            self.block_length = _int("block_length", kw.get("block_length", self.gen_length), 1)
+        cache = _choice("kv_cache", kw.get("kv_cache", "none"), ("none", "prefix", "dual"))
+        self.kv_cache = None if cache == "none" else cache
+        default_block = self.gen_length if self.family == "llada" else None
+        self.block_length = default_block
+        if kw.get("block_length") is not None:
+            self.block_length = _int("block_length", kw["block_length"], 1)
             if self.gen_length % self.block_length:
                 raise _fail("block_length", f"a divisor of gen_length={self.gen_length}", self.block_length)
+        if self.block_length is not None and self.steps % (self.gen_length // self.block_length):
             blocks = self.gen_length // self.block_length
-            if self.steps % blocks:
-                raise _fail("steps", f"a multiple of gen_length / block_length = {blocks}", self.steps)
+            raise _fail("steps", f"a multiple of gen_length / block_length = {blocks}", self.steps)
+        if self.kv_cache is not None and self.block_length is None:
+            raise _fail("kv_cache", "none for Dream without block_length (the cache needs blocks)", cache)
+        if self.family == "llada":
             self.remasking = _choice("remasking", kw.get("remasking", "low_confidence"), LLADA_REMASKING)
         else:
             self.alg = _choice("alg", kw.get("alg", "entropy"), DREAM_ALGS)
@@ -310,13 +320,14 @@ class DiffusionLM(LM):
             out = llada_generate(
                 self.model, ids, mask, steps=self.steps, gen_length=self.gen_length,
                 block_length=self.block_length, temperature=self.temperature, remasking=self.remasking,
-                mask_id=self.mask_id, generator=generator, sparsed=self.sparsed,
+                mask_id=self.mask_id, generator=generator, sparsed=self.sparsed, kv_cache=self.kv_cache,
             )  # fmt: skip
         else:
             out = dream_generate(
                 self.model, ids, mask, steps=self.steps, max_new_tokens=self.gen_length, alg=self.alg,
                 alg_temp=self.alg_temp, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                 mask_token_id=self.mask_id, generator=generator, sparsed=self.sparsed,
+                block_length=self.block_length, kv_cache=self.kv_cache,
             )  # fmt: skip
         return out[:, ids.shape[1] :]
 
