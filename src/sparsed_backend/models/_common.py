@@ -8,6 +8,9 @@ import os
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
+
+from ..kv_cache import window_attention_mask
 
 # The elementwise work around the matmuls (fp32 RMSNorm, fp32 RoPE, SwiGLU) ran as ~40 separate
 # kernels per layer in eager mode: 26 ms of a 175 ms LLaDA-8B layer at 64k tokens on the H100
@@ -101,6 +104,31 @@ def check_tensor_parallel_heads(config, num_heads: int, num_kv_heads: int) -> No
             f"TP size (distributed_config.tp_size={tp}), got {num_heads} attention heads and "
             f"{num_kv_heads} key/value heads; use a TP size that divides {math.gcd(num_heads, num_kv_heads)}"
         )
+
+
+def forward_inputs(config, inputs_embeds, attention_mask, position_ids, kv_cache, attention_kwargs: dict):
+    """What a model forward hands its layers: (zero-padded embeddings, position ids, mask).
+
+    A full forward gets transformers' bidirectional mask for its attention implementation. A
+    cached step (``kv_cache.window`` set: the inputs are the positions ``[start, stop)`` of the
+    sequence) gets the key padding mask over the whole sequence and positions from ``start``,
+    and ``query_start`` joins ``attention_kwargs`` for the attention function. ``kv_cache``
+    joins them whenever it is given (the attention modules call its ``update``).
+    """
+    window = None if kv_cache is None else kv_cache.window
+    start = 0 if window is None else window[0]
+    if position_ids is None:
+        position_ids = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+    rows = attention_mask
+    if window is None:
+        mask = create_bidirectional_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    else:  # queries are the window, keys the whole sequence
+        mask = window_attention_mask(attention_mask, config._attn_implementation, inputs_embeds.dtype)
+        rows = None if attention_mask is None else attention_mask[:, window[0] : window[1]]
+        attention_kwargs["query_start"] = start
+    if kv_cache is not None:
+        attention_kwargs["kv_cache"] = kv_cache
+    return zero_padding(inputs_embeds, rows), position_ids, mask
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -18,22 +18,21 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from ...kv_cache import BlockKVCache, window_attention_mask
+from ...kv_cache import BlockKVCache
 from .._common import (
     RMSNorm,
     check_tensor_parallel_heads,
     cuda_fused,
     eager_attention_forward,
+    forward_inputs,
     keep_positions,
     rotate_half,
     swiglu,
-    zero_padding,
 )
 from .configuration_llada import LLaDAConfig
 
@@ -223,24 +222,11 @@ class LLaDAModel(LLaDAPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.transformer.wte(input_ids)
-        window = None if kv_cache is None else kv_cache.window
-        start = 0 if window is None else window[0]
-        if position_ids is None:
-            position_ids = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
-
-        row_mask = attention_mask
-        if window is None:
-            mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
-            )
-        else:  # a cached step: queries are the window, keys the whole sequence
-            mask = window_attention_mask(attention_mask, self.config._attn_implementation, inputs_embeds.dtype)
-            row_mask = None if attention_mask is None else attention_mask[:, window[0] : window[1]]
-            kwargs["query_start"] = start
-        if kv_cache is not None:
-            kwargs["kv_cache"] = kv_cache
+        inputs_embeds, position_ids, mask = forward_inputs(
+            self.config, inputs_embeds, attention_mask, position_ids, kv_cache, kwargs
+        )
         position_embeddings = self.rotary_emb(position_ids)
-        hidden_states = self.transformer.emb_drop(zero_padding(inputs_embeds, row_mask))
+        hidden_states = self.transformer.emb_drop(inputs_embeds)
         for block in self.transformer.blocks:
             hidden_states = block(hidden_states, position_embeddings, mask, **kwargs)
         hidden_states = self.transformer.ln_f(hidden_states)
