@@ -27,9 +27,9 @@ import time
 
 import torch
 
-from bench_e2e import build_model, timed
+from bench_e2e import build_model, sparsed_total, step_runners, timed
 from common import environment, markdown_table, write_results
-from sparsed_backend import SparseDConfig, SparseDState
+from sparsed_backend import SparseDConfig
 from sparsed_backend.generation import dream_generate, llada_generate
 
 VARIANTS = ["dense+prefix", "dense+dual", "sparsed+prefix", "sparsed+dual"]
@@ -101,36 +101,21 @@ def run_length(model, kind, n, args, device, rows):
     ids = torch.randint(0, top, (1, prompt_len), device=device, generator=g)
     full = torch.randint(0, top, (1, n), device=device, generator=g)
     cfg = SparseDConfig(skip=args.skip, select=args.select, block_size=args.block_size, min_sparse_len=0)
-    keep = torch.arange(prompt_len, n, device=device)
-    state = SparseDState(cfg, steps=args.steps, gen_start=prompt_len)
-    switch = cfg.switch_step(args.steps)
-
-    def step(mode_step):
-        def fn():
-            if mode_step is None:
-                model(full, logits_to_keep=keep)
-                return
-            state.step = mode_step
-            if mode_step == switch:
-                state.layers.clear()
-            model(full, logits_to_keep=keep, sparsed_state=state)
-
-        return fn
-
+    run, state = step_runners(model, full, args.gen_length, cfg, prompt_len)
     single = {}
-    for name, fn in (("dense", step(None)), ("switch", step(switch)), ("sparse", step(switch + 1))):
+    for name, fn in run.items():
         fn()  # warm-up: compilation and autotuning stay out of the numbers
         single[name], _ = timed(fn, device, args.repeats)
         print(f"  N={n:6d} {name:8s} step {single[name]:8.3f} s", flush=True)
     dense_total = args.steps * single["dense"]
-    sparsed_total = switch * single["dense"] + single["switch"] + (args.steps - switch - 1) * single["sparse"]
+    sparsed_s = sparsed_total(cfg, args.steps, single["dense"], single["switch"], single["sparse"])
     state.layers.clear()
     base_row = {"N": n, "model": kind, "steps": args.steps, "gen_length": args.gen_length,
                 "block_length": args.block_length, "dense_step_s": single["dense"], "switch_step_s": single["switch"],
                 "sparse_step_s": single["sparse"]}  # fmt: skip
-    results = {"dense": dense_total, "sparsed": sparsed_total}
+    results = {"dense": dense_total, "sparsed": sparsed_s}
     rows.append(dict(base_row, variant="dense", total_s=dense_total, measured="projected"))
-    rows.append(dict(base_row, variant="sparsed", total_s=sparsed_total, measured="projected"))
+    rows.append(dict(base_row, variant="sparsed", total_s=sparsed_s, measured="projected"))
     generate = llada_generate if kind == "llada" else dream_generate
     length_arg = {"gen_length": args.gen_length} if kind == "llada" else {"max_new_tokens": args.gen_length}
     for variant in args.variants:

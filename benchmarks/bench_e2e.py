@@ -55,27 +55,18 @@ def timed(fn, device, repeats: int) -> tuple[float, float]:
     return times[len(times) // 2], peak
 
 
-@torch.inference_mode()
-def run_length(model, n, args, device, rows):
-    g = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, n), device=device, generator=g)
-    keep = args.gen_length
-    cfg = SparseDConfig(skip=args.skip, select=args.select, block_size=args.block_size, min_sparse_len=0)
+def step_runners(model, ids, keep, config: SparseDConfig, gen_start: int):
+    """Closures that run one forward of each step kind: ``{"dense", "switch", "sparse"}``.
+
+    The state parks on a long schedule's switch step (clearing its masks, so every call selects
+    again) or on the step after it (reusing them). Returns (the closures, that SparseDState).
+    """
     steps = 1000  # any schedule long enough to park the state on a given step kind
-    switch = cfg.switch_step(steps)
+    switch = config.switch_step(steps)
+    state = SparseDState(config, steps=steps, gen_start=gen_start)
 
     def dense():
         model(ids, logits_to_keep=keep)
-
-    def flash():
-        model.config._attn_implementation = "sdpa"
-        try:
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                model(ids, logits_to_keep=keep)
-        finally:
-            model.config._attn_implementation = "sparsed"
-
-    state = SparseDState(cfg, steps=steps, gen_start=n - keep)
 
     def switch_step():
         state.step = switch
@@ -86,12 +77,38 @@ def run_length(model, n, args, device, rows):
         state.step = switch + 1
         model(ids, logits_to_keep=keep, sparsed_state=state)
 
+    return {"dense": dense, "switch": switch_step, "sparse": sparse_step}, state
+
+
+def sparsed_total(config: SparseDConfig, steps: int, dense_s: float, switch_s: float, sparse_s: float) -> float:
+    """A ``steps``-step SparseD generation from its step times: dense steps up to the switch step,
+    the switch step, then sparse steps."""
+    s = config.switch_step(steps)
+    return s * dense_s + switch_s + (steps - s - 1) * sparse_s
+
+
+@torch.inference_mode()
+def run_length(model, n, args, device, rows):
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, n), device=device, generator=g)
+    keep = args.gen_length
+    cfg = SparseDConfig(skip=args.skip, select=args.select, block_size=args.block_size, min_sparse_len=0)
+    run, state = step_runners(model, ids, keep, cfg, n - keep)
+
+    def flash():
+        model.config._attn_implementation = "sdpa"
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                model(ids, logits_to_keep=keep)
+        finally:
+            model.config._attn_implementation = "sparsed"
+
     result = {"N": n, "layers": model.config.n_layers}
     for name, fn, reps in (
-        ("dense_cudnn", dense, args.repeats),
+        ("dense_cudnn", run["dense"], args.repeats),
         ("dense_fa2", flash, args.repeats),
-        ("switch", switch_step, max(1, args.repeats - 1)),
-        ("sparse", sparse_step, args.repeats),
+        ("switch", run["switch"], max(1, args.repeats - 1)),
+        ("sparse", run["sparse"], args.repeats),
     ):
         fn()  # warm-up: compilation and autotuning stay out of the numbers
         sec, peak = timed(fn, device, reps)
@@ -102,8 +119,7 @@ def run_length(model, n, args, device, rows):
     result["step_speedup"] = result["dense_cudnn_s"] / result["sparse_s"]
     result["switch_over_dense"] = result["switch_s"] / result["dense_cudnn_s"]
     for total_steps in args.steps:
-        s = cfg.switch_step(total_steps)
-        sparse_total = s * result["dense_cudnn_s"] + result["switch_s"] + (total_steps - s - 1) * result["sparse_s"]
+        sparse_total = sparsed_total(cfg, total_steps, result["dense_cudnn_s"], result["switch_s"], result["sparse_s"])
         for base in ("dense_cudnn", "dense_fa2"):
             row = dict(result, steps=total_steps, baseline=base)
             row["baseline_total_s"] = total_steps * result[f"{base}_s"]

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench_e2e import build_model
+from bench_e2e import build_model, sparsed_total, step_runners
 from common import environment, markdown_table, write_results
-from sparsed_backend import SparseDConfig, SparseDState
+from sparsed_backend import SparseDConfig
 
 COLUMNS = ["tp", "N", "layers", "dense_s", "switch_s", "sparse_s", "step_speedup", "density", "weights_gib",
            "peak_gib", "load_s"]  # fmt: skip
@@ -120,27 +120,17 @@ def run_length(model, n: int, args, device, world: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, n), device=device, generator=g)
     keep = args.gen_length
     cfg = SparseDConfig(skip=args.skip, select=args.select, block_size=args.block_size, min_sparse_len=0)
-    steps = 1000  # a schedule long enough to park the state on any step kind
-    switch = cfg.switch_step(steps)
-    state = SparseDState(cfg, steps=steps, gen_start=n - keep)
-
-    def dense():
-        model(ids, logits_to_keep=keep)
-
-    def switch_step():
-        state.step = switch
-        state.layers.clear()
-        model(ids, logits_to_keep=keep, sparsed_state=state)
-
-    def sparse_step():
-        state.step = switch + 1
-        model(ids, logits_to_keep=keep, sparsed_state=state)
+    run, state = step_runners(model, ids, keep, cfg, n - keep)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     mine = {}
     # The switch step is the slowest and runs once per generation: one timed run after warm-up.
-    kinds = (("dense", dense, args.repeats), ("switch", switch_step, 1), ("sparse", sparse_step, args.repeats))
+    kinds = (
+        ("dense", run["dense"], args.repeats),
+        ("switch", run["switch"], 1),
+        ("sparse", run["sparse"], args.repeats),
+    )
     for name, fn, reps in kinds:
         t0 = time.perf_counter()
         mine[f"{name}_s"] = timed(fn, device, reps, world)
@@ -157,9 +147,8 @@ def run_length(model, n: int, args, device, world: int) -> dict:
     row["peak_gib_per_rank"] = [r["peak_gib"] for r in ranks]
     row["step_speedup"] = row["dense_s"] / row["sparse_s"]
     for total in args.steps:
-        s = cfg.switch_step(total)
         row[f"dense_total_{total}_s"] = total * row["dense_s"]
-        row[f"sparsed_total_{total}_s"] = s * row["dense_s"] + row["switch_s"] + (total - s - 1) * row["sparse_s"]
+        row[f"sparsed_total_{total}_s"] = sparsed_total(cfg, total, row["dense_s"], row["switch_s"], row["sparse_s"])
     return row
 
 

@@ -561,41 +561,41 @@ def dream_generate(
     kind = {"topk_margin": "margin", "entropy": "neg_entropy"}.get(alg, "prob")
     history = [] if output_history else None
 
-    for b, i in ((b, i) for b in range(num_blocks) for i in range(steps_per_block)):
+    for b in range(num_blocks):
         start = prompt_len + b * block_length
         stop = start + block_length
         # Shifted logits: the token at position j is predicted at j - 1, so the block [start,
         # stop) needs the LM head on [start - 1, stop - 1) (start >= 1: the prompt is never empty).
-        keep = torch.arange(start - 1, stop - 1, device=x.device)
-        window = None
-        if kv_cache is not None and not _refreshes(i, state):
-            window = _cache_window(kv_cache, (start - 1, stop - 1), (start, stop), x.shape[1], align)
-        region = x[:, start:stop]  # (B, BL)
-        is_masked = region == mask_token_id
-        logits = run(x, keep, window)  # (B, BL, V), already shifted by the choice of `keep`
-        last = i == steps_per_block - 1
-        ratio = float(1 - timesteps[i + 1] / timesteps[i]) if not last else 1.0
-        if alg == "origin":
-            _, x0 = _sample_tokens(logits, temperature, top_p, top_k, generator)
-            draw = torch.rand(is_masked.shape, device=x.device, generator=generator)
-            region = torch.where(is_masked & (draw < ratio), x0, region)
-        else:
-            confidence, x0 = _sample_tokens(logits, temperature, top_p, top_k, generator, kind)
-            # Tokens to unmask, per row, on the device: int(n_masked * (1 - s / t)) in float32,
-            # all of them at the last step. (The official sampler averages n_masked over the
-            # batch; rows only differ when the model predicts the mask token itself.)
-            n_masked = is_masked.sum(-1, keepdim=True)  # (B, 1)
-            count = (n_masked.float() * ratio).long() if not last else n_masked
-            score = torch.where(is_masked, confidence, -torch.inf)
-            if alg_temp > 0:
-                # Sampling positions without replacement from softmax(confidence / alg_temp)
-                # (the official torch.multinomial) is the top-k of log-weights plus Gumbel
-                # noise; float64 keeps confidence / alg_temp from underflowing.
-                u = torch.rand(score.shape, dtype=torch.float64, device=x.device, generator=generator)
-                score = score.double() / alg_temp - torch.log(-torch.log(u))
-            region = torch.where(top_count(score, count) & is_masked, x0, region)
-        # Tensor parallel: the first rank's draw decides (ranks' generators may differ).
-        x[:, start:stop] = region if sync is None else sync.share(region)
-        if history is not None:
-            history.append(x.clone())
+        need = (start - 1, stop - 1)
+        keep = torch.arange(*need, device=x.device)
+        window = None if kv_cache is None else _cache_window(kv_cache, need, (start, stop), x.shape[1], align)
+        for i in range(steps_per_block):
+            region = x[:, start:stop]  # (B, BL)
+            is_masked = region == mask_token_id
+            logits = run(x, keep, None if _refreshes(i, state) else window)  # (B, BL, V), shifted by `keep`
+            last = i == steps_per_block - 1
+            ratio = float(1 - timesteps[i + 1] / timesteps[i]) if not last else 1.0
+            if alg == "origin":
+                _, x0 = _sample_tokens(logits, temperature, top_p, top_k, generator)
+                draw = torch.rand(is_masked.shape, device=x.device, generator=generator)
+                region = torch.where(is_masked & (draw < ratio), x0, region)
+            else:
+                confidence, x0 = _sample_tokens(logits, temperature, top_p, top_k, generator, kind)
+                # Tokens to unmask, per row, on the device: int(n_masked * (1 - s / t)) in float32,
+                # all of them at the last step. (The official sampler averages n_masked over the
+                # batch; rows only differ when the model predicts the mask token itself.)
+                n_masked = is_masked.sum(-1, keepdim=True)  # (B, 1)
+                count = (n_masked.float() * ratio).long() if not last else n_masked
+                score = torch.where(is_masked, confidence, -torch.inf)
+                if alg_temp > 0:
+                    # Sampling positions without replacement from softmax(confidence / alg_temp)
+                    # (the official torch.multinomial) is the top-k of log-weights plus Gumbel
+                    # noise; float64 keeps confidence / alg_temp from underflowing.
+                    u = torch.rand(score.shape, dtype=torch.float64, device=x.device, generator=generator)
+                    score = score.double() / alg_temp - torch.log(-torch.log(u))
+                region = torch.where(top_count(score, count) & is_masked, x0, region)
+            # Tensor parallel: the first rank's draw decides (ranks' generators may differ).
+            x[:, start:stop] = region if sync is None else sync.share(region)
+            if history is not None:
+                history.append(x.clone())
     return _output(x, state, run, history, return_dict_in_generate)
