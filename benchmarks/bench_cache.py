@@ -10,9 +10,10 @@ Per prompt length, in one process on one random-weight model (bf16 on CUDA):
   weighed by the schedule, as bench_e2e.py does (a 64k dense generation of 256 steps would
   take over 20 minutes);
 - with a cache: the real sampler runs the whole generation (``llada_generate`` /
-  ``dream_generate`` with ``block_length``). Every forward is timed (synchronised); a step
-  kind's first forward (compilation, autotuning) counts at the median of that kind's others,
-  and a kind that runs once (the switch step) at its warm no-cache time. ``wall_s`` is the
+  ``dream_generate`` with ``block_length``). Every forward is timed, synchronised
+  (``sparsed_backend.cli.StepTimer``); a step kind's first forward (compilation, autotuning)
+  counts at the median of that kind's others, and a kind that runs once (the switch step) at
+  its warm no-cache time. ``wall_s`` is the
   raw wall time, compilation included.
 
 Peak memory is measured above the weights; ``cache_mib`` is what the cache holds at the end.
@@ -30,6 +31,7 @@ import torch
 from bench_e2e import build_model, sparsed_total, step_runners, timed
 from common import environment, markdown_table, write_results
 from sparsed_backend import SparseDConfig
+from sparsed_backend.cli import StepTimer
 from sparsed_backend.generation import dream_generate, llada_generate
 
 VARIANTS = ["dense+prefix", "dense+dual", "sparsed+prefix", "sparsed+dual"]
@@ -48,45 +50,17 @@ def build_dream(layers: int, device: torch.device, dtype: torch.dtype, small: bo
     return model.eval()
 
 
-class ForwardClock:
-    """Forward hooks: each forward's synchronised wall time, keyed by (SparseD mode, query rows)."""
-
-    def __init__(self, model, device):
-        self.device, self.records = device, []
-        self._hooks = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
-                       model.register_forward_hook(self._post, with_kwargs=True)]  # fmt: skip
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def _pre(self, module, args, kwargs):
-        state = kwargs.get("sparsed_state")
-        mode = "dense" if state is None else state.mode
-        self._key = (mode, kwargs["input_ids"].shape[1])
-        self._sync()
-        self._t0 = time.perf_counter()
-
-    def _post(self, module, args, kwargs, output):
-        self._sync()
-        self.records.append((self._key, time.perf_counter() - self._t0))
-
-    def steady_total(self, single: dict[str, float]) -> float:
-        """Sum of all forwards, each kind's first one replaced as described in the module doc."""
-        by_key: dict = {}
-        for key, t in self.records:
-            by_key.setdefault(key, []).append(t)
-        total = 0.0
-        for key, times in by_key.items():
-            if len(times) > 1:
-                total += statistics.median(times[1:]) * len(times)
-            else:
-                total += single.get(key[0], times[0])
-        return total
-
-    def remove(self):
-        for h in self._hooks:
-            h.remove()
+def steady_total(records: list[tuple[str, int, float]], single: dict[str, float]) -> float:
+    """Sum of a generation's forwards (StepTimer records), each kind's first one replaced: by the
+    median of that (mode, query rows) kind's others, or for a kind that ran once by ``single``'s
+    warm time of its mode (the switch step)."""
+    by_key: dict = {}
+    for mode, rows, t in records:
+        by_key.setdefault((mode, rows), []).append(t)
+    total = 0.0
+    for (mode, _), times in by_key.items():
+        total += statistics.median(times[1:]) * len(times) if len(times) > 1 else single.get(mode, times[0])
+    return total
 
 
 def memory_above(device, base):
@@ -124,7 +98,7 @@ def run_length(model, kind, n, args, device, rows):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-        clock = ForwardClock(model, device)
+        clock = StepTimer(model)
         t0 = time.perf_counter()
         out = generate(
             model, ids, steps=args.steps, block_length=args.block_length, kv_cache=cache,
@@ -134,7 +108,7 @@ def run_length(model, kind, n, args, device, rows):
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         clock.remove()
-        total = clock.steady_total({"switch": single["switch"]})
+        total = steady_total(clock.records, {"switch": single["switch"]})
         results[variant] = total
         row = dict(base_row, variant=variant, total_s=total, wall_s=wall, measured="run",
                    peak_mib=memory_above(device, base), cache_mib=out.kv_cache.memory_bytes() / 2**20,

@@ -125,27 +125,49 @@ def _positions(config) -> int | None:
 
 
 class StepTimer:
-    """Forward hooks that record each model forward's wall time and SparseD mode."""
+    """Forward hooks that record every model forward as (SparseD mode, query rows, seconds).
+
+    On CUDA each forward is synchronised before and after, so the time is the forward's own,
+    not its launch's. ``sparsed demo`` reports the mean per mode; benchmarks/bench_cache.py
+    groups the records by mode and query rows (a cached step runs fewer rows).
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.records: list[tuple[str, float]] = []
+        self.records: list[tuple[str, int, float]] = []
         self._t0 = 0.0
-        self._mode = "dense"
+        self._key = ("dense", 0)
+        self._x: torch.Tensor | None = None
         self._hooks = [
             model.register_forward_pre_hook(self._pre, with_kwargs=True),
             model.register_forward_hook(self._post, with_kwargs=True),
         ]
 
+    @staticmethod
+    def _inputs(args, kwargs) -> torch.Tensor | None:
+        for name in ("input_ids", "inputs_embeds"):
+            if kwargs.get(name) is not None:
+                return kwargs[name]
+        return args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+    @staticmethod
+    def _sync(x: torch.Tensor | None) -> None:
+        if x is not None and x.is_cuda:
+            torch.cuda.synchronize(x.device)
+
     def _pre(self, module, args, kwargs):
         state = kwargs.get("sparsed_state")
-        self._mode = "dense" if state is None else state.mode
+        x = self._inputs(args, kwargs)
+        self._key = ("dense" if state is None else state.mode, 0 if x is None else x.shape[1])
+        self._x = x
+        self._sync(x)
         self._t0 = time.perf_counter()
 
     def _post(self, module, args, kwargs, output):
-        self.records.append((self._mode, time.perf_counter() - self._t0))
+        self._sync(self._x)
+        self.records.append((*self._key, time.perf_counter() - self._t0))
 
     def mean(self, mode: str) -> float:
-        times = [t for m, t in self.records if m == mode]
+        times = [t for m, _, t in self.records if m == mode]
         return sum(times) / len(times) if times else float("nan")
 
     def remove(self) -> None:
