@@ -14,6 +14,7 @@ Logits are computed for the last --gen-length positions only, as the samplers do
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -22,7 +23,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import environment, markdown_table, write_results
-from sparsed_backend import SparseDConfig, SparseDState
+from sparsed_backend import SparseDConfig, SparseDState, flex_shapes
 from sparsed_backend.models import LLaDAConfig, LLaDAModelLM
 
 
@@ -103,17 +104,29 @@ def run_length(model, n, args, device, rows):
         finally:
             model.config._attn_implementation = "sparsed"
 
-    result = {"N": n, "layers": model.config.n_layers}
-    for name, fn, reps in (
-        ("dense_cudnn", run["dense"], args.repeats),
-        ("dense_fa2", flash, args.repeats),
-        ("switch", run["switch"], max(1, args.repeats - 1)),
-        ("sparse", run["sparse"], args.repeats),
-    ):
+    base = {"N": n, "layers": model.config.n_layers}
+    for name, fn, reps in (("dense_cudnn", run["dense"], args.repeats), ("dense_fa2", flash, args.repeats)):
         fn()  # warm-up: compilation and autotuning stay out of the numbers
         sec, peak = timed(fn, device, reps)
-        result[f"{name}_s"], result[f"{name}_peak_mib"] = sec, peak
+        base[f"{name}_s"], base[f"{name}_peak_mib"] = sec, peak
         print(f"  N={n:6d} {name:12s} {sec:8.3f} s  peak {peak:9.1f} MiB", flush=True)
+    for shapes in args.shape_policies:
+        # "bucket": the package's policy (flex_shapes); "exact": static compiles at the real
+        # lengths, the policy before bucketing, measured side by side.
+        ctx = flex_shapes.exact_lengths() if shapes == "exact" else contextlib.nullcontext()
+        with ctx:
+            result = dict(base, shapes=shapes)
+            steps = (("switch", run["switch"], max(1, args.repeats - 1)), ("sparse", run["sparse"], args.repeats))
+            for name, fn, reps in steps:
+                fn()  # warm-up: compilation and autotuning stay out of the numbers
+                sec, peak = timed(fn, device, reps)
+                result[f"{name}_s"], result[f"{name}_peak_mib"] = sec, peak
+                print(f"  N={n:6d} {shapes:6s} {name:12s} {sec:8.3f} s  peak {peak:9.1f} MiB", flush=True)
+            result["flex_lengths"] = state.layers[0].block_mask.seq_lengths[1]
+        _totals(result, state, cfg, args, rows)
+
+
+def _totals(result, state, cfg, args, rows) -> None:
     result["mask_state_mib"] = state.memory_bytes() / 2**20
     result["density"] = state.density()
     result["step_speedup"] = result["dense_cudnn_s"] / result["sparse_s"]
@@ -139,6 +152,13 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--gen-length", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--shape-policies",
+        nargs="+",
+        choices=["bucket", "exact"],
+        default=["bucket"],
+        help="bucket: the package's FlexAttention shapes; exact: static compiles at the real lengths",
+    )
     p.add_argument("--name", default="bench_e2e" if cuda else "bench_e2e_cpu_smoke")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -153,8 +173,8 @@ def main() -> None:
         run_length(model, n, args, device, rows)
         if cuda:
             torch.cuda.empty_cache()
-    cols = ["N", "layers", "steps", "baseline", "dense_cudnn_s", "dense_fa2_s", "switch_s", "sparse_s",
-            "baseline_total_s", "sparsed_total_s", "speedup", "sparse_peak_mib", "dense_cudnn_peak_mib",
+    cols = ["N", "shapes", "flex_lengths", "layers", "steps", "baseline", "dense_cudnn_s", "dense_fa2_s", "switch_s",
+            "sparse_s", "baseline_total_s", "sparsed_total_s", "speedup", "sparse_peak_mib", "dense_cudnn_peak_mib",
             "mask_state_mib"]  # fmt: skip
     table = markdown_table(rows, cols)
     write_results(args.name, env, rows, table, args.out)

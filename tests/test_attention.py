@@ -13,6 +13,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from numerics import assert_close_3way
 from sparsed_backend import SparseDConfig, SparseDState, sparsed_attention_forward
 from sparsed_backend._compat import compile_counters
+from sparsed_backend.flex_shapes import pad_to_mask
 from sparsed_backend.reference import (
     attention_reference,
     block_importance_reference,
@@ -165,8 +166,9 @@ def test_sparse_path_really_skips_blocks():
     dense = attention_reference(q, k, v, 16**-0.5, None)
     assert (sparse_out.double() - dense).abs().max() > 1e-2, "sparse output equals dense: blocks not skipped"
     assert (switch_out.double() - dense).abs().max() < 1e-4
-    eager = flex_attention(q, k, v, block_mask=mask, scale=16**-0.5, enable_gqa=True)
-    torch.testing.assert_close(eager, sparse_out, atol=1e-5, rtol=1e-5)
+    assert mask.seq_lengths == (1024, 1024), "the mask is for the bucket lengths (flex_shapes)"
+    eager = flex_attention(*pad_to_mask(q, k, v, mask), block_mask=mask, scale=16**-0.5, enable_gqa=True)
+    torch.testing.assert_close(eager[:, :, :1000], sparse_out, atol=1e-5, rtol=1e-5)
 
 
 def test_padding_garbage_does_not_leak_and_k_v_are_not_copied():
@@ -383,9 +385,13 @@ def test_disabled_compile_warns_and_still_computes_the_sparse_result(monkeypatch
 def test_recompile_limit_raises_instead_of_running_eagerly(monkeypatch):
     from sparsed_backend import attention
 
-    monkeypatch.setattr(attention, "_RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr(attention.compile_guard, "limit", 1)
     cfg = SparseDConfig(skip=0.0, select=0.5, block_size=16, min_sparse_len=0)
-    with pytest.raises(RuntimeError, match="hit the recompile limit .*refusing to fall back to eager"):
+    pattern = (
+        r"hit the recompile limit \(1 graphs\); refusing to fall back to eager.* signatures"
+        r".*B=1 H=1/1 L=(80|112|144) S=(80|112|144) D=24 torch.float32 cpu"
+    )
+    with pytest.raises(RuntimeError, match=pattern):
         for n in (80, 112, 144):  # new static shapes: the second one already exceeds a limit of 1
             q, k, v = (torch.randn(1, 1, n, 24) for _ in range(3))
             run_schedule(q, k, v, None, cfg)

@@ -10,13 +10,14 @@ from transformers.masking_utils import bidirectional_mask_function
 from . import _compat, policy
 from ._warn import warn_once
 from .dense import dense_attention
+from .flex_shapes import CompileGuard, pad_to_mask
 from .state import SparseDState
 from .switch_step import run_switch_step, select_layer
 
 __all__ = ["sparsed_attention_forward", "sparsed_mask", "dense_attention", "sparse_attention"]
 
-_RECOMPILE_LIMIT = 64  # distinct static shapes one process may compile before we fail loudly
 _compiled_flex = None
+compile_guard = CompileGuard()  # the signatures this process compiled FlexAttention for
 
 
 def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -100,23 +101,30 @@ def sparse_attention(
 ) -> torch.Tensor:
     """Block-sparse attention over ``block_mask`` with compiled FlexAttention.
 
-    Never falls back silently: hitting dynamo's recompile limit raises instead of running the
+    The call runs at the mask's lengths: a mask built for bucket lengths (`flex_shapes`) gets
+    zero-padded inputs, and the padded query rows are dropped from the output.
+
+    Never falls back silently: passing the compile guard's bound raises instead of running the
     eager kernel, and a disabled torch.compile warns once and computes the same blocks through
     SDPA with the BlockMask's mask_mod expanded to tokens (correct, but every block is computed).
 
     Args:
         query: (B, Hq, L, D); key, value: (B, Hkv, S, D).
+        block_mask: for (L, S) or longer (``block_mask.seq_lengths``).
         kernel_options: FlexAttention kernel options; None takes the measured policy's.
     Returns:
         (B, Hq, L, D).
     """
+    L = query.shape[2]
+    query, key, value = pad_to_mask(query, key, value, block_mask)
     gqa = query.shape[1] != key.shape[1]
     options = policy.flex_kernel_options(query, block_mask) if kernel_options is None else kernel_options
     if torch.compiler.is_compiling():
         # Inside a user's torch.compile region: flex_attention is traced into their graph.
-        return flex_attention(
+        out = flex_attention(
             query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa, kernel_options=options
         )
+        return out[:, :, :L]
     if _compat.compile_disabled():
         warn_once(
             "dynamo-disabled",
@@ -128,10 +136,12 @@ def sparse_attention(
         # with dynamo disabled), so expand the BlockMask's mask_mod, which reads the same table.
         mask = create_mask(block_mask.mask_mod, query.shape[0], query.shape[1], query.shape[2], key.shape[2],
                            device=query.device)  # fmt: skip
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        return out[:, :, :L]
+    compile_guard.note(query, key, block_mask)
     try:
-        with _compat.fail_past_recompile_limit(_RECOMPILE_LIMIT):
-            return _flex()(
+        with _compat.fail_past_recompile_limit(compile_guard.limit):
+            out = _flex()(
                 query,
                 key,
                 value,
@@ -142,10 +152,11 @@ def sparse_attention(
             )
     except _compat.RecompileLimitHit as err:
         raise RuntimeError(
-            f"sparsed: compiled FlexAttention hit the recompile limit ({_RECOMPILE_LIMIT} shapes); "
-            "refusing to fall back to eager attention. Use fewer distinct sequence lengths "
-            "(e.g. pad prompts to a multiple of the block size)."
+            f"sparsed: compiled FlexAttention hit the recompile limit ({compile_guard.limit} graphs); "
+            f"refusing to fall back to eager attention. The bucket grid cannot produce that many shapes, "
+            f"so this is a bug; please report it with what was compiled: {compile_guard.describe()}"
         ) from err
+    return out[:, :, :L]
 
 
 def sparsed_attention_forward(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from ._compat import FROM_KV_BLOCKS_HAS_COMPUTE_Q_BLOCKS
@@ -55,11 +56,16 @@ def block_mask_from_table(
     key_valid: torch.Tensor | None = None,
     full_blocks: bool = True,
     key_counts: torch.Tensor | None = None,
+    pad_to: tuple[int, int] | None = None,
 ) -> BlockMask:
     """Build the BlockMask that attends exactly to the blocks of ``table``.
 
     Key blocks that hold padding or run past ``kv_len`` become partial blocks (the mask_mod
     masks their tokens); the others become full blocks, which skip the mask_mod.
+
+    With ``pad_to`` the mask is for longer inputs (the compiled call's bucket lengths,
+    `flex_shapes.padded_lengths`): the keys past ``kv_len`` are masked, and the query rows past
+    ``q_len`` attend to nothing (their output is dropped by `attention.sparse_attention`).
 
     Args:
         table: (B, H, nQ, nKV) bool, nQ = ceil(q_len / block_size), nKV = ceil(kv_len / bs).
@@ -69,9 +75,11 @@ def block_mask_from_table(
             made only of full blocks).
         key_counts: (B, nKV) attendable keys per key block, if the caller computed them
             (`scoring.key_block_counts`); derived from ``key_valid`` otherwise.
+        pad_to: (padded q_len, padded kv_len), whole blocks at least as long as the real
+            lengths; None: the real lengths.
     Returns:
-        A BlockMask for (q_len, kv_len) whose ``to_dense()`` is ``table`` minus key blocks
-        that hold no attendable key.
+        A BlockMask for (q_len, kv_len) (or ``pad_to``) whose ``to_dense()`` is ``table`` minus
+        key blocks that hold no attendable key (zero-padded to the padded block counts).
     """
     B, H, n_q, n_kv = table.shape
     if n_q != -(-q_len // block_size) or n_kv != -(-kv_len // block_size):
@@ -79,14 +87,26 @@ def block_mask_from_table(
             f"table of shape {tuple(table.shape)} does not fit q_len={q_len}, kv_len={kv_len} "
             f"with block_size={block_size}"
         )
+    seq_lengths = (q_len, kv_len)
+    if pad_to is not None and tuple(pad_to) != seq_lengths:
+        q_pad, kv_pad = pad_to
+        if q_pad < q_len or kv_pad < kv_len or q_pad % block_size or kv_pad % block_size:
+            raise ValueError(
+                f"pad_to must be whole blocks of {block_size} at least (q_len, kv_len) = {seq_lengths}, got {pad_to}"
+            )
+        if key_counts is not None:
+            key_counts = F.pad(key_counts, (0, kv_pad // block_size - n_kv))
+        table = F.pad(table, (0, kv_pad // block_size - n_kv, 0, q_pad // block_size - n_q))
+        n_q, n_kv = table.shape[-2:]
+        seq_lengths = (q_pad, kv_pad)
     tail = n_kv * block_size - kv_len
-    padded_valid = None
-    if key_valid is not None or tail:
-        if key_valid is None:
-            key_valid = torch.ones(B, kv_len, dtype=torch.bool, device=table.device)
-        padded_valid = torch.nn.functional.pad(key_valid, (0, tail), value=False)
-    if padded_valid is None:
-        counts = None
+    every_block_full = key_valid is None and not tail  # known on the host: no padding, no tail
+    # The mask_mod always reads a key mask (all True without padding): one mask kind, so a
+    # length that lands exactly on a bucket shares the graph of the shorter lengths padded to it.
+    if key_valid is None:
+        key_valid = torch.ones(B, kv_len, dtype=torch.bool, device=table.device)
+    padded_valid = F.pad(key_valid, (0, tail), value=False)
+    if every_block_full:
         attendable = table
     else:
         if key_counts is None:
@@ -94,7 +114,7 @@ def block_mask_from_table(
         counts = key_counts.view(B, 1, 1, n_kv)
         attendable = table & (counts > 0)
 
-    if full_blocks and counts is None:
+    if full_blocks and every_block_full:
         # No padding and no ragged tail: every block is full. The partial list is empty, so
         # it shares the full list's index tensor (never read) instead of a second copy.
         full_num, full_idx = _block_lists(attendable)
@@ -115,6 +135,6 @@ def block_mask_from_table(
         full_idx,
         BLOCK_SIZE=block_size,
         mask_mod=table_mask_mod(table, block_size, padded_valid),
-        seq_lengths=(q_len, kv_len),
+        seq_lengths=seq_lengths,
         **extra,
     )

@@ -9,6 +9,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from .config import SparseDConfig
+from .flex_shapes import padded_lengths
 from .masks import block_mask_from_table
 
 __all__ = ["LayerSelection", "SparseDState", "Mode"]
@@ -45,8 +46,9 @@ class LayerSelection:
             return self._window[2]
         rows = self.table[:, :, start // block_size : -(-(start + q_len) // block_size)]
         mask = block_mask_from_table(
-            rows, q_len, self.kv_len, block_size, key_valid, full_blocks=rows.device.type == "cuda"
-        )
+            rows, q_len, self.kv_len, block_size, key_valid, full_blocks=rows.device.type == "cuda",
+            pad_to=padded_lengths(q_len, self.kv_len, block_size),
+        )  # fmt: skip
         self._window = (start, q_len, mask)
         return mask
 

@@ -25,6 +25,7 @@ from . import _compat
 from ._warn import warn_once
 from .config import SparseDConfig
 from .dense import dense_attention
+from .flex_shapes import padded_lengths
 from .masks import block_mask_from_table
 from .scoring import block_prob_sums, importance_from_sums, key_block_counts, num_blocks
 from .selection import generation_start_block, select_blocks
@@ -179,8 +180,9 @@ def select_layer(
     attendable = (counts > 0).view(B, 1, 1, -1)
     density = (table & attendable).sum() / (attendable.sum() * H * table.shape[2])
     block_mask = block_mask_from_table(
-        table, L, S, bs, key_valid, full_blocks=query.device.type == "cuda", key_counts=counts
-    )
+        table, L, S, bs, key_valid, full_blocks=query.device.type == "cuda", key_counts=counts,
+        pad_to=padded_lengths(L, S, bs),
+    )  # fmt: skip
     return LayerSelection(block_mask, table, B, H, L, S, density)
 
 
