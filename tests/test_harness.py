@@ -194,7 +194,11 @@ def _make(harness_model, **kw):
         ({"gen_length": 6, "block_length": 4}, r"model arg block_length: expected a divisor of gen_length=6, got 4"),
         ({"gen_length": 8, "block_length": 4, "steps": 3},
          r"model arg steps: expected a multiple of gen_length / block_length = 2, got 3"),
-        ({"batch_size": "auto"}, r"model arg batch_size: expected an int >= 1 \(automatic batch sizes are not "),
+        ({"batch_size": "auto"},
+         r"model arg batch_size: expected an int >= 1 \(automatic batch sizes are not supported\), got 'auto'$"),
+        ({"batch_size": "auto:4"},
+         r"model arg batch_size: expected an int >= 1 \(automatic batch sizes are not supported\), got 'auto:4'$"),
+        ({"gen_length": 4206}, r"model arg gen_length: expected an int < the model's max_position_embeddings 4206 "),
         ({"dtype": "float64"}, r"model arg dtype: expected one of \('auto', 'float32', 'bfloat16', 'float16'\)"),
         ({"device": "gpu0"}, r"model arg device: expected a torch device such as 'cpu' or 'cuda:0', got 'gpu0'"),
         ({"mc_samples": -1}, r"model arg mc_samples: expected an int >= 1, got -1"),
@@ -229,6 +233,14 @@ def test_cli_style_args_strings_and_defaults(harness_model):
     lm = harness_model.DiffusionLM.create_from_arg_obj(args, {"batch_size": 2})
     assert (lm.steps, lm.batch_size, lm.sparsed) == (5, 2, None)
     assert lm.model.config._attn_implementation == "sdpa"
+
+
+def test_automatic_batch_size_from_lm_eval_flags_is_refused_before_loading(harness_model):
+    # What `--batch_size auto:4 --max_batch_size 64` hands over (lm-eval's flags, not model args).
+    with pytest.raises(ValueError, match=r"model arg batch_size: .*not supported\), got 'auto:4'$"):
+        harness_model.DiffusionLM.create_from_arg_string(
+            f"pretrained={model_path()},device=cpu", {"batch_size": "auto:4", "max_batch_size": 64}
+        )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's warning")
@@ -310,17 +322,29 @@ def test_generation_kwargs_the_model_cannot_apply_warn(harness_model):
         assert lm._gen_settings({"do_sample": False, "temperature": 0.0, "max_gen_toks": 2}) == ([], 2)
 
 
-def test_a_dream_checkpoint_is_detected_and_runs_both_request_types(harness_model, tmp_path):
+def _demo_vocab_checkpoint(path: Path, kind: str, limit: int = 256) -> None:
+    """A tiny LLaDA or Dream with the demo tokenizer's vocabulary (text in, text out) and a
+    position limit (``max_position_embeddings``) of ``limit`` tokens."""
     from sparsed_backend.demo.task import MASK_ID as DEMO_MASK
     from sparsed_backend.demo.task import VOCAB_SIZE
     from sparsed_backend.demo.tokenizer import build_tokenizer
     from tiny_models import TINY, write_checkpoint
 
-    # A tiny Dream with the demo tokenizer's vocabulary (text in, text out).
-    cfg = TINY["dream"] | {"vocab_size": VOCAB_SIZE, "mask_token_id": DEMO_MASK, "bos_token_id": 1,
-                           "eos_token_id": 0, "pad_token_id": 0}  # fmt: skip
-    write_checkpoint(tmp_path, "dream", cfg)
-    build_tokenizer().save_pretrained(tmp_path)
+    cfg = TINY[kind] | {"vocab_size": VOCAB_SIZE, "mask_token_id": DEMO_MASK, "bos_token_id": 1, "eos_token_id": 0,
+                        "pad_token_id": 0}  # fmt: skip
+    cfg |= (
+        {"embedding_size": VOCAB_SIZE, "max_sequence_length": limit}
+        if kind == "llada"
+        else {"max_position_embeddings": limit}
+    )
+    write_checkpoint(path, kind, cfg)
+    build_tokenizer().save_pretrained(path)
+
+
+def test_a_dream_checkpoint_is_detected_and_runs_both_request_types(harness_model, tmp_path):
+    from sparsed_backend.demo.task import MASK_ID as DEMO_MASK
+
+    _demo_vocab_checkpoint(tmp_path, "dream")
     with pytest.raises(
         ValueError, match=r"model args \['remasking'\] belong to the llada sampler; this checkpoint is dream"
     ):
@@ -341,6 +365,66 @@ def test_a_dream_checkpoint_is_detected_and_runs_both_request_types(harness_mode
     ctx = lm.tokenizer(prompts[0])["input_ids"]
     direct = masked_loglikelihood(lm.model, [(ctx, [517, 518])], mask_id=DEMO_MASK, pad_id=0, mc_samples=3,
                                   batch_size=4, seed=0, shifted=True)  # fmt: skip
+    assert got == direct
+
+
+def _truncation_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "left-truncated" in str(w.message)]
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_over_long_generate_until_requests_are_left_truncated_with_one_warning(harness_model, tmp_path, kind):
+    from sparsed_backend.demo.tokenizer import CHARACTERS
+
+    # Position limit 32, gen_length 4: a context keeps at most its last 28 tokens.
+    _demo_vocab_checkpoint(tmp_path, kind, limit=32)
+    lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=4, steps=4, batch_size=2)
+    texts = [CHARACTERS[1:41], CHARACTERS[50:53], CHARACTERS[100:135]]  # 41, 4 and 36 tokens with BOS
+    reqs = [_instance("generate_until", (t, {"until": [], "max_gen_toks": 4}), i) for i, t in enumerate(texts)]
+    _warn._warned.discard("harness-truncated-generate_until")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = lm.generate_until(reqs)  # untruncated, the sampler would refuse 41 + 4 > 32
+        assert lm.generate_until(reqs) == out  # a second call: same answers, no second warning
+    assert _truncation_warnings(caught) == [
+        "sparsed-dlm: 2 of 3 generate_until requests exceed the model's max_position_embeddings 32 (gen_length 4 "
+        "kept for the generation); left-truncated as lm-eval's HF model does: 21 context tokens cut in all, "
+        "8 to 13 per request"
+    ]
+    for text, got in zip(texts, out, strict=True):
+        ids = lm.tokenizer(text)["input_ids"][-28:]  # the truncated context, run alone through the sampler
+        x = torch.tensor([ids])
+        direct = lm._sample(x, torch.ones_like(x), torch.Generator().manual_seed(0))
+        assert got == lm._decode(direct[0].tolist(), [])
+    assert len(lm.tokenizer(texts[1])["input_ids"]) == 4  # one request fits and is left whole
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_over_long_loglikelihood_requests_are_left_truncated_with_one_warning(harness_model, tmp_path, kind):
+    from sparsed_backend.demo.tokenizer import CHARACTERS
+
+    _demo_vocab_checkpoint(tmp_path, kind, limit=32)
+    lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=4, mc_samples=3, batch_size=4)
+    pairs = [
+        (CHARACTERS[1:41], CHARACTERS[41:44]),  # 41 + 3 tokens: the context keeps its last 29
+        (CHARACTERS[60:62], CHARACTERS[62:64]),  # 3 + 2: fits
+        (CHARACTERS[70:72], CHARACTERS[72:112]),  # 3 + 40: the continuation keeps its last 31, the context 1
+    ]
+    split = [lm._split(c, x) for c, x in pairs]
+    assert [(len(c), len(x)) for c, x in split] == [(41, 3), (3, 2), (3, 40)]
+    reqs = [_instance("loglikelihood", p, i) for i, p in enumerate(pairs)]
+    _warn._warned.discard("harness-truncated-loglikelihood")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = lm.loglikelihood(reqs)
+    assert _truncation_warnings(caught) == [
+        "sparsed-dlm: 2 of 3 loglikelihood requests exceed the model's max_position_embeddings 32 (continuation "
+        "included); left-truncated as lm-eval's HF model does: 14 context tokens cut in all, 2 to 12 per request; "
+        "1 continuation(s) alone exceed the limit and keep their right end: 9 continuation tokens cut"
+    ]
+    truncated = [(split[0][0][-29:], split[0][1]), split[1], (split[2][0][-1:], split[2][1][-31:])]
+    direct = masked_loglikelihood(lm.model, truncated, mask_id=lm.mask_id, pad_id=lm.pad_id, mc_samples=3,
+                                  batch_size=4, seed=0, shifted=kind == "dream")  # fmt: skip
     assert got == direct
 
 
