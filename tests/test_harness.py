@@ -22,7 +22,17 @@ from sparsed_backend import _warn
 from sparsed_backend.demo import model_path
 from sparsed_backend.demo.task import sample_prompts
 from sparsed_backend.harness.likelihood import draw_masks, masked_loglikelihood
-from sparsed_backend.harness.task_data import DOCS_PER_LENGTH, LENGTHS, SEED_BASE, load_docs, make_docs
+from sparsed_backend.harness.task_data import (
+    DOCS_PER_LENGTH,
+    LENGTHS,
+    MIXED_DOCS,
+    MIXED_RANGE,
+    MIXED_SEED,
+    SEED_BASE,
+    load_docs,
+    make_docs,
+    mixed_lengths,
+)
 from tiny_models import MASK_ID, PAD_ID, tiny_model
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -158,8 +168,71 @@ def test_task_prompts_are_not_the_other_evaluations_prompts():
     for other in (5000, 9000):  # training's final evaluation, the fidelity benchmark
         theirs = sample_prompts(1024, 256, seed=other + 1024).input_ids[:4]
         assert all(not torch.equal(ours[i], theirs[j]) for i in range(4) for j in range(4))
-    with pytest.raises(ValueError, match=r"length must be one of \(1024, 2048, 4096\), got 512"):
+    with pytest.raises(ValueError, match=r"split must be one of \(1024, 2048, 4096, 'mixed'\), got 512"):
         make_docs(512)
+    with pytest.raises(ValueError, match=r"split must be one of .*, got 1024.0"):
+        load_docs(1024.0)
+
+
+def test_mixed_task_lengths_are_distinct_and_spread_over_the_range():
+    lengths = mixed_lengths()
+    docs = load_docs("mixed")
+    assert [d["prompt_tokens"] for d in docs] == lengths and [d["doc_id"] for d in docs] == list(range(MIXED_DOCS))
+    assert len(docs) == MIXED_DOCS == 300 and len(set(lengths)) == MIXED_DOCS  # every length its own shape
+    low, high = MIXED_RANGE
+    assert low <= min(lengths) and max(lengths) <= high
+    # Uniform over the range: each sixth holds 50 +- ~7 prompts; 30-70 is far outside chance (fixed seed).
+    counts = torch.histc(torch.tensor(lengths, dtype=torch.float), bins=6, min=low, max=high + 1)
+    assert (counts >= 30).all() and (counts <= 70).all(), counts
+    assert sorted(lengths) != lengths and sorted(lengths, reverse=True) != lengths  # not grouped by length
+
+
+def test_shipped_mixed_task_is_the_seeded_draw_and_tokenizes_to_the_prompt_ids():
+    from transformers import AutoTokenizer
+
+    from sparsed_backend.demo.task import KEY_BASE, N_KEYS, VALUE_BASE, VALUE_LEN
+
+    docs = load_docs("mixed")
+    assert docs == make_docs("mixed")  # regenerating gives the shipped file exactly
+    tok = AutoTokenizer.from_pretrained(model_path())
+    for i in (0, 1, 150, MIXED_DOCS - 1):
+        prompts = sample_prompts(docs[i]["prompt_tokens"], 1, seed=MIXED_SEED + 1 + i)
+        ids = tok(docs[i]["prompt"])["input_ids"]
+        assert ids == prompts.input_ids[0].tolist() and len(ids) == docs[i]["prompt_tokens"]
+        answer = tok(docs[i]["answer"], add_special_tokens=False)["input_ids"]
+        assert answer == prompts.answers[0].tolist() and len(answer) == VALUE_LEN
+        assert all(t >= VALUE_BASE for t in answer)  # value symbols only
+        assert KEY_BASE <= ids[-1] < KEY_BASE + N_KEYS and ids[-2] == tok.convert_tokens_to_ids("?")
+        pos = docs[i]["record_pos"]
+        assert ids[pos] == ids[-1] and ids[pos + 1 : pos + 1 + VALUE_LEN] == answer  # the asked record's value
+
+
+def test_mixed_task_seeds_are_apart_from_every_other_split():
+    # Other prompt seeds are base + n for a length n <= 4096: 5000 (training's final evaluation),
+    # 9000 (the fidelity benchmark), SEED_BASE (the fixed-length splits). The mixed split's seeds
+    # MIXED_SEED .. MIXED_SEED + MIXED_DOCS lie above all of them.
+    assert max(5000, 9000, SEED_BASE) + MIXED_RANGE[1] < MIXED_SEED
+    n = mixed_lengths()[0]
+    ours = sample_prompts(n, 1, seed=MIXED_SEED + 1).input_ids[0]
+    for other in (5000, 9000, SEED_BASE):  # the other evaluations' prompts of the same length differ
+        theirs = sample_prompts(n, 4, seed=other + n).input_ids
+        assert all(not torch.equal(ours, row) for row in theirs)
+
+
+def test_lm_eval_resolves_the_mixed_task_outside_the_group():
+    _lm_eval()
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from sparsed_backend.harness import tasks_dir
+
+    manager = TaskManager(include_path=str(tasks_dir()), include_defaults=False)
+    tasks = get_task_dict(["sparsed_retrieval_mixed", "sparsed_retrieval"], manager)
+    (group,) = [v for v in tasks.values() if isinstance(v, dict)]
+    assert sorted(group) == [f"sparsed_retrieval_{n}" for n in LENGTHS]  # the group's score is unchanged
+    task = tasks["sparsed_retrieval_mixed"]
+    docs = list(task.test_docs())
+    assert len(docs) == MIXED_DOCS and task.doc_to_text(docs[7]) == load_docs("mixed")[7]["prompt"]
+    assert task.doc_to_target(docs[7]) == load_docs("mixed")[7]["answer"]
 
 
 # ---------------------------------------------------------------------------- the sparsed-dlm model
