@@ -221,14 +221,15 @@ def test_mixed_task_seeds_are_apart_from_every_other_split():
 
 def test_lm_eval_resolves_the_mixed_task_outside_the_group():
     _lm_eval()
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     from sparsed_backend.harness import tasks_dir
 
     manager = TaskManager(include_path=str(tasks_dir()), include_defaults=False)
-    tasks = get_task_dict(["sparsed_retrieval_mixed", "sparsed_retrieval"], manager)
-    (group,) = [v for v in tasks.values() if isinstance(v, dict)]
-    assert sorted(group) == [f"sparsed_retrieval_{n}" for n in LENGTHS]  # the group's score is unchanged
+    loaded = manager.load(["sparsed_retrieval_mixed", "sparsed_retrieval"])
+    # The group's score is unchanged: its members are the three fixed lengths, as before.
+    assert loaded["group_map"] == {"sparsed_retrieval": [f"sparsed_retrieval_{n}" for n in LENGTHS]}
+    tasks = loaded["tasks"]
     task = tasks["sparsed_retrieval_mixed"]
     docs = list(task.test_docs())
     assert len(docs) == MIXED_DOCS and task.doc_to_text(docs[7]) == load_docs("mixed")[7]["prompt"]
