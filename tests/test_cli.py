@@ -223,6 +223,38 @@ def test_help_and_version_do_not_import_torch():
     assert "usage: sparsed" in proc.stdout
 
 
+def test_version_without_package_metadata_reads_the_source_without_importing_torch():
+    """A checkout run from source (PYTHONPATH=src, never pip-installed) has no metadata for the
+    distribution; --version must still answer, from sparsed_backend/_version.py, torch-free."""
+    code = (
+        "import sys\n"
+        "from importlib import metadata\n"
+        "real_version = metadata.version\n"
+        "def no_metadata(name):\n"  # only ours is missing; transformers checks its own dependencies
+        "    if name == 'sparsed_backend':\n"
+        "        raise metadata.PackageNotFoundError(name)\n"
+        "    return real_version(name)\n"
+        "metadata.version = no_metadata\n"
+        "from sparsed_cli import main\n"
+        "try:\n"
+        "    main(['--version'])\n"
+        "except SystemExit as stop:\n"
+        "    assert stop.code == 0, stop.code\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'sparsed_backend') if m in sys.modules), file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"sparsed {sparsed_backend.__version__}\n"
+    assert proc.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_version_has_one_value_in_the_source_and_in_pyproject():
+    project = (ROOT / "pyproject.toml").read_text().split("[project]", 1)[1].split("\n[", 1)[0]
+    assert re.search(r'^version = "([^"]+)"$', project, re.M).group(1) == sparsed_backend.__version__
+    assert sparsed_backend.__version__ == sparsed_backend._version.__version__
+
+
 def test_console_script_is_the_light_parser():
     text = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^sparsed = "sparsed_cli:main"$', text, re.M)

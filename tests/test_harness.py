@@ -22,7 +22,17 @@ from sparsed_backend import _warn
 from sparsed_backend.demo import model_path
 from sparsed_backend.demo.task import sample_prompts
 from sparsed_backend.harness.likelihood import draw_masks, masked_loglikelihood
-from sparsed_backend.harness.task_data import DOCS_PER_LENGTH, LENGTHS, SEED_BASE, load_docs, make_docs
+from sparsed_backend.harness.task_data import (
+    DOCS_PER_LENGTH,
+    LENGTHS,
+    MIXED_DOCS,
+    MIXED_RANGE,
+    MIXED_SEED,
+    SEED_BASE,
+    load_docs,
+    make_docs,
+    mixed_lengths,
+)
 from tiny_models import MASK_ID, PAD_ID, tiny_model
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -158,8 +168,72 @@ def test_task_prompts_are_not_the_other_evaluations_prompts():
     for other in (5000, 9000):  # training's final evaluation, the fidelity benchmark
         theirs = sample_prompts(1024, 256, seed=other + 1024).input_ids[:4]
         assert all(not torch.equal(ours[i], theirs[j]) for i in range(4) for j in range(4))
-    with pytest.raises(ValueError, match=r"length must be one of \(1024, 2048, 4096\), got 512"):
+    with pytest.raises(ValueError, match=r"split must be one of \(1024, 2048, 4096, 'mixed'\), got 512"):
         make_docs(512)
+    with pytest.raises(ValueError, match=r"split must be one of .*, got 1024.0"):
+        load_docs(1024.0)
+
+
+def test_mixed_task_lengths_are_distinct_and_spread_over_the_range():
+    lengths = mixed_lengths()
+    docs = load_docs("mixed")
+    assert [d["prompt_tokens"] for d in docs] == lengths and [d["doc_id"] for d in docs] == list(range(MIXED_DOCS))
+    assert len(docs) == MIXED_DOCS == 300 and len(set(lengths)) == MIXED_DOCS  # every length its own shape
+    low, high = MIXED_RANGE
+    assert low <= min(lengths) and max(lengths) <= high
+    # Uniform over the range: each sixth holds 50 +- ~7 prompts; 30-70 is far outside chance (fixed seed).
+    counts = torch.histc(torch.tensor(lengths, dtype=torch.float), bins=6, min=low, max=high + 1)
+    assert (counts >= 30).all() and (counts <= 70).all(), counts
+    assert sorted(lengths) != lengths and sorted(lengths, reverse=True) != lengths  # not grouped by length
+
+
+def test_shipped_mixed_task_is_the_seeded_draw_and_tokenizes_to_the_prompt_ids():
+    from transformers import AutoTokenizer
+
+    from sparsed_backend.demo.task import KEY_BASE, N_KEYS, VALUE_BASE, VALUE_LEN
+
+    docs = load_docs("mixed")
+    assert docs == make_docs("mixed")  # regenerating gives the shipped file exactly
+    tok = AutoTokenizer.from_pretrained(model_path())
+    for i in (0, 1, 150, MIXED_DOCS - 1):
+        prompts = sample_prompts(docs[i]["prompt_tokens"], 1, seed=MIXED_SEED + 1 + i)
+        ids = tok(docs[i]["prompt"])["input_ids"]
+        assert ids == prompts.input_ids[0].tolist() and len(ids) == docs[i]["prompt_tokens"]
+        answer = tok(docs[i]["answer"], add_special_tokens=False)["input_ids"]
+        assert answer == prompts.answers[0].tolist() and len(answer) == VALUE_LEN
+        assert all(t >= VALUE_BASE for t in answer)  # value symbols only
+        assert KEY_BASE <= ids[-1] < KEY_BASE + N_KEYS and ids[-2] == tok.convert_tokens_to_ids("?")
+        pos = docs[i]["record_pos"]
+        assert ids[pos] == ids[-1] and ids[pos + 1 : pos + 1 + VALUE_LEN] == answer  # the asked record's value
+
+
+def test_mixed_task_seeds_are_apart_from_every_other_split():
+    # Other prompt seeds are base + n for a length n <= 4096: 5000 (training's final evaluation),
+    # 9000 (the fidelity benchmark), SEED_BASE (the fixed-length splits). The mixed split's seeds
+    # MIXED_SEED .. MIXED_SEED + MIXED_DOCS lie above all of them.
+    assert max(5000, 9000, SEED_BASE) + MIXED_RANGE[1] < MIXED_SEED
+    n = mixed_lengths()[0]
+    ours = sample_prompts(n, 1, seed=MIXED_SEED + 1).input_ids[0]
+    for other in (5000, 9000, SEED_BASE):  # the other evaluations' prompts of the same length differ
+        theirs = sample_prompts(n, 4, seed=other + n).input_ids
+        assert all(not torch.equal(ours, row) for row in theirs)
+
+
+def test_lm_eval_resolves_the_mixed_task_outside_the_group():
+    _lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    from sparsed_backend.harness import tasks_dir
+
+    manager = TaskManager(include_path=str(tasks_dir()), include_defaults=False)
+    loaded = manager.load(["sparsed_retrieval_mixed", "sparsed_retrieval"])
+    # The group's score is unchanged: its members are the three fixed lengths, as before.
+    assert loaded["group_map"] == {"sparsed_retrieval": [f"sparsed_retrieval_{n}" for n in LENGTHS]}
+    tasks = loaded["tasks"]
+    task = tasks["sparsed_retrieval_mixed"]
+    docs = list(task.test_docs())
+    assert len(docs) == MIXED_DOCS and task.doc_to_text(docs[7]) == load_docs("mixed")[7]["prompt"]
+    assert task.doc_to_target(docs[7]) == load_docs("mixed")[7]["answer"]
 
 
 # ---------------------------------------------------------------------------- the sparsed-dlm model
@@ -194,7 +268,11 @@ def _make(harness_model, **kw):
         ({"gen_length": 6, "block_length": 4}, r"model arg block_length: expected a divisor of gen_length=6, got 4"),
         ({"gen_length": 8, "block_length": 4, "steps": 3},
          r"model arg steps: expected a multiple of gen_length / block_length = 2, got 3"),
-        ({"batch_size": "auto"}, r"model arg batch_size: expected an int >= 1 \(automatic batch sizes are not "),
+        ({"batch_size": "auto"},
+         r"model arg batch_size: expected an int >= 1 \(automatic batch sizes are not supported\), got 'auto'$"),
+        ({"batch_size": "auto:4"},
+         r"model arg batch_size: expected an int >= 1 \(automatic batch sizes are not supported\), got 'auto:4'$"),
+        ({"gen_length": 4206}, r"model arg gen_length: expected an int < the model's max_position_embeddings 4206 "),
         ({"dtype": "float64"}, r"model arg dtype: expected one of \('auto', 'float32', 'bfloat16', 'float16'\)"),
         ({"device": "gpu0"}, r"model arg device: expected a torch device such as 'cpu' or 'cuda:0', got 'gpu0'"),
         ({"mc_samples": -1}, r"model arg mc_samples: expected an int >= 1, got -1"),
@@ -229,6 +307,14 @@ def test_cli_style_args_strings_and_defaults(harness_model):
     lm = harness_model.DiffusionLM.create_from_arg_obj(args, {"batch_size": 2})
     assert (lm.steps, lm.batch_size, lm.sparsed) == (5, 2, None)
     assert lm.model.config._attn_implementation == "sdpa"
+
+
+def test_automatic_batch_size_from_lm_eval_flags_is_refused_before_loading(harness_model):
+    # What `--batch_size auto:4 --max_batch_size 64` hands over (lm-eval's flags, not model args).
+    with pytest.raises(ValueError, match=r"model arg batch_size: .*not supported\), got 'auto:4'$"):
+        harness_model.DiffusionLM.create_from_arg_string(
+            f"pretrained={model_path()},device=cpu", {"batch_size": "auto:4", "max_batch_size": 64}
+        )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's warning")
@@ -310,17 +396,29 @@ def test_generation_kwargs_the_model_cannot_apply_warn(harness_model):
         assert lm._gen_settings({"do_sample": False, "temperature": 0.0, "max_gen_toks": 2}) == ([], 2)
 
 
-def test_a_dream_checkpoint_is_detected_and_runs_both_request_types(harness_model, tmp_path):
+def _demo_vocab_checkpoint(path: Path, kind: str, limit: int = 256) -> None:
+    """A tiny LLaDA or Dream with the demo tokenizer's vocabulary (text in, text out) and a
+    position limit (``max_position_embeddings``) of ``limit`` tokens."""
     from sparsed_backend.demo.task import MASK_ID as DEMO_MASK
     from sparsed_backend.demo.task import VOCAB_SIZE
     from sparsed_backend.demo.tokenizer import build_tokenizer
     from tiny_models import TINY, write_checkpoint
 
-    # A tiny Dream with the demo tokenizer's vocabulary (text in, text out).
-    cfg = TINY["dream"] | {"vocab_size": VOCAB_SIZE, "mask_token_id": DEMO_MASK, "bos_token_id": 1,
-                           "eos_token_id": 0, "pad_token_id": 0}  # fmt: skip
-    write_checkpoint(tmp_path, "dream", cfg)
-    build_tokenizer().save_pretrained(tmp_path)
+    cfg = TINY[kind] | {"vocab_size": VOCAB_SIZE, "mask_token_id": DEMO_MASK, "bos_token_id": 1, "eos_token_id": 0,
+                        "pad_token_id": 0}  # fmt: skip
+    cfg |= (
+        {"embedding_size": VOCAB_SIZE, "max_sequence_length": limit}
+        if kind == "llada"
+        else {"max_position_embeddings": limit}
+    )
+    write_checkpoint(path, kind, cfg)
+    build_tokenizer().save_pretrained(path)
+
+
+def test_a_dream_checkpoint_is_detected_and_runs_both_request_types(harness_model, tmp_path):
+    from sparsed_backend.demo.task import MASK_ID as DEMO_MASK
+
+    _demo_vocab_checkpoint(tmp_path, "dream")
     with pytest.raises(
         ValueError, match=r"model args \['remasking'\] belong to the llada sampler; this checkpoint is dream"
     ):
@@ -341,6 +439,66 @@ def test_a_dream_checkpoint_is_detected_and_runs_both_request_types(harness_mode
     ctx = lm.tokenizer(prompts[0])["input_ids"]
     direct = masked_loglikelihood(lm.model, [(ctx, [517, 518])], mask_id=DEMO_MASK, pad_id=0, mc_samples=3,
                                   batch_size=4, seed=0, shifted=True)  # fmt: skip
+    assert got == direct
+
+
+def _truncation_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "left-truncated" in str(w.message)]
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_over_long_generate_until_requests_are_left_truncated_with_one_warning(harness_model, tmp_path, kind):
+    from sparsed_backend.demo.tokenizer import CHARACTERS
+
+    # Position limit 32, gen_length 4: a context keeps at most its last 28 tokens.
+    _demo_vocab_checkpoint(tmp_path, kind, limit=32)
+    lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=4, steps=4, batch_size=2)
+    texts = [CHARACTERS[1:41], CHARACTERS[50:53], CHARACTERS[100:135]]  # 41, 4 and 36 tokens with BOS
+    reqs = [_instance("generate_until", (t, {"until": [], "max_gen_toks": 4}), i) for i, t in enumerate(texts)]
+    _warn._warned.discard("harness-truncated-generate_until")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = lm.generate_until(reqs)  # untruncated, the sampler would refuse 41 + 4 > 32
+        assert lm.generate_until(reqs) == out  # a second call: same answers, no second warning
+    assert _truncation_warnings(caught) == [
+        "sparsed-dlm: 2 of 3 generate_until requests exceed the model's max_position_embeddings 32 (gen_length 4 "
+        "kept for the generation); left-truncated as lm-eval's HF model does: 21 context tokens cut in all, "
+        "8 to 13 per request"
+    ]
+    for text, got in zip(texts, out, strict=True):
+        ids = lm.tokenizer(text)["input_ids"][-28:]  # the truncated context, run alone through the sampler
+        x = torch.tensor([ids])
+        direct = lm._sample(x, torch.ones_like(x), torch.Generator().manual_seed(0))
+        assert got == lm._decode(direct[0].tolist(), [])
+    assert len(lm.tokenizer(texts[1])["input_ids"]) == 4  # one request fits and is left whole
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_over_long_loglikelihood_requests_are_left_truncated_with_one_warning(harness_model, tmp_path, kind):
+    from sparsed_backend.demo.tokenizer import CHARACTERS
+
+    _demo_vocab_checkpoint(tmp_path, kind, limit=32)
+    lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=4, mc_samples=3, batch_size=4)
+    pairs = [
+        (CHARACTERS[1:41], CHARACTERS[41:44]),  # 41 + 3 tokens: the context keeps its last 29
+        (CHARACTERS[60:62], CHARACTERS[62:64]),  # 3 + 2: fits
+        (CHARACTERS[70:72], CHARACTERS[72:112]),  # 3 + 40: the continuation keeps its last 31, the context 1
+    ]
+    split = [lm._split(c, x) for c, x in pairs]
+    assert [(len(c), len(x)) for c, x in split] == [(41, 3), (3, 2), (3, 40)]
+    reqs = [_instance("loglikelihood", p, i) for i, p in enumerate(pairs)]
+    _warn._warned.discard("harness-truncated-loglikelihood")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = lm.loglikelihood(reqs)
+    assert _truncation_warnings(caught) == [
+        "sparsed-dlm: 2 of 3 loglikelihood requests exceed the model's max_position_embeddings 32 (continuation "
+        "included); left-truncated as lm-eval's HF model does: 14 context tokens cut in all, 2 to 12 per request; "
+        "1 continuation(s) alone exceed the limit and keep their right end: 9 continuation tokens cut"
+    ]
+    truncated = [(split[0][0][-29:], split[0][1]), split[1], (split[2][0][-1:], split[2][1][-31:])]
+    direct = masked_loglikelihood(lm.model, truncated, mask_id=lm.mask_id, pad_id=lm.pad_id, mc_samples=3,
+                                  batch_size=4, seed=0, shifted=kind == "dream")  # fmt: skip
     assert got == direct
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import os
 
+from ._version import __version__
 from .attention import sparsed_attention_forward, sparsed_mask
 from .config import SparseDConfig
 from .state import SparseDState
 
-__all__ = ["SparseDConfig", "SparseDState", "register", "sparsed_attention_forward", "sparsed_mask"]
-__version__ = "0.1.0"
+__all__ = ["SparseDConfig", "SparseDState", "__version__", "register", "sparsed_attention_forward", "sparsed_mask"]
 
 ATTN_IMPLEMENTATION = "sparsed"
 REGISTER_MODELS_ENV = "SPARSED_REGISTER_MODELS"

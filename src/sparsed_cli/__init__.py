@@ -30,14 +30,27 @@ PROGRESS_HELP = (
 
 
 def _version() -> str:
-    from importlib import metadata
+    """The installed distribution's version; in a source tree that was never installed
+    (``PYTHONPATH=src``), the literal in ``sparsed_backend/_version.py``, read as text: importing
+    ``sparsed_backend`` (even its ``_version`` submodule, which runs the package's ``__init__``)
+    would load torch and transformers, which ``--version`` must not."""
+    import ast
+    from importlib import metadata, util
 
     try:
         return metadata.version("sparsed_backend")
-    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        from sparsed_backend import __version__
-
-        return __version__
+    except metadata.PackageNotFoundError:
+        pass
+    spec = util.find_spec("sparsed_backend")  # locates a top-level package without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("sparsed --version: sparsed_backend is neither installed nor importable")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "_version.py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__version__"]:
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"sparsed --version: expected a literal __version__ = '...' in {path}, found none")
 
 
 class _Parser(argparse.ArgumentParser):

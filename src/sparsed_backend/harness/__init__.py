@@ -1,10 +1,10 @@
 """lm-evaluation-harness support: the ``sparsed-dlm`` model, the ``sparsed-eval`` command and the
-retrieval task.
+retrieval tasks.
 
 - `sparsed_backend.harness.model`: ``DiffusionLM``, an lm-eval model for LLaDA and Dream
   checkpoints, dense or with SparseD (importing it registers it as ``sparsed-dlm``);
 - `sparsed_backend.harness.likelihood`: the Monte Carlo masked log-likelihood estimate;
-- `sparsed_backend.harness.task_data`: the shipped retrieval task data (JSONL) and its generator;
+- `sparsed_backend.harness.task_data`: the shipped retrieval tasks' data (JSONL) and its generator;
 - `sparsed_backend.harness.cli`: ``sparsed-eval``, lm-eval's CLI with our model and tasks.
 
 Only ``model`` and ``cli`` import lm_eval (``pip install "sparsed_backend[eval]"``); this

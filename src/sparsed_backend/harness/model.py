@@ -11,6 +11,9 @@ registers `DiffusionLM` under ``sparsed-dlm``.
 - ``loglikelihood`` is the Monte Carlo masked estimate of `harness.likelihood`, always with dense
   attention (see `DiffusionLM.loglikelihood`).
 - ``loglikelihood_rolling`` raises NotImplementedError.
+
+A request longer than the model's position limit is left-truncated (`DiffusionLM._fit`), as
+lm-eval's HF model does, with a one-time warning per request type; it never aborts the run.
 """
 
 from __future__ import annotations
@@ -119,7 +122,8 @@ class DiffusionLM(LM):
         attn: ``dense`` (transformers' sdpa) or ``sparsed`` (SparseD during generation).
         skip, select, block_size, min_sparse_len, keep_diagonal: `SparseDConfig` fields; only
             with ``attn=sparsed`` (defaults: SparseDConfig's).
-        gen_length: tokens the sampler generates per request (default 128).
+        gen_length: tokens the sampler generates per request (default 128); less than the
+            model's ``max_position_embeddings``, since the prompt needs a position too.
         steps: denoising steps (default ``gen_length``).
         block_length: semi-autoregressive block; LLaDA default ``gen_length``, Dream default
             none (Dream's own sampler, no blocks).
@@ -157,6 +161,15 @@ class DiffusionLM(LM):
         if self.family is None:
             raise _fail("pretrained", f"a checkpoint with model_type in {tuple(FAMILIES)}", config.model_type)
         self._parse(kwargs)
+        # The sampler's own check reads max_position_embeddings (LLaDA's config aliases it to
+        # max_sequence_length); the truncation below must agree with it exactly.
+        self.max_length = getattr(config, "max_position_embeddings", None)
+        if isinstance(self.max_length, int) and self.gen_length >= self.max_length:
+            raise _fail(
+                "gen_length",
+                f"an int < the model's max_position_embeddings {self.max_length} (the prompt needs a position)",
+                self.gen_length,
+            )
         self._device = _device(kwargs.get("device"))
         self.dtype = _dtype(kwargs.get("dtype", "auto"), self._device)
         self._load(pretrained, kwargs.get("tokenizer", pretrained))
@@ -242,9 +255,6 @@ class DiffusionLM(LM):
                 f"the tokenizer needs a pad or eos token other than the mask token (id {self.mask_id}), "
                 f"got {self.pad_id!r}"
             )
-        self.max_length = getattr(self.model.config, "max_sequence_length", None) or getattr(
-            self.model.config, "max_position_embeddings", None
-        )
         log.info(
             "sparsed-dlm: %s (%s) attn=%s sparsed=%s on %s %s",
             pretrained, self.family, self.attn, self.sparsed, self._device, self.dtype,
@@ -278,13 +288,47 @@ class DiffusionLM(LM):
             ids = [prefix if prefix is not None else self.tokenizer.eos_token_id]
         return ids
 
-    def _warn_length(self, total: int) -> None:
-        if self.max_length and total > self.max_length:
-            warn_once(
-                "harness-too-long",
-                f"sparsed-dlm: a request of {total} tokens (prompt + generation) is longer than the model's "
-                f"configured length {self.max_length}; it runs untruncated",
+    def _fit(
+        self, kind: str, pairs: list[tuple[list[int], list[int]]], reserve: int
+    ) -> list[tuple[list[int], list[int]]]:
+        """Left-truncate requests that do not fit the model's position limit, as lm-eval's HF model
+        does, and warn once per request type by how much.
+
+        The samplers refuse a canvas past ``max_position_embeddings`` (RoPE on positions the model
+        never saw), which would abort the whole evaluation on one long document; lm-eval's own
+        models drop the oldest context tokens instead, so scores stay comparable with theirs.
+        Each pair is (context, continuation); ``reserve`` positions after them stay free (the
+        generation canvas, ``gen_length``; 0 for likelihood). The context loses its left end
+        first; when the continuation alone does not fit, it keeps its right end and the context
+        keeps its last token (every forward needs one context token: Dream reads the first
+        continuation token's logits there).
+        """
+        if not isinstance(self.max_length, int):
+            return pairs
+        room = self.max_length - reserve  # >= 1: checked against gen_length at construction
+        out, cut_ctx, cut_cont = [], [], []
+        for ctx, cont in pairs:
+            cont_kept = cont[len(cont) - min(len(cont), room - 1) :]
+            ctx_kept = ctx[len(ctx) - min(len(ctx), room - len(cont_kept)) :]
+            out.append((ctx_kept, cont_kept))
+            if len(ctx_kept) < len(ctx) or len(cont_kept) < len(cont):
+                cut_ctx.append(len(ctx) - len(ctx_kept))
+                cut_cont.append(len(cont) - len(cont_kept))
+        if cut_ctx:
+            after = f"gen_length {reserve} kept for the generation" if reserve else "continuation included"
+            message = (
+                f"sparsed-dlm: {len(cut_ctx)} of {len(pairs)} {kind} requests exceed the model's "
+                f"max_position_embeddings {self.max_length} ({after}); left-truncated as lm-eval's HF model does: "
+                f"{sum(cut_ctx)} context tokens cut in all, {min(cut_ctx)} to {max(cut_ctx)} per request"
             )
+            if any(cut_cont):
+                message += (
+                    f"; {sum(1 for c in cut_cont if c)} continuation(s) alone exceed the limit and keep their right "
+                    f"end: {sum(cut_cont)} continuation tokens cut"
+                )
+            log.info(message)  # every call; the warning below only the first time per request type
+            warn_once(f"harness-truncated-{kind}", message)
+        return out
 
     # ---------------------------------------------------------------------------- generation
 
@@ -346,14 +390,14 @@ class DiffusionLM(LM):
     @torch.inference_mode()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Sample ``gen_length`` tokens per request (batched, left padded), keep the first
-        ``min(max_gen_toks, gen_length)`` of them, cut at EOS and at the stop strings."""
-        items = []
-        for req in requests:
-            context, gen_kwargs = req.args
-            until, budget = self._gen_settings(gen_kwargs)
-            ids = self._encode_context(context)
-            self._warn_length(len(ids) + self.gen_length)
-            items.append((ids, until, budget))
+        ``min(max_gen_toks, gen_length)`` of them, cut at EOS and at the stop strings.
+
+        A context longer than ``max_position_embeddings - gen_length`` keeps its last tokens
+        (`_fit`), so the sampler's canvas fits."""
+        settings = [self._gen_settings(req.args[1]) for req in requests]
+        contexts = [(self._encode_context(req.args[0]), []) for req in requests]
+        fitted = self._fit("generate_until", contexts, reserve=self.gen_length)
+        items = [(ids, until, budget) for (ids, _), (until, budget) in zip(fitted, settings, strict=True)]
         order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
         results: list[str | None] = [None] * len(items)
         generator = torch.Generator(device=self._device).manual_seed(self.seed)
@@ -399,16 +443,18 @@ class DiffusionLM(LM):
 
         Attention is dense here even with ``attn=sparsed``: SparseD is a schedule over the
         denoising steps of a generation whose early steps run dense, and a likelihood forward
-        is a single step (a one-time warning says so)."""
+        is a single step (a one-time warning says so).
+
+        Context plus continuation longer than ``max_position_embeddings`` is left-truncated
+        (`_fit`): the context loses its oldest tokens, and a continuation that alone does not fit
+        keeps its right end, which is then all that is scored."""
         if self.sparsed is not None:
             warn_once(
                 "harness-ll-dense",
                 "sparsed-dlm: loglikelihood runs dense attention (a single forward is a dense step of "
                 "SparseD's schedule); attn=sparsed only changes generate_until",
             )
-        pairs = [self._split(*req.args) for req in requests]
-        for ctx, cont in pairs:
-            self._warn_length(len(ctx) + len(cont))
+        pairs = self._fit("loglikelihood", [self._split(*req.args) for req in requests], reserve=0)
         out = masked_loglikelihood(
             self.model, pairs, mask_id=self.mask_id, pad_id=self.pad_id, mc_samples=self.mc_samples,
             batch_size=self.batch_size, seed=self.seed, shifted=self.family == "dream", device=self._device,

@@ -7,5 +7,5 @@ It delegates to `sparsed_backend.harness.task_data`, which finds the JSONL files
 from sparsed_backend.harness.task_data import retrieval_dataset
 
 
-def load(prompt_tokens: int, **metadata) -> dict:
+def load(prompt_tokens: int | str, **metadata) -> dict:
     return retrieval_dataset(prompt_tokens, **metadata)
