@@ -216,7 +216,7 @@ def test_paper_rule_is_the_reference_selection(case, share):
     assert torch.equal(got, select_topk(imp, SparseDConfig(select=select, generation_share=share), gen, gen_imp))
 
 
-@given(rule_cases(), st.sampled_from(["prompt_end", "sink"]), st.booleans())
+@given(rule_cases(), st.sampled_from(["prompt_end", "prompt_end_gen", "sink"]), st.booleans())
 def test_rule_keeps_its_block_within_the_paper_count(case, rule, share):
     imp, select, gen, gen_start, block = case
     gen_imp = gen_table(imp, gen)
@@ -224,7 +224,8 @@ def test_rule_keeps_its_block_within_the_paper_count(case, rule, share):
     cfg = SparseDConfig(select=select, generation_share=share, block_size=block, rule=rule)
     got = select_topk(imp, cfg, gen, gen_imp, gen_start)
     column = 0 if rule == "sink" else min((gen_start - 1) // block, imp.shape[-1] - 1)
-    assert torch.equal(got, topk_table_reference(imp, select, gen, share, gen_imp, keep_column=column))
+    want = topk_table_reference(imp, select, gen, share, gen_imp, column, rule == "prompt_end_gen")
+    assert torch.equal(got, want)
     valid = torch.isfinite(imp)
     assert got[..., column][valid[..., column]].all(), "a row dropped the block its rule keeps"
     assert torch.equal(got.sum(-1), paper.sum(-1)), "the rule changed a row's kept count"
@@ -245,6 +246,10 @@ def test_prompt_end_takes_the_place_of_the_lowest_kept_prompt_block():
     got = select_topk(imp, cfg, 9, gen_imp, gen_start=8 * 128)
     assert got[0, 0, 0].nonzero().flatten().tolist() == [0, 1, 7, 9]
     assert select_topk(imp, SparseDConfig(select=0.3, rule="sink"), 9, gen_imp, 1000).sum() == 4
+    # prompt_end_gen: a query block before the generation region gives up the generation block.
+    cfg = SparseDConfig(select=0.3, rule="prompt_end_gen")
+    got = select_topk(imp, cfg, 9, gen_imp, gen_start=8 * 128)
+    assert got[0, 0, 0].nonzero().flatten().tolist() == [0, 1, 2, 7]
 
 
 @pytest.mark.parametrize(
@@ -259,8 +264,9 @@ def test_forced_block_is_the_block_of_the_prompts_last_token(rule, gen_start, n_
 @pytest.mark.parametrize("gen_start", [None, 0])
 def test_prompt_end_needs_the_prompt_length(gen_start):
     imp = torch.rand(1, 1, 2, 4)
-    with pytest.raises(ValueError, match=rf"rule='prompt_end' .* needs gen_start >= 1 .*, got {gen_start}"):
-        select_topk(imp, SparseDConfig(select=0.3, rule="prompt_end"), None, None, gen_start)
+    for rule in ("prompt_end", "prompt_end_gen"):
+        with pytest.raises(ValueError, match=rf"rule='{rule}' .* needs gen_start >= 1 .*, got {gen_start}"):
+            select_topk(imp, SparseDConfig(select=0.3, rule=rule), None, None, gen_start)
     with pytest.raises(ValueError, match=r"column must be in \[0, 4\), got 4"):
         keep_within_count(select_topk(imp, SparseDConfig()), imp, 4)
 

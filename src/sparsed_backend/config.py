@@ -11,8 +11,10 @@ __all__ = ["RULES", "SparseDConfig"]
 
 # What every query block keeps beside its top-k, inside the same per-row count (selection.py):
 # "paper": the reference's rule, exactly; "prompt_end": the key block holding the prompt's last
-# token; "sink": key block 0 (the sequence's first tokens).
-RULES = ("paper", "prompt_end", "sink")
+# token, in place of the row's lowest-ranked kept prompt block; "prompt_end_gen": the same, but
+# query blocks before the generation region give up a generation block first; "sink": key block 0
+# (the sequence's first tokens), in place of the lowest-ranked kept prompt block.
+RULES = ("paper", "prompt_end", "prompt_end_gen", "sink")
 
 
 @dataclass(frozen=True)

@@ -44,21 +44,22 @@ def generation_start_block(gen_start: int | None, block_size: int, n_kv: int) ->
 def forced_block(rule: str, gen_start: int | None, block_size: int, n_kv: int) -> int | None:
     """The key block that every query block keeps under ``rule`` (`SparseDConfig.rule`).
 
-    "paper": none. "sink": block 0. "prompt_end": the block holding the prompt's last token
-    (``gen_start - 1``), which needs the prompt length: ``gen_start`` None or 0 raises.
+    "paper": none. "sink": block 0. "prompt_end" and "prompt_end_gen": the block holding the
+    prompt's last token (``gen_start - 1``), which needs the prompt length: ``gen_start`` None or
+    0 raises.
     """
     if rule == "paper":
         return None
     if rule == "sink":
         return 0
-    if rule == "prompt_end":
+    if rule in ("prompt_end", "prompt_end_gen"):
         if gen_start is None or gen_start < 1:
             raise ValueError(
-                "rule='prompt_end' keeps the key block holding the prompt's last token, so it needs "
+                f"rule={rule!r} keeps the key block holding the prompt's last token, so it needs "
                 f"gen_start >= 1 (the prompt length, which the samplers put in SparseDState), got {gen_start!r}"
             )
         return min((gen_start - 1) // block_size, n_kv - 1)
-    raise ValueError(f"rule must be 'paper', 'prompt_end' or 'sink', got {rule!r}")
+    raise ValueError(f"rule must be one of 'paper', 'prompt_end', 'prompt_end_gen', 'sink', got {rule!r}")
 
 
 def keep_within_count(
@@ -67,14 +68,17 @@ def keep_within_count(
     column: int,
     gen_start_block: int | None = None,
     gen_ranked: torch.Tensor | None = None,
+    prompt_rows_give_gen: bool = False,
 ) -> torch.Tensor:
     """Make every row keep key block ``column`` without keeping more blocks than ``table`` does.
 
     Each row keeps exactly as many blocks as in ``table`` (the paper rule's selection). When
     ``column`` is not among them it takes the place of the row's lowest-ranked kept prompt
     block (by ``ranked``); generation blocks (``gen_start_block`` on, ranked by ``gen_ranked``)
-    give up their place only when no kept prompt block is left. A row whose ``column`` has
-    nothing to attend (-inf in ``ranked``) is unchanged.
+    give up their place only when no kept prompt block is left. With ``prompt_rows_give_gen``
+    the query blocks before ``gen_start_block`` do the opposite: they give up their
+    lowest-ranked generation block first. A row whose ``column`` has nothing to attend (-inf in
+    ``ranked``) is unchanged.
 
     Args:
         table: (B, H, nQ, nKV) bool, the paper rule's table.
@@ -92,8 +96,12 @@ def keep_within_count(
     rank = rank_desc(ranked)
     tier = table.long()  # 1: kept prompt block, 2: kept generation block, 3: the forced block
     if gen_start_block is not None:
-        rank[..., gen_start_block:] = rank_desc(gen_ranked)
-        tier[..., gen_start_block:] *= 2
+        g = gen_start_block
+        rank[..., g:] = rank_desc(gen_ranked)
+        tier[..., g:] *= 2
+        if prompt_rows_give_gen:  # query blocks before the region: prompt blocks 2, generation 1
+            rows = tier[..., :g, :]
+            tier[..., :g, :] = torch.where(rows == 2, 1, rows * 2)
     tier[..., column] = 3
     # Tiers first, then the rank inside the tier; ranks are distinct, so there are no ties.
     key = (tier * (2 * n_kv) + (n_kv - rank)).masked_fill(~valid, -1)
@@ -152,7 +160,9 @@ def select_topk(
         gen_importance = _boost_diagonal(gen_importance, gen_valid, col_offset=g)
     table[..., g:] = top_count(gen_importance, keep_gen)
     table &= valid
-    return table if column is None else keep_within_count(table, ranked, column, g, gen_importance)
+    if column is None:
+        return table
+    return keep_within_count(table, ranked, column, g, gen_importance, config.rule == "prompt_end_gen")
 
 
 def select_local(importance: torch.Tensor, config: SparseDConfig) -> torch.Tensor:
