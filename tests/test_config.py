@@ -21,6 +21,13 @@ from sparsed_backend import SparseDConfig, SparseDState
         ({"min_sparse_len": -1}, ValueError, r"min_sparse_len must be >= 0 or None, got -1"),
         ({"generation_share": 1}, TypeError, r"generation_share must be a bool, got int"),
         ({"reselect": "yes"}, TypeError, r"reselect must be a bool, got str"),
+        ({"rule": "anchor"}, ValueError, r"rule must be one of 'paper', .*, 'sink', got 'anchor'"),
+        ({"rule": None}, ValueError, r"rule must be one of 'paper', 'prompt_end', 'prompt_end_gen', 'sink', got None"),
+        (
+            {"rule": "prompt_end", "pattern": "local"},
+            ValueError,
+            r"rule='prompt_end' changes SparseD's top-k selection, so it needs pattern='topk', got pattern='local'",
+        ),
     ],
 )
 def test_bad_config_values_raise_naming_the_argument(kwargs, error, match):

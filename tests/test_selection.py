@@ -11,12 +11,14 @@ from sparsed_backend import SparseDConfig
 from sparsed_backend.reference import block_importance_reference, topk_table_reference
 from sparsed_backend.scoring import block_prob_sums
 from sparsed_backend.selection import (
+    forced_block,
     generation_start_block,
+    keep_within_count,
     select_blocks,
     select_local,
     select_topk,
 )
-from sparsed_backend.switch_step import block_importance
+from sparsed_backend.switch_step import block_importance, select_layer
 
 LENGTHS = [1, 7, 63, 64, 65, 127, 129]
 
@@ -191,3 +193,90 @@ def test_random_pattern_has_topk_counts_and_is_reproducible():
     topk = select_topk(imp, SparseDConfig(select=0.3))
     assert torch.equal(a.sum(-1), topk.sum(-1)) and not torch.equal(a, topk)
     assert not (a & torch.isinf(imp)).any()
+
+
+@st.composite
+def rule_cases(draw):
+    imp, select, gen = draw(importance_tables())
+    n_kv = imp.shape[-1]
+    block = 16
+    # A prompt length whose last token sits anywhere in the key blocks, residues 0 and 15 included.
+    gen_start = draw(st.integers(1, n_kv * block))
+    return imp, select, gen, gen_start, block
+
+
+@given(rule_cases(), st.booleans())
+def test_paper_rule_is_the_reference_selection(case, share):
+    # rule="paper" named explicitly is the reference's rule exactly, whatever gen_start says.
+    imp, select, gen, gen_start, block = case
+    cfg = SparseDConfig(select=select, generation_share=share, block_size=block, rule="paper")
+    gen_imp = gen_table(imp, gen)
+    got = select_topk(imp, cfg, gen, gen_imp, gen_start)
+    assert torch.equal(got, topk_table_reference(imp, select, gen, share, gen_imp))
+    assert torch.equal(got, select_topk(imp, SparseDConfig(select=select, generation_share=share), gen, gen_imp))
+
+
+@given(rule_cases(), st.sampled_from(["prompt_end", "prompt_end_gen", "sink"]), st.booleans())
+def test_rule_keeps_its_block_within_the_paper_count(case, rule, share):
+    imp, select, gen, gen_start, block = case
+    gen_imp = gen_table(imp, gen)
+    paper = select_topk(imp, SparseDConfig(select=select, generation_share=share, block_size=block), gen, gen_imp)
+    cfg = SparseDConfig(select=select, generation_share=share, block_size=block, rule=rule)
+    got = select_topk(imp, cfg, gen, gen_imp, gen_start)
+    column = 0 if rule == "sink" else min((gen_start - 1) // block, imp.shape[-1] - 1)
+    want = topk_table_reference(imp, select, gen, share, gen_imp, column, rule == "prompt_end_gen")
+    assert torch.equal(got, want)
+    valid = torch.isfinite(imp)
+    assert got[..., column][valid[..., column]].all(), "a row dropped the block its rule keeps"
+    assert torch.equal(got.sum(-1), paper.sum(-1)), "the rule changed a row's kept count"
+    assert not (got & ~valid).any()
+    # At most one block swapped per row, and only in rows that did not keep the column.
+    swapped = (got & ~paper).sum(-1)
+    assert (swapped <= 1).all() and not (swapped.bool() & paper[..., column]).any()
+
+
+def test_prompt_end_takes_the_place_of_the_lowest_kept_prompt_block():
+    # One row, 10 key blocks, select 0.3 -> k = 3; the generation region is block 9.
+    imp = torch.tensor([[[[0.9, 0.8, 0.7, 0.6, 0.1, 0.2, 0.3, 0.05, 0.4, 0.5]]]])
+    gen_imp = torch.tensor([[[[1.0]]]])
+    paper = select_topk(imp, SparseDConfig(select=0.3), 9, gen_imp)
+    assert paper[0, 0, 0].nonzero().flatten().tolist() == [0, 1, 2, 9]
+    # The prompt ends on the edge of block 7 (gen_start = 8 * 128): block 7 replaces block 2.
+    cfg = SparseDConfig(select=0.3, rule="prompt_end")
+    got = select_topk(imp, cfg, 9, gen_imp, gen_start=8 * 128)
+    assert got[0, 0, 0].nonzero().flatten().tolist() == [0, 1, 7, 9]
+    assert select_topk(imp, SparseDConfig(select=0.3, rule="sink"), 9, gen_imp, 1000).sum() == 4
+    # prompt_end_gen: a query block before the generation region gives up the generation block.
+    cfg = SparseDConfig(select=0.3, rule="prompt_end_gen")
+    got = select_topk(imp, cfg, 9, gen_imp, gen_start=8 * 128)
+    assert got[0, 0, 0].nonzero().flatten().tolist() == [0, 1, 2, 7]
+
+
+@pytest.mark.parametrize(
+    ("rule", "gen_start", "n_kv", "want"),
+    [("paper", 1024, 9, None), ("sink", None, 9, 0), ("prompt_end", 1024, 9, 7), ("prompt_end", 1025, 9, 8),
+     ("prompt_end", 1020, 9, 7), ("prompt_end", 1, 9, 0), ("prompt_end", 5000, 9, 8)],
+)  # fmt: skip
+def test_forced_block_is_the_block_of_the_prompts_last_token(rule, gen_start, n_kv, want):
+    assert forced_block(rule, gen_start, 128, n_kv) == want
+
+
+@pytest.mark.parametrize("gen_start", [None, 0])
+def test_prompt_end_needs_the_prompt_length(gen_start):
+    imp = torch.rand(1, 1, 2, 4)
+    for rule in ("prompt_end", "prompt_end_gen"):
+        with pytest.raises(ValueError, match=rf"rule='{rule}' .* needs gen_start >= 1 .*, got {gen_start}"):
+            select_topk(imp, SparseDConfig(select=0.3, rule=rule), None, None, gen_start)
+    with pytest.raises(ValueError, match=r"column must be in \[0, 4\), got 4"):
+        keep_within_count(select_topk(imp, SparseDConfig()), imp, 4)
+
+
+def test_select_layer_prompt_end_has_the_paper_density():
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 4, 261, 16, generator=g), torch.randn(2, 2, 261, 16, generator=g)
+    paper = select_layer(q, k, 0.25, SparseDConfig(select=0.3, block_size=32), gen_start=256)
+    end = select_layer(q, k, 0.25, SparseDConfig(select=0.3, block_size=32, rule="prompt_end"), gen_start=256)
+    assert end.table[..., 7].all() and not paper.table[..., 7].all()
+    assert torch.equal(end.table.sum(-1), paper.table.sum(-1)) and torch.equal(end.density, paper.density)
+    with pytest.raises(ValueError, match=r"needs gen_start >= 1 .*, got None"):
+        select_layer(q, k, 0.25, SparseDConfig(block_size=32, rule="prompt_end"))

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 from ._validate import check_number
 
-__all__ = ["SparseDConfig"]
+__all__ = ["RULES", "SparseDConfig"]
+
+# What every query block keeps beside its top-k, inside the same per-row count (selection.py):
+# "paper": the reference's rule, exactly; "prompt_end": the key block holding the prompt's last
+# token, in place of the row's lowest-ranked kept prompt block; "prompt_end_gen": the same, but
+# query blocks before the generation region give up a generation block first; "sink": key block 0
+# (the sequence's first tokens), in place of the lowest-ranked kept prompt block.
+RULES = ("paper", "prompt_end", "prompt_end_gen", "sink")
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,10 @@ class SparseDConfig:
     # Not in the reference: every query block keeps its own key block (the diagonal) within its
     # k blocks. Measured on the demo model in benchmarks/results/fidelity.md.
     keep_diagonal: bool = False
+    # Blocks every query block keeps whatever their score, taken out of the paper rule's own
+    # per-row count (so the kept density is the paper's): one of RULES. "paper" is the
+    # reference's rule, exactly. See docs/method.md, "Where the prompt ends on the block grid".
+    rule: str = "paper"
 
     def __post_init__(self) -> None:
         check_number("skip", self.skip)
@@ -50,6 +61,13 @@ class SparseDConfig:
             raise TypeError(f"generation_share must be a bool, got {type(self.generation_share).__name__}")
         if self.pattern not in ("topk", "local", "random"):
             raise ValueError(f"pattern must be 'topk', 'local' or 'random', got {self.pattern!r}")
+        if not isinstance(self.rule, str) or self.rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(map(repr, RULES))}, got {self.rule!r}")
+        if self.rule != "paper" and self.pattern != "topk":
+            raise ValueError(
+                f"rule={self.rule!r} changes SparseD's top-k selection, so it needs pattern='topk', "
+                f"got pattern={self.pattern!r}"
+            )
         for name in ("reselect", "keep_diagonal"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")

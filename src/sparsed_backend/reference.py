@@ -107,6 +107,8 @@ def topk_table_reference(
     gen_start_block: int | None = None,
     generation_share: bool = True,
     gen_importance: torch.Tensor | None = None,
+    keep_column: int | None = None,
+    prompt_rows_give_gen: bool = False,
 ) -> torch.Tensor:
     """SparseD's selection in plain Python loops: (B, H, nQ, nKV) importance -> bool table.
 
@@ -115,6 +117,11 @@ def topk_table_reference(
     keep their global top-k membership and generation blocks get their own top-k, ranked by
     ``gen_importance`` (B, H, nQ, nKV - gen_start_block): the importance under a softmax over
     the generation keys alone.
+
+    ``keep_column`` (a rule other than "paper"): every row whose block ``keep_column`` is
+    attendable keeps it, in place of its lowest-ranked kept prompt block (its lowest-ranked
+    kept generation block when no prompt block is kept), so the row keeps as many blocks;
+    with ``prompt_rows_give_gen`` rows before ``gen_start_block`` give up a generation block first.
     """
     B, H, n_q, n_kv = importance.shape
     table = torch.zeros(B, H, n_q, n_kv, dtype=torch.bool)
@@ -135,6 +142,15 @@ def topk_table_reference(
                     g = gen_start_block
                     gen_row = [float("nan")] * g + gen_importance[b, h, i].double().cpu().tolist()
                     keep = {j for j in keep if j < g} | top(gen_row, list(range(g, n_kv)))
+                if keep_column is not None and math.isfinite(row[keep_column]) and keep_column not in keep:
+                    g = gen_start_block if split else n_kv
+                    prompt = sorted((j for j in keep if j < g), key=lambda j: (-row[j], j))
+                    gen = sorted((j for j in keep if j >= g), key=lambda j: (-gen_row[j], j))
+                    if prompt_rows_give_gen and split and i < g and gen:
+                        keep = set(prompt) | set(gen[:-1])
+                    else:
+                        keep = (set(prompt[:-1]) | set(gen)) if prompt else set(gen[:-1])
+                    keep.add(keep_column)
                 for j in keep:
                     table[b, h, i, j] = True
     return table

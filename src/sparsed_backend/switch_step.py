@@ -176,7 +176,7 @@ def select_layer(
         g0 = gen_block * bs
         gen_valid = None if key_valid is None else key_valid[:, g0:]
         gen_importance = block_importance(query, key[:, :, g0:], scaling, bs, gen_valid, None, counts[:, gen_block:])
-    table = select_blocks(importance, config, gen_block, gen_importance)
+    table = select_blocks(importance, config, gen_block, gen_importance, gen_start)
     attendable = (counts > 0).view(B, 1, 1, -1)
     density = (table & attendable).sum() / (attendable.sum() * H * table.shape[2])
     block_mask = block_mask_from_table(
