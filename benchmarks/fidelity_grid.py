@@ -71,7 +71,6 @@ METHODS: dict[str, dict | None] = {
     "shift": {"rule": "paper"},
 }
 DEFAULT_RESIDUES = "0,1-8,60-68,120-127"
-_DYNAMO_SHAPES = 48  # FlexAttention shapes compiled before dynamo's caches are reset (the limit is 64)
 
 
 def parse_residues(text: str, block_size: int) -> list[int]:
@@ -262,17 +261,8 @@ def main() -> None:
 
     cells = [(b, length_at(b, r, args.block_size), r) for b in args.lengths for r in residues]
     rows: list[dict] = []
-    shapes = 0  # FlexAttention shapes compiled since the last dynamo reset
-    batch_shapes = 1 if args.prompts <= args.batch or args.prompts % args.batch == 0 else 2
     bar = progress(len(cells) * len(args.methods) * args.prompts, "answering", "prompt", not args.no_progress)
     for base, n, residue in cells:
-        new = batch_shapes * (1 + ("shift" in args.methods))
-        if cuda and shapes + new > _DYNAMO_SHAPES:
-            # Each prompt length is a new static shape for compiled FlexAttention; past 64 the
-            # backend refuses to run (no silent eager fallback), so drop the old graphs here.
-            torch._dynamo.reset()
-            shapes = 0
-        shapes += new
         prompts = sample_prompts(n, args.prompts, seed=args.seed + n)
         for method in args.methods:
             fields = METHODS[method]

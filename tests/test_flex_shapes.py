@@ -44,7 +44,7 @@ def test_bucket_length_refuses_nonpositive_input():
         bucket_length(0, 16)
 
 
-@pytest.mark.parametrize("length", [150, 300])  # 10 blocks (its own bucket) and 19 -> 20 blocks
+@pytest.mark.parametrize("length", [150, 300, 304])  # 10 blocks (its own bucket); 19 -> 20 blocks
 def test_a_bucketed_mask_gives_the_unpadded_result(length):
     """Padded keys get no probability and padded query rows are dropped: the padded run equals
     the reference masked by the same blocks, and padding copies nothing when none is needed."""
@@ -56,6 +56,9 @@ def test_a_bucketed_mask_gives_the_unpadded_result(length):
     padded = (bucket_length(length, 16),) * 2
     mask = block_mask_from_table(table, length, length, 16, None, full_blocks=False, pad_to=padded)
     assert mask.seq_lengths == padded
+    if length % 16 == 0:  # with full blocks (CUDA): the padding blocks are listed nowhere, one index tensor
+        full = block_mask_from_table(table, length, length, 16, None, full_blocks=True, pad_to=padded)
+        assert full.kv_indices is full.full_kv_indices and int(full.kv_num_blocks.sum()) == 0
     out = sparse_attention(q, k, v, mask, 0.25)
     expected = attention_reference(q, k, v, 0.25, token_mask=expand_table(table, 16, length, length))
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)

@@ -295,11 +295,12 @@ def test_step_loop_never_syncs_with_the_host(kind, overrides, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("reselect", [False, True])
+@pytest.mark.parametrize(("reselect", "kv_cache"), [(False, None), (False, "prefix"), (False, "dual"), (True, None)])
 @pytest.mark.parametrize("kind", ["llada", "dream"])
-def test_sparsed_step_loop_never_syncs_with_the_host(kind, reselect, device):
+def test_sparsed_step_loop_never_syncs_with_the_host(kind, reselect, kv_cache, device):
     """The same promise with sparsed attention: dense steps, the switch step (scoring, top-k,
-    BlockMask) and sparse steps, with re-selection at every step too. A first generation
+    BlockMask) and sparse steps, with re-selection at every step too, and with a prefix or
+    dual K/V cache (refreshes, then windows on the switch step's rows). A first generation
     compiles FlexAttention (compilation may read back); the second one is checked."""
     import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
 
@@ -308,7 +309,8 @@ def test_sparsed_step_loop_never_syncs_with_the_host(kind, reselect, device):
     model = model_for(kind, "sparsed", device)
     ids = prompts()[0].to(device)
     config = SparseDConfig(skip=0.25, select=0.5, block_size=16, min_sparse_len=0, reselect=reselect)
-    run = lambda: GENERATE[kind](model, ids, sparsed=config, **args(kind))  # noqa: E731
+    cache = {} if kv_cache is None else {"kv_cache": kv_cache, "block_length": 16}
+    run = lambda: GENERATE[kind](model, ids, sparsed=config, **args(kind, **cache))  # noqa: E731
     try:
         run()
         handle = model.register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error"))

@@ -100,7 +100,9 @@ def block_mask_from_table(
         n_q, n_kv = table.shape[-2:]
         seq_lengths = (q_pad, kv_pad)
     tail = n_kv * block_size - kv_len
-    every_block_full = key_valid is None and not tail  # known on the host: no padding, no tail
+    # Known on the host: no key padding and whole blocks of real keys. Blocks past kv_len (the
+    # bucket padding of `pad_to`) are False in the table, so every listed block is full.
+    every_block_full = key_valid is None and kv_len % block_size == 0
     # The mask_mod always reads a key mask (all True without padding): one mask kind, so a
     # length that lands exactly on a bucket shares the graph of the shorter lengths padded to it.
     if key_valid is None:
