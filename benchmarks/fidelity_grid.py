@@ -247,7 +247,10 @@ def main() -> None:
     lengths = sorted({length_at(b, r, args.block_size) for b in args.lengths for r in residues})
     bad = [n for n in lengths if not min_prompt_tokens(64) <= n <= longest]
     if bad:
-        p.error(f"--lengths/--residues give prompt lengths {bad} outside [{min_prompt_tokens(64)}, {longest}]")
+        why = ""
+        if "shift" in args.methods:
+            why = f" (`shift` pads up to {args.block_size - 1} tokens: leave it out of --methods for these)"
+        p.error(f"--lengths/--residues give prompt lengths {bad} outside [{min_prompt_tokens(64)}, {longest}]{why}")
     env = environment(device)
     env.update(model=str(path), dtype=args.dtype, prompts_per_cell=args.prompts, select=args.select, skip=args.skip,
                block_size=args.block_size, min_sparse_len=0, greedy=True, prompt_seed=f"{args.seed} + length",

@@ -12,8 +12,10 @@ unpadded one.
 Measured on one H200 (benchmarks/results/bench_shapes.md, LLaDA-8B attention shape, bf16,
 select 0.3): a static graph at 64k runs 46.3 ms, the same call compiled with dynamic shapes
 64.9 ms (1.40x slower; 1.39x at 16k), so dynamic shapes lose; bucketing costs nothing on the
-grid and 3.4% at 65,792 tokens padded to 73,728 (the padded blocks are never visited; the
-copies remain). Dynamic shapes also fail to compile on CPU (torch 2.13, CppCompileError).
+grid and 3.4% of the attention call at 65,792 tokens padded to 73,728 (the padded blocks are
+never visited; the copies remain), +1.0% per sparse step of the whole 32-layer model
+(bench_e2e_shapes_64k.md). Dynamic shapes also fail to compile on CPU (torch 2.13,
+CppCompileError).
 
 :class:`CompileGuard` records the signature of every compiled call, so the error that ends a
 runaway (a bug: the grid cannot produce that many shapes) names what was compiled.
@@ -104,12 +106,13 @@ class CompileGuard:
     """Counts the distinct signatures the compiled call has seen, and names them on failure.
 
     A signature is everything a static compile specialises on: batch, heads, padded lengths,
-    head_dim, dtype, device and the mask kind (plain, or reading a key padding mask).
+    head_dim, dtype, device and the mask_mod (named for its block size).
 
     Why 128: one generation compiles one shape for its full forwards, plus one per bucketed
     window length with a K/V cache; an evaluation whose prompts spread over 1k-128k tokens at
     block 128 meets at most 64 bucket lengths (8 exact block counts + 8 per octave over 7
-    octaves) for each mask kind. Only a bug (a length that escapes the grid) goes past it.
+    octaves), and its last, smaller batch at most doubles that. Only a bug (a length that
+    escapes the grid) goes past it.
     """
 
     limit = 128
@@ -133,6 +136,3 @@ class CompileGuard:
             for b, h, hkv, q, s, d, dtype, dev, kind in shapes
         )
         return f"{len(self.seen)} distinct signatures, the last {len(shapes)}: {rows}"
-
-    def reset(self) -> None:
-        self.seen.clear()
