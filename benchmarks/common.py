@@ -97,3 +97,26 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def add_shipped_model_arguments(p, *, name: str, seed: int, cuda: bool) -> None:
+    """The flags every fidelity benchmark on the shipped model shares: model, dtype, prompt seed,
+    output name and directory, re-rendering a saved run, and the progress bar."""
+    p.add_argument("--model", default=None, help="model directory (default: the shipped one)")
+    p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
+    p.add_argument("--seed", type=int, default=seed, help="prompts of length n use seed + n")
+    p.add_argument("--name", default=name if cuda else f"{name}_cpu_smoke")
+    p.add_argument("--out", default=None, help="results directory (default: benchmarks/results)")
+    p.add_argument("--render", default=None, help="only re-render the tables and plot of this results JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (also SPARSED_NO_PROGRESS=1)")
+
+
+def load_shipped_model(args, device: torch.device):
+    """(model directory, the model in eval mode on ``device``) with the "sparsed" attention."""
+    from transformers import AutoModel
+
+    from sparsed_backend.demo import model_path
+
+    path = args.model or model_path()
+    model = AutoModel.from_pretrained(path, attn_implementation="sparsed", dtype=getattr(torch, args.dtype))
+    return path, model.to(device).eval()

@@ -26,12 +26,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModel
 
-from common import environment, markdown_table, write_results
+from common import add_shipped_model_arguments, environment, load_shipped_model, markdown_table, write_results
 from sparsed_backend import SparseDConfig
 from sparsed_backend._progress import progress
-from sparsed_backend.demo import model_path
 from sparsed_backend.demo.evaluate import answer_prompts, wilson_interval
 from sparsed_backend.demo.task import sample_prompts
 
@@ -99,22 +97,14 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--prompts", type=int, default=256 if cuda else 8)
     p.add_argument("--batch", type=int, default=64 if cuda else 8)
-    p.add_argument("--model", default=None, help="model directory (default: the shipped one)")
-    p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    p.add_argument("--seed", type=int, default=9000, help="prompts of length n use seed + n")
-    p.add_argument("--name", default="fidelity" if cuda else "fidelity_cpu_smoke")
-    p.add_argument("--out", default=None, help="results directory (default: benchmarks/results)")
-    p.add_argument("--render", default=None, help="only re-render the tables and plot of this results JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (also SPARSED_NO_PROGRESS=1)")
+    add_shipped_model_arguments(p, name="fidelity", seed=9000, cuda=cuda)
     args = p.parse_args()
     if args.render:
         saved = json.loads(Path(args.render).read_text())
         render(saved["rows"], saved["environment"], args.name, args.out)
         return
     device = torch.device("cuda" if cuda else "cpu")
-    path = args.model or model_path()
-    model = AutoModel.from_pretrained(path, attn_implementation="sparsed", dtype=getattr(torch, args.dtype))
-    model = model.to(device).eval()
+    path, model = load_shipped_model(args, device)
     env = environment(device)
     env.update(model=str(path), dtype=args.dtype, prompts_per_cell=args.prompts, skip=args.skip,
                block_size=args.block_size, greedy=True, prompt_seed=f"{args.seed} + length")  # fmt: skip

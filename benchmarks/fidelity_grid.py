@@ -43,12 +43,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModel
 
-from common import environment, markdown_table, write_results
+from common import add_shipped_model_arguments, environment, load_shipped_model, markdown_table, write_results
 from sparsed_backend import SparseDConfig
 from sparsed_backend._progress import progress
-from sparsed_backend.demo import model_path
 from sparsed_backend.demo.evaluate import Answers, answer_prompts, wilson_interval
 from sparsed_backend.demo.task import (
     EOS_ID,
@@ -217,13 +215,7 @@ def main() -> None:
     p.add_argument("--shift-to", type=int, default=64, help="'shift': pad prompts to end this far into a block")
     p.add_argument("--prompts", type=int, default=256 if cuda else 4)
     p.add_argument("--batch", type=int, default=256 if cuda else 4)
-    p.add_argument("--model", default=None, help="model directory (default: the shipped one)")
-    p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    p.add_argument("--seed", type=int, default=40000, help="prompts of length n use seed + n")
-    p.add_argument("--name", default="fidelity_grid" if cuda else "fidelity_grid_cpu_smoke")
-    p.add_argument("--out", default=None, help="results directory (default: benchmarks/results)")
-    p.add_argument("--render", default=None, help="only re-render the tables and plot of this results JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (also SPARSED_NO_PROGRESS=1)")
+    add_shipped_model_arguments(p, name="fidelity_grid", seed=40000, cuda=cuda)
     args = p.parse_args()
     if args.render:
         saved = json.loads(Path(args.render).read_text())
@@ -240,9 +232,7 @@ def main() -> None:
     except (TypeError, ValueError) as err:
         p.error(str(err))
     device = torch.device("cuda" if cuda else "cpu")
-    path = args.model or model_path()
-    model = AutoModel.from_pretrained(path, attn_implementation="sparsed", dtype=getattr(torch, args.dtype))
-    model = model.to(device).eval()
+    path, model = load_shipped_model(args, device)
     longest = model.config.max_position_embeddings - VALUE_LEN - (args.block_size if "shift" in args.methods else 0)
     lengths = sorted({length_at(b, r, args.block_size) for b in args.lengths for r in residues})
     bad = [n for n in lengths if not min_prompt_tokens(64) <= n <= longest]
