@@ -204,30 +204,37 @@ def test_help_shows_defaults_and_version(capsys):
     assert status == 0 and out == f"sparsed {sparsed_backend.__version__}\n"
 
 
+def _run_light(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` from the source tree in a fresh interpreter; it must succeed without having
+    imported torch, transformers or sparsed_backend itself."""
+    heavy = "('torch', 'transformers', 'sparsed_backend')"
+    loaded = f"print(sorted(m for m in {heavy} if m in sys.modules), file=sys.stderr)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import sys\n{code}{loaded}\n"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "[]"
+    return proc
+
+
 def test_help_and_version_do_not_import_torch():
     """Parsing --help / --version never loads torch, transformers or sparsed_backend itself."""
-    code = (
-        "import sys\n"
+    proc = _run_light(
         "from sparsed_cli import main\n"
         "for argv in (['--help'], ['demo', '--help'], ['generate', '--help'], ['bench', '--help'], ['--version']):\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit as stop:\n"
         "        assert stop.code == 0, (argv, stop.code)\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'sparsed_backend') if m in sys.modules), file=sys.stderr)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == "[]"
     assert "usage: sparsed" in proc.stdout
 
 
 def test_version_without_package_metadata_reads_the_source_without_importing_torch():
     """A checkout run from source (PYTHONPATH=src, never pip-installed) has no metadata for the
     distribution; --version must still answer, from sparsed_backend/_version.py, torch-free."""
-    code = (
-        "import sys\n"
+    proc = _run_light(
         "from importlib import metadata\n"
         "real_version = metadata.version\n"
         "def no_metadata(name):\n"  # only ours is missing; transformers checks its own dependencies
@@ -240,13 +247,8 @@ def test_version_without_package_metadata_reads_the_source_without_importing_tor
         "    main(['--version'])\n"
         "except SystemExit as stop:\n"
         "    assert stop.code == 0, stop.code\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'sparsed_backend') if m in sys.modules), file=sys.stderr)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"sparsed {sparsed_backend.__version__}\n"
-    assert proc.stderr.strip().splitlines()[-1] == "[]"
 
 
 def test_version_has_one_value_in_the_source_and_in_pyproject():
