@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._ranking import rank_desc, top_count
-from .config import SparseDConfig
+from .config import RULES, SparseDConfig
 
 __all__ = [
     "forced_block",
@@ -59,7 +59,7 @@ def forced_block(rule: str, gen_start: int | None, block_size: int, n_kv: int) -
                 f"gen_start >= 1 (the prompt length, which the samplers put in SparseDState), got {gen_start!r}"
             )
         return min((gen_start - 1) // block_size, n_kv - 1)
-    raise ValueError(f"rule must be one of 'paper', 'prompt_end', 'prompt_end_gen', 'sink', got {rule!r}")
+    raise ValueError(f"rule must be one of {', '.join(map(repr, RULES))}, got {rule!r}")
 
 
 def keep_within_count(
