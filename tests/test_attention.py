@@ -454,3 +454,32 @@ def test_sm90_kernel_options_compute_the_selected_blocks(hq, hkv, pad):
     golden = attention_reference(q, k, v, d**-0.5, valid, tokens)
     lowprec = attention_reference(q, k, v, d**-0.5, valid, tokens, dtype=q.dtype)
     assert_close_3way(out, golden, lowprec, real_rows(valid, n, n, (1, hq, hkv, n, n, d, 128, q.dtype)))
+
+
+def test_prompt_end_offset_equals_the_paper_rule_on_front_padded_inputs():
+    """A moved block grid (prompt_end_offset) is the paper rule run on inputs with zero rows
+    before position 0, masked as padding: the same table, the same sparse output on the real rows,
+    and the prompt ends ``offset`` tokens into a block."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 100, 16, generator=g) for _ in range(3))
+    cfg = SparseDConfig(skip=0.0, select=0.4, block_size=16, min_sparse_len=0, prompt_end_offset=5)
+    front = cfg.grid_front(70)
+    assert front == 15 and (70 + front) % 16 == 5  # 70 = 4 blocks + 6: 15 rows end it at 5 into block 5
+    _, moved, state = run_schedule(q, k, v, None, cfg, gen_start=70)
+    assert state.layers[0].front == front and state.layers[0].q_len == 100
+    padded = [torch.cat([torch.zeros(1, 2, front, 16), t], 2) for t in (q, k, v)]
+    valid = torch.cat([torch.zeros(1, front, dtype=torch.bool), torch.ones(1, 100, dtype=torch.bool)], 1)
+    paper = SparseDConfig(skip=0.0, select=0.4, block_size=16, min_sparse_len=0)
+    _, explicit, reference = run_schedule(*padded, valid, paper, gen_start=70 + front)
+    assert torch.equal(state.layers[0].table, reference.layers[0].table)
+    torch.testing.assert_close(moved, explicit[:, :, front:], atol=1e-5, rtol=1e-5)
+    unmoved = run_schedule(q, k, v, None, paper, gen_start=70)[1]
+    assert (moved - unmoved).abs().max() > 1e-3, "the moved grid selected the same blocks as the unmoved one"
+
+
+def test_prompt_end_offset_at_select_one_equals_dense():
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 4, 90, 16, generator=g) for _ in range(3))
+    cfg = SparseDConfig(skip=0.0, select=1.0, block_size=16, min_sparse_len=0, prompt_end_offset=3)
+    _, sparse_out, _ = run_schedule(q, k, v, None, cfg, gen_start=61)
+    torch.testing.assert_close(sparse_out.double(), attention_reference(q, k, v, 0.25), atol=1e-5, rtol=1e-5)

@@ -23,6 +23,9 @@ from sparsed_backend import SparseDConfig, SparseDState
         ({"reselect": "yes"}, TypeError, r"reselect must be a bool, got str"),
         ({"rule": "anchor"}, ValueError, r"rule must be one of 'paper', .*, 'sink', got 'anchor'"),
         ({"rule": None}, ValueError, r"rule must be one of 'paper', 'prompt_end', 'prompt_end_gen', 'sink', got None"),
+        ({"prompt_end_offset": 128}, ValueError, r"prompt_end_offset must be None or in \[0, block_size=128\), got 1"),
+        ({"prompt_end_offset": -1}, ValueError, r"prompt_end_offset must be None or in \[0, block_size=128\), got -1"),
+        ({"prompt_end_offset": 6.0}, TypeError, r"prompt_end_offset must be an int, got float"),
         (
             {"rule": "prompt_end", "pattern": "local"},
             ValueError,

@@ -204,6 +204,20 @@ def test_bad_cache_arguments_raise(kind, overrides, error, match):
         GENERATE[kind](model, ids, mask, **args(kind, **overrides))
 
 
+def test_a_moved_block_grid_is_refused_with_a_cache_and_runs_without():
+    ids, mask = prompts()
+    model = with_attn("llada", "sparsed")
+    cfg = SparseDConfig(skip=0.25, select=0.5, block_size=16, min_sparse_len=0, prompt_end_offset=8)
+    try:
+        with pytest.raises(NotImplementedError, match=r"prompt_end_offset=8 \(a moved block grid\) does not run with"):
+            llada_generate(model, ids, mask, kv_cache="dual", sparsed=cfg, **args("llada"))
+        out = llada_generate(model, ids, mask, sparsed=cfg, return_dict_in_generate=True, **args("llada"))
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert all(sel.front == cfg.grid_front(P) for sel in out.sparsed_state.layers.values())
+    assert out.sequences.shape == (2, P + G) and torch.equal(out.sequences[:, :P], ids)
+
+
 def test_reselect_and_unsupported_attention_are_refused_with_a_cache():
     ids, mask = prompts()
     model = with_attn("llada", "sparsed")

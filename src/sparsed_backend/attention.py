@@ -98,11 +98,13 @@ def sparse_attention(
     block_mask: BlockMask,
     scaling: float,
     kernel_options: dict | None = None,
+    front: int = 0,
 ) -> torch.Tensor:
     """Block-sparse attention over ``block_mask`` with compiled FlexAttention.
 
     The call runs at the mask's lengths: a mask built for bucket lengths (`flex_shapes`) gets
-    zero-padded inputs, and the padded query rows are dropped from the output.
+    zero-padded inputs, and the padded query rows are dropped from the output. ``front`` zero
+    rows go before position 0 (a mask on a moved block grid, `LayerSelection.front`).
 
     Never falls back silently: passing the compile guard's bound raises instead of running the
     eager kernel, and a disabled torch.compile warns once and computes the same blocks through
@@ -116,7 +118,7 @@ def sparse_attention(
         (B, Hq, L, D).
     """
     L = query.shape[2]
-    query, key, value = pad_to_mask(query, key, value, block_mask)
+    query, key, value = pad_to_mask(query, key, value, block_mask, front)
     gqa = query.shape[1] != key.shape[1]
     options = policy.flex_kernel_options(query, block_mask) if kernel_options is None else kernel_options
     if torch.compiler.is_compiling():
@@ -124,7 +126,7 @@ def sparse_attention(
         out = flex_attention(
             query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa, kernel_options=options
         )
-        return out[:, :, :L]
+        return out[:, :, front : front + L]
     if _compat.compile_disabled():
         warn_once(
             "dynamo-disabled",
@@ -137,7 +139,7 @@ def sparse_attention(
         mask = create_mask(block_mask.mask_mod, query.shape[0], query.shape[1], query.shape[2], key.shape[2],
                            device=query.device)  # fmt: skip
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-        return out[:, :, :L]
+        return out[:, :, front : front + L]
     compile_guard.note(query, key, block_mask)
     try:
         with _compat.fail_past_recompile_limit(compile_guard.limit):
@@ -156,7 +158,7 @@ def sparse_attention(
             f"refusing to fall back to eager attention. The bucket grid cannot produce that many shapes, "
             f"so this is a bug; please report it with what was compiled: {compile_guard.describe()}"
         ) from err
-    return out[:, :, :L]
+    return out[:, :, front : front + L]
 
 
 def sparsed_attention_forward(
@@ -254,7 +256,7 @@ def sparsed_attention_forward(
             f"{(sel.batch, sel.num_heads, sel.q_len, sel.kv_len)}, got {(B, Hq, L, S)}"
         )
     block_mask = sel.window_mask(query_start, L, cfg.block_size, key_valid) if windowed else sel.block_mask
-    out = sparse_attention(query, key, value, block_mask, scale)
+    out = sparse_attention(query, key, value, block_mask, scale, front=sel.front)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -28,7 +28,7 @@ import contextlib
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-__all__ = ["CompileGuard", "bucket_length", "exact_lengths", "pad_to_mask", "padded_lengths"]
+__all__ = ["CompileGuard", "bucket_length", "exact_lengths", "pad_length", "pad_to_mask", "padded_lengths"]
 
 _exact = False  # set by exact_lengths() for measurements only
 
@@ -67,27 +67,29 @@ def exact_lengths():
 
 
 def pad_to_mask(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, front: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zero-pad (B, H, L, D) queries and (B, Hkv, S, D) keys/values to the mask's lengths.
 
-    Inputs already that long are returned as they are (no copy).
+    ``front`` zero rows go before position 0 (a moved block grid, `SparseDConfig.prompt_end_offset`),
+    the rest after the last position. Inputs already that long are returned as they are (no copy).
     """
     q_pad, kv_pad = block_mask.seq_lengths
     L, S = query.shape[2], key.shape[2]
-    if q_pad < L or kv_pad < S:
+    if q_pad < L + front or kv_pad < S + front:
         raise ValueError(
-            f"the BlockMask was built for (q_len, kv_len) = {(q_pad, kv_pad)}, shorter than the inputs' {(L, S)}"
+            f"the BlockMask was built for (q_len, kv_len) = {(q_pad, kv_pad)}, shorter than the inputs' "
+            f"{(L, S)} after {front} rows of front padding"
         )
     if q_pad != L:
-        query = _pad_length(query, q_pad)
+        query = pad_length(query, q_pad, front)
     if kv_pad != S:
-        key, value = _pad_length(key, kv_pad), _pad_length(value, kv_pad)
+        key, value = pad_length(key, kv_pad, front), pad_length(value, kv_pad, front)
     return query, key, value
 
 
-def _pad_length(t: torch.Tensor, length: int) -> torch.Tensor:
-    """Zero-pad dim 2 of ``t`` to ``length`` in ``t``'s own memory layout.
+def pad_length(t: torch.Tensor, length: int, front: int = 0) -> torch.Tensor:
+    """Zero-pad dim 2 of ``t`` to ``length`` (``front`` zeros first) in ``t``'s own memory layout.
 
     The models hand attention (B, L, H, D) tensors transposed to (B, H, L, D); a padded copy
     in that same layout keeps the compiled graph's stride guards of the unpadded inputs (a
@@ -98,7 +100,7 @@ def _pad_length(t: torch.Tensor, length: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[2] = length
     out = t.new_zeros([shape[d] for d in order]).permute([order.index(d) for d in range(t.dim())])
-    out[:, :, : t.shape[2]] = t
+    out[:, :, front : front + t.shape[2]] = t
     return out
 
 

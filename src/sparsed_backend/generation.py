@@ -159,6 +159,20 @@ def _check_length(model: nn.Module, prompt_len: int, gen_length: int, gen_name: 
         )
 
 
+def _check_cache_with_sparsed(kv_cache: str | None, sparsed: SparseDConfig | None) -> None:
+    """What a K/V cache cannot combine with: a selection at every step, and (for now) a moved block
+    grid, whose windows would need the grid's alignment."""
+    if kv_cache is None or sparsed is None:
+        return
+    if sparsed.reselect:
+        raise ValueError("sparsed.reselect=True needs a full forward at every step; it cannot run with kv_cache")
+    if sparsed.prompt_end_offset is not None:
+        raise NotImplementedError(
+            f"sparsed.prompt_end_offset={sparsed.prompt_end_offset} (a moved block grid) does not run with "
+            f"kv_cache={kv_cache!r} yet; use prompt_end_offset=None with a cache"
+        )
+
+
 def _tensor_parallel(model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> RankSync | None:
     """For a tensor-parallel model: check that every rank got the same prompt batch and return
     the RankSync through which the first rank's tokens are shared after each step."""
@@ -353,8 +367,7 @@ def llada_generate(
     prompt_len = input_ids.shape[1]
     steps_per_block = steps // num_blocks
     state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
-    if kv_cache is not None and sparsed is not None and sparsed.reselect:
-        raise ValueError("sparsed.reselect=True needs a full forward at every step; it cannot run with kv_cache")
+    _check_cache_with_sparsed(kv_cache, sparsed)
     cache = None if kv_cache is None else BlockKVCache(kv_cache)
     run = _Runner(model, mask, position_ids, state, cfg=cfg_scale > 0, cache=cache)
     align = 1 if sparsed is None else sparsed.block_size
@@ -550,8 +563,7 @@ def dream_generate(
     prompt_len = input_ids.shape[1]
     steps_per_block = steps // num_blocks
     state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
-    if kv_cache is not None and sparsed is not None and sparsed.reselect:
-        raise ValueError("sparsed.reselect=True needs a full forward at every step; it cannot run with kv_cache")
+    _check_cache_with_sparsed(kv_cache, sparsed)
     cache = None if kv_cache is None else BlockKVCache(kv_cache)
     run = _Runner(model, mask, position_ids, state, cache=cache)
     align = 1 if sparsed is None else sparsed.block_size

@@ -28,6 +28,9 @@ class LayerSelection:
     q_len: int
     kv_len: int
     density: torch.Tensor  # 0-dim: kept share of attendable key blocks over (b, h, q block)
+    # Zero rows before position 0 on the selection's grid (SparseDConfig.prompt_end_offset); the
+    # table and the mask are on that grid, q_len and kv_len are the real lengths.
+    front: int = 0
     _window: tuple | None = field(default=None, repr=False)  # (start, q_len, mask) of the last window
 
     def window_mask(self, start: int, q_len: int, block_size: int, key_valid: torch.Tensor | None) -> BlockMask:
@@ -37,6 +40,11 @@ class LayerSelection:
         size so that the window's query blocks are the selection's. The last window's mask is
         kept, so the steps of one block build it once.
         """
+        if self.front:
+            raise NotImplementedError(
+                "a sparse window (kv_cache) on a moved block grid (SparseDConfig.prompt_end_offset) is not "
+                "supported; use prompt_end_offset=None with kv_cache"
+            )
         if start % block_size or start < 0 or start + q_len > self.q_len:
             raise ValueError(
                 f"a sparse window must start at a multiple of block_size {block_size} and lie within "

@@ -25,7 +25,7 @@ from . import _compat
 from ._warn import warn_once
 from .config import SparseDConfig
 from .dense import dense_attention
-from .flex_shapes import padded_lengths
+from .flex_shapes import pad_length, padded_lengths
 from .masks import block_mask_from_table
 from .scoring import block_prob_sums, importance_from_sums, key_block_counts, num_blocks
 from .selection import generation_start_block, select_blocks
@@ -166,6 +166,23 @@ def select_layer(
     B, H, L, _ = query.shape
     S = key.shape[2]
     bs = config.block_size
+    real = (L, S)
+    front = config.grid_front(gen_start)
+    if front:
+        # A moved block grid: select over inputs with `front` zero rows before position 0. The
+        # padded keys are masked; the padded query rows get log-sum-exp +inf, so the fused
+        # scorer adds nothing for them (the PyTorch scorer spreads them evenly over the keys).
+        if L != S:
+            raise ValueError(
+                f"prompt_end_offset moves the block grid of query rows and keys together, so the "
+                f"switch step needs q_len == kv_len, got {L} and {S}"
+            )
+        query, key = pad_length(query, L + front, front), pad_length(key, S + front, front)
+        valid = torch.ones(B, S, dtype=torch.bool, device=query.device) if key_valid is None else key_valid
+        key_valid = F.pad(valid, (front, 0), value=False)
+        lse = None if lse is None else F.pad(lse, (front, 0), value=float("inf"))
+        gen_start += front
+        L, S = L + front, S + front
     counts = key_block_counts(key_valid, S, bs, B, query.device)  # (B, nKV), shared below
     importance = block_importance(query, key, scaling, bs, key_valid, lse, counts)
     n_kv = importance.shape[-1]
@@ -183,7 +200,7 @@ def select_layer(
         table, L, S, bs, key_valid, full_blocks=query.device.type == "cuda", key_counts=counts,
         pad_to=padded_lengths(L, S, bs),
     )  # fmt: skip
-    return LayerSelection(block_mask, table, B, H, L, S, density)
+    return LayerSelection(block_mask, table, B, H, *real, density, front=front)
 
 
 def run_switch_step(
