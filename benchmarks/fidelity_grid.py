@@ -21,7 +21,10 @@ step 1). All prompts of a cell have one length, so a batch needs no padding. Met
 - ``paper+diag`` / ``prompt_end+diag``: the same with ``keep_diagonal=True`` (each query block keeps
   its own key block too, within the same count);
 - ``shift``: the paper rule on prompts left-padded so that they end ``--shift-to`` tokens into a
-  block (the block grid moved against the prompt; padded keys are never attended).
+  block (the block grid moved against the prompt; padded keys are never attended);
+- ``offset64``: the same grid move as the backend option ``SparseDConfig(prompt_end_offset=64)``
+  (the model runs unpadded; only the selection and the sparse calls see the moved grid, so 4k
+  cells fit the model's positions).
 
 Each row reports exact match with its 95% Wilson interval and the mean kept share of attendable
 key blocks (``density``; SparseD counts every kept block, forced ones included). The summary gives,
@@ -67,6 +70,7 @@ METHODS: dict[str, dict | None] = {
     "paper+diag": {"rule": "paper", "keep_diagonal": True},
     "prompt_end+diag": {"rule": "prompt_end", "keep_diagonal": True},
     "shift": {"rule": "paper"},
+    "offset64": {"prompt_end_offset": 64},
 }
 DEFAULT_RESIDUES = "0,1-8,60-68,120-127"
 
