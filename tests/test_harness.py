@@ -279,11 +279,23 @@ def _make(harness_model, **kw):
         ({"temperature": "hot"}, r"model arg temperature: expected a number, got 'hot'"),
         ({"stepz": 3}, r"unknown model args \['stepz'\]; sparsed-dlm takes pretrained and"),
         ({"kv_cache": "full"}, r"model arg kv_cache: expected one of \('none', 'prefix', 'dual'\), got 'full'"),
+        ({"attn": "sparsed", "prompt_end_offset": -1}, r"model arg prompt_end_offset: expected an int >= 0, got -1"),
+        ({"attn": "sparsed", "prompt_end_offset": 128},
+         r"prompt_end_offset must be None or in \[0, block_size=128\), got 128"),
+        ({"prompt_end_offset": 64},
+         r"model args \['prompt_end_offset'\] are SparseD settings: they need attn=sparsed, got attn=dense"),
     ],
 )  # fmt: skip
 def test_bad_model_args_name_the_arg_the_expectation_and_the_value(harness_model, args, message):
     with pytest.raises(ValueError, match=message):
         _make(harness_model, **args)
+
+
+def test_a_moved_block_grid_reaches_the_config_and_is_refused_with_a_cache_before_loading(harness_model):
+    lm = _make(harness_model, attn="sparsed", prompt_end_offset="64", steps=5, gen_length=5)
+    assert lm.sparsed.prompt_end_offset == 64
+    with pytest.raises(NotImplementedError, match=r"prompt_end_offset=64 \(a moved block grid\) does not run with"):
+        _make(harness_model, attn="sparsed", prompt_end_offset=64, kv_cache="dual", steps=5, gen_length=5)
 
 
 def test_pretrained_must_be_a_diffusion_lm(harness_model, tmp_path):

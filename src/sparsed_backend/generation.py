@@ -40,7 +40,7 @@ from .kv_cache import BlockKVCache, check_kv_cache
 from .state import SparseDState
 from .tensor_parallel import RankSync, rank_sync
 
-__all__ = ["DiffusionGenerationOutput", "dream_generate", "llada_generate"]
+__all__ = ["DiffusionGenerationOutput", "check_cache_with_sparsed", "dream_generate", "llada_generate"]
 
 LLADA_REMASKING = ("low_confidence", "random")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -159,7 +159,7 @@ def _check_length(model: nn.Module, prompt_len: int, gen_length: int, gen_name: 
         )
 
 
-def _check_cache_with_sparsed(kv_cache: str | None, sparsed: SparseDConfig | None) -> None:
+def check_cache_with_sparsed(kv_cache: str | None, sparsed: SparseDConfig | None) -> None:
     """What a K/V cache cannot combine with: a selection at every step, and (for now) a moved block
     grid, whose windows would need the grid's alignment."""
     if kv_cache is None or sparsed is None:
@@ -367,7 +367,7 @@ def llada_generate(
     prompt_len = input_ids.shape[1]
     steps_per_block = steps // num_blocks
     state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
-    _check_cache_with_sparsed(kv_cache, sparsed)
+    check_cache_with_sparsed(kv_cache, sparsed)
     cache = None if kv_cache is None else BlockKVCache(kv_cache)
     run = _Runner(model, mask, position_ids, state, cfg=cfg_scale > 0, cache=cache)
     align = 1 if sparsed is None else sparsed.block_size
@@ -563,7 +563,7 @@ def dream_generate(
     prompt_len = input_ids.shape[1]
     steps_per_block = steps // num_blocks
     state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
-    _check_cache_with_sparsed(kv_cache, sparsed)
+    check_cache_with_sparsed(kv_cache, sparsed)
     cache = None if kv_cache is None else BlockKVCache(kv_cache)
     run = _Runner(model, mask, position_ids, state, cache=cache)
     align = 1 if sparsed is None else sparsed.block_size

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .. import SparseDConfig
 from .._warn import warn_once
-from ..generation import DREAM_ALGS, LLADA_REMASKING, dream_generate, llada_generate
+from ..generation import DREAM_ALGS, LLADA_REMASKING, check_cache_with_sparsed, dream_generate, llada_generate
 from . import MODEL_NAME
 from .likelihood import masked_loglikelihood
 
@@ -120,8 +120,8 @@ class DiffusionLM(LM):
         pretrained: checkpoint directory (or Hub id) of a LLaDA or Dream model.
         tokenizer: tokenizer directory; default ``pretrained``.
         attn: ``dense`` (transformers' sdpa) or ``sparsed`` (SparseD during generation).
-        skip, select, block_size, min_sparse_len, keep_diagonal: `SparseDConfig` fields; only
-            with ``attn=sparsed`` (defaults: SparseDConfig's).
+        skip, select, block_size, min_sparse_len, keep_diagonal, prompt_end_offset: `SparseDConfig`
+            fields; only with ``attn=sparsed`` (defaults: SparseDConfig's).
         gen_length: tokens the sampler generates per request (default 128); less than the
             model's ``max_position_embeddings``, since the prompt needs a position too.
         steps: denoising steps (default ``gen_length``).
@@ -147,7 +147,8 @@ class DiffusionLM(LM):
         if not isinstance(pretrained, str) or not pretrained:
             raise _fail("pretrained", "a checkpoint path or Hub id", pretrained)
         known = {
-            "tokenizer", "attn", "skip", "select", "block_size", "min_sparse_len", "keep_diagonal", "gen_length",
+            "tokenizer", "attn", "skip", "select", "block_size", "min_sparse_len", "keep_diagonal",
+            "prompt_end_offset", "gen_length",
             "steps", "block_length", "remasking", "alg", "alg_temp", "top_p", "top_k", "temperature",
             "mc_samples", "seed", "dtype", "device", "batch_size", "max_batch_size", "kv_cache",
         }  # fmt: skip
@@ -178,7 +179,7 @@ class DiffusionLM(LM):
 
     def _parse(self, kw: dict) -> None:
         self.attn = _choice("attn", kw.get("attn", "dense"), ATTN)
-        sparse_keys = ("skip", "select", "block_size", "min_sparse_len", "keep_diagonal")
+        sparse_keys = ("skip", "select", "block_size", "min_sparse_len", "keep_diagonal", "prompt_end_offset")
         self.sparsed = None
         if self.attn == "sparsed":
             fields = {}
@@ -194,6 +195,8 @@ class DiffusionLM(LM):
                 fields["min_sparse_len"] = _int("min_sparse_len", kw["min_sparse_len"], 0)
             if "keep_diagonal" in kw:
                 fields["keep_diagonal"] = _bool("keep_diagonal", kw["keep_diagonal"])
+            if kw.get("prompt_end_offset") is not None:
+                fields["prompt_end_offset"] = _int("prompt_end_offset", kw["prompt_end_offset"], 0)
             self.sparsed = SparseDConfig(**fields)
         else:
             given = [k for k in sparse_keys if k in kw]
@@ -210,6 +213,7 @@ class DiffusionLM(LM):
             raise ValueError(f"model args {wrong} belong to the {other} sampler; this checkpoint is {self.family}")
         cache = _choice("kv_cache", kw.get("kv_cache", "none"), ("none", "prefix", "dual"))
         self.kv_cache = None if cache == "none" else cache
+        check_cache_with_sparsed(self.kv_cache, self.sparsed)  # the samplers' rule, checked before loading
         default_block = self.gen_length if self.family == "llada" else None
         self.block_length = default_block
         if kw.get("block_length") is not None:
