@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import bench, environment, markdown_table, peak_mib, write_results
+from common import bench, environment, markdown_table, peak_mib, pyplot, write_results
 from sparsed_backend import SparseDConfig
 from sparsed_backend.attention import dense_attention, sparse_attention
 from sparsed_backend.masks import block_mask_from_table
@@ -124,12 +124,8 @@ def main() -> None:
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     shapes = sorted({r["shape"] for r in rows})
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)

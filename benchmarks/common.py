@@ -120,3 +120,17 @@ def load_shipped_model(args, device: torch.device):
     path = args.model or model_path()
     model = AutoModel.from_pretrained(path, attn_implementation="sparsed", dtype=getattr(torch, args.dtype))
     return path, model.to(device).eval()
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (saying so) when matplotlib is
+    not installed: the tables are written either way."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return None
+    return plt

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_shipped_model_arguments, environment, load_shipped_model, markdown_table, write_results
+from common import add_shipped_model_arguments, environment, load_shipped_model, markdown_table, pyplot, write_results
 from sparsed_backend import SparseDConfig
 from sparsed_backend._progress import progress
 from sparsed_backend.demo.evaluate import answer_prompts, wilson_interval
@@ -161,13 +161,8 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     lengths = sorted({r["N"] for r in rows})
     fig, axes = plt.subplots(1, len(lengths) + 1, figsize=(4.6 * (len(lengths) + 1), 4.0), squeeze=False)

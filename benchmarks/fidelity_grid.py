@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_shipped_model_arguments, environment, load_shipped_model, markdown_table, write_results
+from common import add_shipped_model_arguments, environment, load_shipped_model, markdown_table, pyplot, write_results
 from sparsed_backend import SparseDConfig
 from sparsed_backend._progress import progress
 from sparsed_backend.demo.evaluate import Answers, answer_prompts, wilson_interval
@@ -179,13 +179,8 @@ def render(rows: list[dict], env: dict, name: str, out: str | None) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     bases = sorted({r["base"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
