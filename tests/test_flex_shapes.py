@@ -83,7 +83,7 @@ def test_compile_guard_names_what_it_saw():
     guard.note(q, k, mask)
     assert len(guard.seen) == 1
     assert guard.describe() == (
-        "1 distinct signatures, the last 1: B=2 H=4/2 L=32 S=48 D=8 torch.float32 cpu sparsed_table_bs16_padded"
+        "1 distinct signatures, the last 1: B=2 H=4/2 L=32 S=48 D=8 torch.float32 cpu sparsed_table_bs16"
     )
 
 

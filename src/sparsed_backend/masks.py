@@ -11,8 +11,8 @@ from ._compat import FROM_KV_BLOCKS_HAS_COMPUTE_Q_BLOCKS
 __all__ = ["block_mask_from_table", "table_mask_mod"]
 
 
-def table_mask_mod(table: torch.Tensor, block_size: int, key_valid: torch.Tensor | None):
-    """mask_mod that reads the block table (and the key padding), token by token.
+def table_mask_mod(table: torch.Tensor, block_size: int, key_valid: torch.Tensor):
+    """mask_mod that reads the block table and the key mask, token by token.
 
     Compiled FlexAttention evaluates it only inside partial blocks. Eager FlexAttention
     ignores the block lists and evaluates it everywhere; because it reads the same table, an
@@ -20,20 +20,14 @@ def table_mask_mod(table: torch.Tensor, block_size: int, key_valid: torch.Tensor
 
     Args:
         table: (B, H, nQ, nKV) bool block table.
-        key_valid: (B, nKV * block_size) bool, False for padding and past the last key; or None.
+        key_valid: (B, nKV * block_size) bool, False for padding and past the last key (all True
+            where every key is real: one mask kind for every BlockMask, so one compiled graph).
     """
 
-    if key_valid is None:
+    def mask_mod(b, h, q_idx, kv_idx):
+        return table[b, h, q_idx // block_size, kv_idx // block_size] & key_valid[b, kv_idx]
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return table[b, h, q_idx // block_size, kv_idx // block_size]
-
-    else:
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return table[b, h, q_idx // block_size, kv_idx // block_size] & key_valid[b, kv_idx]
-
-    mask_mod.__name__ = f"sparsed_table_bs{block_size}{'_padded' if key_valid is not None else ''}"
+    mask_mod.__name__ = f"sparsed_table_bs{block_size}"
     return mask_mod
 
 
