@@ -50,7 +50,7 @@ class SparseDConfig:
     # position 0 (the reference). An offset o in [0, block_size) moves the grid (zero-padding the
     # front of the selection and of the sparse calls) so that the prompt ends o tokens into a
     # block, whatever its length (0: at a block edge). Measured in
-    # benchmarks/results/fidelity_grid.md (the "shift" rows, o = 64); docs/method.md.
+    # benchmarks/results/fidelity_grid_rules.md (the "shift" rows, o = 64); docs/method.md.
     prompt_end_offset: int | None = None
 
     def __post_init__(self) -> None:
