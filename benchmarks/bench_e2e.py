@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -93,8 +94,9 @@ def run_length(model, n, args, device, rows):
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, n), device=device, generator=g)
     keep = args.gen_length
-    cfg = SparseDConfig(skip=args.skip, select=args.select, block_size=args.block_size, min_sparse_len=0)
-    run, state = step_runners(model, ids, keep, cfg, n - keep)
+
+    def dense():
+        model(ids, logits_to_keep=keep)
 
     def flash():
         model.config._attn_implementation = "sdpa"
@@ -105,23 +107,28 @@ def run_length(model, n, args, device, rows):
             model.config._attn_implementation = "sparsed"
 
     base = {"N": n, "layers": model.config.n_layers}
-    for name, fn, reps in (("dense_cudnn", run["dense"], args.repeats), ("dense_fa2", flash, args.repeats)):
+    for name, fn, reps in (("dense_cudnn", dense, args.repeats), ("dense_fa2", flash, args.repeats)):
         fn()  # warm-up: compilation and autotuning stay out of the numbers
         sec, peak = timed(fn, device, reps)
         base[f"{name}_s"], base[f"{name}_peak_mib"] = sec, peak
         print(f"  N={n:6d} {name:12s} {sec:8.3f} s  peak {peak:9.1f} MiB", flush=True)
-    for shapes in args.shape_policies:
-        # "bucket": the package's policy (flex_shapes); "exact": static compiles at the real
-        # lengths, the policy before bucketing, measured side by side.
+    for grid, shapes in itertools.product(args.grids, args.shape_policies):
+        # grid: SparseDConfig.prompt_end_offset ("middle", the default, or "none", the paper's).
+        # shapes: "bucket", the package's policy (flex_shapes); "exact": static compiles at the
+        # real lengths, the policy before bucketing, measured side by side.
+        offset = None if grid == "none" else grid
+        cfg = SparseDConfig(skip=args.skip, select=args.select, block_size=args.block_size, min_sparse_len=0,
+                            prompt_end_offset=offset)  # fmt: skip
+        run, state = step_runners(model, ids, keep, cfg, n - keep)
         ctx = flex_shapes.exact_lengths() if shapes == "exact" else contextlib.nullcontext()
         with ctx:
-            result = dict(base, shapes=shapes)
+            result = dict(base, grid=grid, front=cfg.grid_front(n - keep), shapes=shapes)
             steps = (("switch", run["switch"], max(1, args.repeats - 1)), ("sparse", run["sparse"], args.repeats))
             for name, fn, reps in steps:
                 fn()  # warm-up: compilation and autotuning stay out of the numbers
                 sec, peak = timed(fn, device, reps)
                 result[f"{name}_s"], result[f"{name}_peak_mib"] = sec, peak
-                print(f"  N={n:6d} {shapes:6s} {name:12s} {sec:8.3f} s  peak {peak:9.1f} MiB", flush=True)
+                print(f"  N={n:6d} {grid:6s} {shapes:6s} {name:12s} {sec:8.3f} s  peak {peak:9.1f} MiB", flush=True)
             result["flex_lengths"] = state.layers[0].block_mask.seq_lengths[1]
         _totals(result, state, cfg, args, rows)
 
@@ -159,6 +166,13 @@ def main() -> None:
         default=["bucket"],
         help="bucket: the package's FlexAttention shapes; exact: static compiles at the real lengths",
     )
+    p.add_argument(
+        "--grids",
+        nargs="+",
+        choices=["middle", "none"],
+        default=["middle"],
+        help="SparseDConfig.prompt_end_offset: middle (the default) or none (the paper's block grid)",
+    )
     p.add_argument("--name", default="bench_e2e" if cuda else "bench_e2e_cpu_smoke")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -173,9 +187,9 @@ def main() -> None:
         run_length(model, n, args, device, rows)
         if cuda:
             torch.cuda.empty_cache()
-    cols = ["N", "shapes", "flex_lengths", "layers", "steps", "baseline", "dense_cudnn_s", "dense_fa2_s", "switch_s",
-            "sparse_s", "baseline_total_s", "sparsed_total_s", "speedup", "sparse_peak_mib", "dense_cudnn_peak_mib",
-            "mask_state_mib"]  # fmt: skip
+    cols = ["N", "grid", "front", "shapes", "flex_lengths", "layers", "steps", "baseline", "dense_cudnn_s",
+            "dense_fa2_s", "switch_s", "sparse_s", "baseline_total_s", "sparsed_total_s", "speedup",
+            "sparse_peak_mib", "dense_cudnn_peak_mib", "mask_state_mib"]  # fmt: skip
     table = markdown_table(rows, cols)
     write_results(args.name, env, rows, table, args.out)
     print(table)

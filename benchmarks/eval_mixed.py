@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept")
     p.add_argument("--skip", type=float, default=0.2, help="SparseD: share of steps kept dense")
     p.add_argument("--block-size", type=int, default=128, help="SparseD: tokens per block")
+    p.add_argument("--prompt-end-offset", default="middle",
+                   help="SparseD: where the prompt ends in a selection block (middle, none or an int)")  # fmt: skip
     p.add_argument("--steps", type=int, default=5, help="denoising steps (5: one per answer token)")
     p.add_argument("--gen-length", type=int, default=5, help="tokens generated per prompt (the answer is 5)")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"output directory (default {RESULTS})")
@@ -76,7 +78,8 @@ def model_args(attn: str, args: argparse.Namespace, device: str) -> dict:
     kw = {"pretrained": str(model_path()), "attn": attn, "steps": args.steps, "gen_length": args.gen_length,
           "dtype": args.dtype, "device": device, "batch_size": args.batch_size}  # fmt: skip
     if attn == "sparsed":
-        kw |= {"select": args.select, "skip": args.skip, "block_size": args.block_size, "min_sparse_len": 0}
+        kw |= {"select": args.select, "skip": args.skip, "block_size": args.block_size, "min_sparse_len": 0,
+               "prompt_end_offset": args.prompt_end_offset}  # fmt: skip
     return kw
 
 

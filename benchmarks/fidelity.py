@@ -34,7 +34,8 @@ from sparsed_backend.demo.evaluate import answer_prompts, wilson_interval
 from sparsed_backend.demo.task import sample_prompts
 
 METHODS = {
-    "sparsed": {},
+    "sparsed": {},  # SparseDConfig's defaults: the block grid moved so the prompt ends mid-block
+    "paper": {"prompt_end_offset": None},  # the reference's grid and rule
     "sparsed+diag": {"keep_diagonal": True},
     "reselect": {"reselect": True},
     "local": {"pattern": "local"},

@@ -12,7 +12,8 @@ training used 5000 + n and its own generator streams, fidelity.py 9000 + n, the 
 step 1). All prompts of a cell have one length, so a batch needs no padding. Methods (``--methods``):
 
 - ``dense``: no SparseD;
-- ``paper``: the reference's selection (``SparseDConfig(rule="paper")``);
+- ``paper``: the reference's selection on the reference's grid
+  (``SparseDConfig(rule="paper", prompt_end_offset=None)``; every rule below keeps that grid);
 - ``prompt_end``: every query block keeps the key block holding the prompt's last token, within the
   paper rule's own per-row count (``rule="prompt_end"``);
 - ``prompt_end_gen``: the same, but query blocks before the generation region give up a generation
@@ -24,7 +25,9 @@ step 1). All prompts of a cell have one length, so a batch needs no padding. Met
   block (the block grid moved against the prompt; padded keys are never attended);
 - ``offset64``: the same grid move as the backend option ``SparseDConfig(prompt_end_offset=64)``
   (the model runs unpadded; only the selection and the sparse calls see the moved grid, so 4k
-  cells fit the model's positions).
+  cells fit the model's positions);
+- ``default``: ``SparseDConfig()``'s own grid (``prompt_end_offset="middle"``, block_size // 2:
+  the same as ``offset64`` at block 128).
 
 Each row reports exact match with its 95% Wilson interval and the mean kept share of attendable
 key blocks (``density``; SparseD counts every kept block, forced ones included). The summary gives,
@@ -63,14 +66,15 @@ from sparsed_backend.demo.task import (
 # Method -> SparseDConfig fields on top of select / skip / block size (None: dense attention).
 METHODS: dict[str, dict | None] = {
     "dense": None,
-    "paper": {"rule": "paper"},
-    "prompt_end": {"rule": "prompt_end"},
-    "prompt_end_gen": {"rule": "prompt_end_gen"},
-    "sink": {"rule": "sink"},
-    "paper+diag": {"rule": "paper", "keep_diagonal": True},
-    "prompt_end+diag": {"rule": "prompt_end", "keep_diagonal": True},
-    "shift": {"rule": "paper"},
+    "paper": {"rule": "paper", "prompt_end_offset": None},
+    "prompt_end": {"rule": "prompt_end", "prompt_end_offset": None},
+    "prompt_end_gen": {"rule": "prompt_end_gen", "prompt_end_offset": None},
+    "sink": {"rule": "sink", "prompt_end_offset": None},
+    "paper+diag": {"rule": "paper", "keep_diagonal": True, "prompt_end_offset": None},
+    "prompt_end+diag": {"rule": "prompt_end", "keep_diagonal": True, "prompt_end_offset": None},
+    "shift": {"rule": "paper", "prompt_end_offset": None},
     "offset64": {"prompt_end_offset": 64},
+    "default": {},
 }
 DEFAULT_RESIDUES = "0,1-8,60-68,120-127"
 

@@ -122,7 +122,8 @@ def test_select_below_one_equals_reference_masked_by_the_same_blocks(device, idx
     b, hq, _, q_len, kv_len, d, block, _ = shape
     q, k, v, valid = make_inputs(shape, seed, pad, device)
     gen_start = kv_len // 2 if gen else None
-    cfg = SparseDConfig(skip=0.0, select=select, block_size=block, min_sparse_len=0)
+    # The reference's grid (prompt_end_offset None): the oracle below ranks the blocks from 0.
+    cfg = SparseDConfig(skip=0.0, select=select, block_size=block, min_sparse_len=0, prompt_end_offset=None)
     _, sparse_out, state = run_schedule(q, k, v, valid, cfg, gen_start)
     table = state.layers[0].table
     # The selection is SparseD's rule applied to the layer's real block importance (computed
@@ -469,7 +470,7 @@ def test_prompt_end_offset_equals_the_paper_rule_on_front_padded_inputs():
     assert state.layers[0].front == front and state.layers[0].q_len == 100
     padded = [torch.cat([torch.zeros(1, 2, front, 16), t], 2) for t in (q, k, v)]
     valid = torch.cat([torch.zeros(1, front, dtype=torch.bool), torch.ones(1, 100, dtype=torch.bool)], 1)
-    paper = SparseDConfig(skip=0.0, select=0.4, block_size=16, min_sparse_len=0)
+    paper = SparseDConfig(skip=0.0, select=0.4, block_size=16, min_sparse_len=0, prompt_end_offset=None)
     _, explicit, reference = run_schedule(*padded, valid, paper, gen_start=70 + front)
     assert torch.equal(state.layers[0].table, reference.layers[0].table)
     torch.testing.assert_close(moved, explicit[:, :, front:], atol=1e-5, rtol=1e-5)

@@ -75,6 +75,10 @@ BAD_INPUTS = [
     (["generate", *QUICK, "--attn", "sparsed", "--skip", "1.5"], r"--skip must be in \[0, 1\], got 1\.5"),
     (["generate", *QUICK, "--attn", "sparsed", "--block-size", "10"],
      r"--block-size must be a positive multiple of 16, got 10"),
+    (["generate", *QUICK, "--attn", "sparsed", "--prompt-end-offset", "half"],
+     r"--prompt-end-offset must be none, middle or an int, got 'half'$"),
+    (["generate", *QUICK, "--attn", "sparsed", "--prompt-end-offset", "128"],
+     r"--prompt-end-offset must be None, 'middle' or an int in \[0, --block-size=128\), got 128$"),
     (["generate", *QUICK, "--prompt", "x" * 5272, "--gen-length", "128", "--steps", "128"],
      r"--prompt \(5,273 tokens\) and --gen-length \(128\) make 5,401 tokens, "
      r"more than the model's maximum of 4,206 positions$"),

@@ -2,6 +2,8 @@ import pytest
 
 from sparsed_backend import SparseDConfig, SparseDState
 
+OFFSET = r"prompt_end_offset must be None, 'middle' or an int in \[0, block_size=128\), "
+
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
@@ -23,8 +25,9 @@ from sparsed_backend import SparseDConfig, SparseDState
         ({"reselect": "yes"}, TypeError, r"reselect must be a bool, got str"),
         ({"rule": "anchor"}, ValueError, r"rule must be one of 'paper', .*, 'sink', got 'anchor'"),
         ({"rule": None}, ValueError, r"rule must be one of 'paper', 'prompt_end', 'prompt_end_gen', 'sink', got None"),
-        ({"prompt_end_offset": 128}, ValueError, r"prompt_end_offset must be None or in \[0, block_size=128\), got 1"),
-        ({"prompt_end_offset": -1}, ValueError, r"prompt_end_offset must be None or in \[0, block_size=128\), got -1"),
+        ({"prompt_end_offset": 128}, ValueError, OFFSET + r"got 128"),
+        ({"prompt_end_offset": -1}, ValueError, OFFSET + r"got -1"),
+        ({"prompt_end_offset": "half"}, ValueError, OFFSET + r"got 'half'"),
         ({"prompt_end_offset": 6.0}, TypeError, r"prompt_end_offset must be an int, got float"),
         (
             {"rule": "prompt_end", "pattern": "local"},
@@ -36,6 +39,25 @@ from sparsed_backend import SparseDConfig, SparseDState
 def test_bad_config_values_raise_naming_the_argument(kwargs, error, match):
     with pytest.raises(error, match=match):
         SparseDConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "gen_start", "front"),
+    [
+        ({}, 2048, 64),  # the default grid: the prompt ends in the middle of a 128-token block
+        ({}, 2047, 65),
+        ({}, 1000, 88),
+        ({"block_size": 32}, 100, 12),  # "middle" follows the block size
+        ({"prompt_end_offset": 0}, 1000, 24),
+        ({"prompt_end_offset": None}, 1000, 0),  # the reference's grid
+        ({}, None, 0),  # no generation region: nothing to move
+    ],
+)
+def test_grid_front_puts_the_prompt_end_at_the_offset(kwargs, gen_start, front):
+    cfg = SparseDConfig(**kwargs)
+    assert cfg.grid_front(gen_start) == front
+    if gen_start and cfg.grid_offset is not None:
+        assert (gen_start + front) % cfg.block_size == cfg.grid_offset
 
 
 def test_config_is_frozen():

@@ -113,9 +113,10 @@ def test_seventy_prompt_lengths_compile_one_graph_per_bucket():
 
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 def test_cached_windows_over_eight_blocks_compile_a_bounded_set(mode):
-    """A cached generation of 8 decoding blocks (2 steps each) runs a window per block; the
-    windows run on bucket lengths, so two prompt lengths add at most one graph per distinct
-    bucketed window (and per full length), not one per decoding block."""
+    """A cached generation of 8 decoding blocks (2 steps each) runs a window per block (on the
+    default grid, moved by 0 and 3 rows for these prompts); the windows run on bucket lengths,
+    so two prompt lengths add at most one graph per distinct bucketed window (and per full
+    length), not one per decoding block."""
     model = tiny_model("llada")
     model.set_attn_implementation("sparsed")
     config = SparseDConfig(skip=0.1, select=0.5, block_size=16, min_sparse_len=0)
@@ -130,11 +131,14 @@ def test_cached_windows_over_eight_blocks_compile_a_bounded_set(mode):
                 windows.add(sel._window[2].seq_lengths)
     finally:
         model.set_attn_implementation("sdpa")
-    shapes = {(bucket_length(p + 64, 16),) * 2 for p in (40, 53)}
-    for p in (40, 53):  # every window: its start aligned down to a block, up to its stop
+    shapes = set()
+    for p in (40, 53):  # every window on the selection's grid: moved by `front`, from its block's edge
+        front = config.grid_front(p)
+        kv = bucket_length(front + p + 64, 16)
+        shapes.add((kv, kv))
         for b in range(8):
             s0 = p + b * 8
-            stop = p + 64 if mode == "prefix" else min(-(-(s0 + 8) // 16) * 16, p + 64)
-            shapes.add((bucket_length(stop - (s0 - s0 % 16), 16), bucket_length(p + 64, 16)))
+            stop = p + 64 if mode == "prefix" else s0 + 8
+            shapes.add((bucket_length((s0 + front) % 16 + stop - s0, 16), kv))
     assert windows <= shapes
     assert graphs() - start <= len(shapes) < 2 * 9

@@ -280,8 +280,10 @@ def _make(harness_model, **kw):
         ({"stepz": 3}, r"unknown model args \['stepz'\]; sparsed-dlm takes pretrained and"),
         ({"kv_cache": "full"}, r"model arg kv_cache: expected one of \('none', 'prefix', 'dual'\), got 'full'"),
         ({"attn": "sparsed", "prompt_end_offset": -1}, r"model arg prompt_end_offset: expected an int >= 0, got -1"),
+        ({"attn": "sparsed", "prompt_end_offset": "half"},
+         r"model arg prompt_end_offset: expected none, middle or an int >= 0, got 'half'"),
         ({"attn": "sparsed", "prompt_end_offset": 128},
-         r"prompt_end_offset must be None or in \[0, block_size=128\), got 128"),
+         r"prompt_end_offset must be None, 'middle' or an int in \[0, block_size=128\), got 128"),
         ({"prompt_end_offset": 64},
          r"model args \['prompt_end_offset'\] are SparseD settings: they need attn=sparsed, got attn=dense"),
     ],
@@ -291,11 +293,13 @@ def test_bad_model_args_name_the_arg_the_expectation_and_the_value(harness_model
         _make(harness_model, **args)
 
 
-def test_a_moved_block_grid_reaches_the_config_and_is_refused_with_a_cache_before_loading(harness_model):
-    lm = _make(harness_model, attn="sparsed", prompt_end_offset="64", steps=5, gen_length=5)
-    assert lm.sparsed.prompt_end_offset == 64
-    with pytest.raises(NotImplementedError, match=r"prompt_end_offset=64 \(a moved block grid\) does not run with"):
-        _make(harness_model, attn="sparsed", prompt_end_offset=64, kv_cache="dual", steps=5, gen_length=5)
+@pytest.mark.parametrize(("given", "parsed"), [(None, "middle"), ("64", 64), ("none", None), ("Middle", "middle")])
+def test_the_block_grid_reaches_the_config_and_runs_with_a_cache(harness_model, given, parsed):
+    args = {} if given is None else {"prompt_end_offset": given}
+    lm = _make(harness_model, attn="sparsed", steps=5, gen_length=5, **args)
+    assert lm.sparsed.prompt_end_offset == parsed
+    cached = _make(harness_model, attn="sparsed", kv_cache="dual", steps=5, gen_length=5, **args)
+    assert cached.sparsed == lm.sparsed and cached.kv_cache == "dual"
 
 
 def test_pretrained_must_be_a_diffusion_lm(harness_model, tmp_path):

@@ -90,13 +90,17 @@ def test_refresh_caches_fresh_k_v_and_a_window_on_unchanged_tokens_equals_the_fu
     torch.testing.assert_close(window, plain[:, start:stop], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("start", [P, P + 4])
+@pytest.mark.parametrize("offset", [None, 8])
 @pytest.mark.parametrize("kind", ["llada", "dream"])
-def test_sparse_window_uses_the_switch_steps_rows(kind):
-    """A refresh on a sparse step, then a cached sparse step on a block-aligned window with the
-    tokens unchanged: the window's logits are the refresh's rows (the same selected blocks)."""
+def test_sparse_window_uses_the_switch_steps_rows(kind, offset, start):
+    """A refresh on a sparse step, then a cached sparse step on a window with the tokens
+    unchanged: the window's logits are the refresh's rows (the same selected blocks). Windows
+    on a block edge of the selection's grid and inside a block (zero query rows in front), on
+    the reference grid (offset None) and on a moved one (front 8 at P 16)."""
     x, mask, pos = canvas(2)
     model = with_attn(kind, "sparsed")
-    cfg = SparseDConfig(skip=0.0, select=0.5, block_size=16, min_sparse_len=0)
+    cfg = SparseDConfig(skip=0.0, select=0.5, block_size=16, min_sparse_len=0, prompt_end_offset=offset)
     state = SparseDState(cfg, steps=3, gen_start=P)
     cache = BlockKVCache("dual")
     try:
@@ -106,13 +110,14 @@ def test_sparse_window_uses_the_switch_steps_rows(kind):
             cache.refresh()
             full = model(x, attention_mask=mask, position_ids=pos, sparsed_state=state, kv_cache=cache).logits
             state.advance()
-            cache.set_window(P, P + BL)
-            rows = {"position_ids": pos[:, P : P + BL], "sparsed_state": state, "kv_cache": cache}
-            part = model(x[:, P : P + BL], attention_mask=mask, **rows).logits
+            cache.set_window(start, P + BL)
+            rows = {"position_ids": pos[:, start : P + BL], "sparsed_state": state, "kv_cache": cache}
+            part = model(x[:, start : P + BL], attention_mask=mask, **rows).logits
     finally:
         model.set_attn_implementation("sdpa")
     assert state.mode == "sparse" and state.layers[0].density < 1
-    torch.testing.assert_close(part, full[:, P : P + BL], rtol=1e-5, atol=1e-5)
+    assert state.layers[0].front == (0 if offset is None else 8)
+    torch.testing.assert_close(part, full[:, start : P + BL], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
@@ -204,18 +209,27 @@ def test_bad_cache_arguments_raise(kind, overrides, error, match):
         GENERATE[kind](model, ids, mask, **args(kind, **overrides))
 
 
-def test_a_moved_block_grid_is_refused_with_a_cache_and_runs_without():
-    ids, mask = prompts()
-    model = with_attn("llada", "sparsed")
-    cfg = SparseDConfig(skip=0.25, select=0.5, block_size=16, min_sparse_len=0, prompt_end_offset=8)
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_a_moved_block_grid_with_a_cache_at_select_one_equals_the_reference_grid(kind, mode):
+    """The default grid (prompt_end_offset "middle": front 8 at P 16, block 16) through the
+    cached sampler, whose windows begin mid-block on that grid: keeping every block, it decodes
+    the tokens of the reference grid (offset None) under the same cache and refresh schedule.
+    (Not cached sdpa: the sparsed sampler refreshes once more, at the switch step.)"""
+    ids, mask = prompts(5)
+    model = with_attn(kind, "sparsed")
+    outs = {}
     try:
-        with pytest.raises(NotImplementedError, match=r"prompt_end_offset=8 \(a moved block grid\) does not run with"):
-            llada_generate(model, ids, mask, kv_cache="dual", sparsed=cfg, **args("llada"))
-        out = llada_generate(model, ids, mask, sparsed=cfg, return_dict_in_generate=True, **args("llada"))
+        for offset in ("middle", None):
+            cfg = SparseDConfig(skip=0.25, select=1.0, block_size=16, min_sparse_len=0, prompt_end_offset=offset)
+            outs[offset] = GENERATE[kind](
+                model, ids, mask, kv_cache=mode, sparsed=cfg, return_dict_in_generate=True, **args(kind)
+            )
     finally:
         model.set_attn_implementation("sdpa")
-    assert all(sel.front == cfg.grid_front(P) for sel in out.sparsed_state.layers.values())
-    assert out.sequences.shape == (2, P + G) and torch.equal(out.sequences[:, :P], ids)
+    assert all(sel.front == 8 for sel in outs["middle"].sparsed_state.layers.values())
+    assert all(sel.front == 0 for sel in outs[None].sparsed_state.layers.values())
+    assert torch.equal(outs["middle"].sequences, outs[None].sequences)
 
 
 def test_reselect_and_unsupported_attention_are_refused_with_a_cache():

@@ -274,8 +274,9 @@ def test_prompt_end_needs_the_prompt_length(gen_start):
 def test_select_layer_prompt_end_has_the_paper_density():
     g = torch.Generator().manual_seed(5)
     q, k = torch.randn(2, 4, 261, 16, generator=g), torch.randn(2, 2, 261, 16, generator=g)
-    paper = select_layer(q, k, 0.25, SparseDConfig(select=0.3, block_size=32), gen_start=256)
-    end = select_layer(q, k, 0.25, SparseDConfig(select=0.3, block_size=32, rule="prompt_end"), gen_start=256)
+    grid = {"select": 0.3, "block_size": 32, "prompt_end_offset": None}  # the reference's grid: block 7 ends it
+    paper = select_layer(q, k, 0.25, SparseDConfig(**grid), gen_start=256)
+    end = select_layer(q, k, 0.25, SparseDConfig(**grid, rule="prompt_end"), gen_start=256)
     assert end.table[..., 7].all() and not paper.table[..., 7].all()
     assert torch.equal(end.table.sum(-1), paper.table.sum(-1)) and torch.equal(end.density, paper.density)
     with pytest.raises(ValueError, match=r"needs gen_start >= 1 .*, got None"):

@@ -98,13 +98,15 @@ def sparse_attention(
     block_mask: BlockMask,
     scaling: float,
     kernel_options: dict | None = None,
-    front: int = 0,
+    q_front: int = 0,
+    kv_front: int = 0,
 ) -> torch.Tensor:
     """Block-sparse attention over ``block_mask`` with compiled FlexAttention.
 
     The call runs at the mask's lengths: a mask built for bucket lengths (`flex_shapes`) gets
-    zero-padded inputs, and the padded query rows are dropped from the output. ``front`` zero
-    rows go before position 0 (a mask on a moved block grid, `LayerSelection.front`).
+    zero-padded inputs, and the padded query rows are dropped from the output. ``q_front`` and
+    ``kv_front`` zero rows go before the first query and key (a mask on a moved block grid,
+    `LayerSelection.front`).
 
     Never falls back silently: passing the compile guard's bound raises instead of running the
     eager kernel, and a disabled torch.compile warns once and computes the same blocks through
@@ -118,7 +120,7 @@ def sparse_attention(
         (B, Hq, L, D).
     """
     L = query.shape[2]
-    query, key, value = pad_to_mask(query, key, value, block_mask, front)
+    query, key, value = pad_to_mask(query, key, value, block_mask, q_front, kv_front)
     gqa = query.shape[1] != key.shape[1]
     options = policy.flex_kernel_options(query, block_mask) if kernel_options is None else kernel_options
     if torch.compiler.is_compiling():
@@ -126,7 +128,7 @@ def sparse_attention(
         out = flex_attention(
             query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa, kernel_options=options
         )
-        return out[:, :, front : front + L]
+        return out[:, :, q_front : q_front + L]
     if _compat.compile_disabled():
         warn_once(
             "dynamo-disabled",
@@ -139,7 +141,7 @@ def sparse_attention(
         mask = create_mask(block_mask.mask_mod, query.shape[0], query.shape[1], query.shape[2], key.shape[2],
                            device=query.device)  # fmt: skip
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-        return out[:, :, front : front + L]
+        return out[:, :, q_front : q_front + L]
     compile_guard.note(query, key, block_mask)
     try:
         with _compat.fail_past_recompile_limit(compile_guard.limit):
@@ -158,7 +160,7 @@ def sparse_attention(
             f"refusing to fall back to eager attention. The bucket grid cannot produce that many shapes, "
             f"so this is a bug; please report it with what was compiled: {compile_guard.describe()}"
         ) from err
-    return out[:, :, front : front + L]
+    return out[:, :, q_front : q_front + L]
 
 
 def sparsed_attention_forward(
@@ -255,8 +257,11 @@ def sparsed_attention_forward(
             f"layer {layer_idx}: the mask was built for (batch, heads, q_len, kv_len) = "
             f"{(sel.batch, sel.num_heads, sel.q_len, sel.kv_len)}, got {(B, Hq, L, S)}"
         )
-    block_mask = sel.window_mask(query_start, L, cfg.block_size, key_valid) if windowed else sel.block_mask
-    out = sparse_attention(query, key, value, block_mask, scale, front=sel.front)
+    if windowed:
+        block_mask, q_front = sel.window_mask(query_start, L, cfg.block_size, key_valid)
+    else:
+        block_mask, q_front = sel.block_mask, sel.front
+    out = sparse_attention(query, key, value, block_mask, scale, q_front=q_front, kv_front=sel.front)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -52,11 +52,28 @@ def _flags(**flags: str) -> Iterator[None]:
         raise UsageError(re.sub(pattern, lambda m: flags[m.group()], message)) from None
 
 
-SPARSED_FLAGS = {"skip": "--skip", "select": "--select", "block_size": "--block-size"}
+SPARSED_FLAGS = {
+    "skip": "--skip",
+    "select": "--select",
+    "block_size": "--block-size",
+    "prompt_end_offset": "--prompt-end-offset",
+}
+
+
+def _grid_offset(value: str) -> int | str | None:
+    """--prompt-end-offset: none (the reference's grid), middle, or an int."""
+    if value.lower() in ("none", "middle"):
+        return None if value.lower() == "none" else "middle"
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"--prompt-end-offset must be none, middle or an int, got {value!r}") from None
 
 
 def _sparsed_config(args: argparse.Namespace, **fixed) -> SparseDConfig:
     kwargs = {"skip": args.skip} if hasattr(args, "skip") else {}
+    if hasattr(args, "prompt_end_offset"):
+        kwargs["prompt_end_offset"] = _grid_offset(args.prompt_end_offset)
     with _flags(**SPARSED_FLAGS):
         return SparseDConfig(select=args.select, block_size=args.block_size, **kwargs, **fixed)
 
@@ -241,8 +258,9 @@ def demo(args: argparse.Namespace) -> int:
         f"{model.config.n_layers} layers x {model.config.n_heads} heads | {args.prompts} prompts "
         f"(seed {args.seed}), {args.records} records each | {args.steps} denoising steps for {VALUE_LEN} answer tokens"
     )
-    print(f"SparseD: skip={cfg.skip} select={cfg.select} block_size={cfg.block_size}"
-          + (" keep_diagonal=True" if cfg.keep_diagonal else ""))  # fmt: skip
+    diagonal = " keep_diagonal=True" if cfg.keep_diagonal else ""
+    print(f"SparseD: skip={cfg.skip} select={cfg.select} block_size={cfg.block_size} "
+          f"prompt_end_offset={cfg.prompt_end_offset!r}{diagonal}")  # fmt: skip
 
     results, timers = {}, {}
     runs = [("dense", None), ("sparsed", cfg)]

@@ -67,24 +67,30 @@ def exact_lengths():
 
 
 def pad_to_mask(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, front: int = 0
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_mask: BlockMask,
+    q_front: int = 0,
+    kv_front: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zero-pad (B, H, L, D) queries and (B, Hkv, S, D) keys/values to the mask's lengths.
 
-    ``front`` zero rows go before position 0 (a moved block grid, `SparseDConfig.prompt_end_offset`),
-    the rest after the last position. Inputs already that long are returned as they are (no copy).
+    ``q_front`` and ``kv_front`` zero rows go before the first query and the first key (a moved
+    block grid, `SparseDConfig.prompt_end_offset`), the rest after the last row. Inputs already
+    that long are returned as they are (no copy).
     """
     q_pad, kv_pad = block_mask.seq_lengths
     L, S = query.shape[2], key.shape[2]
-    if q_pad < L + front or kv_pad < S + front:
+    if q_pad < L + q_front or kv_pad < S + kv_front:
         raise ValueError(
             f"the BlockMask was built for (q_len, kv_len) = {(q_pad, kv_pad)}, shorter than the inputs' "
-            f"{(L, S)} after {front} rows of front padding"
+            f"{(L, S)} after {(q_front, kv_front)} rows of front padding"
         )
     if q_pad != L:
-        query = pad_length(query, q_pad, front)
+        query = pad_length(query, q_pad, q_front)
     if kv_pad != S:
-        key, value = pad_length(key, kv_pad, front), pad_length(value, kv_pad, front)
+        key, value = pad_length(key, kv_pad, kv_front), pad_length(value, kv_pad, kv_front)
     return query, key, value
 
 

@@ -160,17 +160,11 @@ def _check_length(model: nn.Module, prompt_len: int, gen_length: int, gen_name: 
 
 
 def check_cache_with_sparsed(kv_cache: str | None, sparsed: SparseDConfig | None) -> None:
-    """What a K/V cache cannot combine with: a selection at every step, and (for now) a moved block
-    grid, whose windows would need the grid's alignment."""
+    """What a K/V cache cannot combine with: a selection at every step."""
     if kv_cache is None or sparsed is None:
         return
     if sparsed.reselect:
         raise ValueError("sparsed.reselect=True needs a full forward at every step; it cannot run with kv_cache")
-    if sparsed.prompt_end_offset is not None:
-        raise NotImplementedError(
-            f"sparsed.prompt_end_offset={sparsed.prompt_end_offset} (a moved block grid) does not run with "
-            f"kv_cache={kv_cache!r} yet; use prompt_end_offset=None with a cache"
-        )
 
 
 def _tensor_parallel(model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> RankSync | None:
@@ -231,18 +225,16 @@ class _Runner:
         return logits
 
 
-def _cache_window(mode: str, need: tuple[int, int], block: tuple[int, int], length: int, align: int):
+def _cache_window(mode: str, need: tuple[int, int], block: tuple[int, int], length: int):
     """Positions a cached step runs: the logits it needs and the block whose tokens change; the
     rest of the sequence comes from the cache ("prefix": everything after the block is run too).
 
-    ``align`` > 1 (sparsed) moves the start down to a block-size multiple, so the window's query
-    blocks are the switch step's (the extra rows are recomputed, not approximated).
+    The window is the same with and without sparsed: a window that begins inside a block of the
+    selection's grid gets zero query rows in front (`LayerSelection.window_mask`), so dense and
+    sparse caching approximate the same way.
     """
     start = min(need[0], block[0])
     stop = length if mode == "prefix" else max(need[1], block[1])
-    start -= start % align
-    if mode == "dual":
-        stop = min(-(-stop // align) * align, length)
     return start, stop
 
 
@@ -370,7 +362,6 @@ def llada_generate(
     check_cache_with_sparsed(kv_cache, sparsed)
     cache = None if kv_cache is None else BlockKVCache(kv_cache)
     run = _Runner(model, mask, position_ids, state, cfg=cfg_scale > 0, cache=cache)
-    align = 1 if sparsed is None else sparsed.block_size
     # Every block starts fully masked (the prompt holds no mask token), so the schedule is
     # the same for all rows and all blocks, and known here on the host.
     schedule = llada_transfer_schedule(block_length, steps_per_block)
@@ -380,7 +371,7 @@ def llada_generate(
         start = prompt_len + b * block_length
         keep = torch.arange(start, start + block_length, device=x.device)
         stop = start + block_length
-        window = None if kv_cache is None else _cache_window(kv_cache, (start, stop), (start, stop), x.shape[1], align)
+        window = None if kv_cache is None else _cache_window(kv_cache, (start, stop), (start, stop), x.shape[1])
         for i, k in enumerate(schedule):
             block = x[:, start : start + block_length]  # (B, BL)
             if cfg_scale > 0:
@@ -566,7 +557,6 @@ def dream_generate(
     check_cache_with_sparsed(kv_cache, sparsed)
     cache = None if kv_cache is None else BlockKVCache(kv_cache)
     run = _Runner(model, mask, position_ids, state, cache=cache)
-    align = 1 if sparsed is None else sparsed.block_size
     # The timestep grid stays on the host: each step's ratio is a Python float (exactly the
     # float32 value the official sampler computes on the device), so nothing is read back.
     timesteps = torch.linspace(1, eps, steps_per_block + 1, dtype=torch.float32)
@@ -580,7 +570,7 @@ def dream_generate(
         # stop) needs the LM head on [start - 1, stop - 1) (start >= 1: the prompt is never empty).
         need = (start - 1, stop - 1)
         keep = torch.arange(*need, device=x.device)
-        window = None if kv_cache is None else _cache_window(kv_cache, need, (start, stop), x.shape[1], align)
+        window = None if kv_cache is None else _cache_window(kv_cache, need, (start, stop), x.shape[1])
         for i in range(steps_per_block):
             region = x[:, start:stop]  # (B, BL)
             is_masked = region == mask_token_id

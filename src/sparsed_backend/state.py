@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from .config import SparseDConfig
@@ -33,32 +34,40 @@ class LayerSelection:
     front: int = 0
     _window: tuple | None = field(default=None, repr=False)  # (start, q_len, mask) of the last window
 
-    def window_mask(self, start: int, q_len: int, block_size: int, key_valid: torch.Tensor | None) -> BlockMask:
+    def window_mask(
+        self, start: int, q_len: int, block_size: int, key_valid: torch.Tensor | None
+    ) -> tuple[BlockMask, int]:
         """The BlockMask for query rows ``[start, start + q_len)`` only (a cached step's window).
 
-        The rows keep the blocks selected for them; ``start`` must be a multiple of the block
-        size so that the window's query blocks are the selection's. The last window's mask is
-        kept, so the steps of one block build it once.
+        The rows keep the blocks selected for them. On the selection's grid the window begins
+        ``q_front`` rows into a query block; the mask covers those rows too (the caller pads the
+        window's queries with ``q_front`` zero rows in front, and its keys with ``front``), so
+        the window's query blocks are the switch step's whatever its start. The last window's
+        mask is kept, so the steps of one block build it once.
+
+        Returns:
+            (mask, q_front).
         """
-        if self.front:
-            raise NotImplementedError(
-                "a sparse window (kv_cache) on a moved block grid (SparseDConfig.prompt_end_offset) is not "
-                "supported; use prompt_end_offset=None with kv_cache"
-            )
-        if start % block_size or start < 0 or start + q_len > self.q_len:
+        if start < 0 or start + q_len > self.q_len:
             raise ValueError(
-                f"a sparse window must start at a multiple of block_size {block_size} and lie within "
-                f"the {self.q_len} selected rows, got rows [{start}, {start + q_len})"
+                f"a sparse window must lie within the {self.q_len} selected rows, got rows [{start}, {start + q_len})"
             )
+        first = start + self.front  # the window's first row on the selection's grid
+        q_front = first % block_size
         if self._window is not None and self._window[:2] == (start, q_len):
-            return self._window[2]
-        rows = self.table[:, :, start // block_size : -(-(start + q_len) // block_size)]
+            return self._window[2], q_front
+        rows = self.table[:, :, first // block_size : -(-(first + q_len) // block_size)]
+        if self.front:
+            if key_valid is None:
+                key_valid = torch.ones(self.batch, self.kv_len, dtype=torch.bool, device=self.table.device)
+            key_valid = F.pad(key_valid, (self.front, 0), value=False)
+        mask_q, mask_kv = q_front + q_len, self.front + self.kv_len
         mask = block_mask_from_table(
-            rows, q_len, self.kv_len, block_size, key_valid, full_blocks=rows.device.type == "cuda",
-            pad_to=padded_lengths(q_len, self.kv_len, block_size),
+            rows, mask_q, mask_kv, block_size, key_valid, full_blocks=rows.device.type == "cuda",
+            pad_to=padded_lengths(mask_q, mask_kv, block_size),
         )  # fmt: skip
         self._window = (start, q_len, mask)
-        return mask
+        return mask, q_front
 
     def memory_bytes(self) -> int:
         """Device bytes held by the mask's block lists and the block table its mask_mod reads."""

@@ -70,6 +70,14 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
+# --prompt-end-offset, for every command that runs SparseD in a sampler (SparseDConfig.prompt_end_offset).
+GRID_FLAG = {
+    "default": "middle",
+    "metavar": "{none,middle,N}",
+    "help": "SparseD: where the prompt ends inside a block of the selection grid (none: the paper's grid)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand; values are checked later, by `sparsed_backend.cli`."""
     p = _Parser(prog="sparsed", description=DESCRIPTION, formatter_class=_HelpFormatter)
@@ -90,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--skip", type=float, default=0.2, help="SparseD: share of steps kept dense, in [0, 1]")
     d.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept, in (0, 1]")
     d.add_argument("--block-size", type=int, default=128, help="SparseD: tokens per block, a multiple of 16")
+    d.add_argument("--prompt-end-offset", **GRID_FLAG)
     d.add_argument("--keep-diagonal", action="store_true", help="every query block keeps its own key block")
     d.add_argument("--layer", type=int, default=None, help="layer to draw (default: the last)")
     d.add_argument("--seed", type=int, default=1234, help="draws the prompts (on the CPU: no training seed repeats)")
@@ -109,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip", type=float, default=0.2, help="SparseD: share of steps kept dense, in [0, 1]")
     g.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept, in (0, 1]")
     g.add_argument("--block-size", type=int, default=128, help="SparseD: tokens per block, a multiple of 16")
+    g.add_argument("--prompt-end-offset", **GRID_FLAG)
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="model dtype")
     g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     g.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")

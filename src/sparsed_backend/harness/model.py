@@ -58,6 +58,17 @@ def _int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def _grid_offset(value: object) -> int | str | None:
+    """``prompt_end_offset``: ``none`` (the reference's grid), ``middle`` or an int >= 0."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "middle":
+        return "middle"
+    if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+        raise _fail("prompt_end_offset", "none, middle or an int >= 0", value)
+    return _int("prompt_end_offset", value, 0)
+
+
 def _float(name: str, value: object, low: float, high: float = math.inf, *, open_low: bool = False) -> float:
     if isinstance(value, str):
         try:
@@ -195,8 +206,8 @@ class DiffusionLM(LM):
                 fields["min_sparse_len"] = _int("min_sparse_len", kw["min_sparse_len"], 0)
             if "keep_diagonal" in kw:
                 fields["keep_diagonal"] = _bool("keep_diagonal", kw["keep_diagonal"])
-            if kw.get("prompt_end_offset") is not None:
-                fields["prompt_end_offset"] = _int("prompt_end_offset", kw["prompt_end_offset"], 0)
+            if "prompt_end_offset" in kw:
+                fields["prompt_end_offset"] = _grid_offset(kw["prompt_end_offset"])
             self.sparsed = SparseDConfig(**fields)
         else:
             given = [k for k in sparse_keys if k in kw]
