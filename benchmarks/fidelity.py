@@ -75,7 +75,7 @@ def summary_table(rows: list[dict]) -> str:
 
 def render(rows: list[dict], env: dict, name: str, out: str | None) -> None:
     cols = ["N", "method", "select", "accuracy", "ci95_low", "ci95_high", "correct", "prompts", "density",
-            "record_block_kept_heads", "record_block_kept_layers"]  # fmt: skip
+            "steps_per_batch", "record_block_kept_heads", "record_block_kept_layers"]  # fmt: skip
     table = (
         "Exact match, % [95% Wilson interval]:\n\n" + summary_table(rows) + "\n\nEvery cell, with the kept "
         "density and how often the answer's query block keeps the asked record's key block (share of "
@@ -94,6 +94,9 @@ def main() -> None:
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--caches", nargs="*", default=[], choices=["prefix", "dual"],
                    help="add rows with a K/V cache: dense and sparsed (no cache rows are the default)")  # fmt: skip
+    p.add_argument("--threshold", type=float, default=None,
+                   help="add rows with confidence-threshold decoding at this threshold: dense and sparsed, "
+                        "without a cache and with each of --caches")  # fmt: skip
     p.add_argument("--skip", type=float, default=0.2)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--prompts", type=int, default=256 if cuda else 8)
@@ -115,37 +118,43 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     partial.write_text("")
 
-    cells = [("dense", 1.0, None, None)]
+    cells = [("dense", 1.0, None, None, None)]
     for method in args.methods:
         for select in args.selects:
             if select == 1.0 and method != "sparsed":
                 continue  # select 1.0 keeps every block whatever the rule
             cfg = SparseDConfig(skip=args.skip, select=select, block_size=args.block_size, min_sparse_len=0,
                                 **METHODS[method])  # fmt: skip
-            cells.append((method, select, cfg, None))
-    for cache in args.caches:  # the K/V cache rows: dense and SparseD, each with the cache
-        cells.append((f"dense+{cache}", 1.0, None, cache))
-        for select in args.selects:
-            cfg = SparseDConfig(skip=args.skip, select=select, block_size=args.block_size, min_sparse_len=0)
-            cells.append((f"sparsed+{cache}", select, cfg, cache))
+            cells.append((method, select, cfg, None, None))
+    thresholds = [None] if args.threshold is None else [None, args.threshold]
+    for threshold in thresholds:  # the K/V cache and threshold rows: dense and SparseD, each with them
+        for cache in [c for c in (None, *args.caches) if c is not None or threshold is not None]:
+            suffix = "".join([f"+{cache}" if cache else "", f"+thr{threshold}" if threshold else ""])
+            cells.append((f"dense{suffix}", 1.0, None, cache, threshold))
+            for select in args.selects:
+                cfg = SparseDConfig(skip=args.skip, select=select, block_size=args.block_size, min_sparse_len=0)
+                cells.append((f"sparsed{suffix}", select, cfg, cache, threshold))
     rows: list[dict] = []
     bar = progress(len(args.lengths) * len(cells) * args.prompts, "answering", "prompt", not args.no_progress)
     for n in args.lengths:
         prompts = sample_prompts(n, args.prompts, seed=args.seed + n)
-        for method, select, cfg, cache in cells:
+        for method, select, cfg, cache, threshold in cells:
             torch.manual_seed(0)  # the random pattern
             t0 = time.perf_counter()
-            ans = answer_prompts(model, prompts, sparsed=cfg, batch=args.batch, kv_cache=cache, on_batch=bar.update)
+            ans = answer_prompts(model, prompts, sparsed=cfg, batch=args.batch, kv_cache=cache, threshold=threshold,
+                                 on_batch=bar.update)  # fmt: skip
             k = ans.n_correct
             lo, hi = wilson_interval(k, args.prompts)
             row = {"N": n, "method": method, "select": select, "accuracy": k / args.prompts, "ci95_low": lo,
-                   "ci95_high": hi, "correct": k, "prompts": args.prompts}  # fmt: skip
+                   "ci95_high": hi, "correct": k, "prompts": args.prompts,
+                   "steps_per_batch": ans.forwards / -(-args.prompts // args.batch)}  # fmt: skip
             if ans.states:
                 st = ans.states[0]
                 row["density"] = ans.density()
-                row["switch"] = f"{st.switch} of {st.steps}"
-                if cfg.pattern == "topk":
-                    head, layer = record_block_kept(ans.states, prompts.record_pos, n // args.block_size,
+                row["switch"] = st.switch
+                selected = [st for st in ans.states if st.layers]  # threshold decoding may end before the switch
+                if cfg.pattern == "topk" and len(selected) == len(ans.states):
+                    head, layer = record_block_kept(selected, prompts.record_pos, n // args.block_size,
                                                     args.block_size)  # fmt: skip
                     row["record_block_kept_heads"], row["record_block_kept_layers"] = head, layer
             row["seconds"] = round(time.perf_counter() - t0, 1)

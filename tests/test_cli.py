@@ -22,6 +22,8 @@ SHIPPED = str(model_path())
 # A generate run that costs well under a second once the model is loaded (dense SDPA, no compile).
 QUICK = ["--model", SHIPPED, "--prompt", "abc", "--steps", "2", "--gen-length", "2", "--attn", "sdpa",
          "--dtype", "float32", "--device", "cpu"]  # fmt: skip
+# QUICK with threshold decoding in place of --steps: append the threshold.
+QUICK_THRESHOLD = [*QUICK[:4], *QUICK[6:], "--threshold"]
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -82,8 +84,13 @@ BAD_INPUTS = [
     (["generate", *QUICK, "--prompt", "x" * 5272, "--gen-length", "128", "--steps", "128"],
      r"--prompt \(5,273 tokens\) and --gen-length \(128\) make 5,401 tokens, "
      r"more than the model's maximum of 4,206 positions$"),
-    (["generate", "--model", "{dream}", "--prompt", "hi", "--block-length", "4"],
-     r"--block-length is for LLaDA checkpoints, got --block-length 4 with a Dream one"),
+    (["generate", *QUICK, "--threshold", "0.5"],
+     r"--steps and --threshold exclude each other: .* got --steps 2 and --threshold 0.5$"),
+    (["generate", *QUICK_THRESHOLD, "0"], r"--threshold must be in \(0, 1\], got 0.0$"),
+    (["generate", *QUICK_THRESHOLD, "0.5", "--kv-cache", "dual", "--attn", "flex_attention"],
+     r"--kv-cache dual runs with --attn sparsed, sdpa or eager, got --attn 'flex_attention'$"),
+    (["generate", "--model", "{dream}", "--prompt", "hi", "--kv-cache", "prefix"],
+     r"--kv-cache prefix needs --block-length with a Dream checkpoint"),
     (["generate", "--model", "{config_only}", "--prompt", "hi", "--device", "cpu"],
      r"--model: no tokenizer could be loaded from "),
     (["generate", "--model", SHIPPED, "--prompt", "hi", "--attn", "flash"],
@@ -195,6 +202,17 @@ def test_generate_prints_the_answer_and_progress_can_be_turned_off(monkeypatch, 
     assert len(out.splitlines()) == 1  # the answer, one line, and nothing else on stdout
     for name in ("flag", "env"):
         assert outputs[name] == (out, ""), name
+
+
+def test_generate_with_threshold_decoding_and_a_cache(capsys):
+    """The shipped LLaDA model: threshold decoding with each cache and sparsed runs and prints one
+    line (the sampler is tested in test_threshold.py; this checks the flags reach it)."""
+    for cache in ("none", "dual"):
+        argv = ["generate", "--model", SHIPPED, "--prompt", "a? b", "--gen-length", "8", "--block-length", "4",
+                "--threshold", "0.9", "--kv-cache", cache, "--dtype", "float32", "--device", "cpu",
+                "--no-progress"]  # fmt: skip
+        assert main(argv) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 1
 
 
 def test_help_shows_defaults_and_version(capsys):

@@ -399,6 +399,24 @@ def test_generate_until_batches_and_passes_the_sampler_settings(harness_model, m
     assert out[2] == sym(5, 2)  # max_gen_toks 3, then cut at the stop string (symbol 7)
 
 
+def test_threshold_reaches_the_sampler_in_place_of_steps(harness_model, monkeypatch):
+    lm = _make(harness_model, attn="sparsed", threshold="0.9", gen_length=5, kv_cache="dual")
+    assert (lm.threshold, lm.steps) == (0.9, None)
+    seen = {}
+
+    def fake_generate(model, ids, mask, **kw):
+        seen.update(kw)
+        return torch.cat([ids, torch.zeros(ids.shape[0], 5, dtype=ids.dtype)], 1)
+
+    monkeypatch.setattr(harness_model, "llada_generate", fake_generate)
+    lm.generate_until([_instance("generate_until", ("\u4e00" * 3, {"until": [], "max_gen_toks": 5}))])
+    assert (seen["threshold"], seen["steps"], seen["kv_cache"]) == (0.9, None, "dual")
+    with pytest.raises(ValueError, match=r"model args steps=5 and threshold=0.9 exclude each other"):
+        _make(harness_model, threshold=0.9, steps=5, gen_length=5)
+    with pytest.raises(ValueError, match=r"model arg threshold: expected a number in \(0.0, 1.0\], got 0"):
+        _make(harness_model, threshold=0, gen_length=5)
+
+
 def test_generation_kwargs_the_model_cannot_apply_warn(harness_model):
     lm = _make(harness_model, steps=5, gen_length=5)
     _warn._warned.discard("harness-max-gen-64")
@@ -445,6 +463,10 @@ def test_a_dream_checkpoint_is_detected_and_runs_both_request_types(harness_mode
                                        block_length=2, kv_cache="dual")  # fmt: skip
     text = cached.generate_until([_instance("generate_until", ("\u4e00\u4e01?", {"until": [], "max_gen_toks": 4}))])
     assert (cached.block_length, cached.kv_cache) == (2, "dual") and len(text) == 1
+    fast = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=4, block_length=2,
+                                     threshold=0.5, kv_cache="prefix")  # fmt: skip
+    text = fast.generate_until([_instance("generate_until", ("\u4e00\u4e01?", {"until": [], "max_gen_toks": 4}))])
+    assert fast.alg == "maskgit_plus" and len(text) == 1  # threshold decoding compares maskgit_plus's confidence
     lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=4, steps=4, mc_samples=3,
                                    batch_size=4, alg="maskgit_plus")  # fmt: skip
     assert lm.family == "dream" and lm.alg == "maskgit_plus"

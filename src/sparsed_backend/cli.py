@@ -52,6 +52,8 @@ def _flags(**flags: str) -> Iterator[None]:
         raise UsageError(re.sub(pattern, lambda m: flags[m.group()], message)) from None
 
 
+DEFAULT_STEPS = 128  # `sparsed generate` without --steps or --threshold
+
 SPARSED_FLAGS = {
     "skip": "--skip",
     "select": "--select",
@@ -323,28 +325,37 @@ def generate(args: argparse.Namespace) -> int:
     path = _model_dir(args.model)
     config = _model_config(path, ("llada", "Dream"))
     dream = config.model_type == "Dream"
+    if args.threshold is not None and args.steps is not None:
+        raise UsageError(
+            f"--steps and --threshold exclude each other: threshold decoding takes as many steps as each block "
+            f"needs, got --steps {args.steps} and --threshold {args.threshold}"
+        )
+    if args.threshold is None and args.steps is None:
+        args.steps = DEFAULT_STEPS
+    kv_cache = None if args.kv_cache == "none" else args.kv_cache
     with _flags():
-        check_int("--steps", args.steps, 1)
+        if args.steps is not None:
+            check_int("--steps", args.steps, 1)
         check_int("--gen-length", args.gen_length, 1)
         check_float("--temperature", args.temperature, 0.0)
         if args.block_length is not None:
             check_int("--block-length", args.block_length, 1)
-    if dream and args.block_length is not None:
+    block = args.gen_length if args.block_length is None else args.block_length
+    if args.gen_length % block:
         raise UsageError(
-            f"--block-length is for LLaDA checkpoints, got --block-length {args.block_length} with a Dream one"
+            f"--gen-length must be a multiple of --block-length, got --gen-length {args.gen_length} and "
+            f"--block-length {block}"
         )
-    if not dream:
-        block = args.gen_length if args.block_length is None else args.block_length
-        if args.gen_length % block:
-            raise UsageError(
-                f"--gen-length must be a multiple of --block-length, got --gen-length {args.gen_length} and "
-                f"--block-length {block}"
-            )
-        if args.steps % (args.gen_length // block):
-            raise UsageError(
-                f"--steps must be a multiple of the block count --gen-length / --block-length = "
-                f"{args.gen_length // block}, got --steps {args.steps}"
-            )
+    if args.steps is not None and args.steps % (args.gen_length // block):
+        raise UsageError(
+            f"--steps must be a multiple of the block count --gen-length / --block-length = "
+            f"{args.gen_length // block}, got --steps {args.steps}"
+        )
+    if kv_cache is not None and args.attn not in ("sparsed", "sdpa", "eager"):
+        raise UsageError(f"--kv-cache {kv_cache} runs with --attn sparsed, sdpa or eager, got --attn {args.attn!r}")
+    if dream and kv_cache is not None and args.block_length is None:
+        raise UsageError(f"--kv-cache {kv_cache} needs --block-length with a Dream checkpoint (Dream decodes the "
+                         "whole generation as one block otherwise, so nothing is cached)")  # fmt: skip
     sparsed = _sparsed_config(args) if args.attn == "sparsed" and args.select is not None else None
     try:
         tok = AutoTokenizer.from_pretrained(path)
@@ -368,12 +379,11 @@ def generate(args: argparse.Namespace) -> int:
     model.to(device)
     ids = ids.to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    names = {"steps": "--steps", "temperature": "--temperature", **SPARSED_FLAGS}
-    if dream:
-        names["max_new_tokens"] = "--gen-length"
-    else:
-        names.update(gen_length="--gen-length", block_length="--block-length")
-    bar = progress(args.steps, "denoising", "step", not args.no_progress)
+    names = {"steps": "--steps", "temperature": "--temperature", "threshold": "--threshold",
+             "block_length": "--block-length", "kv_cache": "--kv-cache", **SPARSED_FLAGS}  # fmt: skip
+    names["max_new_tokens" if dream else "gen_length"] = "--gen-length"
+    # Threshold decoding takes at most one step per generated token.
+    bar = progress(args.steps or args.gen_length, "denoising", "step", not args.no_progress)
     with bar, torch.inference_mode(), _flags(**names):
 
         def step_done(*_) -> None:  # returns None: a forward hook's return value would replace the output
@@ -381,13 +391,14 @@ def generate(args: argparse.Namespace) -> int:
 
         hook = model.register_forward_hook(step_done)
         try:
+            common = {"steps": args.steps, "block_length": args.block_length, "temperature": args.temperature,
+                      "generator": g, "sparsed": sparsed, "kv_cache": kv_cache,
+                      "threshold": args.threshold}  # fmt: skip
             if dream:
-                out = dream_generate(model, ids, steps=args.steps, max_new_tokens=args.gen_length,
-                                     temperature=args.temperature, generator=g, sparsed=sparsed)  # fmt: skip
+                alg = {"alg": "maskgit_plus"} if args.threshold is not None else {}  # the probability confidence
+                out = dream_generate(model, ids, max_new_tokens=args.gen_length, **alg, **common)
             else:
-                out = llada_generate(model, ids, steps=args.steps, gen_length=args.gen_length,
-                                     block_length=args.block_length, temperature=args.temperature,
-                                     generator=g, sparsed=sparsed)  # fmt: skip
+                out = llada_generate(model, ids, gen_length=args.gen_length, **common)
         finally:
             hook.remove()
     print(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))

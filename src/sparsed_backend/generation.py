@@ -13,7 +13,8 @@ syncs:
 - sampling works on the whole decoded region and selects with ``torch.where`` instead of
   gathering the masked positions with a data-dependent boolean index;
 - nothing in the loop reads a value back to the host (no ``.item()``, ``.tolist()``, ``int()``
-  of a device tensor).
+  of a device tensor), except under ``threshold`` decoding, whose steps read back one small
+  tensor (the masks left, `_ThresholdClock`) to end each block.
 - under tensor parallelism (a model loaded with a TP plan) the first rank of the TP group
   decides every step's tokens and broadcasts them, so all ranks keep the same sequence
   whatever their generators hold (see ``tensor_parallel.py``).
@@ -58,6 +59,8 @@ class DiffusionGenerationOutput:
         history: with ``output_history=True``, the sequences after every step.
         kv_cache: with ``kv_cache``, the BlockKVCache that ran (``.refreshes`` full forwards,
             ``.memory_bytes()`` held at the end).
+        block_steps: denoising steps each decoding block took (fixed schedules: ``steps /
+            num_blocks`` each; ``threshold``: as many as the block needed).
     """
 
     sequences: torch.LongTensor
@@ -65,6 +68,7 @@ class DiffusionGenerationOutput:
     num_forwards: int
     history: tuple[torch.LongTensor, ...] | None = None
     kv_cache: BlockKVCache | None = None
+    block_steps: tuple[int, ...] = ()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -244,7 +248,7 @@ def _refreshes(step_in_block: int, state: SparseDState | None) -> bool:
     return step_in_block == 0 or (state is not None and state.mode == "switch")
 
 
-def _output(x, state, runner, history, return_dict_in_generate):
+def _output(x, state, runner, history, return_dict_in_generate, block_steps):
     if not return_dict_in_generate:
         return x
     return DiffusionGenerationOutput(
@@ -253,7 +257,68 @@ def _output(x, state, runner, history, return_dict_in_generate):
         num_forwards=runner.forwards,
         history=None if history is None else tuple(history),
         kv_cache=runner.cache,
+        block_steps=tuple(block_steps),
     )
+
+
+# ------------------------------------------------------------------- threshold decoding
+
+
+def _check_schedule(steps: int | None, threshold: float | None) -> tuple[int | None, float | None]:
+    """A fixed schedule (``steps``) or confidence-threshold decoding (``threshold``), not both."""
+    if threshold is None:
+        if steps is None:
+            raise ValueError("steps is required (a fixed schedule), unless threshold is given")
+        return check_int("steps", steps, 1), None
+    threshold = check_float("threshold", threshold, 0.0, 1.0)
+    if threshold == 0.0:
+        raise ValueError("threshold must be in (0, 1], got 0.0")
+    if steps is not None:
+        raise ValueError(
+            f"steps={steps} and threshold={threshold} exclude each other: threshold decoding takes as many "
+            "steps as each block needs (at most its length); pass steps=None"
+        )
+    return None, threshold
+
+
+def _threshold_transfer(confidence: torch.Tensor, is_masked: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, L) bool: the masked positions whose confidence reaches ``threshold``, and in every row
+    that still has a masked position at least its most confident one."""
+    score = torch.where(is_masked, confidence.float(), -torch.inf)
+    best = torch.zeros_like(is_masked).scatter_(-1, score.argmax(-1, keepdim=True), True)
+    return is_masked & ((score >= threshold) | best)
+
+
+class _ThresholdClock:
+    """Threshold decoding's host bookkeeping: one read-back per step (the masks left in the
+    block, and the share of every row's generated tokens decoded so far), which ends the block
+    and places SparseD's switch.
+
+    SparseD's ``skip`` with a schedule of unknown length: the switch is the first step that
+    begins with at least ``skip`` of each row's generated tokens decoded (with LLaDA's fixed
+    schedule at one token per step, that is the paper's step rule). With a K/V cache it waits
+    for the next block's first step, a refresh the cache needs anyway; only when no block
+    start is left does it refresh at once (one extra full forward).
+    """
+
+    def __init__(self, state: SparseDState | None, mask_id: int, gen_start: int, cached: bool) -> None:
+        self.state, self.mask_id, self.gen_start, self.cached = state, mask_id, gen_start, cached
+        self.decoded = 0.0  # the least decoded share of a row's generated tokens
+
+    def place_switch(self, first_step_of_block: bool, blocks_after: int) -> None:
+        state = self.state
+        if state is None or state.switch is not None or self.decoded < state.config.skip:
+            return
+        if self.cached and not first_step_of_block and blocks_after > 0:
+            return
+        state.switch_here()
+
+    def block_done(self, x: torch.Tensor, start: int, stop: int) -> bool:
+        """After a step: read back the masks left in [start, stop) and the decoded share."""
+        gen = x[:, self.gen_start :] != self.mask_id
+        left, decoded = torch.stack([(x[:, start:stop] == self.mask_id).sum(-1), gen.sum(-1)]).tolist()
+        self.decoded = min(decoded) / gen.shape[1]
+        return max(left) == 0
 
 
 # ----------------------------------------------------------------------------------- LLaDA
@@ -284,7 +349,7 @@ def llada_generate(
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None = None,
     *,
-    steps: int,
+    steps: int | None = None,
     gen_length: int,
     block_length: int | None = None,
     temperature: float = 0.0,
@@ -294,6 +359,7 @@ def llada_generate(
     generator: torch.Generator | None = None,
     sparsed: SparseDConfig | None = None,
     kv_cache: str | None = None,
+    threshold: float | None = None,
     output_history: bool = False,
     return_dict_in_generate: bool = False,
 ) -> torch.LongTensor | DiffusionGenerationOutput:
@@ -310,6 +376,7 @@ def llada_generate(
         input_ids: (B, P) prompt token ids, LEFT padded.
         attention_mask: (B, P) 1 for real tokens, 0 for left padding; None: no padding.
         steps: denoising steps (= model forwards) in total; a multiple of the block count.
+            None with ``threshold``.
         gen_length: tokens to generate; a multiple of ``block_length``.
         block_length: tokens per semi-autoregressive block; None: ``gen_length`` (one block).
         temperature: Gumbel-max noise scale (float64); 0 is greedy.
@@ -326,12 +393,19 @@ def llada_generate(
             ("prefix") against them. With ``sparsed`` the switch step also runs the whole
             sequence and refreshes the cache (selection needs every row), so the SparseD
             schedule is the same as without a cache. Not with ``cfg_scale > 0``.
+        threshold: confidence-threshold parallel decoding (Fast-dLLM's rule) instead of a
+            fixed schedule: every step unmasks each masked token of the block whose confidence
+            (``"low_confidence"``'s probability) reaches ``threshold``, and at least the most
+            confident one per row, until the block holds no mask (at most ``block_length``
+            steps). Rows of a padded batch finish at different steps; a finished row stays as
+            it is. Reads back one small tensor per step (to end the block). With ``sparsed``
+            the switch follows `_ThresholdClock`.
         output_history / return_dict_in_generate: see :class:`DiffusionGenerationOutput`.
 
     Returns:
         (B, P + gen_length) token ids, or a DiffusionGenerationOutput.
     """
-    steps = check_int("steps", steps, 1)
+    steps, threshold = _check_schedule(steps, threshold)
     gen_length = check_int("gen_length", gen_length, 1)
     block_length = gen_length if block_length is None else check_int("block_length", block_length, 1)
     if gen_length % block_length != 0:
@@ -339,7 +413,7 @@ def llada_generate(
             f"gen_length must be divisible by block_length, got gen_length={gen_length}, block_length={block_length}"
         )
     num_blocks = gen_length // block_length
-    if steps % num_blocks != 0:
+    if steps is not None and steps % num_blocks != 0:
         raise ValueError(
             f"steps must be divisible by the number of blocks gen_length/block_length = {num_blocks}, got steps={steps}"
         )
@@ -347,6 +421,8 @@ def llada_generate(
     cfg_scale = check_float("cfg_scale", cfg_scale)
     if remasking not in LLADA_REMASKING:
         raise ValueError(f"remasking must be one of {LLADA_REMASKING}, got {remasking!r}")
+    if threshold is not None and remasking != "low_confidence":
+        raise ValueError(f"threshold needs remasking='low_confidence' (a confidence to compare), got {remasking!r}")
     kv_cache = check_kv_cache(kv_cache)
     if kv_cache is not None and cfg_scale > 0:
         raise ValueError(f"kv_cache={kv_cache!r} does not support classifier-free guidance (cfg_scale={cfg_scale})")
@@ -357,22 +433,27 @@ def llada_generate(
     sync = _tensor_parallel(model, x, mask)
 
     prompt_len = input_ids.shape[1]
-    steps_per_block = steps // num_blocks
     state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
     check_cache_with_sparsed(kv_cache, sparsed)
     cache = None if kv_cache is None else BlockKVCache(kv_cache)
     run = _Runner(model, mask, position_ids, state, cfg=cfg_scale > 0, cache=cache)
-    # Every block starts fully masked (the prompt holds no mask token), so the schedule is
+    # Every block starts fully masked (the prompt holds no mask token), so a fixed schedule is
     # the same for all rows and all blocks, and known here on the host.
-    schedule = llada_transfer_schedule(block_length, steps_per_block)
+    schedule = None if steps is None else llada_transfer_schedule(block_length, steps // num_blocks)
+    clock = None if threshold is None else _ThresholdClock(state, mask_id, prompt_len, kv_cache is not None)
     history = [] if output_history else None
+    block_steps = []
 
     for b in range(num_blocks):
         start = prompt_len + b * block_length
         keep = torch.arange(start, start + block_length, device=x.device)
         stop = start + block_length
         window = None if kv_cache is None else _cache_window(kv_cache, (start, stop), (start, stop), x.shape[1])
-        for i, k in enumerate(schedule):
+        # A fixed schedule's token counts, or threshold decoding's budget of block_length steps.
+        counts = schedule if clock is None else [None] * block_length
+        for i, k in enumerate(counts):
+            if clock is not None:
+                clock.place_switch(i == 0, num_blocks - 1 - b)
             block = x[:, start : start + block_length]  # (B, BL)
             if cfg_scale > 0:
                 uncond = x.masked_fill(prompt_index, mask_id)
@@ -391,15 +472,21 @@ def llada_generate(
             else:
                 score = torch.rand(x0.shape, device=x0.device, generator=generator)
             is_masked = block == mask_id
-            score = torch.where(is_masked, score, -torch.inf)
-            chosen = torch.topk(score, k, dim=-1).indices  # k <= masked count: only masked picked
-            transfer = torch.zeros_like(is_masked).scatter_(-1, chosen, True)
+            if k is None:
+                transfer = _threshold_transfer(score, is_masked, threshold)
+            else:
+                score = torch.where(is_masked, score, -torch.inf)
+                chosen = torch.topk(score, k, dim=-1).indices  # k <= masked count: only masked picked
+                transfer = torch.zeros_like(is_masked).scatter_(-1, chosen, True)
             block = torch.where(transfer, x0, block)
             # Tensor parallel: the first rank's draw decides (ranks' generators may differ).
             x[:, start : start + block_length] = block if sync is None else sync.share(block)
             if history is not None:
                 history.append(x.clone())
-    return _output(x, state, run, history, return_dict_in_generate)
+            if clock is not None and clock.block_done(x, start, stop):
+                break
+        block_steps.append(i + 1)
+    return _output(x, state, run, history, return_dict_in_generate, block_steps)
 
 
 # ----------------------------------------------------------------------------------- Dream
@@ -463,7 +550,7 @@ def dream_generate(
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None = None,
     *,
-    steps: int,
+    steps: int | None = None,
     max_new_tokens: int,
     alg: str = "origin",
     alg_temp: float | None = None,
@@ -476,6 +563,7 @@ def dream_generate(
     sparsed: SparseDConfig | None = None,
     block_length: int | None = None,
     kv_cache: str | None = None,
+    threshold: float | None = None,
     output_history: bool = False,
     return_dict_in_generate: bool = False,
 ) -> torch.LongTensor | DiffusionGenerationOutput:
@@ -492,7 +580,7 @@ def dream_generate(
         model: a bidirectional LM whose forward takes ``logits_to_keep`` (e.g. DreamModel).
         input_ids: (B, P) prompt token ids, LEFT padded.
         attention_mask: (B, P) 1 for real tokens, 0 for left padding; None: no padding.
-        steps: denoising steps (= model forwards).
+        steps: denoising steps (= model forwards). None with ``threshold``.
         max_new_tokens: tokens to generate.
         alg: "origin", "maskgit_plus", "topk_margin" or "entropy".
         alg_temp: temperature of the position sampling (confidence algorithms); None/0: top-k.
@@ -507,16 +595,26 @@ def dream_generate(
             ``steps / num_blocks`` steps on its own grid ``linspace(1, eps, steps_per_block + 1)``.
         kv_cache: None, "prefix" or "dual", as in :func:`llada_generate`; needs
             ``block_length`` (without blocks nothing is finished early enough to cache).
+        threshold: confidence-threshold parallel decoding instead of the timestep grid, as in
+            :func:`llada_generate`: each step unmasks every masked token of the block (the whole
+            generation without ``block_length``) whose probability reaches ``threshold``, and at
+            least the most confident one per row, until none is left. Needs
+            ``alg="maskgit_plus"`` (the probability confidence) and no ``alg_temp``.
         output_history / return_dict_in_generate: see :class:`DiffusionGenerationOutput`.
 
     Returns:
         (B, P + max_new_tokens) token ids, or a DiffusionGenerationOutput.
     """
-    steps = check_int("steps", steps, 1)
+    steps, threshold = _check_schedule(steps, threshold)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     if alg not in DREAM_ALGS:
         raise ValueError(f"alg must be one of {DREAM_ALGS}, got {alg!r}")
     alg_temp = 0.0 if alg_temp is None else check_float("alg_temp", alg_temp)
+    if threshold is not None and (alg != "maskgit_plus" or alg_temp > 0):
+        raise ValueError(
+            "threshold needs alg='maskgit_plus' (the probability confidence) and alg_temp None or 0, "
+            f"got alg={alg!r}, alg_temp={alg_temp}"
+        )
     temperature = check_float("temperature", temperature)
     if top_p is not None:
         top_p = check_float("top_p", top_p)
@@ -540,7 +638,7 @@ def dream_generate(
             f"block_length={block_length}"
         )
     num_blocks = max_new_tokens // block_length
-    if steps % num_blocks != 0:
+    if steps is not None and steps % num_blocks != 0:
         raise ValueError(
             f"steps must be divisible by the number of blocks max_new_tokens/block_length = {num_blocks}, "
             f"got steps={steps}"
@@ -552,16 +650,19 @@ def dream_generate(
     sync = _tensor_parallel(model, x, mask)
 
     prompt_len = input_ids.shape[1]
-    steps_per_block = steps // num_blocks
     state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
     check_cache_with_sparsed(kv_cache, sparsed)
     cache = None if kv_cache is None else BlockKVCache(kv_cache)
     run = _Runner(model, mask, position_ids, state, cache=cache)
-    # The timestep grid stays on the host: each step's ratio is a Python float (exactly the
-    # float32 value the official sampler computes on the device), so nothing is read back.
+    clock = None if threshold is None else _ThresholdClock(state, mask_token_id, prompt_len, kv_cache is not None)
+    # Threshold decoding's budget is block_length steps per block; a fixed schedule's grid stays
+    # on the host: each step's ratio is a Python float (exactly the float32 value the official
+    # sampler computes on the device), so nothing is read back.
+    steps_per_block = block_length if steps is None else steps // num_blocks
     timesteps = torch.linspace(1, eps, steps_per_block + 1, dtype=torch.float32)
     kind = {"topk_margin": "margin", "entropy": "neg_entropy"}.get(alg, "prob")
     history = [] if output_history else None
+    block_steps = []
 
     for b in range(num_blocks):
         start = prompt_len + b * block_length
@@ -572,12 +673,17 @@ def dream_generate(
         keep = torch.arange(*need, device=x.device)
         window = None if kv_cache is None else _cache_window(kv_cache, need, (start, stop), x.shape[1])
         for i in range(steps_per_block):
+            if clock is not None:
+                clock.place_switch(i == 0, num_blocks - 1 - b)
             region = x[:, start:stop]  # (B, BL)
             is_masked = region == mask_token_id
             logits = run(x, keep, None if _refreshes(i, state) else window)  # (B, BL, V), shifted by `keep`
             last = i == steps_per_block - 1
             ratio = float(1 - timesteps[i + 1] / timesteps[i]) if not last else 1.0
-            if alg == "origin":
+            if clock is not None:
+                confidence, x0 = _sample_tokens(logits, temperature, top_p, top_k, generator, kind)
+                region = torch.where(_threshold_transfer(confidence, is_masked, threshold), x0, region)
+            elif alg == "origin":
                 _, x0 = _sample_tokens(logits, temperature, top_p, top_k, generator)
                 draw = torch.rand(is_masked.shape, device=x.device, generator=generator)
                 region = torch.where(is_masked & (draw < ratio), x0, region)
@@ -600,4 +706,7 @@ def dream_generate(
             x[:, start:stop] = region if sync is None else sync.share(region)
             if history is not None:
                 history.append(x.clone())
-    return _output(x, state, run, history, return_dict_in_generate)
+            if clock is not None and clock.block_done(x, start, stop):
+                break
+        block_steps.append(i + 1)
+    return _output(x, state, run, history, return_dict_in_generate, block_steps)

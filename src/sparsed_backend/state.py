@@ -89,14 +89,17 @@ class SparseDState:
 
     Args:
         config: the SparseD knobs.
-        steps: the number of denoising forwards of the whole generation.
+        steps: the number of denoising forwards of the whole generation; the switch step is
+            ``config.switch_step(steps)``. None: a schedule whose length is not known in advance
+            (threshold decoding); every step is dense until the sampler calls
+            :meth:`switch_here`.
         gen_start: index of the first generated token in the (padded) sequence, or None when
             there is no separate generation region. The key blocks from the block holding it
             onward get their own top-k share (``config.generation_share``).
     """
 
     config: SparseDConfig
-    steps: int
+    steps: int | None
     gen_start: int | None = None
     step: int = 0
     layers: dict[int, LayerSelection] = field(default_factory=dict)
@@ -105,7 +108,8 @@ class SparseDState:
     def __post_init__(self) -> None:
         if not isinstance(self.config, SparseDConfig):
             raise TypeError(f"config must be a SparseDConfig, got {type(self.config).__name__}")
-        self.switch = self.config.switch_step(self.steps)  # validates steps
+        # validates steps; None until switch_here() on a schedule of unknown length
+        self.switch = None if self.steps is None else self.config.switch_step(self.steps)
         if self.gen_start is not None:
             if isinstance(self.gen_start, bool) or not isinstance(self.gen_start, int):
                 raise TypeError(f"gen_start must be an int or None, got {self.gen_start!r}")
@@ -115,14 +119,22 @@ class SparseDState:
     @property
     def mode(self) -> Mode:
         """'dense' before the switch step, 'switch' at it, 'sparse' after it."""
-        if self.step >= self.steps:
+        if self.steps is not None and self.step >= self.steps:
             raise ValueError(
                 f"step counter past the schedule: step {self.step} of a {self.steps}-step "
                 "generation; create a new SparseDState (or call reset()) for a new generation"
             )
-        if self.step < self.switch:
+        if self.switch is None or self.step < self.switch:
             return "dense"
         return "switch" if self.step == self.switch else "sparse"
+
+    def switch_here(self) -> None:
+        """Make the current step the switch step (a schedule of unknown length, ``steps=None``)."""
+        if self.steps is not None:
+            raise ValueError(f"switch_here() is for steps=None; this schedule switches at step {self.switch}")
+        if self.switch is not None:
+            raise ValueError(f"the switch step is already set (step {self.switch}); reset() starts a new generation")
+        self.switch = self.step
 
     def advance(self) -> None:
         """Move to the next denoising step (call once after every model forward)."""
@@ -131,6 +143,8 @@ class SparseDState:
     def reset(self) -> None:
         """Start the schedule again and forget every selected mask."""
         self.step = 0
+        if self.steps is None:
+            self.switch = None
         self.layers.clear()
         self.dense_reason = None
 

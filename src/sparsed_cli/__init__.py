@@ -110,10 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the prompt text")
     g.add_argument("--attn", default="sparsed", choices=["sparsed", "sdpa", "eager", "flex_attention"],
                    help="attention implementation")  # fmt: skip
-    g.add_argument("--steps", type=int, default=128, help="denoising steps (model forwards)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="model forwards of a fixed schedule (default: 128 without --threshold)")  # fmt: skip
+    g.add_argument("--threshold", type=float, default=None,
+                   help="confidence-threshold decoding: each step unmasks every token at least this confident "
+                        "(and at least one), instead of --steps")  # fmt: skip
     g.add_argument("--gen-length", type=int, default=128, help="tokens to generate")
     g.add_argument("--block-length", type=int, default=None,
-                   help="LLaDA only: tokens per semi-autoregressive block (default: --gen-length)")  # fmt: skip
+                   help="tokens per semi-autoregressive block (default: --gen-length)")  # fmt: skip
+    g.add_argument("--kv-cache", default="none", choices=["none", "prefix", "dual"],
+                   help="block K/V cache (a refresh at each block's first step)")  # fmt: skip
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 is greedy")
     g.add_argument("--skip", type=float, default=0.2, help="SparseD: share of steps kept dense, in [0, 1]")
     g.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept, in (0, 1]")

@@ -24,11 +24,13 @@ class Answers:
         generated: (B, VALUE_LEN) generated answer tokens.
         correct: (B,) bool, exact match.
         states: the SparseDState of every batch (empty for dense).
+        forwards: model forwards over all batches (denoising steps, summed).
     """
 
     generated: torch.Tensor
     correct: torch.Tensor
     states: list[SparseDState]
+    forwards: int = 0
 
     @property
     def n_correct(self) -> int:
@@ -36,7 +38,9 @@ class Answers:
 
     def density(self) -> float:
         """Mean kept share of attendable key blocks over the batches (1.0 for dense)."""
-        return sum(s.density() for s in self.states) / len(self.states) if self.states else 1.0
+        # A batch that never reached its switch step (threshold decoding can finish first) ran dense.
+        dens = [1.0 if s.density() is None else s.density() for s in self.states]
+        return sum(dens) / len(dens) if dens else 1.0
 
 
 @torch.inference_mode()
@@ -46,8 +50,9 @@ def answer_prompts(
     *,
     sparsed: SparseDConfig | None = None,
     batch: int = 8,
-    steps: int = VALUE_LEN,
+    steps: int | None = VALUE_LEN,
     kv_cache: str | None = None,
+    threshold: float | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Answers:
     """Greedy low-confidence decoding of every prompt's answer (one block of VALUE_LEN tokens).
@@ -59,25 +64,29 @@ def answer_prompts(
         batch: prompts per sampler call.
         steps: denoising steps (VALUE_LEN: one token per step).
         kv_cache: None, "prefix" or "dual" (see `llada_generate`).
+        threshold: confidence-threshold decoding in place of ``steps`` (see `llada_generate`);
+            ``Answers.forwards`` then counts the steps taken.
         on_batch: called with the number of prompts done after each call (progress bars).
     """
     from ..generation import llada_generate
 
     device = next(model.parameters()).device
     ids = prompts.input_ids.to(device)
-    outs, states = [], []
+    outs, states, forwards = [], [], 0
+    steps = None if threshold is not None else steps
     for i in range(0, ids.shape[0], batch):
         out = llada_generate(
             model, ids[i : i + batch], steps=steps, gen_length=VALUE_LEN, block_length=VALUE_LEN,
-            sparsed=sparsed, kv_cache=kv_cache, return_dict_in_generate=True,
+            sparsed=sparsed, kv_cache=kv_cache, threshold=threshold, return_dict_in_generate=True,
         )  # fmt: skip
+        forwards += out.num_forwards
         outs.append(out.sequences[:, ids.shape[1] :].cpu())
         if out.sparsed_state is not None:
             states.append(out.sparsed_state)
         if on_batch is not None:
             on_batch(outs[-1].shape[0])
     generated = torch.cat(outs)
-    return Answers(generated, exact_match(generated, prompts.answers.cpu()), states)
+    return Answers(generated, exact_match(generated, prompts.answers.cpu()), states, forwards)
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -135,7 +135,9 @@ class DiffusionLM(LM):
             fields; only with ``attn=sparsed`` (defaults: SparseDConfig's).
         gen_length: tokens the sampler generates per request (default 128); less than the
             model's ``max_position_embeddings``, since the prompt needs a position too.
-        steps: denoising steps (default ``gen_length``).
+        steps: denoising steps (default ``gen_length``); not with ``threshold``.
+        threshold: confidence-threshold decoding instead of a fixed step count (the samplers'
+            ``threshold``); Dream's ``alg`` then defaults to ``maskgit_plus``.
         block_length: semi-autoregressive block; LLaDA default ``gen_length``, Dream default
             none (Dream's own sampler, no blocks).
         kv_cache: ``none`` (default), ``prefix`` or ``dual``: the samplers' block-wise K/V cache
@@ -160,7 +162,7 @@ class DiffusionLM(LM):
         known = {
             "tokenizer", "attn", "skip", "select", "block_size", "min_sparse_len", "keep_diagonal",
             "prompt_end_offset", "gen_length",
-            "steps", "block_length", "remasking", "alg", "alg_temp", "top_p", "top_k", "temperature",
+            "steps", "threshold", "block_length", "remasking", "alg", "alg_temp", "top_p", "top_k", "temperature",
             "mc_samples", "seed", "dtype", "device", "batch_size", "max_batch_size", "kv_cache",
         }  # fmt: skip
         unknown = sorted(set(kwargs) - known)
@@ -215,7 +217,15 @@ class DiffusionLM(LM):
                 raise ValueError(f"model args {given} are SparseD settings: they need attn=sparsed, got attn=dense")
 
         self.gen_length = _int("gen_length", kw.get("gen_length", 128), 1)
-        self.steps = _int("steps", kw.get("steps", self.gen_length), 1)
+        self.threshold = None
+        if kw.get("threshold") is not None:
+            self.threshold = _float("threshold", kw["threshold"], 0.0, 1.0, open_low=True)
+            if kw.get("steps") is not None:
+                raise ValueError(
+                    f"model args steps={kw['steps']} and threshold={self.threshold} exclude each other: threshold "
+                    "decoding takes as many steps as each block needs"
+                )
+        self.steps = None if self.threshold is not None else _int("steps", kw.get("steps", self.gen_length), 1)
         self.temperature = _float("temperature", kw.get("temperature", 0.0), 0.0)
         other = "dream" if self.family == "llada" else "llada"
         own_keys = {"llada": ("remasking",), "dream": ("alg", "alg_temp", "top_p", "top_k")}
@@ -231,7 +241,7 @@ class DiffusionLM(LM):
             self.block_length = _int("block_length", kw["block_length"], 1)
             if self.gen_length % self.block_length:
                 raise _fail("block_length", f"a divisor of gen_length={self.gen_length}", self.block_length)
-        if self.block_length is not None and self.steps % (self.gen_length // self.block_length):
+        if self.block_length is not None and self.steps and self.steps % (self.gen_length // self.block_length):
             blocks = self.gen_length // self.block_length
             raise _fail("steps", f"a multiple of gen_length / block_length = {blocks}", self.steps)
         if self.kv_cache is not None and self.block_length is None:
@@ -239,7 +249,10 @@ class DiffusionLM(LM):
         if self.family == "llada":
             self.remasking = _choice("remasking", kw.get("remasking", "low_confidence"), LLADA_REMASKING)
         else:
-            self.alg = _choice("alg", kw.get("alg", "entropy"), DREAM_ALGS)
+            # threshold decoding compares the drawn token's probability: maskgit_plus's confidence
+            self.alg = _choice(
+                "alg", kw.get("alg", "entropy" if self.threshold is None else "maskgit_plus"), DREAM_ALGS
+            )
             self.alg_temp = _float("alg_temp", kw.get("alg_temp", 0.0), 0.0)
             self.top_p = None if kw.get("top_p") is None else _float("top_p", kw["top_p"], 0.0, 1.0, open_low=True)
             self.top_k = None if kw.get("top_k") is None else _int("top_k", kw["top_k"], 1)
@@ -380,13 +393,14 @@ class DiffusionLM(LM):
                 self.model, ids, mask, steps=self.steps, gen_length=self.gen_length,
                 block_length=self.block_length, temperature=self.temperature, remasking=self.remasking,
                 mask_id=self.mask_id, generator=generator, sparsed=self.sparsed, kv_cache=self.kv_cache,
+                threshold=self.threshold,
             )  # fmt: skip
         else:
             out = dream_generate(
                 self.model, ids, mask, steps=self.steps, max_new_tokens=self.gen_length, alg=self.alg,
                 alg_temp=self.alg_temp, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                 mask_token_id=self.mask_id, generator=generator, sparsed=self.sparsed,
-                block_length=self.block_length, kv_cache=self.kv_cache,
+                block_length=self.block_length, kv_cache=self.kv_cache, threshold=self.threshold,
             )  # fmt: skip
         return out[:, ids.shape[1] :]
 

@@ -1,0 +1,189 @@
+"""Confidence-threshold parallel decoding (``threshold=``) in both samplers, on the tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
+from sparsed_backend import SparseDConfig, SparseDState
+from sparsed_backend.generation import dream_generate, llada_generate
+from tiny_models import MASK_ID, PAD_ID, tiny_model
+
+P, G, BL = 16, 32, 16
+GENERATE = {"llada": llada_generate, "dream": dream_generate}
+# Thresholds that make the tiny random models unmask several tokens in some steps and one in
+# others (measured: LLaDA at 0.4 takes 6 and 2 steps for its two blocks, Dream at 0.2 5 and 7).
+THRESHOLD = {"llada": 0.4, "dream": 0.2}
+
+
+def prompts(seed: int = 0):
+    """Two prompts, the second left padded by 6: ids (2, P), mask (2, P)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, MASK_ID, (2, P), generator=g)
+    mask = torch.ones(2, P, dtype=torch.long)
+    ids[1, :6], mask[1, :6] = PAD_ID, 0
+    return ids, mask
+
+
+def args(kind: str, **overrides) -> dict:
+    base = {"gen_length": G} if kind == "llada" else {"max_new_tokens": G, "alg": "maskgit_plus"}
+    return {**base, "block_length": BL, "threshold": THRESHOLD[kind], **overrides}
+
+
+def reference_threshold_decoding(model, ids, mask, kind: str, threshold: float) -> torch.Tensor:
+    """The rule written plainly: full forwards of the whole canvas, row by row in Python; every
+    masked position of the block whose top probability reaches the threshold, and the row's most
+    confident masked position, take their argmax token; a block ends when it holds no mask."""
+    x = torch.cat([ids, torch.full((ids.shape[0], G), MASK_ID)], 1)
+    full = torch.cat([mask, torch.ones(ids.shape[0], G, dtype=torch.long)], 1)
+    pos = (full.cumsum(-1) - 1).clamp_min(0)
+    for start in range(P, P + G, BL):
+        for _ in range(BL):
+            with torch.no_grad():
+                logits = model(x, attention_mask=full, position_ids=pos).logits.float()
+            if kind == "dream":  # position j is predicted at j - 1
+                logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
+            conf, tok = torch.softmax(logits[:, start : start + BL], -1).max(-1)
+            for r in range(x.shape[0]):
+                masked = [j for j in range(BL) if x[r, start + j] == MASK_ID]
+                if not masked:
+                    continue
+                best = max(masked, key=lambda j: conf[r, j].item())
+                for j in masked:
+                    if j == best or conf[r, j] >= threshold:
+                        x[r, start + j] = tok[r, j]
+            if not (x[:, start : start + BL] == MASK_ID).any():
+                break
+    return x
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_threshold_decoding_equals_the_rule_written_plainly(kind):
+    model = tiny_model(kind)
+    ids, mask = prompts()
+    out = GENERATE[kind](model, ids, mask, return_dict_in_generate=True, **args(kind))
+    expected = reference_threshold_decoding(model, ids, mask, kind, THRESHOLD[kind])
+    assert torch.equal(out.sequences, expected)
+    # several steps per block, fewer than one per token, and one forward per step
+    assert all(1 < s < BL for s in out.block_steps), out.block_steps
+    assert out.num_forwards == sum(out.block_steps)
+
+
+def test_threshold_one_unmasks_one_token_per_step_as_the_fixed_schedule_does():
+    """No probability of the tiny model reaches 1.0, so each step unmasks exactly the most
+    confident masked token: LLaDA's fixed schedule with one step per token."""
+    model = tiny_model("llada")
+    ids, mask = prompts(1)
+    fixed = llada_generate(model, ids, mask, steps=G, gen_length=G, block_length=BL)
+    out = llada_generate(model, ids, mask, **args("llada", threshold=1.0), return_dict_in_generate=True)
+    assert torch.equal(out.sequences, fixed) and out.block_steps == (BL, BL)
+
+
+@pytest.mark.parametrize("cache", [None, "prefix", "dual"])
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_threshold_composes_with_sparsed_caches_and_padded_batches(kind, cache):
+    """With sparsed (default grid) and each cache: everything is decoded, the switch lands on a
+    block's first step (a refresh the cache needs anyway: no extra full forward), and the
+    padded row's tokens do not depend on its batch-mate."""
+    model = tiny_model(kind)
+    model.set_attn_implementation("sparsed")
+    cfg = SparseDConfig(skip=0.2, select=0.5, block_size=16, min_sparse_len=0)
+    ids, mask = prompts(3)
+    other, other_mask = prompts(4)
+
+    def never_predict_mask(_module, _inputs, logits):  # a mask left in the output = undecoded
+        logits[..., MASK_ID] = -1e4
+
+    hook = model.get_output_embeddings().register_forward_hook(never_predict_mask)
+    run = lambda i, m: GENERATE[kind](  # noqa: E731
+        model, i, m, sparsed=cfg, kv_cache=cache, return_dict_in_generate=True, **args(kind)
+    )
+    try:
+        out = run(ids, mask)
+        mixed = run(torch.stack([other[0], ids[1]]), torch.stack([other_mask[0], mask[1]]))
+    finally:
+        hook.remove()
+        model.set_attn_implementation("sdpa")
+    assert not (out.sequences[:, P:] == MASK_ID).any(), "a mask token is left"
+    assert torch.equal(out.sequences[:, :P], ids)
+    assert torch.equal(mixed.sequences[1], out.sequences[1])
+    switch = out.sparsed_state.switch
+    assert out.sparsed_state.layers and 0 < switch <= out.block_steps[0]
+    if cache is not None:
+        # With a cache the switch waits for the second block's first step (forward index
+        # block_steps[0]), a refresh the cache runs anyway: one refresh per block, none extra.
+        assert switch == out.block_steps[0] and out.kv_cache.refreshes == len(out.block_steps)
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_threshold_with_sparsed_at_select_one_equals_dense(kind):
+    model = tiny_model(kind)
+    ids, mask = prompts(5)
+    dense = GENERATE[kind](model, ids, mask, **args(kind))
+    model.set_attn_implementation("sparsed")
+    try:
+        cfg = SparseDConfig(skip=0.0, select=1.0, block_size=16, min_sparse_len=0)
+        out = GENERATE[kind](model, ids, mask, sparsed=cfg, return_dict_in_generate=True, **args(kind))
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert out.sparsed_state.switch == 0 and torch.equal(out.sequences, dense)
+
+
+def test_a_single_cached_block_switches_once_past_skip_with_one_extra_refresh():
+    """One decoding block and a cache: no later block start exists, so the switch refreshes at
+    the first step that begins with skip of the tokens decoded."""
+    model = tiny_model("llada")
+    model.set_attn_implementation("sparsed")
+    cfg = SparseDConfig(skip=0.2, select=0.5, block_size=16, min_sparse_len=0)
+    ids, mask = prompts(6)
+    try:
+        out = llada_generate(
+            model, ids, mask, gen_length=G, threshold=0.6, kv_cache="dual", sparsed=cfg, return_dict_in_generate=True
+        )
+    finally:
+        model.set_attn_implementation("sdpa")
+    # Up to the switch the sparsed run is this dense run with the same cache and windows.
+    history = llada_generate(model, ids, mask, gen_length=G, threshold=0.6, kv_cache="dual", output_history=True,
+                             return_dict_in_generate=True).history  # fmt: skip
+    switch = out.sparsed_state.switch
+    assert 0 < switch < out.num_forwards
+    before = [0] + [int((h[:, P:] != MASK_ID).sum(-1).min()) for h in history]  # least decoded row, per step
+    assert before[switch] >= 0.2 * G > before[switch - 1]
+    assert out.kv_cache.refreshes == 2  # the block's first step and the switch
+
+
+BAD = [
+    ("llada", {"threshold": 0.5, "steps": 8}, ValueError, r"steps=8 and threshold=0.5 exclude each other"),
+    ("llada", {"threshold": None}, ValueError, r"steps is required \(a fixed schedule\), unless threshold is given"),
+    ("llada", {"threshold": 0.0}, ValueError, r"threshold must be in \(0, 1\], got 0.0"),
+    ("dream", {"threshold": 1.5}, ValueError, r"threshold must be in \[0.0, 1.0\], got 1.5"),
+    ("llada", {"threshold": "high"}, TypeError, r"threshold must be a float, got str"),
+    ("llada", {"remasking": "random"}, ValueError, r"threshold needs remasking='low_confidence'"),
+    ("dream", {"alg": "entropy"}, ValueError, r"threshold needs alg='maskgit_plus' .* got alg='entropy'"),
+    ("dream", {"alg_temp": 0.5}, ValueError, r"threshold needs alg='maskgit_plus' .* alg_temp=0.5"),
+]
+
+
+@pytest.mark.parametrize(("kind", "overrides", "error", "match"), BAD)
+def test_bad_threshold_arguments_raise(kind, overrides, error, match):
+    ids, mask = prompts()
+    with pytest.raises(error, match=match):
+        GENERATE[kind](tiny_model(kind), ids, mask, **args(kind, **overrides))
+
+
+def test_a_state_of_unknown_length_is_dense_until_the_sampler_switches():
+    state = SparseDState(SparseDConfig(), steps=None)
+    assert state.switch is None and state.mode == "dense"
+    state.advance()
+    state.advance()
+    state.switch_here()
+    assert state.switch == 2 and state.mode == "switch"
+    state.advance()
+    assert state.mode == "sparse"
+    with pytest.raises(ValueError, match=r"the switch step is already set \(step 2\)"):
+        state.switch_here()
+    state.reset()
+    assert state.switch is None and state.mode == "dense"
+    with pytest.raises(ValueError, match=r"switch_here\(\) is for steps=None; this schedule switches at step 2"):
+        SparseDState(SparseDConfig(), steps=10).switch_here()
