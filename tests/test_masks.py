@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparsed_backend.masks import block_mask_from_table, table_mask_mod
+from sparsed_backend.masks import block_mask_from_table, block_table, table_mask_mod
 from sparsed_backend.reference import expand_table
 
 
@@ -51,6 +51,22 @@ def test_block_lists_equal_the_table(case, full_blocks):
         if valid is not None:
             counts = padded.view(b, n_kv, block).sum(-1)
         assert not (full & (counts < block)[:, None, None, :]).any()
+
+
+@given(tables(), st.sampled_from([None, 0, 1]))
+def test_lists_trimmed_to_the_widest_row_keep_every_block(case, slack):
+    """With max_row_blocks (the CUDA path) the index lists keep that many columns: the widest
+    row's count (plus ``slack``), never fewer; the listed blocks are still exactly the table."""
+    table, q_len, kv_len, block, valid = case
+    widest = int(table.sum(-1).max())
+    width = None if slack is None else widest + slack
+    bm = block_mask_from_table(table, q_len, kv_len, block, valid, full_blocks=True, max_row_blocks=width)
+    n_kv = table.shape[-1]
+    full = block_mask_from_table(table, q_len, kv_len, block, valid, full_blocks=True)
+    assert torch.equal(block_table(bm, n_kv), full.to_dense().bool())
+    expected = n_kv if width is None else min(max(width, 1), n_kv)
+    assert bm.kv_indices.shape[-1] == bm.full_kv_indices.shape[-1] == expected
+    assert bm.kv_indices.is_contiguous() and bm.full_kv_indices.is_contiguous()
 
 
 @given(tables())

@@ -18,7 +18,7 @@ from sparsed_backend.selection import (
     select_local,
     select_topk,
 )
-from sparsed_backend.switch_step import block_importance, select_layer
+from sparsed_backend.switch_step import block_importance, max_row_blocks, select_layer
 
 LENGTHS = [1, 7, 63, 64, 65, 127, 129]
 
@@ -281,3 +281,27 @@ def test_select_layer_prompt_end_has_the_paper_density():
     assert torch.equal(end.table.sum(-1), paper.table.sum(-1)) and torch.equal(end.density, paper.density)
     with pytest.raises(ValueError, match=r"needs gen_start >= 1 .*, got None"):
         select_layer(q, k, 0.25, SparseDConfig(block_size=32, rule="prompt_end"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"select": 0.5}, {"keep_diagonal": True}, {"rule": "prompt_end"}, {"rule": "sink", "select": 0.2},
+     {"pattern": "local"}, {"pattern": "random"}, {"generation_share": False}, {"prompt_end_offset": None}],
+)  # fmt: skip
+@pytest.mark.parametrize("gen_start", [None, 100, 250, 300])
+def test_no_row_keeps_more_blocks_than_the_host_bound(overrides, gen_start):
+    """`max_row_blocks` is the width of the CUDA index lists: a row keeping more would be read
+    short, so the bound must hold for every pattern, rule and generation split."""
+    g = torch.Generator().manual_seed(11)
+    q, k = torch.randn(2, 4, 300, 16, generator=g), torch.randn(2, 2, 300, 16, generator=g)
+    valid = torch.ones(2, 300, dtype=torch.bool)
+    valid[1, :40] = False
+    cfg = SparseDConfig(**{"select": 0.3, "block_size": 32, **overrides})
+    rule_needs_prompt = cfg.rule != "paper" and gen_start is None
+    if rule_needs_prompt:
+        return  # such a rule refuses to run without a prompt end (tested above)
+    sel = select_layer(q, k, 0.25, cfg, gen_start=gen_start, key_valid=valid)
+    n_kv = sel.table.shape[-1]
+    gen_block = generation_start_block(None if gen_start is None else gen_start + sel.front, 32, n_kv)
+    bound = max_row_blocks(cfg, n_kv, gen_block)
+    assert sel.max_row_blocks == bound and int(sel.table.sum(-1).max()) <= bound < n_kv

@@ -8,7 +8,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from ._compat import FROM_KV_BLOCKS_HAS_COMPUTE_Q_BLOCKS
 
-__all__ = ["block_mask_from_table", "table_mask_mod"]
+__all__ = ["block_mask_from_table", "block_table", "table_mask_mod"]
 
 
 def table_mask_mod(table: torch.Tensor, block_size: int, key_valid: torch.Tensor):
@@ -42,6 +42,21 @@ def _block_lists(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts, indices
 
 
+def block_table(block_mask: BlockMask, n_kv: int) -> torch.Tensor:
+    """(B, H, nQ, n_kv) bool: the key blocks ``block_mask`` lists for each query block (partial
+    and full), for lists of any width (torch's ``to_dense()`` needs one column per key block)."""
+
+    def from_lists(num: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+        out = torch.zeros(*idx.shape[:-1], n_kv + 1, dtype=torch.bool, device=idx.device)
+        return out.scatter_(-1, torch.where(listed, idx.long(), n_kv), True)[..., :n_kv]
+
+    table = from_lists(block_mask.kv_num_blocks, block_mask.kv_indices)
+    if block_mask.full_kv_num_blocks is not None:
+        table |= from_lists(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+    return table
+
+
 def block_mask_from_table(
     table: torch.Tensor,
     q_len: int,
@@ -51,6 +66,7 @@ def block_mask_from_table(
     full_blocks: bool = True,
     key_counts: torch.Tensor | None = None,
     pad_to: tuple[int, int] | None = None,
+    max_row_blocks: int | None = None,
 ) -> BlockMask:
     """Build the BlockMask that attends exactly to the blocks of ``table``.
 
@@ -71,6 +87,13 @@ def block_mask_from_table(
             (`scoring.key_block_counts`); derived from ``key_valid`` otherwise.
         pad_to: (padded q_len, padded kv_len), whole blocks at least as long as the real
             lengths; None: the real lengths.
+        max_row_blocks: an upper bound on the blocks any row of ``table`` keeps, known on the
+            host (`switch_step.max_row_blocks`). With ``full_blocks`` the index lists then keep
+            that many columns instead of one per key block (the CUDA kernel reads a row's first
+            ``num_blocks`` entries through its strides; the CPU kernel needs full-width lists,
+            so without ``full_blocks`` it is ignored). A row keeping more would be read short:
+            the bound must hold. torch's ``BlockMask.to_dense()`` assumes full-width lists; use
+            :func:`block_table` on trimmed masks.
     Returns:
         A BlockMask for (q_len, kv_len) (or ``pad_to``) whose ``to_dense()`` is ``table`` minus
         key blocks that hold no attendable key (zero-padded to the padded block counts).
@@ -122,6 +145,13 @@ def block_mask_from_table(
     else:
         full_num, full_idx = None, None
         part_num, part_idx = _block_lists(attendable)
+
+    if full_blocks and max_row_blocks is not None and max_row_blocks < n_kv:
+        # Selected blocks come first in each row, so the first columns hold every kept index.
+        width = max(int(max_row_blocks), 1)
+        shared = part_idx is full_idx
+        full_idx = full_idx[..., :width].contiguous()
+        part_idx = full_idx if shared else part_idx[..., :width].contiguous()
 
     extra = {"compute_q_blocks": False} if FROM_KV_BLOCKS_HAS_COMPUTE_Q_BLOCKS else {}
     return BlockMask.from_kv_blocks(

@@ -32,6 +32,9 @@ class LayerSelection:
     # Zero rows before position 0 on the selection's grid (SparseDConfig.prompt_end_offset); the
     # table and the mask are on that grid, q_len and kv_len are the real lengths.
     front: int = 0
+    # The host-known bound on blocks per row (`switch_step.max_row_blocks`): the width of the
+    # mask's index lists on CUDA; None keeps full-width lists.
+    max_row_blocks: int | None = None
     _window: tuple | None = field(default=None, repr=False)  # (start, q_len, mask) of the last window
 
     def window_mask(
@@ -64,7 +67,7 @@ class LayerSelection:
         mask_q, mask_kv = q_front + q_len, self.front + self.kv_len
         mask = block_mask_from_table(
             rows, mask_q, mask_kv, block_size, key_valid, full_blocks=rows.device.type == "cuda",
-            pad_to=padded_lengths(mask_q, mask_kv, block_size),
+            pad_to=padded_lengths(mask_q, mask_kv, block_size), max_row_blocks=self.max_row_blocks,
         )  # fmt: skip
         self._window = (start, q_len, mask)
         return mask, q_front

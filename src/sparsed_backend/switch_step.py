@@ -196,11 +196,23 @@ def select_layer(
     table = select_blocks(importance, config, gen_block, gen_importance, gen_start)
     attendable = (counts > 0).view(B, 1, 1, -1)
     density = (table & attendable).sum() / (attendable.sum() * H * table.shape[2])
+    width = max_row_blocks(config, n_kv, gen_block)
     block_mask = block_mask_from_table(
         table, L, S, bs, key_valid, full_blocks=query.device.type == "cuda", key_counts=counts,
-        pad_to=padded_lengths(L, S, bs),
+        pad_to=padded_lengths(L, S, bs), max_row_blocks=width,
     )  # fmt: skip
-    return LayerSelection(block_mask, table, B, H, *real, density, front=front)
+    return LayerSelection(block_mask, table, B, H, *real, density, front=front, max_row_blocks=width)
+
+
+def max_row_blocks(config: SparseDConfig, n_kv: int, gen_block: int | None) -> int:
+    """The most key blocks one query block can keep, known on the host: the top-k share of all
+    ``n_kv`` blocks, plus the generation region's own share when it is split off
+    (`selection.select_topk`; the rules and ``keep_diagonal`` stay within those counts, and the
+    baselines keep no more)."""
+    width = config.blocks_kept(n_kv)
+    if gen_block and config.generation_share and config.pattern != "local" and gen_block < n_kv:
+        width += config.blocks_kept(n_kv - gen_block)
+    return min(width, n_kv)
 
 
 def run_switch_step(
