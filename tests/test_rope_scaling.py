@@ -18,7 +18,12 @@ from sparsed_backend.config import SparseDConfig
 from sparsed_backend.generation import dream_generate, llada_generate
 from sparsed_backend.kv_cache import BlockKVCache
 from sparsed_backend.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
-from sparsed_backend.models.rope import position_limit, position_limit_note
+from sparsed_backend.models.rope import (
+    parse_rope_scaling,
+    position_limit,
+    position_limit_note,
+    with_rope_scaling,
+)
 from tiny_models import TINY, random_state_dict, write_checkpoint
 
 KINDS = ["llada", "dream"]
@@ -311,6 +316,49 @@ def test_a_canvas_past_the_scaled_limit_names_both_numbers(kind):
     )
     with pytest.raises(ValueError, match=match):
         GENERATE[kind](model, ids, mask, **too_long)
+
+
+# --------------------------------------------------------------------- overrides (CLI, harness)
+
+
+@pytest.mark.parametrize(
+    ("text", "scaling"),
+    [
+        ("yarn:4", {"rope_type": "yarn", "factor": 4}),
+        ("linear:2", {"rope_type": "linear", "factor": 2}),
+        ("dynamic:1.5", {"rope_type": "dynamic", "factor": 1.5}),
+        ("Yarn:8", {"rope_type": "yarn", "factor": 8}),
+        ("none", None),
+    ],
+)
+def test_parse_rope_scaling(text, scaling):
+    assert parse_rope_scaling(text) == scaling
+
+
+@pytest.mark.parametrize("text", ["yarn", "yarn:", "yarn:x", "yarn:0.5", "yarn:nan", "ntk:2", "llama3:8", ":4", ""])
+def test_parse_rope_scaling_refuses_with_what_it_expected(text):
+    with pytest.raises(ValueError, match=r"^none or TYPE:FACTOR with TYPE linear, dynamic or yarn and FACTOR"):
+        parse_rope_scaling(text)
+
+
+def test_parse_rope_scaling_sends_longrope_to_config_json():
+    with pytest.raises(ValueError, match=r"longrope takes per-dimension factors, which only a config\.json can give"):
+        parse_rope_scaling("longrope:4")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_with_rope_scaling_starts_from_the_trained_length(kind):
+    base = make_config(kind, None)
+    yarn = with_rope_scaling(base, {"rope_type": "yarn", "factor": 4})
+    assert type(yarn) is type(base) and base.rope_scaling is None  # a copy
+    assert yarn.rope_scaling == {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": ORIGINAL}
+    assert position_limit(yarn) == 128
+    # a checkpoint that already extends its window: the new scaling replaces it over the original
+    extended = make_config(kind, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8})
+    assert position_limit(extended) == ORIGINAL
+    assert position_limit(with_rope_scaling(extended, {"rope_type": "linear", "factor": 2})) == 16
+    assert position_limit(with_rope_scaling(extended, None)) == 8
+    assert with_rope_scaling(extended, None).rope_scaling is None
 
 
 # --------------------------------------------------------------------------------- bad dicts

@@ -32,11 +32,13 @@ __all__ = [
     "RotaryEmbedding",
     "check_rope_scaling",
     "original_positions",
+    "parse_rope_scaling",
     "position_limit",
     "position_limit_note",
     "rope_parameters",
     "rope_scaling_from_parameters",
     "scaling_type",
+    "with_rope_scaling",
 ]
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope")
@@ -64,6 +66,8 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 # Accepted with every type: the type's two spellings, and the two fields transformers 5 puts in
 # the same dict (checked against the config: rope_theta must agree, the rotary share must be 1).
 _COMMON = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+# Scaling types the flag can set: LongRoPE needs per-dimension factors a flag cannot carry.
+FLAG_TYPES = ("linear", "dynamic", "yarn")
 
 
 # ------------------------------------------------------------------------------- the dict
@@ -242,8 +246,9 @@ def position_limit(config) -> int | None:
     length; then the original length x factor. Why: YaRN and LongRoPE checkpoints usually raise
     ``max_position_embeddings`` themselves (Phi-3: 131072 over 4096 original), and then that
     stated window is what their authors validated; a config whose maximum is still the trained
-    length (a scaling added to config.json by hand, as Qwen2.5's card says to) would otherwise
-    forbid every position the scaling was added for. Linear and dynamic scalings carry no original length: transformers treats
+    length (a scaling added to config.json by hand, as Qwen2.5's card says to, or by
+    ``sparsed generate --rope-scaling``) would otherwise forbid every position the scaling was
+    added for. Linear and dynamic scalings carry no original length: transformers treats
     ``max_position_embeddings`` as the original there, and so does this rule.
     """
     kind, factor, original, stated = _scaled(config)
@@ -262,6 +267,59 @@ def position_limit_note(config) -> str:
     if factor is None or original != stated:
         return f"as the config states, with {kind} RoPE scaling over {original:,} original positions"
     return f"{original:,} original positions x {kind} RoPE scaling factor {factor:g}"
+
+
+# ------------------------------------------------------------------------- runtime overrides
+
+
+def parse_rope_scaling(value: str) -> dict | None:
+    """``TYPE:FACTOR`` (``yarn:4``, ``linear:2``, ``dynamic:2``) or ``none`` as a scaling dict (None
+    for none), for `with_rope_scaling`.
+
+    Raises ValueError whose message is what was expected; the caller adds the flag's name and
+    the value it got (``--rope-scaling must be <message>, got 'x'``).
+    """
+    text = str(value).strip().lower()
+    if text in ("none", "default"):
+        return None
+    expected = "none or TYPE:FACTOR with TYPE linear, dynamic or yarn and FACTOR a number >= 1 (e.g. yarn:4)"
+    kind, sep, factor_text = text.partition(":")
+    if kind == "longrope":
+        raise ValueError(
+            "TYPE:FACTOR with TYPE linear, dynamic or yarn (longrope takes per-dimension factors, which only a "
+            "config.json can give)"
+        )
+    if not sep or kind not in FLAG_TYPES:
+        raise ValueError(expected)
+    try:
+        factor = float(factor_text)
+    except ValueError:
+        raise ValueError(expected) from None
+    if not math.isfinite(factor) or factor < 1:
+        raise ValueError(expected)
+    return {"rope_type": kind, "factor": int(factor) if factor.is_integer() else factor}
+
+
+def with_rope_scaling(config, scaling: dict | None):
+    """A copy of ``config`` whose RoPE scaling is ``scaling`` instead of the checkpoint's (None: plain RoPE).
+
+    The new scaling starts from the original (trained) length, `original_positions`: it becomes
+    ``max_position_embeddings`` (and YaRN's ``original_max_position_embeddings``), so by
+    `position_limit` the model may then use original x factor positions (plain RoPE: the
+    original length). The copy is built from ``config.to_dict()``, so the config class checks
+    it as it checks a loaded one.
+    """
+    original = original_positions(config)
+    values = config.to_dict()
+    values.pop("original_max_position_embeddings", None)  # a top-level one is folded in below
+    if original is not None:
+        values[config.attribute_map.get("max_position_embeddings", "max_position_embeddings")] = original
+    if scaling is not None:
+        scaling = dict(scaling)
+        if scaling_type(scaling) in ("yarn", "longrope") and original is not None:
+            scaling["original_max_position_embeddings"] = original
+    values["rope_scaling"] = scaling
+    return type(config).from_dict(values)
 
 
 # ---------------------------------------------------------------------------- the module
