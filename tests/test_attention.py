@@ -420,7 +420,8 @@ def test_cudnn_log_sum_exp_unavailable_warns_and_scores_without_it(monkeypatch):
     assert torch.equal(sel.table, plain.table)
 
 
-def test_private_torch_apis_are_all_present():
+def test_private_and_version_dependent_apis_are_all_present():
+    """torch and transformers APIs listed in _compat (RoPE init functions included) all exist."""
     from sparsed_backend import _compat
 
     assert _compat.missing() == []

@@ -83,7 +83,20 @@ BAD_INPUTS = [
      r"--prompt-end-offset must be None, 'middle' or an int in \[0, --block-size=128\), got 128$"),
     (["generate", *QUICK, "--prompt", "x" * 5272, "--gen-length", "128", "--steps", "128"],
      r"--prompt \(5,273 tokens\) and --gen-length \(128\) make 5,401 tokens, "
-     r"more than the model's maximum of 4,206 positions$"),
+     r"more than the model's maximum of 4,206 positions \(no RoPE scaling\)$"),
+    (["generate", *QUICK, "--rope-scaling", "yarn"],
+     r"^sparsed generate: error: --rope-scaling must be none or TYPE:FACTOR with TYPE linear, dynamic or yarn and "
+     r"FACTOR a number >= 1 \(e\.g\. yarn:4\), got 'yarn'$"),
+    (["generate", *QUICK, "--rope-scaling", "linear:0.5"],
+     r"--rope-scaling must be none or TYPE:FACTOR .*got 'linear:0\.5'$"),
+    (["generate", *QUICK, "--rope-scaling", "ntk:2"], r"--rope-scaling must be none or TYPE:FACTOR .*got 'ntk:2'$"),
+    (["generate", *QUICK, "--rope-scaling", "longrope:4"],
+     r"--rope-scaling must be TYPE:FACTOR with TYPE linear, dynamic or yarn \(longrope takes per-dimension factors, "
+     r"which only a config\.json can give\), got 'longrope:4'$"),
+    (["generate", *QUICK, "--rope-scaling", "linear:2", "--prompt", "x" * 8400, "--gen-length", "128",
+      "--steps", "128"],
+     r"--prompt \(8,401 tokens\) and --gen-length \(128\) make 8,529 tokens, more than the model's maximum of "
+     r"8,412 positions \(4,206 original positions x linear RoPE scaling factor 2\)$"),
     (["generate", *QUICK, "--threshold", "0.5"],
      r"--steps and --threshold exclude each other: .* got --steps 2 and --threshold 0.5$"),
     (["generate", *QUICK_THRESHOLD, "0"], r"--threshold must be in \(0, 1\], got 0.0$"),
@@ -177,6 +190,26 @@ def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
     monkeypatch.setattr(generation, "llada_generate", broken)
     with pytest.raises(ValueError, match="index 7 is out of bounds"):
         main(["generate", *QUICK, "--no-progress"])
+
+
+def test_rope_scaling_flag_reaches_the_loaded_model(monkeypatch, capsys):
+    import sparsed_backend.generation as generation
+
+    seen = {}
+    real = generation.llada_generate
+
+    def spy(model, *args, **kwargs):
+        rotary = model.model.rotary_emb
+        seen.update(scaling=model.config.rope_scaling, rope_type=rotary.rope_type, factor=rotary.attention_scaling)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "llada_generate", spy)
+    assert main(["generate", *QUICK, "--no-progress", "--rope-scaling", "yarn:2"]) == 0
+    assert seen["scaling"] == {"rope_type": "yarn", "factor": 2, "original_max_position_embeddings": 4206}
+    assert seen["rope_type"] == "yarn" and seen["factor"] > 1.0
+    assert main(["generate", *QUICK, "--no-progress", "--rope-scaling", "none"]) == 0
+    assert seen["scaling"] is None and seen["rope_type"] == "default"
+    assert len(capsys.readouterr().out.splitlines()) == 2  # one answer per run
 
 
 def test_generate_prints_the_answer_and_progress_can_be_turned_off(monkeypatch, capsys):

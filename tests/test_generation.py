@@ -447,7 +447,8 @@ def test_right_padding_error_says_how_to_fix_it(kind):
 
 @pytest.mark.parametrize("kind", ["llada", "dream"])
 def test_prompt_longer_than_the_model_is_refused(kind):
-    """Prompt + generated tokens past max_position_embeddings (256 here) raise, naming both numbers;
+    """Prompt + generated tokens past the position limit (max_position_embeddings, 256 here) raise,
+    naming both numbers and saying that no RoPE scaling is on;
     exactly at the limit still runs."""
     model = model_for(kind)
     limit = model.config.max_position_embeddings
@@ -458,7 +459,7 @@ def test_prompt_longer_than_the_model_is_refused(kind):
     if kind == "llada":
         too_long["block_length"] = too_long[gen]
     with pytest.raises(ValueError, match=rf"prompt length 16 \+ {gen} 241 = 257 tokens, more than the model's "
-                                         rf"max_position_embeddings of 256"):  # fmt: skip
+                                         rf"position limit of 256 \(no RoPE scaling\)"):  # fmt: skip
         GENERATE[kind](model, ids, mask, **too_long)
     fits = {k: v - 1 if k in (gen, "block_length") else v for k, v in too_long.items()}
     out = GENERATE[kind](model, ids, mask, **fits)

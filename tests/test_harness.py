@@ -272,7 +272,13 @@ def _make(harness_model, **kw):
          r"model arg batch_size: expected an int >= 1 \(automatic batch sizes are not supported\), got 'auto'$"),
         ({"batch_size": "auto:4"},
          r"model arg batch_size: expected an int >= 1 \(automatic batch sizes are not supported\), got 'auto:4'$"),
-        ({"gen_length": 4206}, r"model arg gen_length: expected an int < the model's max_position_embeddings 4206 "),
+        ({"gen_length": 4206},
+         r"model arg gen_length: expected an int < the model's position limit 4206 \(no RoPE scaling; the prompt "),
+        ({"rope_scaling": "yarn"},
+         r"model arg rope_scaling: expected none or TYPE:FACTOR with TYPE linear, dynamic or yarn and FACTOR a "
+         r"number >= 1 \(e\.g\. yarn:4\), got 'yarn'$"),
+        ({"rope_scaling": "longrope:2"},
+         r"model arg rope_scaling: expected TYPE:FACTOR .*\(longrope takes per-dimension factors"),
         ({"dtype": "float64"}, r"model arg dtype: expected one of \('auto', 'float32', 'bfloat16', 'float16'\)"),
         ({"device": "gpu0"}, r"model arg device: expected a torch device such as 'cpu' or 'cuda:0', got 'gpu0'"),
         ({"mc_samples": -1}, r"model arg mc_samples: expected an int >= 1, got -1"),
@@ -480,6 +486,22 @@ def test_a_dream_checkpoint_is_detected_and_runs_both_request_types(harness_mode
     assert got == direct
 
 
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_rope_scaling_model_arg_extends_the_position_limit(harness_model, tmp_path, kind):
+    """With rope_scaling=yarn:4 a checkpoint trained on 32 positions takes a gen_length of 40."""
+    _demo_vocab_checkpoint(tmp_path, kind, limit=32)
+    with pytest.raises(ValueError, match=r"model arg gen_length: expected an int < the model's position limit 32 "):
+        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=40)
+    lm = harness_model.DiffusionLM(
+        pretrained=str(tmp_path), device="cpu", gen_length=40, steps=2, rope_scaling="yarn:4"
+    )
+    assert lm.max_length == 128
+    assert lm.model.config.rope_scaling == {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 32}
+    assert lm.model.model.rotary_emb.rope_type == "yarn"
+    out = lm.generate_until([_instance("generate_until", ("\u4e00\u4e01?", {"until": [], "max_gen_toks": 40}))])
+    assert len(out) == 1
+
+
 def _truncation_warnings(caught) -> list[str]:
     return [str(w.message) for w in caught if "left-truncated" in str(w.message)]
 
@@ -499,9 +521,9 @@ def test_over_long_generate_until_requests_are_left_truncated_with_one_warning(h
         out = lm.generate_until(reqs)  # untruncated, the sampler would refuse 41 + 4 > 32
         assert lm.generate_until(reqs) == out  # a second call: same answers, no second warning
     assert _truncation_warnings(caught) == [
-        "sparsed-dlm: 2 of 3 generate_until requests exceed the model's max_position_embeddings 32 (gen_length 4 "
-        "kept for the generation); left-truncated as lm-eval's HF model does: 21 context tokens cut in all, "
-        "8 to 13 per request"
+        "sparsed-dlm: 2 of 3 generate_until requests exceed the model's position limit 32 (no RoPE scaling; "
+        "gen_length 4 kept for the generation); left-truncated as lm-eval's HF model does: 21 context tokens cut "
+        "in all, 8 to 13 per request"
     ]
     for text, got in zip(texts, out, strict=True):
         ids = lm.tokenizer(text)["input_ids"][-28:]  # the truncated context, run alone through the sampler
@@ -530,9 +552,9 @@ def test_over_long_loglikelihood_requests_are_left_truncated_with_one_warning(ha
         warnings.simplefilter("always")
         got = lm.loglikelihood(reqs)
     assert _truncation_warnings(caught) == [
-        "sparsed-dlm: 2 of 3 loglikelihood requests exceed the model's max_position_embeddings 32 (continuation "
-        "included); left-truncated as lm-eval's HF model does: 14 context tokens cut in all, 2 to 12 per request; "
-        "1 continuation(s) alone exceed the limit and keep their right end: 9 continuation tokens cut"
+        "sparsed-dlm: 2 of 3 loglikelihood requests exceed the model's position limit 32 (no RoPE scaling; "
+        "continuation included); left-truncated as lm-eval's HF model does: 14 context tokens cut in all, 2 to 12 "
+        "per request; 1 continuation(s) alone exceed the limit and keep their right end: 9 continuation tokens cut"
     ]
     truncated = [(split[0][0][-29:], split[0][1]), split[1], (split[2][0][-1:], split[2][1][-31:])]
     direct = masked_loglikelihood(lm.model, truncated, mask_id=lm.mask_id, pad_id=lm.pad_id, mc_samples=3,

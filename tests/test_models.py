@@ -128,7 +128,8 @@ def test_official_checkpoint_round_trips(tmp_path, kind, auto_class, trust_remot
         ("llada", {"activation_type": "gelu"}, "activation_type"),
         ("llada", {"rope": False}, "rope"),
         ("llada", {"scale_logits": True}, "scale_logits"),
-        ("dream", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ("llada", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+        ("dream", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
         ("dream", {"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window"),
     ],
 )

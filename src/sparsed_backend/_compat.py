@@ -1,8 +1,9 @@
-"""Every private or version-dependent torch API the package touches, in one place.
+"""Every private or version-dependent torch and transformers API the package touches, in one place.
 
-Each entry names the torch versions it was checked on: 2.11 (the H100 machine) and 2.13 (the
-CPU machines and CI). ``missing()`` lists entries the installed torch lacks; the test suite
-asserts it is empty, so a torch upgrade that moves one of them fails a test, not a user.
+Each entry names the versions it was checked on: torch 2.11 (the H100 machine) and 2.13 (the
+CPU machines and CI); transformers 5.17 (the GPU machine, ``nox -s tests_oldest``) and 5.25.
+``missing()`` lists entries the installed versions lack; the test suite asserts it is empty, so
+an upgrade that moves one of them fails a test, not a user.
 """
 
 from __future__ import annotations
@@ -12,20 +13,27 @@ import inspect
 import torch
 from torch.nn.attention import sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask
+from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 __all__ = [
     "CHECKED_TORCH",
+    "CHECKED_TRANSFORMERS",
+    "ROPE_INIT_FUNCTIONS",
     "RecompileLimitHit",
     "SDPA_HAS_PRIORITY",
     "FROM_KV_BLOCKS_HAS_COMPUTE_Q_BLOCKS",
     "compile_counters",
     "compile_disabled",
     "cudnn_attention_with_lse",
+    "dynamic_rope_update",
     "fail_past_recompile_limit",
     "missing",
+    "rope_init_config",
 ]
 
 CHECKED_TORCH = ("2.11", "2.13")
+CHECKED_TRANSFORMERS = ("5.17", "5.25")
 
 # torch._dynamo.exc.FailOnRecompileLimitHit (2.11, 2.13): raised instead of running eagerly
 # once a compiled function passes its recompile limit, when fail_on_recompile_limit_hit is set.
@@ -80,6 +88,35 @@ def cudnn_attention_with_lse(
     return out, lse
 
 
+# transformers.modeling_rope_utils (5.17, 5.25): ROPE_INIT_FUNCTIONS maps a scaling type to
+# fn(config, device, seq_len=None) -> (inv_freq (D/2,) fp32, attention_factor); dynamic_rope_update
+# decorates a rotary module's forward(x, position_ids) and recomputes its ``inv_freq`` buffer for
+# "dynamic" (grown past max_seq_len_cached, reset below original_max_seq_len) and "longrope"
+# (long factors past original_max_position_embeddings). One difference between the two versions:
+# for longrope 5.17 re-registers the ``inv_freq`` buffer, 5.25 copies into it in place (same
+# shape, same values); our modules register ``inv_freq`` at construction, which both need.
+ROPE_TYPES_NEEDED = ("linear", "dynamic", "yarn", "longrope")
+
+
+def rope_init_config(rope_parameters: dict, head_dim: int, max_position_embeddings: int) -> PreTrainedConfig:
+    """A bare config carrying what transformers' RoPE init functions read (5.17, 5.25).
+
+    They read ``rope_parameters`` (transformers 5 spelling: rope_type, rope_theta and the
+    scaling fields), ``head_dim`` (else hidden_size // num_attention_heads) and
+    ``max_position_embeddings``, and call ``standardize_rope_params()``, which only fills in
+    defaults. Our configs keep the checkpoints' ``rope_theta`` / ``rope_scaling`` fields, so
+    the rotary modules hand these functions this separate object: setting ``rope_parameters``
+    on the model's own config would change what ``save_pretrained`` writes.
+    """
+    config = PreTrainedConfig()
+    config.head_dim = head_dim
+    config.hidden_size = head_dim
+    config.num_attention_heads = 1
+    config.max_position_embeddings = max_position_embeddings
+    config.rope_parameters = dict(rope_parameters)
+    return config
+
+
 def missing() -> list[str]:
     """The entries above that the installed torch lacks (empty when everything is there)."""
     gone = []
@@ -96,4 +133,9 @@ def missing() -> list[str]:
         from torch._dynamo.utils import counters  # noqa: F401
     except ImportError:
         gone.append("torch._dynamo.utils.counters")
+    for rope_type in ROPE_TYPES_NEEDED:
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            gone.append(f"transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS[{rope_type!r}]")
+    if not hasattr(PreTrainedConfig, "standardize_rope_params"):
+        gone.append("transformers.PreTrainedConfig.standardize_rope_params")
     return gone

@@ -24,6 +24,7 @@ from sparsed_cli import main
 from ._progress import progress, progress_wanted
 from ._validate import check_float, check_int
 from .config import SparseDConfig
+from .models.rope import parse_rope_scaling, position_limit, position_limit_note, with_rope_scaling
 
 __all__ = ["COMMANDS", "StepTimer", "UsageError", "main"]
 
@@ -138,9 +139,18 @@ def _quiet_loading(args: argparse.Namespace) -> None:
         logging.disable_progress_bar()
 
 
-def _positions(config) -> int | None:
-    limit = getattr(config, "max_position_embeddings", None)
-    return limit if isinstance(limit, int) else None
+def _rope_scaling(config, value: str | None):
+    """--rope-scaling: ``config`` with the scaling it names instead of the checkpoint's (None: unchanged)."""
+    if value is None:
+        return config
+    try:
+        scaling = parse_rope_scaling(value)
+    except ValueError as err:
+        raise UsageError(f"--rope-scaling must be {err}, got {value!r}") from None
+    try:
+        return with_rope_scaling(config, scaling)
+    except (TypeError, ValueError) as err:  # a checkpoint config the new scaling cannot go with
+        raise UsageError(f"--rope-scaling {value}: {str(err).splitlines()[0]}") from None
 
 
 class StepTimer:
@@ -238,7 +248,7 @@ def demo(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise UsageError(f"--out must be a file path in an existing directory, got {args.out} (no such directory)")
     config = _model_config(path, ("llada",))
-    limit = _positions(config)
+    limit = position_limit(config)
     longest = limit - VALUE_LEN
     low = min_prompt_tokens(args.records)
     if not low <= args.length <= longest:
@@ -323,7 +333,7 @@ def generate(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     path = _model_dir(args.model)
-    config = _model_config(path, ("llada", "Dream"))
+    config = _rope_scaling(_model_config(path, ("llada", "Dream")), args.rope_scaling)
     dream = config.model_type == "Dream"
     if args.threshold is not None and args.steps is not None:
         raise UsageError(
@@ -364,18 +374,19 @@ def generate(args: argparse.Namespace) -> int:
     ids = tok(args.prompt, return_tensors="pt", verbose=False)["input_ids"]
     if ids.shape[1] == 0:
         raise UsageError("--prompt must hold at least one token, got an empty prompt")
-    limit = _positions(config)
+    limit = position_limit(config)
     if limit is not None and ids.shape[1] + args.gen_length > limit:
         raise UsageError(
             f"--prompt ({ids.shape[1]:,} tokens) and --gen-length ({args.gen_length:,}) make "
-            f"{ids.shape[1] + args.gen_length:,} tokens, more than the model's maximum of {limit:,} positions"
+            f"{ids.shape[1] + args.gen_length:,} tokens, more than the model's maximum of {limit:,} positions "
+            f"({position_limit_note(config)})"
         )
     mask_id = getattr(config, "mask_token_id", None)
     if mask_id is not None and bool((ids == mask_id).any()):
         raise UsageError(f"--prompt must not contain the mask token (id {mask_id}), got a prompt that does")
     dtype = getattr(torch, args.dtype)
     _quiet_loading(args)
-    model = AutoModel.from_pretrained(path, attn_implementation=args.attn, dtype=dtype).eval()
+    model = AutoModel.from_pretrained(path, config=config, attn_implementation=args.attn, dtype=dtype).eval()
     model.to(device)
     ids = ids.to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)

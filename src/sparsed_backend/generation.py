@@ -38,6 +38,7 @@ from ._ranking import top_count
 from ._validate import check_float, check_int
 from .config import SparseDConfig
 from .kv_cache import BlockKVCache, check_kv_cache
+from .models.rope import position_limit, position_limit_note
 from .state import SparseDState
 from .tensor_parallel import RankSync, rank_sync
 
@@ -153,13 +154,16 @@ def _prepare(
 
 
 def _check_length(model: nn.Module, prompt_len: int, gen_length: int, gen_name: str) -> None:
-    """Refuse a canvas longer than the model's position limit (``config.max_position_embeddings``,
-    LLaDA's ``max_sequence_length``): RoPE would run, but on positions the model never saw."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and prompt_len + gen_length > limit:
+    """Refuse a canvas longer than the model's position limit (`models.rope.position_limit`:
+    ``max_position_embeddings``, LLaDA's ``max_sequence_length``, or original x factor under a
+    RoPE scaling): RoPE would run, but on positions the model never saw."""
+    config = getattr(model, "config", None)
+    limit = position_limit(config)
+    if limit is not None and prompt_len + gen_length > limit:
         raise ValueError(
             f"prompt length {prompt_len:,} + {gen_name} {gen_length:,} = {prompt_len + gen_length:,} tokens, more "
-            f"than the model's max_position_embeddings of {limit:,}: shorten the prompt or generate fewer tokens"
+            f"than the model's position limit of {limit:,} ({position_limit_note(config)}): shorten the prompt, "
+            "generate fewer tokens or extend the positions with a RoPE scaling (docs/long_context.md)"
         )
 
 

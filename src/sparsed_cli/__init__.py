@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept, in (0, 1]")
     g.add_argument("--block-size", type=int, default=128, help="SparseD: tokens per block, a multiple of 16")
     g.add_argument("--prompt-end-offset", **GRID_FLAG)
+    g.add_argument("--rope-scaling", default=None, metavar="{none,TYPE:FACTOR}",
+                   help="RoPE scaling instead of the checkpoint's: linear, dynamic or yarn with a factor (e.g. "
+                        "yarn:4 allows 4x the trained positions), or none (default: the checkpoint's own)")  # fmt: skip
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="model dtype")
     g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     g.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .. import SparseDConfig
 from .._warn import warn_once
 from ..generation import DREAM_ALGS, LLADA_REMASKING, check_cache_with_sparsed, dream_generate, llada_generate
+from ..models.rope import parse_rope_scaling, position_limit, position_limit_note, with_rope_scaling
 from . import MODEL_NAME
 from .likelihood import masked_loglikelihood
 
@@ -134,7 +135,10 @@ class DiffusionLM(LM):
         skip, select, block_size, min_sparse_len, keep_diagonal, prompt_end_offset: `SparseDConfig`
             fields; only with ``attn=sparsed`` (defaults: SparseDConfig's).
         gen_length: tokens the sampler generates per request (default 128); less than the
-            model's ``max_position_embeddings``, since the prompt needs a position too.
+            model's position limit (`models.rope.position_limit`: ``max_position_embeddings``, or
+            original x factor under a RoPE scaling), since the prompt needs a position too.
+        rope_scaling: ``none`` or ``TYPE:FACTOR`` (``linear``, ``dynamic``, ``yarn``; e.g.
+            ``yarn:4``) instead of the checkpoint's RoPE scaling; default: the checkpoint's own.
         steps: denoising steps (default ``gen_length``); not with ``threshold``.
         threshold: confidence-threshold decoding instead of a fixed step count (the samplers'
             ``threshold``); Dream's ``alg`` then defaults to ``maskgit_plus``.
@@ -163,7 +167,7 @@ class DiffusionLM(LM):
             "tokenizer", "attn", "skip", "select", "block_size", "min_sparse_len", "keep_diagonal",
             "prompt_end_offset", "gen_length",
             "steps", "threshold", "block_length", "remasking", "alg", "alg_temp", "top_p", "top_k", "temperature",
-            "mc_samples", "seed", "dtype", "device", "batch_size", "max_batch_size", "kv_cache",
+            "mc_samples", "seed", "dtype", "device", "batch_size", "max_batch_size", "kv_cache", "rope_scaling",
         }  # fmt: skip
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -175,18 +179,26 @@ class DiffusionLM(LM):
         if self.family is None:
             raise _fail("pretrained", f"a checkpoint with model_type in {tuple(FAMILIES)}", config.model_type)
         self._parse(kwargs)
-        # The sampler's own check reads max_position_embeddings (LLaDA's config aliases it to
-        # max_sequence_length); the truncation below must agree with it exactly.
-        self.max_length = getattr(config, "max_position_embeddings", None)
+        if kwargs.get("rope_scaling") is not None:
+            try:
+                scaling = parse_rope_scaling(kwargs["rope_scaling"])
+            except ValueError as err:
+                raise _fail("rope_scaling", str(err), kwargs["rope_scaling"]) from None
+            config = with_rope_scaling(config, scaling)
+        # The sampler's own check reads the same limit (position_limit); the truncation below
+        # must agree with it exactly.
+        self.max_length = position_limit(config)
+        self._limit_note = position_limit_note(config)
         if isinstance(self.max_length, int) and self.gen_length >= self.max_length:
             raise _fail(
                 "gen_length",
-                f"an int < the model's max_position_embeddings {self.max_length} (the prompt needs a position)",
+                f"an int < the model's position limit {self.max_length} ({self._limit_note}; the prompt needs a "
+                "position)",
                 self.gen_length,
             )
         self._device = _device(kwargs.get("device"))
         self.dtype = _dtype(kwargs.get("dtype", "auto"), self._device)
-        self._load(pretrained, kwargs.get("tokenizer", pretrained))
+        self._load(pretrained, kwargs.get("tokenizer", pretrained), config)
 
     # -------------------------------------------------------------------------------- setup
 
@@ -266,11 +278,11 @@ class DiffusionLM(LM):
         if kw.get("max_batch_size") is not None:
             warn_once("harness-max-batch", "sparsed-dlm: max_batch_size only applies to batch_size=auto; ignored")
 
-    def _load(self, pretrained: str, tokenizer: str) -> None:
+    def _load(self, pretrained: str, tokenizer: str, config) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         impl = "sparsed" if self.attn == "sparsed" else "sdpa"
-        model = AutoModel.from_pretrained(pretrained, attn_implementation=impl, dtype=self.dtype)
+        model = AutoModel.from_pretrained(pretrained, config=config, attn_implementation=impl, dtype=self.dtype)
         self.model = model.to(self._device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.mask_id = getattr(self.model.config, "mask_token_id", None)
@@ -322,7 +334,7 @@ class DiffusionLM(LM):
         """Left-truncate requests that do not fit the model's position limit, as lm-eval's HF model
         does, and warn once per request type by how much.
 
-        The samplers refuse a canvas past ``max_position_embeddings`` (RoPE on positions the model
+        The samplers refuse a canvas past the position limit (RoPE on positions the model
         never saw), which would abort the whole evaluation on one long document; lm-eval's own
         models drop the oldest context tokens instead, so scores stay comparable with theirs.
         Each pair is (context, continuation); ``reserve`` positions after them stay free (the
@@ -345,8 +357,8 @@ class DiffusionLM(LM):
         if cut_ctx:
             after = f"gen_length {reserve} kept for the generation" if reserve else "continuation included"
             message = (
-                f"sparsed-dlm: {len(cut_ctx)} of {len(pairs)} {kind} requests exceed the model's "
-                f"max_position_embeddings {self.max_length} ({after}); left-truncated as lm-eval's HF model does: "
+                f"sparsed-dlm: {len(cut_ctx)} of {len(pairs)} {kind} requests exceed the model's position limit "
+                f"{self.max_length} ({self._limit_note}; {after}); left-truncated as lm-eval's HF model does: "
                 f"{sum(cut_ctx)} context tokens cut in all, {min(cut_ctx)} to {max(cut_ctx)} per request"
             )
             if any(cut_cont):
@@ -421,7 +433,7 @@ class DiffusionLM(LM):
         """Sample ``gen_length`` tokens per request (batched, left padded), keep the first
         ``min(max_gen_toks, gen_length)`` of them, cut at EOS and at the stop strings.
 
-        A context longer than ``max_position_embeddings - gen_length`` keeps its last tokens
+        A context longer than the position limit minus ``gen_length`` keeps its last tokens
         (`_fit`), so the sampler's canvas fits."""
         settings = [self._gen_settings(req.args[1]) for req in requests]
         contexts = [(self._encode_context(req.args[0]), []) for req in requests]
@@ -474,7 +486,7 @@ class DiffusionLM(LM):
         denoising steps of a generation whose early steps run dense, and a likelihood forward
         is a single step (a one-time warning says so).
 
-        Context plus continuation longer than ``max_position_embeddings`` is left-truncated
+        Context plus continuation longer than the position limit is left-truncated
         (`_fit`): the context loses its oldest tokens, and a continuation that alone does not fit
         keeps its right end, which is then all that is scored."""
         if self.sparsed is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from ..rope import ROPE_TYPES, check_rope_scaling, rope_scaling_from_parameters, scaling_type
+
 __all__ = ["DreamConfig"]
 
 
@@ -14,7 +16,10 @@ class DreamConfig(PreTrainedConfig):
 
     Defaults are those of Dream-v0-Instruct-7B. RoPE keeps the official ``rope_theta`` /
     ``rope_scaling`` fields (not transformers 5's ``rope_parameters``), so a config saved
-    here still loads with the official remote code. Unknown fields are kept as attributes;
+    here still loads with the official remote code; a ``rope_parameters`` dict in a config is
+    turned into those two fields. ``rope_scaling`` may be None (plain RoPE, the official
+    value) or a linear / dynamic / yarn / longrope scaling as transformers spells it (checked
+    when the config is built; see ``models/rope.py``). Unknown fields are kept as attributes;
     settings this port does not implement raise ``NotImplementedError`` when a model is
     built (see :meth:`check_supported`).
     """
@@ -50,7 +55,7 @@ class DreamConfig(PreTrainedConfig):
     use_cache: bool = False  # diffusion LMs re-encode the whole sequence every step
     tie_word_embeddings: bool = False
     rope_theta: float | int = 1000000.0
-    rope_scaling: dict | None = None  # only None (plain RoPE) is implemented
+    rope_scaling: dict | None = None  # None, or linear / dynamic / yarn / longrope (models/rope.py)
     use_sliding_window: bool = False  # sliding-window attention is not implemented
     sliding_window: int | None = None
     max_window_layers: int = 28
@@ -63,16 +68,18 @@ class DreamConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if "rope_parameters" in kwargs:
+            theta, self.rope_scaling = rope_scaling_from_parameters(kwargs.pop("rope_parameters"), self.rope_scaling)
+            self.rope_theta = self.rope_theta if theta is None else theta
         super().__post_init__(**kwargs)
+        check_rope_scaling(self)
 
     def check_supported(self) -> None:
         """Raise NotImplementedError for settings this port does not implement."""
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind != "default":
-                raise NotImplementedError(
-                    f"Dream port: rope_scaling={self.rope_scaling!r} is not implemented (supported: rope_scaling=None)"
-                )
+        if scaling_type(self.rope_scaling) not in ROPE_TYPES:
+            raise NotImplementedError(
+                f"Dream port: rope_scaling={self.rope_scaling!r} is not implemented (supported rope_type: {ROPE_TYPES})"
+            )
         if self.use_sliding_window:
             raise NotImplementedError("Dream port: use_sliding_window=True is not implemented (supported: False)")
         if self.hidden_size % self.num_attention_heads != 0:

@@ -36,6 +36,7 @@ from .._common import (
     rotate_half,
     swiglu,
 )
+from ..rope import RotaryEmbedding
 from .configuration_dream import DreamConfig
 
 __all__ = ["DreamBaseModel", "DreamModel", "DreamPreTrainedModel"]
@@ -45,28 +46,11 @@ class DreamRMSNorm(RMSNorm):
     """RMSNorm in fp32 (Qwen2RMSNorm); the class name keeps transformers' RMSNorm weight init."""
 
 
-class DreamRotaryEmbedding(nn.Module):
-    """cos/sin for the given positions: computed in fp32, returned in the activation dtype.
+class DreamRotaryEmbedding(RotaryEmbedding):
+    """cos/sin (B, L, D) for the given positions: computed in fp32, returned in the activation
+    dtype (Qwen2's convention), with the config's RoPE scaling (``models/rope.py``)."""
 
-    Holds no buffer (the D/2 inverse frequencies are recomputed per forward), which keeps
-    meta-device construction and ``from_pretrained`` free of non-persistent buffers.
-    """
-
-    def __init__(self, config: DreamConfig) -> None:
-        super().__init__()
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.theta = float(config.rope_theta)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, L) -> cos, sin (B, L, D) in x.dtype."""
-        device = position_ids.device
-        with torch.autocast(device_type=device.type, enabled=False):
-            exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32)
-            inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))
-            freqs = position_ids[..., None].float() * inv_freq  # (B, L, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1)
-            return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    output_in_input_dtype = True
 
 
 @cuda_fused
@@ -210,7 +194,8 @@ class DreamBaseModel(DreamPreTrainedModel):
         inputs_embeds, position_ids, mask = forward_inputs(
             self.config, inputs_embeds, attention_mask, position_ids, kv_cache, kwargs
         )
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        rope = self.rotary_emb.frozen if kv_cache is not None and kv_cache.window is not None else self.rotary_emb
+        position_embeddings = rope(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, mask, **kwargs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from ..rope import ROPE_TYPES, check_rope_scaling, rope_scaling_from_parameters, scaling_type
+
 __all__ = ["LLaDAConfig"]
 
 
@@ -16,6 +18,11 @@ class LLaDAConfig(PreTrainedConfig):
     is: fields listed here are typed, any other field is kept as a plain attribute. Settings
     that this port does not implement (ALiBi, LayerNorm, tied weights, ...) still parse;
     building a model from them raises ``NotImplementedError`` (see :meth:`check_supported`).
+
+    RoPE scaling (not in the official config; see ``models/rope.py``): ``rope_scaling`` as
+    transformers 4.x spells it, e.g. ``{"rope_type": "yarn", "factor": 4.0}``, with
+    ``max_sequence_length`` the trained length; a transformers 5 ``rope_parameters`` dict is
+    turned into ``rope_theta`` + ``rope_scaling`` when the config is built.
     """
 
     model_type = "llada"
@@ -60,6 +67,7 @@ class LLaDAConfig(PreTrainedConfig):
     rope: bool = True  # RoPE is the only position encoding implemented
     rope_full_precision: bool = True  # rotate q/k in fp32, then cast back
     rope_theta: float | int = 500000.0
+    rope_scaling: dict | None = None  # None, or linear / dynamic / yarn / longrope (models/rope.py)
     flash_attention: bool = False  # kernel choice in the original code; ignored (use attn_implementation)
     attention_dropout: float | int = 0.0
     multi_query_attention: bool | None = None
@@ -89,6 +97,13 @@ class LLaDAConfig(PreTrainedConfig):
     mask_token_id: int | None = 126336
     eos_token_id: int | None = 126081
     pad_token_id: int | None = 126081
+
+    def __post_init__(self, **kwargs) -> None:
+        if "rope_parameters" in kwargs:
+            theta, self.rope_scaling = rope_scaling_from_parameters(kwargs.pop("rope_parameters"), self.rope_scaling)
+            self.rope_theta = self.rope_theta if theta is None else theta
+        super().__post_init__(**kwargs)
+        check_rope_scaling(self)
 
     @property
     def effective_n_kv_heads(self) -> int:
@@ -121,6 +136,10 @@ class LLaDAConfig(PreTrainedConfig):
                 raise NotImplementedError(
                     f"LLaDA port: {name}={getattr(self, name)!r} is not implemented (supported: {name}={value!r})"
                 )
+        if scaling_type(self.rope_scaling) not in ROPE_TYPES:
+            raise NotImplementedError(
+                f"LLaDA port: rope_scaling={self.rope_scaling!r} is not implemented (supported rope_type: {ROPE_TYPES})"
+            )
         choices = {"layer_norm_type": "rms", "block_type": "llama", "activation_type": "silu"}
         for name, value in choices.items():
             if str(getattr(self, name)).lower() != value:

@@ -5,6 +5,7 @@ purpose:
 - attention goes through ``ALL_ATTENTION_FUNCTIONS`` (eager / sdpa / flex_attention / sparsed),
   always bidirectional, K/V handed over un-repeated (GQA is the backend's job);
 - the padding mask comes from ``create_bidirectional_mask`` and reaches every layer untouched;
+- RoPE scaling (linear, dynamic NTK, YaRN, LongRoPE) through transformers' RoPE utilities;
 - ``position_ids`` are honoured (the original always uses 0..L-1, so left-padded rows see
   shifted positions; the samplers pass cumsum(mask) - 1 instead);
 - ``logits_to_keep`` limits the LM head to the positions a sampler decodes;
@@ -34,6 +35,7 @@ from .._common import (
     rotate_half,
     swiglu,
 )
+from ..rope import RotaryEmbedding
 from .configuration_llada import LLaDAConfig
 
 __all__ = ["LLaDAModel", "LLaDAModelLM", "LLaDAPreTrainedModel"]
@@ -43,28 +45,9 @@ class LLaDARMSNorm(RMSNorm):
     """RMSNorm in fp32 (as the original RMSLayerNorm); the class name keeps transformers' RMSNorm weight init."""
 
 
-class LLaDARotaryEmbedding(nn.Module):
-    """cos/sin tables for the given positions, in fp32 (rotate-half convention).
-
-    Holds no buffer: the inverse frequencies are recomputed per forward (a D/2 vector), which
-    keeps meta-device construction and ``from_pretrained`` free of non-persistent buffers.
-    """
-
-    def __init__(self, config: LLaDAConfig) -> None:
-        super().__init__()
-        self.head_dim = config.d_model // config.n_heads
-        self.theta = float(config.rope_theta)
-
-    @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, L) -> cos, sin (B, L, D) in fp32."""
-        device = position_ids.device
-        with torch.autocast(device_type=device.type, enabled=False):
-            exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32)
-            inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))
-            freqs = position_ids[..., None].float() * inv_freq  # (B, L, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1)
-            return emb.cos(), emb.sin()
+class LLaDARotaryEmbedding(RotaryEmbedding):
+    """cos/sin (B, L, D) for the given positions, in fp32 (rotate-half convention), with the
+    config's RoPE scaling (``models/rope.py``)."""
 
 
 @cuda_fused
@@ -225,7 +208,8 @@ class LLaDAModel(LLaDAPreTrainedModel):
         inputs_embeds, position_ids, mask = forward_inputs(
             self.config, inputs_embeds, attention_mask, position_ids, kv_cache, kwargs
         )
-        position_embeddings = self.rotary_emb(position_ids)
+        rope = self.rotary_emb.frozen if kv_cache is not None and kv_cache.window is not None else self.rotary_emb
+        position_embeddings = rope(inputs_embeds, position_ids)
         hidden_states = self.transformer.emb_drop(inputs_embeds)
         for block in self.transformer.blocks:
             hidden_states = block(hidden_states, position_embeddings, mask, **kwargs)
