@@ -20,7 +20,7 @@ from sparsed_backend.demo import model_path
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = str(model_path())
 # A generate run that costs well under a second once the model is loaded (dense SDPA, no compile).
-QUICK = ["--model", SHIPPED, "--prompt", "abc", "--steps", "2", "--gen-length", "2", "--attn", "sdpa",
+QUICK = ["--model", SHIPPED, "--prompt", "\u4e00\u4e01?", "--steps", "2", "--gen-length", "2", "--attn", "sdpa",
          "--dtype", "float32", "--device", "cpu"]  # fmt: skip
 # QUICK with threshold decoding in place of --steps: append the threshold.
 QUICK_THRESHOLD = [*QUICK[:4], *QUICK[6:], "--threshold"]
@@ -81,7 +81,7 @@ BAD_INPUTS = [
      r"--prompt-end-offset must be none, middle or an int, got 'half'$"),
     (["generate", *QUICK, "--attn", "sparsed", "--prompt-end-offset", "128"],
      r"--prompt-end-offset must be None, 'middle' or an int in \[0, --block-size=128\), got 128$"),
-    (["generate", *QUICK, "--prompt", "x" * 5272, "--gen-length", "128", "--steps", "128"],
+    (["generate", *QUICK, "--prompt", "\u4e00" * 5272, "--gen-length", "128", "--steps", "128"],
      r"--prompt \(5,273 tokens\) and --gen-length \(128\) make 5,401 tokens, "
      r"more than the model's maximum of 4,206 positions \(no RoPE scaling\)$"),
     (["generate", *QUICK, "--rope-scaling", "yarn"],
@@ -93,10 +93,13 @@ BAD_INPUTS = [
     (["generate", *QUICK, "--rope-scaling", "longrope:4"],
      r"--rope-scaling must be TYPE:FACTOR with TYPE linear, dynamic or yarn \(longrope takes per-dimension factors, "
      r"which only a config\.json can give\), got 'longrope:4'$"),
-    (["generate", *QUICK, "--rope-scaling", "linear:2", "--prompt", "x" * 8400, "--gen-length", "128",
+    (["generate", *QUICK, "--rope-scaling", "linear:2", "--prompt", "\u4e00" * 8400, "--gen-length", "128",
       "--steps", "128"],
      r"--prompt \(8,401 tokens\) and --gen-length \(128\) make 8,529 tokens, more than the model's maximum of "
      r"8,412 positions \(4,206 original positions x linear RoPE scaling factor 2\)$"),
+    (["generate", *QUICK, "--prompt", "Hello, world"],
+     r"--prompt must be text the model's tokenizer can encode, got 12 of 13 tokens unknown \(<\|unk\|>\)"),
+    (["generate", *QUICK, "--prompt", "  "], r"--prompt must hold some text, got an empty prompt$"),
     (["generate", *QUICK, "--threshold", "0.5"],
      r"--steps and --threshold exclude each other: .* got --steps 2 and --threshold 0.5$"),
     (["generate", *QUICK_THRESHOLD, "0"], r"--threshold must be in \(0, 1\], got 0.0$"),
@@ -131,6 +134,8 @@ BAD_INPUTS = [
     (["demo", "--out", "/nonexistent/dir/blocks.png"],
      r"--out must be a file path in an existing directory, got /nonexistent/dir/blocks\.png"),
     (["demo", "--model", "/nonexistent/model"], r"--model must be a model directory holding config\.json"),
+    (["demo", "--out", "blocks.xyz"], r"^sparsed demo: error: --out must name a \.png file, got blocks\.xyz$"),
+    (["demo", "--out", "blocks"], r"--out must name a \.png file, got blocks$"),
     (["demo", "--prompts", "x"], r"^sparsed demo: error: argument --prompts: invalid int value: 'x'$"),
     (["demo", "--bogus"], r"^sparsed: error: unrecognized arguments: --bogus$"),
 ]  # fmt: skip
@@ -241,7 +246,7 @@ def test_generate_with_threshold_decoding_and_a_cache(capsys):
     """The shipped LLaDA model: threshold decoding with each cache and sparsed runs and prints one
     line (the sampler is tested in test_threshold.py; this checks the flags reach it)."""
     for cache in ("none", "dual"):
-        argv = ["generate", "--model", SHIPPED, "--prompt", "a? b", "--gen-length", "8", "--block-length", "4",
+        argv = ["generate", "--model", SHIPPED, "--prompt", "\u4e00\u4e01?", "--gen-length", "8", "--block-length", "4",
                 "--threshold", "0.9", "--kv-cache", cache, "--dtype", "float32", "--device", "cpu",
                 "--no-progress"]  # fmt: skip
         assert main(argv) == 0

@@ -211,7 +211,7 @@ def _draw_blocks(state, layer: int, heads: list[int], path: Path, title: str, ma
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no picture (pip install 'sparsed_backend[demo]')")
+        print("matplotlib is not installed: no picture (pip install -e '.[demo]' from a clone)")
         return None
     table = state.layers[layer].table[0].float().cpu()  # (H, nQ, nKV)
     answer_block, record_block = marks
@@ -247,6 +247,8 @@ def demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UsageError(f"--out must be a file path in an existing directory, got {args.out} (no such directory)")
+    if out.suffix.lower() != ".png":  # checked before the run, not by matplotlib after it
+        raise UsageError(f"--out must name a .png file, got {args.out}")
     config = _model_config(path, ("llada",))
     limit = position_limit(config)
     longest = limit - VALUE_LEN
@@ -371,9 +373,17 @@ def generate(args: argparse.Namespace) -> int:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise UsageError(f"--model: no tokenizer could be loaded from {path}: {str(err).splitlines()[0]}") from None
+    if not args.prompt.strip():
+        raise UsageError("--prompt must hold some text, got an empty prompt")
     ids = tok(args.prompt, return_tensors="pt", verbose=False)["input_ids"]
     if ids.shape[1] == 0:
         raise UsageError("--prompt must hold at least one token, got an empty prompt")
+    unknown = int((ids == tok.unk_token_id).sum()) if tok.unk_token_id is not None else 0
+    if unknown:
+        raise UsageError(
+            f"--prompt must be text the model's tokenizer can encode, got {unknown} of {ids.shape[1]} tokens "
+            f"unknown ({tok.unk_token}); the shipped demo model reads only its retrieval symbols (sparsed demo)"
+        )
     limit = position_limit(config)
     if limit is not None and ids.shape[1] + args.gen_length > limit:
         raise UsageError(

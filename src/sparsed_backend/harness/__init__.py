@@ -7,7 +7,7 @@ retrieval tasks.
 - `sparsed_backend.harness.task_data`: the shipped retrieval tasks' data (JSONL) and its generator;
 - `sparsed_backend.harness.cli`: ``sparsed-eval``, lm-eval's CLI with our model and tasks.
 
-Only ``model`` and ``cli`` import lm_eval (``pip install "sparsed_backend[eval]"``); this
+Only ``model`` and ``cli`` import lm_eval (``pip install -e ".[eval]"`` from a clone); this
 package's ``__init__`` does not, and ``import sparsed_backend`` never imports this package.
 """
 
