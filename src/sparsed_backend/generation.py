@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._ranking import top_count
-from ._validate import check_float, check_int
+from ._validate import check_float, check_int, check_number
 from .config import SparseDConfig
 from .kv_cache import BlockKVCache, check_kv_cache
 from .models.rope import position_limit, position_limit_note
@@ -274,9 +274,10 @@ def _check_schedule(steps: int | None, threshold: float | None) -> tuple[int | N
         if steps is None:
             raise ValueError("steps is required (a fixed schedule), unless threshold is given")
         return check_int("steps", steps, 1), None
-    threshold = check_float("threshold", threshold, 0.0, 1.0)
-    if threshold == 0.0:
-        raise ValueError("threshold must be in (0, 1], got 0.0")
+    check_number("threshold", threshold)  # a finite real number
+    threshold = float(threshold)
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
     if steps is not None:
         raise ValueError(
             f"steps={steps} and threshold={threshold} exclude each other: threshold decoding takes as many "
