@@ -7,9 +7,9 @@ default grid), and reports exact match with its 95% Wilson interval:
 
 - ``none``: no scaling; the position limit is raised by hand (``max_sequence_length``) so that
   the model runs on positions it never saw, as a user editing config.json would;
-- ``linear:F``, ``dynamic:F``, ``yarn:F``: ``rope_scaling = {"rope_type": ..., "factor": F,
-  "original_max_position_embeddings": 4206}`` in the config, as a checkpoint's config.json
-  spells it; the scaled position limit then covers ``F x 4206`` positions;
+- ``linear:F``, ``dynamic:F``, ``yarn:F``: the scaling ``{"rope_type": ..., "factor": F}`` applied
+  from the trained length (`models.rope.with_rope_scaling`, what ``--rope-scaling`` does); the
+  scaled position limit then covers ``F x 4206`` positions;
 - ``ntk:F``: NTK-aware scaling by theta alone, ``rope_theta x F ** (d / (d - 2))`` (d the head
   dimension), with the limit raised by hand as for ``none``.
 
@@ -32,6 +32,7 @@ from sparsed_backend._progress import progress
 from sparsed_backend.demo import model_path
 from sparsed_backend.demo.evaluate import answer_prompts, wilson_interval
 from sparsed_backend.demo.task import VALUE_LEN, sample_prompts
+from sparsed_backend.models.rope import with_rope_scaling
 
 TYPES = ("none", "linear", "dynamic", "yarn", "ntk")
 
@@ -55,8 +56,8 @@ def scaled_config(path, kind: str, factor: float, longest: int):
     cfg = AutoConfig.from_pretrained(path)
     trained = cfg.max_sequence_length
     if kind in ("linear", "dynamic", "yarn"):
-        cfg.rope_scaling = {"rope_type": kind, "factor": factor, "original_max_position_embeddings": trained}
-    elif kind == "ntk":
+        return with_rope_scaling(cfg, {"rope_type": kind, "factor": factor})  # from the trained length
+    if kind == "ntk":
         head_dim = cfg.d_model // cfg.n_heads
         cfg.rope_theta = cfg.rope_theta * factor ** (head_dim / (head_dim - 2))
     if kind in ("none", "ntk"):  # no scaled limit: raised by hand, as a user would

@@ -15,7 +15,7 @@ from sparsed_backend.config import SparseDConfig
 from sparsed_backend.generation import dream_generate, llada_generate
 from sparsed_backend.kv_cache import BlockKVCache
 from sparsed_backend.state import SparseDState
-from tiny_models import MASK_ID, PAD_ID, tiny_model
+from tiny_models import MASK_ID, padded_pair, tiny_model
 
 GENERATE = {"llada": llada_generate, "dream": dream_generate}
 P, G, BL = 16, 32, 16  # prompt, generated tokens, block length: the shapes test_generation uses
@@ -23,11 +23,7 @@ P, G, BL = 16, 32, 16  # prompt, generated tokens, block length: the shapes test
 
 def prompts(seed: int = 0):
     """Two prompts, the second left padded by 6: ids (2, P), mask (2, P)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, MASK_ID, (2, P), generator=g)
-    mask = torch.ones(2, P, dtype=torch.long)
-    ids[1, :6], mask[1, :6] = PAD_ID, 0
-    return ids, mask
+    return padded_pair(seed, P, 6)
 
 
 def with_attn(kind: str, attn: str):

@@ -8,7 +8,7 @@ import torch
 import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
 from sparsed_backend import SparseDConfig, SparseDState
 from sparsed_backend.generation import dream_generate, llada_generate
-from tiny_models import MASK_ID, PAD_ID, tiny_model
+from tiny_models import MASK_ID, padded_pair, tiny_model
 
 P, G, BL = 16, 32, 16
 GENERATE = {"llada": llada_generate, "dream": dream_generate}
@@ -19,11 +19,7 @@ THRESHOLD = {"llada": 0.4, "dream": 0.2}
 
 def prompts(seed: int = 0):
     """Two prompts, the second left padded by 6: ids (2, P), mask (2, P)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, MASK_ID, (2, P), generator=g)
-    mask = torch.ones(2, P, dtype=torch.long)
-    ids[1, :6], mask[1, :6] = PAD_ID, 0
-    return ids, mask
+    return padded_pair(seed, P, 6)
 
 
 def args(kind: str, **overrides) -> dict:

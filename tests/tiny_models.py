@@ -216,6 +216,16 @@ def write_checkpoint(path: Path, kind: str, cfg: dict | None = None, seed: int =
     return sd
 
 
+def padded_pair(seed: int = 0, length: int = 16, pad: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random prompts of ``length`` tokens, the second left padded by ``pad``: ids and mask
+    (2, length)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, MASK_ID, (2, length), generator=g)
+    mask = torch.ones(2, length, dtype=torch.long)
+    ids[1, :pad], mask[1, :pad] = PAD_ID, 0
+    return ids, mask
+
+
 @functools.cache
 def tiny_model(kind: str, seed: int = 0):
     """A float32 tiny model (cached; callers set the attention implementation they need)."""
