@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,10 @@ BAD_INPUTS = [
      r"--kv-cache prefix needs --block-length with a Dream checkpoint"),
     (["generate", "--model", "{config_only}", "--prompt", "hi", "--device", "cpu"],
      r"--model: no tokenizer could be loaded from "),
+    (["generate", "--model", "{no_weights}", "--prompt", "\u4e00\u4e01?", "--device", "cpu"],
+     r"--model must hold the weights \(\*\.safetensors\), got none in .*no_weights$"),
+    (["generate", "--model", "{corrupt_weights}", "--prompt", "\u4e00\u4e01?", "--device", "cpu"],
+     r"--model: cannot load the weights in .*corrupt_weights: Error while deserializing header"),
     (["generate", "--model", SHIPPED, "--prompt", "hi", "--attn", "flash"],
      r"^sparsed generate: error: argument --attn: invalid choice: 'flash'"),
     # bench
@@ -151,6 +156,15 @@ def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, capsys):
              "config_only": str(tmp_path / "config_only")}  # fmt: skip
     if "{dream}" in argv:
         paths["dream"] = _dream_checkpoint(tmp_path / "dream")
+    for name in ("no_weights", "corrupt_weights"):  # the shipped checkpoint without readable weights
+        if "{" + name + "}" in argv:
+            shutil.copytree(SHIPPED, tmp_path / name)
+            weights = tmp_path / name / "model.safetensors"
+            if name == "no_weights":
+                weights.unlink()
+            else:
+                weights.write_bytes(weights.read_bytes()[:1000])
+            paths[name] = str(tmp_path / name)
     argv = [a.format(**paths) if a.startswith("{") else a for a in argv]
     status, out, err = run_main(argv, capsys)
     assert_one_line_error(status, err, message)

@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -579,6 +580,25 @@ def test_import_keeps_lm_eval_optional_and_builtin_models_registered():
     assert out.returncode == 0, out.stderr
     # lm-eval's own models stay registered (materializing "hf" needs lm-eval[hf]: accelerate).
     assert out.stdout.split() == ["DummyLM", "DiffusionLM"]
+
+
+def test_bad_model_args_are_one_line_in_sparsed_eval(tmp_path):
+    """As a user runs it (the console script): no traceback, exit status 2, the arg named."""
+    _lm_eval()
+    exe = _bin("sparsed-eval")
+    cases = [
+        ("pretrained={shipped},steps=0", r"^sparsed-eval: error: model arg steps: expected an int >= 1, got 0$"),
+        ("pretrained={shipped},attn=sparsed,prompt_end_offset=500",
+         r"^sparsed-eval: error: model args: prompt_end_offset must be None, 'middle' or an int in \[0, "),
+        ("pretrained=/nonexistent/model", r"^sparsed-eval: error: model arg pretrained: expected a checkpoint"),
+    ]  # fmt: skip
+    env = {**os.environ, **OFFLINE, "PYTHONWARNINGS": "ignore"}
+    for model_args, message in cases:
+        cmd = [exe, "--model", "sparsed-dlm", "--model_args", model_args.format(shipped=model_path()),
+               "--tasks", "sparsed_retrieval_1024", "--limit", "1", "--device", "cpu"]  # fmt: skip
+        out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert re.search(message, out.stderr.strip().splitlines()[-1], re.M), out.stderr[-1000:]
 
 
 def test_sparsed_eval_runs_the_task_end_to_end_offline_from_any_directory(tmp_path):

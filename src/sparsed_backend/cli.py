@@ -131,6 +131,20 @@ def _model_config(path: Path, model_types: tuple[str, ...]):
     return config
 
 
+def _load_weights(path: Path, **kwargs) -> torch.nn.Module:
+    """``AutoModel.from_pretrained(path, **kwargs)`` in eval mode; missing or unreadable weights
+    are a UsageError naming --model."""
+    from safetensors import SafetensorError
+    from transformers import AutoModel
+
+    if not any(Path(path).glob("*.safetensors")) and not any(Path(path).glob("*.bin")):
+        raise UsageError(f"--model must hold the weights (*.safetensors), got none in {path}")
+    try:
+        return AutoModel.from_pretrained(path, **kwargs).eval()
+    except (OSError, SafetensorError) as err:  # a truncated or corrupt weights file
+        raise UsageError(f"--model: cannot load the weights in {path}: {str(err).splitlines()[0]}") from None
+
+
 def _quiet_loading(args: argparse.Namespace) -> None:
     """transformers' own bars (loading weights) follow the same switch as ours."""
     if not progress_wanted(not args.no_progress):
@@ -230,7 +244,6 @@ def _draw_blocks(state, layer: int, heads: list[int], path: Path, title: str, ma
 
 
 def demo(args: argparse.Namespace) -> int:
-    from transformers import AutoModel
 
     from .demo import model_path
     from .demo.evaluate import answer_prompts, wilson_interval
@@ -262,7 +275,7 @@ def demo(args: argparse.Namespace) -> int:
     with _flags():
         check_int("--layer", layer, 0, config.n_layers - 1)
     _quiet_loading(args)
-    model = AutoModel.from_pretrained(path, attn_implementation="sparsed", dtype=torch.float32).eval()
+    model = _load_weights(path, attn_implementation="sparsed", dtype=torch.float32)
     torch.manual_seed(args.seed)
     with _flags(seed="--seed"):
         prompts = sample_prompts(args.length, args.prompts, n_records=args.records, seed=args.seed)
@@ -329,7 +342,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .generation import dream_generate, llada_generate
 
@@ -396,7 +409,7 @@ def generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--prompt must not contain the mask token (id {mask_id}), got a prompt that does")
     dtype = getattr(torch, args.dtype)
     _quiet_loading(args)
-    model = AutoModel.from_pretrained(path, config=config, attn_implementation=args.attn, dtype=dtype).eval()
+    model = _load_weights(path, config=config, attn_implementation=args.attn, dtype=dtype)
     model.to(device)
     ids = ids.to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)

@@ -33,12 +33,16 @@ def main(argv: list[str] | None = None) -> None:
     """Register ``sparsed-dlm`` (after lm-eval's own models) and run lm-eval's CLI."""
     from lm_eval.__main__ import cli_evaluate
 
-    from . import model  # noqa: F401  (imports lm_eval.models, then registers sparsed-dlm)
+    from .model import ModelArgError  # imports lm_eval.models, then registers sparsed-dlm
 
     args = sys.argv[1:] if argv is None else argv
     # lm-eval's parser reads sys.argv itself.
     sys.argv = [sys.argv[0] if sys.argv else "sparsed-eval", *_with_tasks(list(args))]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ModelArgError as err:  # a user error in --model_args: one line, no traceback
+        print(f"sparsed-eval: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -46,8 +46,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ------------------------------------------------------------------------------ argument parsing
 
 
-def _fail(name: str, expected: str, value: object) -> ValueError:
-    return ValueError(f"model arg {name}: expected {expected}, got {value!r}")
+class ModelArgError(ValueError):
+    """A user error in ``--model_args``: `sparsed-eval` prints it as one line (exit status 2)."""
+
+
+def _fail(name: str, expected: str, value: object) -> ModelArgError:
+    return ModelArgError(f"model arg {name}: expected {expected}, got {value!r}")
 
 
 def _int(name: str, value: object, minimum: int) -> int:
@@ -171,10 +175,13 @@ class DiffusionLM(LM):
         }  # fmt: skip
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(f"unknown model args {unknown}; sparsed-dlm takes pretrained and {sorted(known)}")
+            raise ModelArgError(f"unknown model args {unknown}; sparsed-dlm takes pretrained and {sorted(known)}")
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(pretrained)
+        try:
+            config = AutoConfig.from_pretrained(pretrained)
+        except (OSError, ValueError) as err:  # no such directory or Hub id, an unreadable config
+            raise _fail("pretrained", "a checkpoint directory (or Hub id)", f"{pretrained}: {err}") from None
         self.family = FAMILIES.get(getattr(config, "model_type", None))
         if self.family is None:
             raise _fail("pretrained", f"a checkpoint with model_type in {tuple(FAMILIES)}", config.model_type)
@@ -222,18 +229,21 @@ class DiffusionLM(LM):
                 fields["keep_diagonal"] = _bool("keep_diagonal", kw["keep_diagonal"])
             if "prompt_end_offset" in kw:
                 fields["prompt_end_offset"] = _grid_offset(kw["prompt_end_offset"])
-            self.sparsed = SparseDConfig(**fields)
+            try:
+                self.sparsed = SparseDConfig(**fields)
+            except (TypeError, ValueError) as err:  # a SparseDConfig rule, e.g. an offset past block_size
+                raise ModelArgError(f"model args: {err}") from None
         else:
             given = [k for k in sparse_keys if k in kw]
             if given:
-                raise ValueError(f"model args {given} are SparseD settings: they need attn=sparsed, got attn=dense")
+                raise ModelArgError(f"model args {given} are SparseD settings: they need attn=sparsed, got attn=dense")
 
         self.gen_length = _int("gen_length", kw.get("gen_length", 128), 1)
         self.threshold = None
         if kw.get("threshold") is not None:
             self.threshold = _float("threshold", kw["threshold"], 0.0, 1.0, open_low=True)
             if kw.get("steps") is not None:
-                raise ValueError(
+                raise ModelArgError(
                     f"model args steps={kw['steps']} and threshold={self.threshold} exclude each other: threshold "
                     "decoding takes as many steps as each block needs"
                 )
@@ -243,7 +253,7 @@ class DiffusionLM(LM):
         own_keys = {"llada": ("remasking",), "dream": ("alg", "alg_temp", "top_p", "top_k")}
         wrong = [k for k in own_keys[other] if k in kw]
         if wrong:
-            raise ValueError(f"model args {wrong} belong to the {other} sampler; this checkpoint is {self.family}")
+            raise ModelArgError(f"model args {wrong} belong to the {other} sampler; this checkpoint is {self.family}")
         cache = _choice("kv_cache", kw.get("kv_cache", "none"), ("none", "prefix", "dual"))
         self.kv_cache = None if cache == "none" else cache
         check_cache_with_sparsed(self.kv_cache, self.sparsed)  # the samplers' rule, checked before loading
