@@ -6,6 +6,10 @@ flag, path or device raises `UsageError`, which `main` prints as one line naming
 was expected, what was received) before exiting with status 2. Errors that library code raises
 about an argument are renamed to the flag that fed it (`_flags`); any other exception is a bug
 and keeps its traceback.
+
+Over 400 lines: three commands with their checks, and the demo's drawing and step timer, which
+belong elsewhere (the layout issue moves them); until then they stay here, each used only here
+and by one benchmark.
 """
 
 from __future__ import annotations

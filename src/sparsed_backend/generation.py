@@ -14,7 +14,7 @@ syncs:
   gathering the masked positions with a data-dependent boolean index;
 - nothing in the loop reads a value back to the host (no ``.item()``, ``.tolist()``, ``int()``
   of a device tensor), except under ``threshold`` decoding, whose steps read back one small
-  tensor (the masks left, `_ThresholdClock`) to end each block.
+  tensor (the masks left, `ThresholdClock`) to end each block.
 - under tensor parallelism (a model loaded with a TP plan) the first rank of the TP group
   decides every step's tokens and broadcasts them, so all ranks keep the same sequence
   whatever their generators hold (see ``tensor_parallel.py``).
@@ -24,306 +24,41 @@ Batches are LEFT padded: ``attention_mask`` (B, P) marks real prompt tokens; pos
 changed. One transformers-internal sync remains: with padding, transformers' sdpa/eager mask
 builders call ``padding_mask.all()`` once per forward (to skip an all-ones mask). A batch
 without padding is detected once before the loop and runs with no mask at all.
+
+Over 400 lines on purpose: each sampler's loop stays whole, to be read side by side with its
+official counterpart. What both share lives in `_sampling` (validation, canvas, runner, output)
+and `_threshold` (threshold decoding).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._ranking import top_count
-from ._validate import check_float, check_int, check_number
+from ._sampling import (
+    DiffusionGenerationOutput,
+    Runner,
+    build_output,
+    cache_window,
+    check_cache_with_sparsed,
+    check_length,
+    check_model,
+    prepare_canvas,
+    resolve_mask_id,
+    runs_full_forward,
+    tensor_parallel_sync,
+)
+from ._threshold import ThresholdClock, check_schedule, threshold_transfer
+from ._validate import check_float, check_int
 from .config import SparseDConfig
 from .kv_cache import BlockKVCache, check_kv_cache
-from .models.rope import position_limit, position_limit_note
 from .state import SparseDState
-from .tensor_parallel import RankSync, rank_sync
 
 __all__ = ["DiffusionGenerationOutput", "check_cache_with_sparsed", "dream_generate", "llada_generate"]
 
 LLADA_REMASKING = ("low_confidence", "random")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
-
-
-@dataclass
-class DiffusionGenerationOutput:
-    """What a sampler returns with ``return_dict_in_generate=True``.
-
-    Attributes:
-        sequences: (B, P + G) the (padded) prompt followed by the generated tokens.
-        sparsed_state: the SparseD schedule that ran (``.switch`` is the switch step,
-            ``.density()`` the kept share of key blocks), or None without ``sparsed``.
-        num_forwards: model forwards run (one per denoising step; CFG batches its two halves).
-        history: with ``output_history=True``, the sequences after every step.
-        kv_cache: with ``kv_cache``, the BlockKVCache that ran (``.refreshes`` full forwards,
-            ``.memory_bytes()`` held at the end).
-        block_steps: denoising steps each decoding block took (fixed schedules: ``steps /
-            num_blocks`` each; ``threshold``: as many as the block needed).
-    """
-
-    sequences: torch.LongTensor
-    sparsed_state: SparseDState | None
-    num_forwards: int
-    history: tuple[torch.LongTensor, ...] | None = None
-    kv_cache: BlockKVCache | None = None
-    block_steps: tuple[int, ...] = ()
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _check_model(model: nn.Module, sparsed: SparseDConfig | None) -> None:
-    causal = [name for name, m in model.named_modules() if getattr(m, "is_causal", False) is True]
-    if causal:
-        raise ValueError(
-            "model attention must be bidirectional (is_causal=False) for diffusion sampling, "
-            f"got is_causal=True in {causal[0]!r}"
-        )
-    if sparsed is not None:
-        if not isinstance(sparsed, SparseDConfig):
-            raise TypeError(f"sparsed must be a SparseDConfig or None, got {type(sparsed).__name__}")
-        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        if impl != "sparsed":
-            raise ValueError(
-                "sparsed is given but the model's attention implementation is "
-                f"{impl!r}, expected 'sparsed' (load with attn_implementation='sparsed' or call "
-                "model.set_attn_implementation('sparsed'))"
-            )
-
-
-def _prepare(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    mask_id: int,
-    gen_length: int,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Validate the prompt batch and lay out the canvas.
-
-    Returns:
-        x: (B, P + G) prompt then ``gen_length`` mask tokens.
-        mask: (B, P + G) 2D attention mask, or None when no row is padded.
-        position_ids: (B, P + G) cumsum(mask) - 1 clamped at 0, or None when no row is padded.
-        prompt_index: (B, P + G) bool, True on real prompt tokens.
-    """
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be 2D (batch, prompt_len), got shape {tuple(input_ids.shape)}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-    batch, prompt_len = input_ids.shape
-    if batch == 0 or prompt_len == 0:
-        raise ValueError(f"input_ids must have batch >= 1 and prompt length >= 1, got shape {tuple(input_ids.shape)}")
-    device = getattr(model, "device", None)
-    if device is not None and torch.device(device) != input_ids.device:
-        raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
-            raise ValueError(
-                f"attention_mask must be a tensor of shape {tuple(input_ids.shape)} (like input_ids), got {got!r}"
-            )
-        real = attention_mask.to(device=input_ids.device).long()
-        # Validation reads the mask back once, before the step loop.
-        if not bool(((real == 0) | (real == 1)).all()):
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
-        if not bool((real[:, 1:] >= real[:, :-1]).all()) or not bool(real[:, -1].all()):
-            raise ValueError(
-                "attention_mask must be LEFT padded (zeros, then ones, ending with a real token) for every row; "
-                'set tokenizer.padding_side = "left", or pass padding_side="left" when tokenizing the batch'
-            )
-        if bool(real.all()):
-            real = None  # no padding: run without a mask (no per-forward mask build or sync)
-    else:
-        real = None
-    prompt_real = torch.ones_like(input_ids, dtype=torch.bool) if real is None else real.bool()
-    if bool(((input_ids == mask_id) & prompt_real).any()):
-        raise ValueError(f"the prompt must not contain the mask token (id {mask_id}); found it in input_ids")
-
-    x = F.pad(input_ids.long(), (0, gen_length), value=mask_id)
-    prompt_index = F.pad(prompt_real, (0, gen_length), value=False)
-    if real is None:
-        return x, None, None, prompt_index
-    mask = F.pad(real, (0, gen_length), value=1)
-    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-    return x, mask, position_ids, prompt_index
-
-
-def _check_length(model: nn.Module, prompt_len: int, gen_length: int, gen_name: str) -> None:
-    """Refuse a canvas longer than the model's position limit (`models.rope.position_limit`:
-    ``max_position_embeddings``, LLaDA's ``max_sequence_length``, or original x factor under a
-    RoPE scaling): RoPE would run, but on positions the model never saw."""
-    config = getattr(model, "config", None)
-    limit = position_limit(config)
-    if limit is not None and prompt_len + gen_length > limit:
-        raise ValueError(
-            f"prompt length {prompt_len:,} + {gen_name} {gen_length:,} = {prompt_len + gen_length:,} tokens, more "
-            f"than the model's position limit of {limit:,} ({position_limit_note(config)}): shorten the prompt, "
-            "generate fewer tokens or extend the positions with a RoPE scaling (docs/long_context.md)"
-        )
-
-
-def check_cache_with_sparsed(kv_cache: str | None, sparsed: SparseDConfig | None) -> None:
-    """What a K/V cache cannot combine with: a selection at every step."""
-    if kv_cache is None or sparsed is None:
-        return
-    if sparsed.reselect:
-        raise ValueError("sparsed.reselect=True needs a full forward at every step; it cannot run with kv_cache")
-
-
-def _tensor_parallel(model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> RankSync | None:
-    """For a tensor-parallel model: check that every rank got the same prompt batch and return
-    the RankSync through which the first rank's tokens are shared after each step."""
-    sync = rank_sync(model)
-    if sync is not None:
-        sync.check_same("input_ids", x)
-        sync.check_same("attention_mask", mask)
-    return sync
-
-
-def _mask_id(model: nn.Module, mask_id: int | None, name: str) -> int:
-    if mask_id is None:
-        mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
-        if mask_id is None:
-            raise ValueError(f"{name} is None and model.config.mask_token_id is not set")
-    return check_int(name, mask_id, 0)
-
-
-class _Runner:
-    """Calls the model once per step with the fixed inputs and advances the SparseD state.
-
-    With a ``BlockKVCache`` a call either refreshes (``window=None``: the whole sequence, its
-    K/V kept) or runs only the positions ``[start, stop)`` of ``window`` against the cache.
-    """
-
-    def __init__(self, model, mask, position_ids, state: SparseDState | None, cfg: bool = False, cache=None):
-        self.model, self.state, self.cache = model, state, cache
-        self.mask = mask if mask is None or not cfg else torch.cat([mask, mask])
-        self.position_ids = position_ids if position_ids is None or not cfg else torch.cat([position_ids] * 2)
-        self.kwargs = {} if state is None else {"sparsed_state": state}
-        if cache is not None:
-            self.kwargs["kv_cache"] = cache
-        self.forwards = 0
-
-    def __call__(self, x: torch.Tensor, keep: torch.Tensor, window: tuple[int, int] | None = None) -> torch.Tensor:
-        """x (B', L), keep (K,) sequence indices -> logits (B', K, V)."""
-        position_ids = self.position_ids
-        if self.cache is not None:
-            if window is None:
-                self.cache.refresh()
-            else:
-                start, stop = window
-                self.cache.set_window(start, stop)
-                x, keep = x[:, start:stop], keep - start
-                position_ids = None if position_ids is None else position_ids[:, start:stop]
-        logits = self.model(
-            input_ids=x,
-            attention_mask=self.mask,
-            position_ids=position_ids,
-            logits_to_keep=keep,
-            **self.kwargs,
-        ).logits
-        if self.state is not None:
-            self.state.advance()
-        self.forwards += 1
-        return logits
-
-
-def _cache_window(mode: str, need: tuple[int, int], block: tuple[int, int], length: int):
-    """Positions a cached step runs: the logits it needs and the block whose tokens change; the
-    rest of the sequence comes from the cache ("prefix": everything after the block is run too).
-
-    The window is the same with and without sparsed: a window that begins inside a block of the
-    selection's grid gets zero query rows in front (`LayerSelection.window_mask`), so dense and
-    sparse caching approximate the same way.
-    """
-    start = min(need[0], block[0])
-    stop = length if mode == "prefix" else max(need[1], block[1])
-    return start, stop
-
-
-def _refreshes(step_in_block: int, state: SparseDState | None) -> bool:
-    """Whether a cached step runs the whole sequence: a block's first step, and the SparseD
-    switch step (block selection needs every query row), which keeps the paper's schedule."""
-    return step_in_block == 0 or (state is not None and state.mode == "switch")
-
-
-def _output(x, state, runner, history, return_dict_in_generate, block_steps):
-    if not return_dict_in_generate:
-        return x
-    return DiffusionGenerationOutput(
-        sequences=x,
-        sparsed_state=state,
-        num_forwards=runner.forwards,
-        history=None if history is None else tuple(history),
-        kv_cache=runner.cache,
-        block_steps=tuple(block_steps),
-    )
-
-
-# ------------------------------------------------------------------- threshold decoding
-
-
-def _check_schedule(steps: int | None, threshold: float | None) -> tuple[int | None, float | None]:
-    """A fixed schedule (``steps``) or confidence-threshold decoding (``threshold``), not both."""
-    if threshold is None:
-        if steps is None:
-            raise ValueError("steps is required (a fixed schedule), unless threshold is given")
-        return check_int("steps", steps, 1), None
-    check_number("threshold", threshold)  # a finite real number
-    threshold = float(threshold)
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
-    if steps is not None:
-        raise ValueError(
-            f"steps={steps} and threshold={threshold} exclude each other: threshold decoding takes as many "
-            "steps as each block needs (at most its length); pass steps=None"
-        )
-    return None, threshold
-
-
-def _threshold_transfer(confidence: torch.Tensor, is_masked: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(B, L) bool: the masked positions whose confidence reaches ``threshold``, and in every row
-    that still has a masked position at least its most confident one."""
-    score = torch.where(is_masked, confidence.float(), -torch.inf)
-    best = torch.zeros_like(is_masked).scatter_(-1, score.argmax(-1, keepdim=True), True)
-    return is_masked & ((score >= threshold) | best)
-
-
-class _ThresholdClock:
-    """Threshold decoding's host bookkeeping: one read-back per step (the masks left in the
-    block, and the share of every row's generated tokens decoded so far), which ends the block
-    and places SparseD's switch.
-
-    SparseD's ``skip`` with a schedule of unknown length: the switch is the first step that
-    begins with at least ``skip`` of each row's generated tokens decoded (with LLaDA's fixed
-    schedule at one token per step, that is the paper's step rule). With a K/V cache it waits
-    for the next block's first step, a refresh the cache needs anyway; only when no block
-    start is left does it refresh at once (one extra full forward).
-    """
-
-    def __init__(self, state: SparseDState | None, mask_id: int, gen_start: int, cached: bool) -> None:
-        self.state, self.mask_id, self.gen_start, self.cached = state, mask_id, gen_start, cached
-        self.decoded = 0.0  # the least decoded share of a row's generated tokens
-
-    def place_switch(self, first_step_of_block: bool, blocks_after: int) -> None:
-        state = self.state
-        if state is None or state.switch is not None or self.decoded < state.config.skip:
-            return
-        if self.cached and not first_step_of_block and blocks_after > 0:
-            return
-        state.switch_here()
-
-    def block_done(self, x: torch.Tensor, start: int, stop: int) -> bool:
-        """After a step: read back the masks left in [start, stop) and the decoded share."""
-        gen = x[:, self.gen_start :] != self.mask_id
-        left, decoded = torch.stack([(x[:, start:stop] == self.mask_id).sum(-1), gen.sum(-1)]).tolist()
-        self.decoded = min(decoded) / gen.shape[1]
-        return max(left) == 0
 
 
 # ----------------------------------------------------------------------------------- LLaDA
@@ -404,13 +139,13 @@ def llada_generate(
             confident one per row, until the block holds no mask (at most ``block_length``
             steps). Rows of a padded batch finish at different steps; a finished row stays as
             it is. Reads back one small tensor per step (to end the block). With ``sparsed``
-            the switch follows `_ThresholdClock`.
+            the switch follows `ThresholdClock`.
         output_history / return_dict_in_generate: see :class:`DiffusionGenerationOutput`.
 
     Returns:
         (B, P + gen_length) token ids, or a DiffusionGenerationOutput.
     """
-    steps, threshold = _check_schedule(steps, threshold)
+    steps, threshold = check_schedule(steps, threshold)
     gen_length = check_int("gen_length", gen_length, 1)
     block_length = gen_length if block_length is None else check_int("block_length", block_length, 1)
     if gen_length % block_length != 0:
@@ -431,21 +166,21 @@ def llada_generate(
     kv_cache = check_kv_cache(kv_cache)
     if kv_cache is not None and cfg_scale > 0:
         raise ValueError(f"kv_cache={kv_cache!r} does not support classifier-free guidance (cfg_scale={cfg_scale})")
-    mask_id = _mask_id(model, mask_id, "mask_id")
-    _check_model(model, sparsed)
-    x, mask, position_ids, prompt_index = _prepare(model, input_ids, attention_mask, mask_id, gen_length)
-    _check_length(model, input_ids.shape[1], gen_length, "gen_length")
-    sync = _tensor_parallel(model, x, mask)
+    mask_id = resolve_mask_id(model, mask_id, "mask_id")
+    check_model(model, sparsed)
+    x, mask, position_ids, prompt_index = prepare_canvas(model, input_ids, attention_mask, mask_id, gen_length)
+    check_length(model, input_ids.shape[1], gen_length, "gen_length")
+    sync = tensor_parallel_sync(model, x, mask)
 
     prompt_len = input_ids.shape[1]
     state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
     check_cache_with_sparsed(kv_cache, sparsed)
     cache = None if kv_cache is None else BlockKVCache(kv_cache)
-    run = _Runner(model, mask, position_ids, state, cfg=cfg_scale > 0, cache=cache)
+    run = Runner(model, mask, position_ids, state, cfg=cfg_scale > 0, cache=cache)
     # Every block starts fully masked (the prompt holds no mask token), so a fixed schedule is
     # the same for all rows and all blocks, and known here on the host.
     schedule = None if steps is None else llada_transfer_schedule(block_length, steps // num_blocks)
-    clock = None if threshold is None else _ThresholdClock(state, mask_id, prompt_len, kv_cache is not None)
+    clock = None if threshold is None else ThresholdClock(state, mask_id, prompt_len, kv_cache is not None)
     history = [] if output_history else None
     block_steps = []
 
@@ -453,7 +188,7 @@ def llada_generate(
         start = prompt_len + b * block_length
         keep = torch.arange(start, start + block_length, device=x.device)
         stop = start + block_length
-        window = None if kv_cache is None else _cache_window(kv_cache, (start, stop), (start, stop), x.shape[1])
+        window = None if kv_cache is None else cache_window(kv_cache, (start, stop), (start, stop), x.shape[1])
         # A fixed schedule's token counts, or threshold decoding's budget of block_length steps.
         counts = schedule if clock is None else [None] * block_length
         for i, k in enumerate(counts):
@@ -465,7 +200,7 @@ def llada_generate(
                 cond_logits, uncond_logits = run(torch.cat([x, uncond]), keep).chunk(2)
                 logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
             else:
-                logits = run(x, keep, None if _refreshes(i, state) else window)  # (B, BL, V)
+                logits = run(x, keep, None if runs_full_forward(i, state) else window)  # (B, BL, V)
             if k == 0:  # more steps than tokens: this step unmasks nothing
                 if history is not None:
                     history.append(x.clone())
@@ -478,7 +213,7 @@ def llada_generate(
                 score = torch.rand(x0.shape, device=x0.device, generator=generator)
             is_masked = block == mask_id
             if k is None:
-                transfer = _threshold_transfer(score, is_masked, threshold)
+                transfer = threshold_transfer(score, is_masked, threshold)
             else:
                 score = torch.where(is_masked, score, -torch.inf)
                 chosen = torch.topk(score, k, dim=-1).indices  # k <= masked count: only masked picked
@@ -491,7 +226,7 @@ def llada_generate(
             if clock is not None and clock.block_done(x, start, stop):
                 break
         block_steps.append(i + 1)
-    return _output(x, state, run, history, return_dict_in_generate, block_steps)
+    return build_output(x, state, run, history, return_dict_in_generate, block_steps)
 
 
 # ----------------------------------------------------------------------------------- Dream
@@ -610,7 +345,7 @@ def dream_generate(
     Returns:
         (B, P + max_new_tokens) token ids, or a DiffusionGenerationOutput.
     """
-    steps, threshold = _check_schedule(steps, threshold)
+    steps, threshold = check_schedule(steps, threshold)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     if alg not in DREAM_ALGS:
         raise ValueError(f"alg must be one of {DREAM_ALGS}, got {alg!r}")
@@ -648,18 +383,18 @@ def dream_generate(
             f"steps must be divisible by the number of blocks max_new_tokens/block_length = {num_blocks}, "
             f"got steps={steps}"
         )
-    mask_token_id = _mask_id(model, mask_token_id, "mask_token_id")
-    _check_model(model, sparsed)
-    x, mask, position_ids, _ = _prepare(model, input_ids, attention_mask, mask_token_id, max_new_tokens)
-    _check_length(model, input_ids.shape[1], max_new_tokens, "max_new_tokens")
-    sync = _tensor_parallel(model, x, mask)
+    mask_token_id = resolve_mask_id(model, mask_token_id, "mask_token_id")
+    check_model(model, sparsed)
+    x, mask, position_ids, _ = prepare_canvas(model, input_ids, attention_mask, mask_token_id, max_new_tokens)
+    check_length(model, input_ids.shape[1], max_new_tokens, "max_new_tokens")
+    sync = tensor_parallel_sync(model, x, mask)
 
     prompt_len = input_ids.shape[1]
     state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
     check_cache_with_sparsed(kv_cache, sparsed)
     cache = None if kv_cache is None else BlockKVCache(kv_cache)
-    run = _Runner(model, mask, position_ids, state, cache=cache)
-    clock = None if threshold is None else _ThresholdClock(state, mask_token_id, prompt_len, kv_cache is not None)
+    run = Runner(model, mask, position_ids, state, cache=cache)
+    clock = None if threshold is None else ThresholdClock(state, mask_token_id, prompt_len, kv_cache is not None)
     # Threshold decoding's budget is block_length steps per block; a fixed schedule's grid stays
     # on the host: each step's ratio is a Python float (exactly the float32 value the official
     # sampler computes on the device), so nothing is read back.
@@ -676,18 +411,18 @@ def dream_generate(
         # stop) needs the LM head on [start - 1, stop - 1) (start >= 1: the prompt is never empty).
         need = (start - 1, stop - 1)
         keep = torch.arange(*need, device=x.device)
-        window = None if kv_cache is None else _cache_window(kv_cache, need, (start, stop), x.shape[1])
+        window = None if kv_cache is None else cache_window(kv_cache, need, (start, stop), x.shape[1])
         for i in range(steps_per_block):
             if clock is not None:
                 clock.place_switch(i == 0, num_blocks - 1 - b)
             region = x[:, start:stop]  # (B, BL)
             is_masked = region == mask_token_id
-            logits = run(x, keep, None if _refreshes(i, state) else window)  # (B, BL, V), shifted by `keep`
+            logits = run(x, keep, None if runs_full_forward(i, state) else window)  # (B, BL, V), shifted by `keep`
             last = i == steps_per_block - 1
             ratio = float(1 - timesteps[i + 1] / timesteps[i]) if not last else 1.0
             if clock is not None:
                 confidence, x0 = _sample_tokens(logits, temperature, top_p, top_k, generator, kind)
-                region = torch.where(_threshold_transfer(confidence, is_masked, threshold), x0, region)
+                region = torch.where(threshold_transfer(confidence, is_masked, threshold), x0, region)
             elif alg == "origin":
                 _, x0 = _sample_tokens(logits, temperature, top_p, top_k, generator)
                 draw = torch.rand(is_masked.shape, device=x.device, generator=generator)
@@ -714,4 +449,4 @@ def dream_generate(
             if clock is not None and clock.block_done(x, start, stop):
                 break
         block_steps.append(i + 1)
-    return _output(x, state, run, history, return_dict_in_generate, block_steps)
+    return build_output(x, state, run, history, return_dict_in_generate, block_steps)

@@ -14,6 +14,9 @@ registers `DiffusionLM` under ``sparsed-dlm``.
 
 A request longer than the model's position limit is left-truncated (`DiffusionLM._fit`), as
 lm-eval's HF model does, with a one-time warning per request type; it never aborts the run.
+
+Over 400 lines: one lm-eval model class, whose model args, loading and request types share its
+state.
 """
 
 from __future__ import annotations
