@@ -15,6 +15,7 @@ import torch
 
 import sparsed_backend
 from sparsed_backend import cli
+from sparsed_backend._validate import ArgumentTypeError, ArgumentValueError
 from sparsed_backend.cli import UsageError, _flags, main
 from sparsed_backend.demo import model_path
 
@@ -186,17 +187,22 @@ def test_the_shipped_entry_point_prints_one_line_too():
 def test_flags_renames_argument_errors_and_passes_bugs_through():
     renamed = r"^--block-size must be a positive multiple of 16, got 10$"
     with pytest.raises(UsageError, match=renamed), _flags(block_size="--block-size"):
-        raise ValueError("block_size must be a positive multiple of 16, got 10")
+        raise ArgumentValueError("block_size", "block_size must be a positive multiple of 16, got 10")
     names = {"steps": "--steps", "gen_length": "--gen-length", "block_length": "--block-length"}
     renamed = r"^--steps must .* --gen-length/--block-length = 2, got --steps=3$"
     with pytest.raises(UsageError, match=renamed), _flags(**names):
-        raise ValueError("steps must be divisible by gen_length/block_length = 2, got steps=3")
+        raise ArgumentValueError("steps", "steps must be divisible by gen_length/block_length = 2, got steps=3")
+    # The argument decides, not the wording: a reworded message stays a one-line user error.
+    with pytest.raises(UsageError, match=r"^the step count --steps=3 does not divide"), _flags(**names):
+        raise ArgumentValueError("steps", "the step count steps=3 does not divide gen_length")
     with pytest.raises(UsageError, match=r"^--prompts must be >= 1, got 0$"), _flags():
-        raise ValueError("--prompts must be >= 1, got 0")
-    with pytest.raises(ValueError, match="shapes do not match"), _flags(**names):
-        raise ValueError("shapes do not match in steps")  # not about an argument: a bug
+        raise ArgumentTypeError("--prompts", "--prompts must be >= 1, got 0")
+    with pytest.raises(ArgumentValueError, match="top_p must"), _flags(**names):
+        raise ArgumentValueError("top_p", "top_p must be in (0, 1]")  # an argument the CLI never passes: a bug
+    with pytest.raises(ValueError, match="steps must be"), _flags(**names):
+        raise ValueError("steps must be >= 1")  # not an argument error: a bug, whatever it says
     with pytest.raises(RuntimeError), _flags(**names):
-        raise RuntimeError("steps must be >= 1")  # other exception types are never user errors
+        raise RuntimeError("steps must be >= 1")
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, capsys):

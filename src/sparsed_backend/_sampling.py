@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import check_int
+from ._validate import ArgumentTypeError, ArgumentValueError, check_int
 from .config import SparseDConfig
 from .kv_cache import BlockKVCache
 from .models.rope import position_limit, position_limit_note
@@ -55,7 +55,7 @@ def check_model(model: nn.Module, sparsed: SparseDConfig | None) -> None:
         )
     if sparsed is not None:
         if not isinstance(sparsed, SparseDConfig):
-            raise TypeError(f"sparsed must be a SparseDConfig or None, got {type(sparsed).__name__}")
+            raise ArgumentTypeError("sparsed", f"sparsed must be a SparseDConfig or None, got {type(sparsed).__name__}")
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if impl != "sparsed":
             raise ValueError(
@@ -81,31 +81,37 @@ def prepare_canvas(
         prompt_index: (B, P + G) bool, True on real prompt tokens.
     """
     if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        raise ArgumentTypeError("input_ids", f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be 2D (batch, prompt_len), got shape {tuple(input_ids.shape)}")
+        raise ArgumentValueError(
+            "input_ids", f"input_ids must be 2D (batch, prompt_len), got shape {tuple(input_ids.shape)}"
+        )
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        raise ArgumentTypeError("input_ids", f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
     batch, prompt_len = input_ids.shape
     if batch == 0 or prompt_len == 0:
-        raise ValueError(f"input_ids must have batch >= 1 and prompt length >= 1, got shape {tuple(input_ids.shape)}")
+        raise ArgumentValueError(
+            "input_ids", f"input_ids must have batch >= 1 and prompt length >= 1, got shape {tuple(input_ids.shape)}"
+        )
     device = getattr(model, "device", None)
     if device is not None and torch.device(device) != input_ids.device:
         raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}")
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
             got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
-            raise ValueError(
-                f"attention_mask must be a tensor of shape {tuple(input_ids.shape)} (like input_ids), got {got!r}"
+            raise ArgumentValueError(
+                "attention_mask",
+                f"attention_mask must be a tensor of shape {tuple(input_ids.shape)} (like input_ids), got {got!r}",
             )
         real = attention_mask.to(device=input_ids.device).long()
         # Validation reads the mask back once, before the step loop.
         if not bool(((real == 0) | (real == 1)).all()):
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+            raise ArgumentValueError("attention_mask", "attention_mask must hold only 0 (padding) and 1 (real token)")
         if not bool((real[:, 1:] >= real[:, :-1]).all()) or not bool(real[:, -1].all()):
-            raise ValueError(
+            raise ArgumentValueError(
+                "attention_mask",
                 "attention_mask must be LEFT padded (zeros, then ones, ending with a real token) for every row; "
-                'set tokenizer.padding_side = "left", or pass padding_side="left" when tokenizing the batch'
+                'set tokenizer.padding_side = "left", or pass padding_side="left" when tokenizing the batch',
             )
         if bool(real.all()):
             real = None  # no padding: run without a mask (no per-forward mask build or sync)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import check_int, check_number
+from ._validate import ArgumentValueError, check_int, check_number
 from .state import SparseDState
 
 
@@ -18,11 +18,12 @@ def check_schedule(steps: int | None, threshold: float | None) -> tuple[int | No
     check_number("threshold", threshold)  # a finite real number
     threshold = float(threshold)
     if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+        raise ArgumentValueError("threshold", f"threshold must be in (0, 1], got {threshold!r}")
     if steps is not None:
-        raise ValueError(
+        raise ArgumentValueError(
+            "steps",
             f"steps={steps} and threshold={threshold} exclude each other: threshold decoding takes as many "
-            "steps as each block needs (at most its length); pass steps=None"
+            "steps as each block needs (at most its length); pass steps=None",
         )
     return None, threshold
 

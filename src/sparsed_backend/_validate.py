@@ -9,7 +9,24 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["check_float", "check_int", "check_number"]
+__all__ = ["ArgumentTypeError", "ArgumentValueError", "check_float", "check_int", "check_number"]
+
+
+class ArgumentValueError(ValueError):
+    """A bad value for one argument, named in ``argument`` (the CLI maps it to its flag by this
+    attribute, whatever the message says)."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(message)
+        self.argument = argument
+
+
+class ArgumentTypeError(TypeError):
+    """A value of the wrong type for one argument, named in ``argument``."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(message)
+        self.argument = argument
 
 
 def _bounds(minimum, maximum) -> str:
@@ -20,9 +37,9 @@ def check_int(name: str, value: object, minimum: int, maximum: int | None = None
     """``value`` if it is an int (not a bool) >= ``minimum`` (and <= ``maximum`` when given);
     else TypeError / ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+        raise ArgumentTypeError(name, f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value < minimum or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be {_bounds(minimum, maximum)}, got {value}")
+        raise ArgumentValueError(name, f"{name} must be {_bounds(minimum, maximum)}, got {value}")
     return value
 
 
@@ -30,9 +47,9 @@ def check_float(name: str, value: object, minimum: float = 0.0, maximum: float |
     """``value`` as a float if it is a real number >= ``minimum`` (and <= ``maximum`` when
     given); NaN rejected."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
+        raise ArgumentTypeError(name, f"{name} must be a float, got {type(value).__name__} ({value!r})")
     if not value >= minimum or (maximum is not None and not value <= maximum):  # also rejects NaN
-        raise ValueError(f"{name} must be {_bounds(minimum, maximum)}, got {value!r}")
+        raise ArgumentValueError(name, f"{name} must be {_bounds(minimum, maximum)}, got {value!r}")
     return float(value)
 
 
@@ -42,6 +59,6 @@ def check_number(name: str, value: object, *, integer: bool = False) -> None:
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         expected = "an int" if integer else "a float"
-        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} ({value!r})")
+        raise ArgumentTypeError(name, f"{name} must be {expected}, got {type(value).__name__} ({value!r})")
     if not integer and not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise ArgumentValueError(name, f"{name} must be finite, got {value!r}")

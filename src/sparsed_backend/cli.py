@@ -3,9 +3,10 @@
 The parser lives in `sparsed_cli` (no torch there, so ``--help`` is instant); `main` here is the
 same entry point. Every value a user can get wrong is checked before any work starts: a bad
 flag, path or device raises `UsageError`, which `main` prints as one line naming the flag (what
-was expected, what was received) before exiting with status 2. Errors that library code raises
-about an argument are renamed to the flag that fed it (`_flags`); any other exception is a bug
-and keeps its traceback.
+was expected, what was received) before exiting with status 2. Library errors about an
+argument (`ArgumentValueError` / `ArgumentTypeError`, which name it in ``.argument``) are mapped
+to the flag that fed it by `_flags`'s table; any other exception is a bug and keeps its
+traceback.
 
 Over 400 lines: three commands with their checks, and the demo's drawing and step timer, which
 belong elsewhere (the layout issue moves them); until then they stay here, each used only here
@@ -26,7 +27,7 @@ import torch
 from sparsed_cli import main
 
 from ._progress import progress, progress_wanted
-from ._validate import check_float, check_int
+from ._validate import ArgumentTypeError, ArgumentValueError, check_float, check_int
 from .config import SparseDConfig
 from .models.rope import parse_rope_scaling, position_limit, position_limit_note, with_rope_scaling
 
@@ -39,22 +40,24 @@ class UsageError(Exception):
 
 @contextmanager
 def _flags(**flags: str) -> Iterator[None]:
-    """Turn a ValueError / TypeError about an argument into a UsageError naming its flag.
+    """Turn an error about an argument into a UsageError naming its flag.
 
-    ``flags`` maps argument names as library code spells them (``block_size``) to the flags the
-    user typed (``--block-size``). Only errors whose message starts with one of those names (or
-    with a flag, as `check_int` raises when given one) are user errors; any other error is
-    re-raised untouched.
+    ``flags`` is the table from argument names as library code spells them (``block_size``) to
+    the flags the user typed (``--block-size``). An `ArgumentValueError` / `ArgumentTypeError`
+    whose ``argument`` is in the table (or is a flag itself, as the CLI's own `check_int` calls
+    pass) is a user error: its message is printed with every argument name of the table
+    replaced by its flag. Any other exception, an argument error about an argument outside the
+    table included, is a bug and keeps its traceback.
     """
     try:
         yield
-    except (TypeError, ValueError) as err:
-        message = str(err).split("\n", 1)[0]
-        first = re.match(r"-*[A-Za-z_]+", message)
-        if first is None or (first.group() not in flags and not first.group().startswith("--")):
+    except (ArgumentValueError, ArgumentTypeError) as err:
+        if err.argument not in flags and not err.argument.startswith("--"):
             raise
-        pattern = r"(?<![\w-])(" + "|".join(map(re.escape, flags)) + r")(?![\w-])" if flags else r"(?!)"
-        raise UsageError(re.sub(pattern, lambda m: flags[m.group()], message)) from None
+        message = str(err).split("\n", 1)[0]
+        for name in sorted(flags, key=len, reverse=True):  # longest first: gen_length before length
+            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flags[name], message)
+        raise UsageError(message) from None
 
 
 DEFAULT_STEPS = 128  # `sparsed generate` without --steps or --threshold

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ._validate import check_number
+from ._validate import ArgumentTypeError, ArgumentValueError, check_number
 
 __all__ = ["RULES", "SparseDConfig"]
 
@@ -58,44 +58,53 @@ class SparseDConfig:
     def __post_init__(self) -> None:
         check_number("skip", self.skip)
         if not 0.0 <= self.skip <= 1.0:
-            raise ValueError(f"skip must be in [0, 1], got {self.skip!r}")
+            raise ArgumentValueError("skip", f"skip must be in [0, 1], got {self.skip!r}")
         check_number("select", self.select)
         if not 0.0 < self.select <= 1.0:
-            raise ValueError(f"select must be in (0, 1], got {self.select!r}")
+            raise ArgumentValueError("select", f"select must be in (0, 1], got {self.select!r}")
         check_number("block_size", self.block_size, integer=True)
         if self.block_size <= 0 or self.block_size % 16 != 0:
-            raise ValueError(f"block_size must be a positive multiple of 16, got {self.block_size!r}")
+            raise ArgumentValueError(
+                "block_size", f"block_size must be a positive multiple of 16, got {self.block_size!r}"
+            )
         if not isinstance(self.generation_share, bool):
-            raise TypeError(f"generation_share must be a bool, got {type(self.generation_share).__name__}")
+            raise ArgumentTypeError(
+                "generation_share", f"generation_share must be a bool, got {type(self.generation_share).__name__}"
+            )
         if self.pattern not in ("topk", "local", "random"):
-            raise ValueError(f"pattern must be 'topk', 'local' or 'random', got {self.pattern!r}")
+            raise ArgumentValueError("pattern", f"pattern must be 'topk', 'local' or 'random', got {self.pattern!r}")
         if not isinstance(self.rule, str) or self.rule not in RULES:
-            raise ValueError(f"rule must be one of {', '.join(map(repr, RULES))}, got {self.rule!r}")
+            raise ArgumentValueError("rule", f"rule must be one of {', '.join(map(repr, RULES))}, got {self.rule!r}")
         if self.rule != "paper" and self.pattern != "topk":
-            raise ValueError(
+            raise ArgumentValueError(
+                "rule",
                 f"rule={self.rule!r} changes SparseD's top-k selection, so it needs pattern='topk', "
-                f"got pattern={self.pattern!r}"
+                f"got pattern={self.pattern!r}",
             )
         for name in ("reselect", "keep_diagonal"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if isinstance(self.prompt_end_offset, str):
             if self.prompt_end_offset != "middle":
-                raise ValueError(
+                raise ArgumentValueError(
+                    "prompt_end_offset",
                     f"prompt_end_offset must be None, 'middle' or an int in [0, block_size={self.block_size}), "
-                    f"got {self.prompt_end_offset!r}"
+                    f"got {self.prompt_end_offset!r}",
                 )
         elif self.prompt_end_offset is not None:
             check_number("prompt_end_offset", self.prompt_end_offset, integer=True)
             if not 0 <= self.prompt_end_offset < self.block_size:
-                raise ValueError(
+                raise ArgumentValueError(
+                    "prompt_end_offset",
                     f"prompt_end_offset must be None, 'middle' or an int in [0, block_size={self.block_size}), "
-                    f"got {self.prompt_end_offset!r}"
+                    f"got {self.prompt_end_offset!r}",
                 )
         if self.min_sparse_len is not None:
             check_number("min_sparse_len", self.min_sparse_len, integer=True)
             if self.min_sparse_len < 0:
-                raise ValueError(f"min_sparse_len must be >= 0 or None, got {self.min_sparse_len!r}")
+                raise ArgumentValueError(
+                    "min_sparse_len", f"min_sparse_len must be >= 0 or None, got {self.min_sparse_len!r}"
+                )
 
     @property
     def grid_offset(self) -> int | None:
@@ -123,7 +132,7 @@ class SparseDConfig:
         """
         check_number("steps", steps, integer=True)
         if steps <= 0:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
+            raise ArgumentValueError("steps", f"steps must be a positive int, got {steps!r}")
         return min(int(steps * self.skip), steps)
 
     def blocks_kept(self, n_blocks: int) -> int:

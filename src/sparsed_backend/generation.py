@@ -50,7 +50,7 @@ from ._sampling import (
     tensor_parallel_sync,
 )
 from ._threshold import ThresholdClock, check_schedule, threshold_transfer
-from ._validate import check_float, check_int
+from ._validate import ArgumentValueError, check_float, check_int
 from .config import SparseDConfig
 from .kv_cache import BlockKVCache, check_kv_cache
 from .state import SparseDState
@@ -149,23 +149,30 @@ def llada_generate(
     gen_length = check_int("gen_length", gen_length, 1)
     block_length = gen_length if block_length is None else check_int("block_length", block_length, 1)
     if gen_length % block_length != 0:
-        raise ValueError(
-            f"gen_length must be divisible by block_length, got gen_length={gen_length}, block_length={block_length}"
+        raise ArgumentValueError(
+            "gen_length",
+            f"gen_length must be divisible by block_length, got gen_length={gen_length}, block_length={block_length}",
         )
     num_blocks = gen_length // block_length
     if steps is not None and steps % num_blocks != 0:
-        raise ValueError(
-            f"steps must be divisible by the number of blocks gen_length/block_length = {num_blocks}, got steps={steps}"
+        raise ArgumentValueError(
+            "steps",
+            f"steps must be divisible by the number of blocks gen_length/block_length = {num_blocks}, "
+            f"got steps={steps}",
         )
     temperature = check_float("temperature", temperature)
     cfg_scale = check_float("cfg_scale", cfg_scale)
     if remasking not in LLADA_REMASKING:
-        raise ValueError(f"remasking must be one of {LLADA_REMASKING}, got {remasking!r}")
+        raise ArgumentValueError("remasking", f"remasking must be one of {LLADA_REMASKING}, got {remasking!r}")
     if threshold is not None and remasking != "low_confidence":
-        raise ValueError(f"threshold needs remasking='low_confidence' (a confidence to compare), got {remasking!r}")
+        raise ArgumentValueError(
+            "threshold", f"threshold needs remasking='low_confidence' (a confidence to compare), got {remasking!r}"
+        )
     kv_cache = check_kv_cache(kv_cache)
     if kv_cache is not None and cfg_scale > 0:
-        raise ValueError(f"kv_cache={kv_cache!r} does not support classifier-free guidance (cfg_scale={cfg_scale})")
+        raise ArgumentValueError(
+            "kv_cache", f"kv_cache={kv_cache!r} does not support classifier-free guidance (cfg_scale={cfg_scale})"
+        )
     mask_id = resolve_mask_id(model, mask_id, "mask_id")
     check_model(model, sparsed)
     x, mask, position_ids, prompt_index = prepare_canvas(model, input_ids, attention_mask, mask_id, gen_length)
@@ -348,40 +355,44 @@ def dream_generate(
     steps, threshold = check_schedule(steps, threshold)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     if alg not in DREAM_ALGS:
-        raise ValueError(f"alg must be one of {DREAM_ALGS}, got {alg!r}")
+        raise ArgumentValueError("alg", f"alg must be one of {DREAM_ALGS}, got {alg!r}")
     alg_temp = 0.0 if alg_temp is None else check_float("alg_temp", alg_temp)
     if threshold is not None and (alg != "maskgit_plus" or alg_temp > 0):
-        raise ValueError(
+        raise ArgumentValueError(
+            "threshold",
             "threshold needs alg='maskgit_plus' (the probability confidence) and alg_temp None or 0, "
-            f"got alg={alg!r}, alg_temp={alg_temp}"
+            f"got alg={alg!r}, alg_temp={alg_temp}",
         )
     temperature = check_float("temperature", temperature)
     if top_p is not None:
         top_p = check_float("top_p", top_p)
         if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+            raise ArgumentValueError("top_p", f"top_p must be in (0, 1], got {top_p!r}")
     if top_k is not None:
         top_k = check_int("top_k", top_k, 1)
     eps = check_float("eps", eps)
     if not 0.0 < eps < 1.0:
-        raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+        raise ArgumentValueError("eps", f"eps must be in (0, 1), got {eps!r}")
     kv_cache = check_kv_cache(kv_cache)
     if kv_cache is not None and block_length is None:
-        raise ValueError(
+        raise ArgumentValueError(
+            "kv_cache",
             f"kv_cache={kv_cache!r} needs block_length: without blocks Dream decodes the whole generation at "
-            "once, so no block is finished and nothing can be cached"
+            "once, so no block is finished and nothing can be cached",
         )
     block_length = max_new_tokens if block_length is None else check_int("block_length", block_length, 1)
     if max_new_tokens % block_length != 0:
-        raise ValueError(
+        raise ArgumentValueError(
+            "max_new_tokens",
             f"max_new_tokens must be divisible by block_length, got max_new_tokens={max_new_tokens}, "
-            f"block_length={block_length}"
+            f"block_length={block_length}",
         )
     num_blocks = max_new_tokens // block_length
     if steps is not None and steps % num_blocks != 0:
-        raise ValueError(
+        raise ArgumentValueError(
+            "steps",
             f"steps must be divisible by the number of blocks max_new_tokens/block_length = {num_blocks}, "
-            f"got steps={steps}"
+            f"got steps={steps}",
         )
     mask_token_id = resolve_mask_id(model, mask_token_id, "mask_token_id")
     check_model(model, sparsed)

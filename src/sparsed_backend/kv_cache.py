@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import ArgumentValueError
+
 __all__ = ["KV_CACHE_MODES", "BlockKVCache", "check_kv_cache", "window_attention_mask"]
 
 KV_CACHE_MODES = ("prefix", "dual")
@@ -38,7 +40,7 @@ KV_CACHE_MODES = ("prefix", "dual")
 def check_kv_cache(kv_cache: object) -> str | None:
     """``kv_cache`` if it is None or one of KV_CACHE_MODES; else a ValueError naming the choices."""
     if kv_cache is not None and kv_cache not in KV_CACHE_MODES:
-        raise ValueError(f"kv_cache must be None, 'prefix' or 'dual', got {kv_cache!r}")
+        raise ArgumentValueError("kv_cache", f"kv_cache must be None, 'prefix' or 'dual', got {kv_cache!r}")
     return kv_cache
 
 
@@ -69,7 +71,9 @@ class BlockKVCache:
         if self.length is None:
             raise ValueError("set_window before any refresh: the first forward must run on the whole sequence")
         if not 0 <= start < stop <= self.length:
-            raise ValueError(f"window must satisfy 0 <= start < stop <= {self.length}, got [{start}, {stop})")
+            raise ArgumentValueError(
+                "window", f"window must satisfy 0 <= start < stop <= {self.length}, got [{start}, {stop})"
+            )
         self.window = (start, stop)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:

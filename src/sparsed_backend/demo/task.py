@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._validate import check_int
+from .._validate import ArgumentValueError, check_int
 
 __all__ = [
     "BOS_ID",
@@ -97,11 +97,12 @@ def sample_records(
     check_int("batch", batch, 1)
     check_int("n_records", n_records, 1)
     if n_records > N_KEYS:
-        raise ValueError(f"n_records must be <= {N_KEYS} (distinct keys), got {n_records}")
+        raise ArgumentValueError("n_records", f"n_records must be <= {N_KEYS} (distinct keys), got {n_records}")
     haystack = body_len - n_records * RECORD_LEN
     if haystack < 0:
-        raise ValueError(
-            f"body_len must be >= n_records * {RECORD_LEN} = {n_records * RECORD_LEN} (the records), got {body_len}"
+        raise ArgumentValueError(
+            "body_len",
+            f"body_len must be >= n_records * {RECORD_LEN} = {n_records * RECORD_LEN} (the records), got {body_len}",
         )
     kw = {"device": device, "generator": generator}
     tokens = torch.randint(VALUE_BASE, VALUE_BASE + N_VALUES, (batch, body_len), **kw)
@@ -170,5 +171,7 @@ def sample_prompts(
 def exact_match(generated: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
     """(B,) bool: every answer token generated right."""
     if generated.shape != answers.shape:
-        raise ValueError(f"generated must have the answers' shape {tuple(answers.shape)}, got {tuple(generated.shape)}")
+        raise ArgumentValueError(
+            "generated", f"generated must have the answers' shape {tuple(answers.shape)}, got {tuple(generated.shape)}"
+        )
     return (generated == answers).all(-1)
