@@ -49,11 +49,12 @@ def run_shape(name, n, args, device, dtype, rows):
     base = {"shape": name, "N": n, "heads": f"{hq}/{hkv}", "head_dim": d, "dtype": str(dtype).split(".")[-1]}
 
     def add(method, fn, density=1.0):
-        ms = bench(fn, device)
+        ms, failure = bench(fn, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        mem = peak_mib(fn, device) if device.type == "cuda" else math.nan
-        row = dict(base, method=method, ms=ms, density=density, tflops=flops * density / ms / 1e9, peak_mib=mem)
+        mem = peak_mib(fn, device) if device.type == "cuda" and failure is None else math.nan
+        row = dict(base, method=method, ms=ms, density=density, tflops=flops * density / ms / 1e9, peak_mib=mem,
+                   status=failure or "ok")  # fmt: skip
         rows.append(row)
         print(f"  {name:6s} N={n:6d} {method:28s} {ms:9.3f} ms  {row['tflops']:7.1f} TFLOP/s  {mem:8.1f} MiB")
         return ms
@@ -116,7 +117,8 @@ def main() -> None:
     for name in args.shapes:
         for n in args.lengths:
             run_shape(name, n, args, device, dtype, rows)
-    cols = ["shape", "N", "method", "ms", "tflops", "density", "speedup_vs_dense", "switch_overhead", "peak_mib"]
+    cols = ["shape", "N", "method", "ms", "tflops", "density", "speedup_vs_dense", "switch_overhead", "peak_mib",
+            "status"]  # fmt: skip
     table = markdown_table(rows, cols)
     out = write_results(args.name, env, rows, table, args.out)
     plot(rows, out / f"{args.name}.png")

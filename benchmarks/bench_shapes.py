@@ -119,8 +119,8 @@ def main() -> None:
                 err = 0.0 if ref is None else float((out.float() - ref.float()).abs().max())
                 if ref is None:
                     ref = out
-                ms = bench(run, device)
-                status = "ok"
+                ms, failure = bench(run, device)
+                status = failure or "ok"
             except Exception as e:  # record why a configuration failed and go on
                 first, err, ms, status = math.nan, math.nan, math.nan, f"{type(e).__name__}: {str(e)[:160]}"
             row = {"policy": name, "length": n, "padded_to": nb_pad if name == "bucket" else n,

@@ -21,13 +21,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(fn, device: torch.device, warmup_ms: float = 50, rep_ms: float = 300) -> float:
-    """Median milliseconds of ``fn()``; device-synced, warm-up discarded. NaN if it raises."""
+def bench(fn, device: torch.device, warmup_ms: float = 50, rep_ms: float = 300) -> tuple[float, str | None]:
+    """(median milliseconds of ``fn()``, None); device-synced, warm-up discarded. A configuration
+    that raises gives (NaN, "ErrorType: first line"), for the results table to record why."""
     try:
         if device.type == "cuda":
             import triton.testing
 
-            return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+            return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")), None
         fn()
         times = []
         t_end = time.perf_counter() + rep_ms / 1000
@@ -35,10 +36,11 @@ def bench(fn, device: torch.device, warmup_ms: float = 50, rep_ms: float = 300) 
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1000)
-        return statistics.median(times)
-    except Exception as err:  # a failing config prints NaN and the run goes on
-        print(f"    ! {type(err).__name__}: {str(err).splitlines()[0][:200]}", file=sys.stderr)
-        return math.nan
+        return statistics.median(times), None
+    except Exception as err:  # a failing config is recorded with its error and the run goes on
+        failure = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        print(f"    ! {failure}", file=sys.stderr)
+        return math.nan, failure
 
 
 def peak_mib(fn, device: torch.device) -> float:
