@@ -251,7 +251,6 @@ def _draw_blocks(state, layer: int, heads: list[int], path: Path, title: str, ma
 
 
 def demo(args: argparse.Namespace) -> int:
-
     from .demo import model_path
     from .demo.evaluate import answer_prompts, wilson_interval
     from .demo.task import N_KEYS, VALUE_LEN, min_prompt_tokens, sample_prompts
