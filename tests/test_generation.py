@@ -14,7 +14,7 @@ from sparsed_backend.generation import (
     llada_generate,
     llada_transfer_schedule,
 )
-from tiny_models import MASK_ID, PAD_ID, tiny_model
+from tiny_models import MASK_ID, long_and_short, tiny_model
 
 GENERATE = {"llada": llada_generate, "dream": dream_generate}
 P, G = 16, 32  # padded prompt length and generated tokens: L = 48, the shape test_models runs
@@ -23,14 +23,7 @@ SHORT = 10  # the second prompt's real length
 
 def prompts(seed: int = 0):
     """Two prompts (lengths P and SHORT), the short one left padded: ids (2, P), mask (2, P)."""
-    g = torch.Generator().manual_seed(seed)
-    long = torch.randint(2, MASK_ID, (P,), generator=g)
-    short = torch.randint(2, MASK_ID, (SHORT,), generator=g)
-    ids = torch.full((2, P), PAD_ID)
-    ids[0], ids[1, P - SHORT :] = long, short
-    mask = torch.zeros(2, P, dtype=torch.long)
-    mask[0], mask[1, P - SHORT :] = 1, 1
-    return ids, mask
+    return long_and_short(seed, P, SHORT)
 
 
 def model_for(kind: str, attn: str = "sdpa", device: str | torch.device = "cpu"):

@@ -24,7 +24,7 @@ from sparsed_backend.models.rope import (
     position_limit_note,
     with_rope_scaling,
 )
-from tiny_models import TINY, random_state_dict, write_checkpoint
+from tiny_models import TINY, long_and_short, random_state_dict, write_checkpoint
 
 KINDS = ["llada", "dream"]
 CLASSES = {"llada": (LLaDAConfig, LLaDAModelLM), "dream": (DreamConfig, DreamModel)}
@@ -80,12 +80,7 @@ def build(kind: str, rope: str, seed: int = 0):
 
 def prompts(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Two prompts of 16 and 10 tokens, the second left padded (the shapes test_generation uses)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.full((2, 16), 1)
-    ids[0], ids[1, 6:] = torch.randint(2, 127, (16,), generator=g), torch.randint(2, 127, (10,), generator=g)
-    mask = torch.zeros(2, 16, dtype=torch.long)
-    mask[0], mask[1, 6:] = 1, 1
-    return ids, mask
+    return long_and_short(seed, 16, 10)
 
 
 def sampler_args(kind: str, gen: int = 32) -> dict:

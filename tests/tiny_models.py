@@ -226,6 +226,19 @@ def padded_pair(seed: int = 0, length: int = 16, pad: int = 6) -> tuple[torch.Te
     return ids, mask
 
 
+def long_and_short(seed: int = 0, length: int = 16, short: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts of ``length`` and ``short`` tokens, the short one left padded: ids and mask
+    (2, length)."""
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randint(2, MASK_ID, (length,), generator=g)
+    second = torch.randint(2, MASK_ID, (short,), generator=g)
+    ids = torch.full((2, length), PAD_ID)
+    ids[0], ids[1, length - short :] = first, second
+    mask = torch.zeros(2, length, dtype=torch.long)
+    mask[0], mask[1, length - short :] = 1, 1
+    return ids, mask
+
+
 @functools.cache
 def tiny_model(kind: str, seed: int = 0):
     """A float32 tiny model (cached; callers set the attention implementation they need)."""
