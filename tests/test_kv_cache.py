@@ -15,7 +15,7 @@ from sparsed_backend.config import SparseDConfig
 from sparsed_backend.generation import dream_generate, llada_generate
 from sparsed_backend.kv_cache import BlockKVCache
 from sparsed_backend.state import SparseDState
-from tiny_models import MASK_ID, padded_pair, tiny_model
+from tiny_models import MASK_ID, never_predicting_mask, padded_pair, tiny_model
 
 GENERATE = {"llada": llada_generate, "dream": dream_generate}
 P, G, BL = 16, 32, 16  # prompt, generated tokens, block length: the shapes test_generation uses
@@ -160,18 +160,11 @@ def test_cached_sampling_decodes_everything_and_padded_rows_do_not_touch_batch_m
         return_dict_in_generate=True, **args(kind, **overrides),
     )  # fmt: skip
 
-    # The random tiny model would sometimes predict the mask token itself, which the official
-    # samplers write like any token; ruling it out of the logits makes a mask left in the output
-    # mean an undecoded position.
-    def never_predict_mask(_module, _inputs, logits):  # returns None: the head's output stays, edited
-        logits[..., MASK_ID] = -1e4
-
-    never_mask = model.get_output_embeddings().register_forward_hook(never_predict_mask)
     try:
-        out = run(ids, mask)
-        mixed = run(torch.stack([other[0], ids[1]]), torch.stack([other_mask[0], mask[1]]))
+        with never_predicting_mask(model):  # a mask left in the output = an undecoded position
+            out = run(ids, mask)
+            mixed = run(torch.stack([other[0], ids[1]]), torch.stack([other_mask[0], mask[1]]))
     finally:
-        never_mask.remove()
         model.set_attn_implementation("sdpa")
     seq = out.sequences
     assert torch.equal(seq[:, :P], ids)

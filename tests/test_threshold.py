@@ -8,7 +8,7 @@ import torch
 import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
 from sparsed_backend import SparseDConfig, SparseDState
 from sparsed_backend.generation import dream_generate, llada_generate
-from tiny_models import MASK_ID, padded_pair, tiny_model
+from tiny_models import MASK_ID, never_predicting_mask, padded_pair, tiny_model
 
 P, G, BL = 16, 32, 16
 GENERATE = {"llada": llada_generate, "dream": dream_generate}
@@ -88,18 +88,14 @@ def test_threshold_composes_with_sparsed_caches_and_padded_batches(kind, cache):
     ids, mask = prompts(3)
     other, other_mask = prompts(4)
 
-    def never_predict_mask(_module, _inputs, logits):  # a mask left in the output = undecoded
-        logits[..., MASK_ID] = -1e4
-
-    hook = model.get_output_embeddings().register_forward_hook(never_predict_mask)
     run = lambda i, m: GENERATE[kind](  # noqa: E731
         model, i, m, sparsed=cfg, kv_cache=cache, return_dict_in_generate=True, **args(kind)
     )
     try:
-        out = run(ids, mask)
-        mixed = run(torch.stack([other[0], ids[1]]), torch.stack([other_mask[0], mask[1]]))
+        with never_predicting_mask(model):  # a mask left in the output = an undecoded position
+            out = run(ids, mask)
+            mixed = run(torch.stack([other[0], ids[1]]), torch.stack([other_mask[0], mask[1]]))
     finally:
-        hook.remove()
         model.set_attn_implementation("sdpa")
     assert not (out.sequences[:, P:] == MASK_ID).any(), "a mask token is left"
     assert torch.equal(out.sequences[:, :P], ids)

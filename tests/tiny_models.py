@@ -3,6 +3,7 @@ names, shared by test_models.py and test_generation.py."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -237,6 +238,22 @@ def long_and_short(seed: int = 0, length: int = 16, short: int = 10) -> tuple[to
     mask = torch.zeros(2, length, dtype=torch.long)
     mask[0], mask[1, length - short :] = 1, 1
     return ids, mask
+
+
+@contextlib.contextmanager
+def never_predicting_mask(model):
+    """Within the block, ``model``'s LM head never predicts the mask token. The random tiny
+    models sometimes would, and the official samplers write it like any token; ruled out, a mask
+    left in a sampler's output means an undecoded position."""
+
+    def edit(_module, _inputs, logits):  # returns None: the head's output stays, edited in place
+        logits[..., MASK_ID] = -1e4
+
+    hook = model.get_output_embeddings().register_forward_hook(edit)
+    try:
+        yield model
+    finally:
+        hook.remove()
 
 
 @functools.cache
