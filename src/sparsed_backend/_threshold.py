@@ -13,7 +13,7 @@ def check_schedule(steps: int | None, threshold: float | None) -> tuple[int | No
     """A fixed schedule (``steps``) or confidence-threshold decoding (``threshold``), not both."""
     if threshold is None:
         if steps is None:
-            raise ValueError("steps is required (a fixed schedule), unless threshold is given")
+            raise ArgumentValueError("steps", "steps is required (a fixed schedule), unless threshold is given")
         return check_int("steps", steps, 1), None
     check_number("threshold", threshold)  # a finite real number
     threshold = float(threshold)

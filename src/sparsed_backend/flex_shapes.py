@@ -26,9 +26,18 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
-__all__ = ["CompileGuard", "bucket_length", "exact_lengths", "pad_length", "pad_to_mask", "padded_lengths"]
+__all__ = [
+    "CompileGuard",
+    "bucket_length",
+    "exact_lengths",
+    "front_padded_valid",
+    "pad_length",
+    "pad_to_mask",
+    "padded_lengths",
+]
 
 _exact = False  # set by exact_lengths() for measurements only
 
@@ -108,6 +117,15 @@ def pad_length(t: torch.Tensor, length: int, front: int = 0) -> torch.Tensor:
     out = t.new_zeros([shape[d] for d in order]).permute([order.index(d) for d in range(t.dim())])
     out[:, :, front : front + t.shape[2]] = t
     return out
+
+
+def front_padded_valid(
+    key_valid: torch.Tensor | None, batch: int, kv_len: int, front: int, device: torch.device
+) -> torch.Tensor:
+    """(B, front + kv_len) bool key mask of keys moved ``front`` rows onto a moved block grid:
+    the front rows are padding, the rest ``key_valid`` (all real when None)."""
+    valid = torch.ones(batch, kv_len, dtype=torch.bool, device=device) if key_valid is None else key_valid
+    return F.pad(valid, (front, 0), value=False)
 
 
 class CompileGuard:

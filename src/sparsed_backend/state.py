@@ -6,11 +6,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from .config import SparseDConfig
-from .flex_shapes import padded_lengths
+from .flex_shapes import front_padded_valid, padded_lengths
 from .masks import block_mask_from_table
 
 __all__ = ["LayerSelection", "SparseDState", "Mode"]
@@ -61,9 +60,7 @@ class LayerSelection:
             return self._window[2], q_front
         rows = self.table[:, :, first // block_size : -(-(first + q_len) // block_size)]
         if self.front:
-            if key_valid is None:
-                key_valid = torch.ones(self.batch, self.kv_len, dtype=torch.bool, device=self.table.device)
-            key_valid = F.pad(key_valid, (self.front, 0), value=False)
+            key_valid = front_padded_valid(key_valid, self.batch, self.kv_len, self.front, self.table.device)
         mask_q, mask_kv = q_front + q_len, self.front + self.kv_len
         mask = block_mask_from_table(
             rows, mask_q, mask_kv, block_size, key_valid, full_blocks=rows.device.type == "cuda",

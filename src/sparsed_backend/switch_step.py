@@ -25,7 +25,7 @@ from . import _compat
 from ._warn import warn_once
 from .config import SparseDConfig
 from .dense import dense_attention
-from .flex_shapes import pad_length, padded_lengths
+from .flex_shapes import front_padded_valid, pad_length, padded_lengths
 from .masks import block_mask_from_table
 from .scoring import block_prob_sums, importance_from_sums, key_block_counts, num_blocks
 from .selection import generation_start_block, select_blocks
@@ -178,8 +178,7 @@ def select_layer(
                 f"switch step needs q_len == kv_len, got {L} and {S}"
             )
         query, key = pad_length(query, L + front, front), pad_length(key, S + front, front)
-        valid = torch.ones(B, S, dtype=torch.bool, device=query.device) if key_valid is None else key_valid
-        key_valid = F.pad(valid, (front, 0), value=False)
+        key_valid = front_padded_valid(key_valid, B, S, front, query.device)
         lse = None if lse is None else F.pad(lse, (front, 0), value=float("inf"))
         gen_start += front
         L, S = L + front, S + front

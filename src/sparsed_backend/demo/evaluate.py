@@ -39,7 +39,7 @@ class Answers:
     def density(self) -> float:
         """Mean kept share of attendable key blocks over the batches (1.0 for dense)."""
         # A batch that never reached its switch step (threshold decoding can finish first) ran dense.
-        dens = [1.0 if s.density() is None else s.density() for s in self.states]
+        dens = [1.0 if d is None else d for d in (s.density() for s in self.states)]
         return sum(dens) / len(dens) if dens else 1.0
 
 
