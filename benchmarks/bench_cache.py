@@ -16,7 +16,10 @@ Per prompt length, in one process on one random-weight model (bf16 on CUDA):
   its warm no-cache time. ``wall_s`` is the
   raw wall time, compilation included.
 
-Peak memory is measured above the weights; ``cache_mib`` is what the cache holds at the end.
+Peak memory is measured above the weights; ``cache_mib`` is what the cache holds at the end,
+``mask_state_mib`` the SparseD block masks of all layers; ``step_kinds`` gives each forward
+kind's median time (e.g. ``dense@65536`` a refresh over the whole sequence, ``sparse@32`` a
+windowed step). A cache variant that runs out of memory is recorded with its error.
 """
 
 from __future__ import annotations
@@ -63,12 +66,23 @@ def steady_total(records: list[tuple[str, int, float]], single: dict[str, float]
     return total
 
 
+def step_kinds(records: list[tuple[str, int, float]]) -> str:
+    """Each forward kind's median time, "mode@query rows: seconds x count", the first forward of a
+    kind (compilation) left out where the kind ran more than once."""
+    by_key: dict = {}
+    for mode, rows, t in records:
+        by_key.setdefault((mode, rows), []).append(t)
+    return "; ".join(
+        f"{mode}@{rows}: {statistics.median(ts[1:] or ts):.3g} s x{len(ts)}" for (mode, rows), ts in by_key.items()
+    )
+
+
 def memory_above(device, base):
     return (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else float("nan")
 
 
 @torch.inference_mode()
-def run_length(model, kind, n, args, device, rows):
+def run_length(model, kind, n, args, device, rows, warm=True):
     g = torch.Generator(device=device).manual_seed(0)
     prompt_len = n - args.gen_length
     top = model.config.mask_token_id  # prompts never hold the mask token
@@ -76,20 +90,23 @@ def run_length(model, kind, n, args, device, rows):
     full = torch.randint(0, top, (1, n), device=device, generator=g)
     cfg = SparseDConfig(skip=args.skip, select=args.select, block_size=args.block_size, min_sparse_len=0)
     run, state = step_runners(model, full, args.gen_length, cfg, prompt_len)
-    single = {}
+    single, peaks = {}, {}
     for name, fn in run.items():
-        fn()  # warm-up: compilation and autotuning stay out of the numbers
-        single[name], _ = timed(fn, device, args.repeats)
-        print(f"  N={n:6d} {name:8s} step {single[name]:8.3f} s", flush=True)
+        if warm or name == "sparse":  # the sparse step compiles FlexAttention for each length bucket
+            fn()  # warm-up: compilation and autotuning stay out of the numbers
+        single[name], peaks[name] = timed(fn, device, args.repeats)
+        print(f"  N={n:6d} {name:8s} step {single[name]:8.3f} s  peak {peaks[name]:9.1f} MiB", flush=True)
     dense_total = args.steps * single["dense"]
     sparsed_s = sparsed_total(cfg, args.steps, single["dense"], single["switch"], single["sparse"])
+    mask_mib = state.memory_bytes() / 2**20
     state.layers.clear()
     base_row = {"N": n, "model": kind, "steps": args.steps, "gen_length": args.gen_length,
                 "block_length": args.block_length, "dense_step_s": single["dense"], "switch_step_s": single["switch"],
                 "sparse_step_s": single["sparse"]}  # fmt: skip
     results = {"dense": dense_total, "sparsed": sparsed_s}
-    rows.append(dict(base_row, variant="dense", total_s=dense_total, measured="projected"))
-    rows.append(dict(base_row, variant="sparsed", total_s=sparsed_s, measured="projected"))
+    rows.append(dict(base_row, variant="dense", total_s=dense_total, measured="projected", peak_mib=peaks["dense"]))
+    rows.append(dict(base_row, variant="sparsed", total_s=sparsed_s, measured="projected",
+                     peak_mib=max(peaks["switch"], peaks["sparse"]), mask_state_mib=mask_mib))  # fmt: skip
     generate = llada_generate if kind == "llada" else dream_generate
     length_arg = {"gen_length": args.gen_length} if kind == "llada" else {"max_new_tokens": args.gen_length}
     for variant in args.variants:
@@ -100,10 +117,17 @@ def run_length(model, kind, n, args, device, rows):
         base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         clock = StepTimer(model)
         t0 = time.perf_counter()
-        out = generate(
-            model, ids, steps=args.steps, block_length=args.block_length, kv_cache=cache,
-            sparsed=cfg if attn == "sparsed" else None, return_dict_in_generate=True, **length_arg,
-        )  # fmt: skip
+        try:
+            out = generate(
+                model, ids, steps=args.steps, block_length=args.block_length, kv_cache=cache,
+                sparsed=cfg if attn == "sparsed" else None, return_dict_in_generate=True, **length_arg,
+            )  # fmt: skip
+        except torch.OutOfMemoryError as err:  # recorded: the longest prompt that fits is part of the table
+            clock.remove()
+            error = f"OutOfMemoryError: {str(err).splitlines()[0][:160]}"
+            rows.append(dict(base_row, variant=variant, measured="failed", error=error))
+            print(f"  N={n:6d} {variant:15s} {error}", flush=True)
+            continue
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
@@ -112,15 +136,17 @@ def run_length(model, kind, n, args, device, rows):
         results[variant] = total
         row = dict(base_row, variant=variant, total_s=total, wall_s=wall, measured="run",
                    peak_mib=memory_above(device, base), cache_mib=out.kv_cache.memory_bytes() / 2**20,
-                   refreshes=out.kv_cache.refreshes, forwards=out.num_forwards)  # fmt: skip
+                   refreshes=out.kv_cache.refreshes, forwards=out.num_forwards,
+                   step_kinds=step_kinds(clock.records))  # fmt: skip
         if out.sparsed_state is not None:
             row["density"] = out.sparsed_state.density()
+            row["mask_state_mib"] = out.sparsed_state.memory_bytes() / 2**20
         rows.append(row)
         print(f"  N={n:6d} {variant:15s} {total:8.2f} s (wall {wall:.2f} s) peak {row['peak_mib']:.0f} MiB "
               f"cache {row['cache_mib']:.0f} MiB", flush=True)  # fmt: skip
         del out
     for row in rows:
-        if row["N"] == n and row["model"] == kind:
+        if row["N"] == n and row["model"] == kind and "total_s" in row:
             row["speedup_vs_dense"] = dense_total / row["total_s"]
             if "dense+prefix" in results:
                 row["speedup_vs_dense_prefix"] = results["dense+prefix"] / row["total_s"]
@@ -140,6 +166,13 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    p.add_argument(
+        "--warmup-length",
+        type=int,
+        default=None,
+        help="run everything once at this length first (not recorded); then the dense and switch steps are "
+        "timed without a warm-up of their own (at 128k and more a warm-up costs a minute per kind)",
+    )
     p.add_argument("--name", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -159,10 +192,13 @@ def main() -> None:
     if model.config.mask_token_id >= model.config.vocab_size:  # the CPU smoke model's small vocabulary
         model.config.mask_token_id = model.config.vocab_size - 1
     rows: list[dict] = []
+    if args.warmup_length:  # every kernel compiled and tuned once; then only the sparse step warms up per length
+        run_length(model, args.model, args.warmup_length, args, device, [])
     for n in args.lengths:
-        run_length(model, args.model, n, args, device, rows)
+        run_length(model, args.model, n, args, device, rows, warm=not args.warmup_length)
     cols = ["model", "N", "variant", "measured", "total_s", "wall_s", "speedup_vs_dense", "speedup_vs_dense_prefix",
-            "peak_mib", "cache_mib", "refreshes", "forwards", "density"]  # fmt: skip
+            "peak_mib", "cache_mib", "mask_state_mib", "refreshes", "forwards", "density", "step_kinds",
+            "error"]  # fmt: skip
     table = markdown_table(rows, cols)
     write_results(name, env, rows, table, args.out)
     print(table)

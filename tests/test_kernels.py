@@ -39,6 +39,56 @@ def test_triton_importance_matches_oracle(b, hq, hkv, q_len, kv_len, d, block, d
 
 
 @cuda
+@pytest.mark.parametrize("layout", ["model", "strided_last_dim"])
+def test_triton_importance_reads_strided_inputs(layout, monkeypatch):
+    """The kernels read the models' (B, L, H, D) projections through a transposed view without a
+    copy; a strided last dim is copied first. Either way the scores equal a contiguous run."""
+    from sparsed_backend.kernels import importance
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q_bl = torch.randn(2, 300, 4, 64, device="cuda", generator=g).bfloat16()
+    k_bl = torch.randn(2, 300, 2, 64, device="cuda", generator=g).bfloat16()
+    if layout == "model":
+        q, k = q_bl.transpose(1, 2), k_bl.transpose(1, 2)
+    else:  # every other element of a wider last dim
+        q = torch.randn(2, 4, 300, 128, device="cuda", generator=g).bfloat16()[..., ::2]
+        k = torch.randn(2, 2, 300, 128, device="cuda", generator=g).bfloat16()[..., ::2]
+    copies = []
+    real = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **kw: copies.append(t.shape) or real(t, *a, **kw))
+    got = importance.tile_prob_sums(q, k, 0.125, 64)
+    monkeypatch.undo()
+    assert len(copies) == (0 if layout == "model" else 2)
+    want = importance.tile_prob_sums(q.contiguous(), k.contiguous(), 0.125, 64)
+    assert torch.equal(got, want)
+
+
+@cuda
+@pytest.mark.parametrize(("q_front", "k_front", "with_lse"), [(37, 37, False), (37, 37, True), (64, 0, False)])
+def test_triton_importance_front_rows_equal_padded_copies(q_front, k_front, with_lse):
+    """Scoring with ``q_front`` / ``k_front`` (the moved block grid, no copies) equals scoring
+    zero-padded copies of Q and K whose front keys are masked."""
+    from sparsed_backend.flex_shapes import pad_length
+    from sparsed_backend.kernels import importance
+
+    g = torch.Generator(device="cuda").manual_seed(4)
+    q = torch.randn(2, 300, 4, 64, device="cuda", generator=g).bfloat16().transpose(1, 2)
+    k = torch.randn(2, 300, 2, 64, device="cuda", generator=g).bfloat16().transpose(1, 2)
+    L, S = 300 + q_front, 300 + k_front
+    valid = torch.ones(2, S, dtype=torch.bool, device="cuda")
+    valid[:, :k_front] = False
+    valid[1, k_front : k_front + 50] = False  # left padding of the second row as well
+    lse = None
+    if with_lse:
+        lse = torch.randn(2, 4, L, device="cuda", generator=g) + 6.0
+        lse[:, :, :q_front] = float("inf")
+    got = importance.tile_prob_sums(q, k, 0.125, 64, valid, lse, q_front, k_front)
+    want = importance.tile_prob_sums(pad_length(q, L, q_front), pad_length(k, S, k_front), 0.125, 64, valid, lse)
+    assert got.shape == want.shape == (2, 4, -(-L // 64), -(-S // 64))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@cuda
 @pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (28, 4)])
 def test_dense_pass_log_sum_exp_and_one_pass_scoring(hq, hkv):
     """The switch step's dense pass (cuDNN) returns the rows' log-sum-exp; scoring with it in

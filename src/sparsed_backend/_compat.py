@@ -76,8 +76,9 @@ def cudnn_attention_with_lse(
     """cuDNN's fused attention returning each row's log-sum-exp with the output.
 
     torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, attn_bias, compute_log_sumexp,
-    dropout_p, is_causal, return_debug_mask, scale=) (2.11, 2.13). K/V must already have the
-    query's head count. Raises RuntimeError where cuDNN cannot run these inputs.
+    dropout_p, is_causal, return_debug_mask, scale=) (2.11, 2.13). K/V may have fewer heads
+    than the query, a divisor of its count (GQA, read in place; cuDNN's own head grouping). Raises
+    RuntimeError where cuDNN cannot run these inputs.
 
     Returns:
         ((B, H, L, D) output, log-sum-exp with B * H * L elements, natural log).

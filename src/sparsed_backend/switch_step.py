@@ -48,21 +48,17 @@ def dense_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dense attention plus each query row's log-sum-exp, where the fast kernel gives it.
 
-    Without padding on CUDA in fp16/bf16 this calls cuDNN's attention with log-sum-exp (K/V
-    repeated for GQA, once per generation). Elsewhere the log-sum-exp is None and the scorer
-    computes it itself. If cuDNN refuses the inputs, a warning says so once.
+    Without padding on CUDA in fp16/bf16 this calls cuDNN's attention with log-sum-exp, which
+    reads grouped K/V heads in place (GQA: no repetition). Elsewhere the log-sum-exp is None
+    and the scorer computes it itself. If cuDNN refuses the inputs, a warning says so once.
 
     Returns:
         ((B, Hq, L, D) output, (B, Hq, L) float32 natural-log log-sum-exp or None).
     """
     B, Hq, L, _ = query.shape
     if _cudnn_lse_applies(query, key_valid):
-        k, v = key, value
-        if key.shape[1] != Hq:
-            rep = Hq // key.shape[1]
-            k, v = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
         try:
-            out, lse = _compat.cudnn_attention_with_lse(query, k, v, scaling)
+            out, lse = _compat.cudnn_attention_with_lse(query, key, value, scaling)
             return out, lse.reshape(B, Hq, L).float()
         except RuntimeError as err:
             warn_once(
@@ -108,6 +104,8 @@ def block_importance(
     key_valid: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
+    q_front: int = 0,
+    k_front: int = 0,
 ) -> torch.Tensor:
     """Mean softmax probability of every (query block, key block) pair, per head.
 
@@ -115,26 +113,34 @@ def block_importance(
     given, two otherwise). Elsewhere the chunked PyTorch implementation (same math, bounded
     memory; ``lse`` unused). Key blocks with no attendable key get -inf.
 
+    ``q_front`` zero query rows and ``k_front`` absent keys count as standing before the inputs
+    (a moved block grid): the kernel reads them as such, the PyTorch path pads copies.
+
     Args:
-        query: (B, Hq, L, D); key: (B, Hkv, S, D), Hq % Hkv == 0.
-        key_valid: (B, S) bool, True for real keys; None when all keys are real.
+        query: (B, Hq, L - q_front, D); key: (B, Hkv, S - k_front, D), Hq % Hkv == 0.
+        key_valid: (B, S) bool, True for real keys; None when all keys are real (with a
+            ``k_front``, it must mark the front keys False).
         lse: (B, Hq, L) natural-log log-sum-exp of the rows, from the dense pass.
         counts: (B, nKV) attendable keys per key block, when the caller has them already.
     Returns:
         (B, Hq, nQ, nKV) float32.
     """
-    B, _, L, _ = query.shape
-    S = key.shape[2]
+    B = query.shape[0]
+    L, S = query.shape[2] + q_front, key.shape[2] + k_front
     if counts is None:
         counts = key_block_counts(key_valid, S, block_size, B, query.device)
     if _uses_triton(query):
         from .kernels.importance import tile_prob_sums
 
         tile = min(128, block_size & -block_size)  # the largest power-of-two divisor, <= 128
-        sums = tile_prob_sums(query, key, scaling, tile, key_valid, lse)
+        sums = tile_prob_sums(query, key, scaling, tile, key_valid, lse, q_front, k_front)
         ratio = block_size // tile
         sums = _fold(_fold(sums, ratio, 2, num_blocks(L, block_size)), ratio, 3, num_blocks(S, block_size))
     else:
+        if q_front:
+            query = pad_length(query, L, q_front)
+        if k_front:
+            key = pad_length(key, S, k_front)
         sums = block_prob_sums(query, key, scaling, block_size, key_valid)
     return importance_from_sums(sums, L, counts, block_size)
 
@@ -169,29 +175,32 @@ def select_layer(
     real = (L, S)
     front = config.grid_front(gen_start)
     if front:
-        # A moved block grid: select over inputs with `front` zero rows before position 0. The
-        # padded keys are masked; the padded query rows get log-sum-exp +inf, so the fused
-        # scorer adds nothing for them (the PyTorch scorer spreads them evenly over the keys).
+        # A moved block grid: select as if `front` zero rows stood before position 0 (the
+        # scorer reads them as such, Q and K are not copied). The front keys are masked; the
+        # front query rows get log-sum-exp +inf, so the fused scorer adds nothing for them (the
+        # PyTorch scorer spreads them evenly over the keys).
         if L != S:
             raise ValueError(
                 f"prompt_end_offset moves the block grid of query rows and keys together, so the "
                 f"switch step needs q_len == kv_len, got {L} and {S}"
             )
-        query, key = pad_length(query, L + front, front), pad_length(key, S + front, front)
         key_valid = front_padded_valid(key_valid, B, S, front, query.device)
         lse = None if lse is None else F.pad(lse, (front, 0), value=float("inf"))
         gen_start += front
         L, S = L + front, S + front
     counts = key_block_counts(key_valid, S, bs, B, query.device)  # (B, nKV), shared below
-    importance = block_importance(query, key, scaling, bs, key_valid, lse, counts)
+    importance = block_importance(query, key, scaling, bs, key_valid, lse, counts, front, front)
     n_kv = importance.shape[-1]
     gen_block = generation_start_block(gen_start, bs, n_kv)
     gen_importance = None
     if gen_block and config.generation_share and config.pattern == "topk":  # gen_block < n_kv
         # The reference ranks the generation key blocks under a softmax over those keys alone.
+        # They start at g0 >= block_size > front on the moved grid: real keys from g0 - front.
         g0 = gen_block * bs
         gen_valid = None if key_valid is None else key_valid[:, g0:]
-        gen_importance = block_importance(query, key[:, :, g0:], scaling, bs, gen_valid, None, counts[:, gen_block:])
+        gen_importance = block_importance(
+            query, key[:, :, g0 - front :], scaling, bs, gen_valid, None, counts[:, gen_block:], front, 0
+        )
     table = select_blocks(importance, config, gen_block, gen_importance, gen_start)
     attendable = (counts > 0).view(B, 1, 1, -1)
     density = (table & attendable).sum() / (attendable.sum() * H * table.shape[2])

@@ -20,7 +20,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _lse_kernel(
     Q, K, VALID, LSE,
-    sqb, sqh, sqm, skb, skh, skn, L, S, HQ, GROUP, qk_scale,
+    sqb, sqh, sqm, skb, skh, skn, L, S, Q_FRONT, K_FRONT, HQ, GROUP, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -30,16 +30,18 @@ def _lse_kernel(
     h = pid_bh % HQ
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=offs_m[:, None] < L, other=0.0)
+    # Rows before Q_FRONT are zero rows that were never stored (the moved block grid).
+    q_row = (offs_m[:, None] >= Q_FRONT) & (offs_m[:, None] < L)
+    q = tl.load(Q + b * sqb + h * sqh + (offs_m[:, None] - Q_FRONT) * sqm + offs_d[None, :], mask=q_row, other=0.0)
     k_base = K + b * skb + (h // GROUP) * skh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, S, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        live = offs_n < S
+        live = (offs_n >= K_FRONT) & (offs_n < S)  # keys before K_FRONT: absent (never stored)
         if HAS_VALID:
             live = live & (tl.load(VALID + b * S + offs_n, mask=live, other=0) != 0)
-        k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=live[None, :], other=0.0)
+        k = tl.load(k_base + (offs_n[None, :] - K_FRONT) * skn + offs_d[:, None], mask=live[None, :], other=0.0)
         s = tl.dot(q, k) * qk_scale  # log2 domain
         s = tl.where(live[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -53,7 +55,7 @@ def _lse_kernel(
 @triton.jit
 def _block_sum_kernel(
     Q, K, VALID, LSE, OUT,
-    sqb, sqh, sqm, skb, skh, skn, L, S, HQ, GROUP, qk_scale, N_KT,
+    sqb, sqh, sqm, skb, skh, skn, L, S, Q_FRONT, K_FRONT, HQ, GROUP, qk_scale, N_KT,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -63,16 +65,18 @@ def _block_sum_kernel(
     h = pid_bh % HQ
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=offs_m[:, None] < L, other=0.0)
+    # Rows before Q_FRONT are zero rows that were never stored (the moved block grid).
+    q_row = (offs_m[:, None] >= Q_FRONT) & (offs_m[:, None] < L)
+    q = tl.load(Q + b * sqb + h * sqh + (offs_m[:, None] - Q_FRONT) * sqm + offs_d[None, :], mask=q_row, other=0.0)
     lse = tl.load(LSE + pid_bh * L + offs_m, mask=offs_m < L, other=float("inf"))
     k_base = K + b * skb + (h // GROUP) * skh
     out_base = OUT + (pid_bh * tl.num_programs(0) + pid_m) * N_KT  # int64 through pid_bh
     for j in range(0, N_KT):
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        live = offs_n < S
+        live = (offs_n >= K_FRONT) & (offs_n < S)  # keys before K_FRONT: absent (never stored)
         if HAS_VALID:
             live = live & (tl.load(VALID + b * S + offs_n, mask=live, other=0) != 0)
-        k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=live[None, :], other=0.0)
+        k = tl.load(k_base + (offs_n[None, :] - K_FRONT) * skn + offs_d[:, None], mask=live[None, :], other=0.0)
         s = tl.dot(q, k) * qk_scale
         p = tl.exp2(s - lse[:, None])
         p = tl.where(live[None, :], p, 0.0)
@@ -86,24 +90,36 @@ def tile_prob_sums(
     tile: int,
     key_valid: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    q_front: int = 0,
+    k_front: int = 0,
 ) -> torch.Tensor:
     """Sum of softmax probabilities over every (query tile, key tile) pair.
 
     With ``lse`` (the natural-log log-sum-exp rows of the dense pass that just ran, e.g. from
     cuDNN), pass 1 is skipped and the cost drops to one QK^T sweep.
 
+    ``q_front`` / ``k_front`` score the inputs as if ``q_front`` zero query rows and ``k_front``
+    absent keys stood before them (a block grid moved by `SparseDConfig.prompt_end_offset`),
+    without copying Q and K into padded tensors. ``L = q_front + query rows`` and
+    ``S = k_front + keys`` below; ``key_valid``, ``lse`` and the output use those coordinates.
+
     Args:
-        query: (B, Hq, L, D) CUDA, fp16/bf16/fp32, last dim contiguous; D a power of 2 >= 16.
-        key: (B, Hkv, S, D), Hq % Hkv == 0 (read in place: no GQA repetition).
+        query: (B, Hq, L - q_front, D) CUDA, fp16/bf16/fp32, any strides (a strided last dim is
+            copied); D a power of 2 >= 16.
+        key: (B, Hkv, S - k_front, D), Hq % Hkv == 0 (read in place: no GQA repetition).
         tile: tile edge in tokens (16, 32, 64 or 128).
-        key_valid: (B, S) bool or None.
+        key_valid: (B, S) bool or None (the front keys are never attended, whatever it says).
         lse: (B, Hq, L) float32 natural-log log-sum-exp of each query row, or None.
     Returns:
         (B, Hq, ceil(L / tile), ceil(S / tile)) float32.
     """
     B, Hq, L, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
-    query, key = query.contiguous(), key.contiguous()
+    L, S = L + q_front, S + k_front
+    # The kernels take the strides of dims 0-2, so only a strided last dim needs a copy (the
+    # models hand over (B, L, H, D) projections transposed to (B, H, L, D): no copy).
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    key = key if key.stride(-1) == 1 else key.contiguous()
     n_qt, n_kt = triton.cdiv(L, tile), triton.cdiv(S, tile)
     out = torch.empty(B, Hq, n_qt, n_kt, device=query.device, dtype=torch.float32)
     valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else query  # dummy pointer
@@ -122,6 +138,8 @@ def tile_prob_sums(
             *args,
             L,
             S,
+            q_front,
+            k_front,
             Hq,
             Hq // Hkv,
             qk_scale,
@@ -132,7 +150,7 @@ def tile_prob_sums(
     else:
         lse = (lse.float() * _LOG2E).reshape(B, Hq, L).contiguous()  # the kernels work in log2
     _block_sum_kernel[grid](
-        query, key, valid, lse, out, *args, L, S, Hq, Hq // Hkv, qk_scale, n_kt,
+        query, key, valid, lse, out, *args, L, S, q_front, k_front, Hq, Hq // Hkv, qk_scale, n_kt,
         **common, num_warps=warps, num_stages=3,
     )  # fmt: skip
     return out
