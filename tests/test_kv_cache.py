@@ -170,15 +170,53 @@ def test_cached_sampling_decodes_everything_and_padded_rows_do_not_touch_batch_m
     assert torch.equal(seq[:, :P], ids)
     assert not (seq[:, P:] == MASK_ID).any(), "a mask token is left"
     assert out.num_forwards == 8 and seq.shape == (2, P + G)
+    # skip 0.25 of 8 steps: the paper's switch is step 2, inside the first block; cached, it
+    # moves to the second block's first step (step 4), a refresh the cache runs anyway, and
+    # selects there for every layer: no extra full forward.
     if sparsed:
-        # skip 0.25 of 8 steps: the switch is step 2, inside the first block; it runs the whole
-        # sequence (a third refresh besides the two block starts) and selects for every layer.
-        assert out.sparsed_state.switch == 2 and sorted(out.sparsed_state.layers) == [0, 1]
-        assert out.kv_cache.refreshes == 3
-    else:
-        assert out.kv_cache.refreshes == 2
+        assert out.sparsed_state.switch == 4 and sorted(out.sparsed_state.layers) == [0, 1]
+    assert out.kv_cache.refreshes == 2
     if overrides.get("temperature", 0) == 0 and overrides.get("remasking") != "random":
         assert torch.equal(mixed.sequences[1], seq[1])
+
+
+@pytest.mark.parametrize(
+    ("paper", "per_block", "blocks", "want"),
+    [(2, 4, 2, 4), (4, 4, 2, 4), (0, 4, 2, 0), (5, 4, 2, 5), (3, 8, 1, 3), (51, 32, 8, 64)],
+)
+def test_a_cached_schedule_switches_on_the_next_block_start(paper, per_block, blocks, want):
+    """The first block start at or after the paper's switch step (256 steps in 8 blocks, skip 0.2:
+    step 51 -> 64), or the paper's step when no block starts after it."""
+    from sparsed_backend._sampling import cached_switch_step
+
+    assert cached_switch_step(paper, per_block, blocks) == want
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_one_cached_block_switches_at_the_papers_step_with_one_more_refresh(kind):
+    """No block starts after the paper's switch step: it stays, and refreshes the cache once more."""
+    model = with_attn(kind, "sparsed")
+    ids, mask = prompts(6)
+    cfg = SparseDConfig(skip=0.25, select=0.5, block_size=16, min_sparse_len=0)
+    one_block = {"block_length": G} if kind == "llada" else {"block_length": G, "steps": 8}
+    try:
+        out = GENERATE[kind](
+            model, ids, mask, kv_cache="prefix", sparsed=cfg, return_dict_in_generate=True, **args(kind, **one_block)
+        )
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert out.sparsed_state.switch == 2 and out.kv_cache.refreshes == 2
+
+
+def test_switch_at_must_be_a_later_step_of_a_fixed_schedule():
+    cfg = SparseDConfig(skip=0.25)
+    assert SparseDState(cfg, steps=8, switch_at=4).switch == 4
+    with pytest.raises(ValueError, match=r"switch_at must be in \[2, 8\)"):
+        SparseDState(cfg, steps=8, switch_at=1)
+    with pytest.raises(ValueError, match=r"switch_at must be in \[2, 8\)"):
+        SparseDState(cfg, steps=8, switch_at=8)
+    with pytest.raises(ValueError, match="switch_at needs a fixed schedule"):
+        SparseDState(cfg, steps=None, switch_at=4)
 
 
 BAD = [
@@ -203,8 +241,7 @@ def test_bad_cache_arguments_raise(kind, overrides, error, match):
 def test_a_moved_block_grid_with_a_cache_at_select_one_equals_the_reference_grid(kind, mode):
     """The default grid (prompt_end_offset "middle": front 8 at P 16, block 16) through the
     cached sampler, whose windows begin mid-block on that grid: keeping every block, it decodes
-    the tokens of the reference grid (offset None) under the same cache and refresh schedule.
-    (Not cached sdpa: the sparsed sampler refreshes once more, at the switch step.)"""
+    the tokens of the reference grid (offset None) under the same cache and refresh schedule."""
     ids, mask = prompts(5)
     model = with_attn(kind, "sparsed")
     outs = {}

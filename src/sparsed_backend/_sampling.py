@@ -225,8 +225,32 @@ def cache_window(mode: str, need: tuple[int, int], block: tuple[int, int], lengt
 
 def runs_full_forward(step_in_block: int, state: SparseDState | None) -> bool:
     """Whether a cached step runs the whole sequence: a block's first step, and the SparseD
-    switch step (block selection needs every query row), which keeps the paper's schedule."""
+    switch step (block selection needs every query row), which `cached_switch_step` puts on a
+    block's first step whenever one is left."""
     return step_in_block == 0 or (state is not None and state.mode == "switch")
+
+
+def sparsed_state(
+    sparsed: SparseDConfig | None, steps: int | None, gen_start: int, kv_cache: str | None, num_blocks: int
+) -> SparseDState | None:
+    """The generation's SparseDState (None without ``sparsed``). A cached fixed schedule switches
+    at `cached_switch_step`; without a cache, or with threshold decoding (``steps`` None), the
+    switch is the paper's step or `ThresholdClock`'s."""
+    if sparsed is None:
+        return None
+    switch_at = None
+    if kv_cache is not None and steps is not None:
+        switch_at = cached_switch_step(sparsed.switch_step(steps), steps // num_blocks, num_blocks)
+    return SparseDState(config=sparsed, steps=steps, gen_start=gen_start, switch_at=switch_at)
+
+
+def cached_switch_step(paper_switch: int, steps_per_block: int, num_blocks: int) -> int:
+    """The switch step of a cached fixed schedule: the first decoding block's first step at or
+    after the paper's ``paper_switch`` (a refresh the cache runs anyway, so selecting costs no
+    extra full forward, and at least ``skip`` of the steps stay dense); ``paper_switch`` itself
+    when no block starts after it (then it refreshes once more)."""
+    start = -(-paper_switch // steps_per_block) * steps_per_block
+    return start if start < steps_per_block * num_blocks else paper_switch
 
 
 def build_output(x, state, runner, history, return_dict_in_generate, block_steps):

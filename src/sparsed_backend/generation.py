@@ -47,13 +47,13 @@ from ._sampling import (
     prepare_canvas,
     resolve_mask_id,
     runs_full_forward,
+    sparsed_state,
     tensor_parallel_sync,
 )
 from ._threshold import ThresholdClock, check_schedule, threshold_transfer
 from ._validate import ArgumentValueError, check_float, check_int
 from .config import SparseDConfig
 from .kv_cache import BlockKVCache, check_kv_cache
-from .state import SparseDState
 
 __all__ = ["DiffusionGenerationOutput", "check_cache_with_sparsed", "dream_generate", "llada_generate"]
 
@@ -130,9 +130,10 @@ def llada_generate(
         kv_cache: None (every step runs the whole sequence), "prefix" or "dual" (see
             ``kv_cache.py``): the first step of each block refreshes every layer's K/V; the
             block's other steps run only the block ("dual") or the block and what follows it
-            ("prefix") against them. With ``sparsed`` the switch step also runs the whole
-            sequence and refreshes the cache (selection needs every row), so the SparseD
-            schedule is the same as without a cache. Not with ``cfg_scale > 0``.
+            ("prefix") against them. With ``sparsed`` the switch (which needs every row)
+            moves to the first block start at or after the paper's switch step, a refresh the
+            cache runs anyway; only when no block starts after it does it refresh once more.
+            Not with ``cfg_scale > 0``.
         threshold: confidence-threshold parallel decoding (Fast-dLLM's rule) instead of a
             fixed schedule: every step unmasks each masked token of the block whose confidence
             (``"low_confidence"``'s probability) reaches ``threshold``, and at least the most
@@ -180,8 +181,8 @@ def llada_generate(
     sync = tensor_parallel_sync(model, x, mask)
 
     prompt_len = input_ids.shape[1]
-    state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
     check_cache_with_sparsed(kv_cache, sparsed)
+    state = sparsed_state(sparsed, steps, prompt_len, kv_cache, num_blocks)
     cache = None if kv_cache is None else BlockKVCache(kv_cache)
     run = Runner(model, mask, position_ids, state, cfg=cfg_scale > 0, cache=cache)
     # Every block starts fully masked (the prompt holds no mask token), so a fixed schedule is
@@ -401,8 +402,8 @@ def dream_generate(
     sync = tensor_parallel_sync(model, x, mask)
 
     prompt_len = input_ids.shape[1]
-    state = None if sparsed is None else SparseDState(config=sparsed, steps=steps, gen_start=prompt_len)
     check_cache_with_sparsed(kv_cache, sparsed)
+    state = sparsed_state(sparsed, steps, prompt_len, kv_cache, num_blocks)
     cache = None if kv_cache is None else BlockKVCache(kv_cache)
     run = Runner(model, mask, position_ids, state, cache=cache)
     clock = None if threshold is None else ThresholdClock(state, mask_token_id, prompt_len, kv_cache is not None)

@@ -96,11 +96,15 @@ class SparseDState:
         gen_start: index of the first generated token in the (padded) sequence, or None when
             there is no separate generation region. The key blocks from the block holding it
             onward get their own top-k share (``config.generation_share``).
+        switch_at: a later switch step than ``config.switch_step(steps)``, below ``steps`` (the
+            cached samplers move it to a decoding block's first step, a refresh the cache runs
+            anyway); None: the paper's step.
     """
 
     config: SparseDConfig
     steps: int | None
     gen_start: int | None = None
+    switch_at: int | None = None
     step: int = 0
     layers: dict[int, LayerSelection] = field(default_factory=dict)
     dense_reason: str | None = None  # why sparse steps ran dense (set by the backend), if so
@@ -110,6 +114,17 @@ class SparseDState:
             raise TypeError(f"config must be a SparseDConfig, got {type(self.config).__name__}")
         # validates steps; None until switch_here() on a schedule of unknown length
         self.switch = None if self.steps is None else self.config.switch_step(self.steps)
+        if self.switch_at is not None:
+            if self.steps is None:
+                raise ValueError("switch_at needs a fixed schedule (steps); with steps=None use switch_here()")
+            if isinstance(self.switch_at, bool) or not isinstance(self.switch_at, int):
+                raise TypeError(f"switch_at must be an int or None, got {self.switch_at!r}")
+            if not self.switch <= self.switch_at < self.steps:
+                raise ValueError(
+                    f"switch_at must be in [{self.switch}, {self.steps}) (the paper's switch step of "
+                    f"{self.steps} steps, at least skip dense), got {self.switch_at}"
+                )
+            self.switch = self.switch_at
         if self.gen_start is not None:
             if isinstance(self.gen_start, bool) or not isinstance(self.gen_start, int):
                 raise TypeError(f"gen_start must be an int or None, got {self.gen_start!r}")
