@@ -12,14 +12,15 @@ Either way the attention reads a view of the prefix and the new positions, so no
 the cache (``DynamicCache`` concatenates the whole prefix at every call and layer; SDAR's own
 sampler does the same with ``torch.cat`` at every denoising step).
 
-transformers API used (checked on 5.17 and 5.25): the attention modules call
-``cache.update(key_states, value_states, layer_idx, ...)`` with (B, Hkv, n, D) tensors and use
-the (K, V) it returns (5.25 passes ``kwargs=...``; 4.x passed ``cache_kwargs`` positionally;
-both are accepted and ignored). The model takes the cache as ``cache=`` since 5.2x (5.25 still
-accepts ``past_key_values=`` with a deprecation warning until 5.40); ``cache_keyword`` picks the
-name a model's forward has. With a 4D attention mask and explicit ``position_ids`` the model
-asks the cache nothing else, so this is a plain object, not a ``transformers.Cache`` subclass
-(whose bookkeeping assumes append-only layers).
+transformers API used (checked on 5.25 with Qwen3; not yet run on 5.17): the attention modules
+call ``cache.update(key_states, value_states, layer_idx, ...)`` with (B, Hkv, n, D) tensors and
+use the (K, V) it returns (5.25 passes ``kwargs=...``; 4.52 passed ``cache_kwargs``
+positionally; both are accepted and ignored). 5.25's models take the cache as ``cache=`` and
+still accept ``past_key_values=`` (the older name) with a deprecation warning until 5.40;
+``cache_keyword`` picks the name a model's forward has. Given a 4D attention mask (returned
+as-is by ``masking_utils``) and explicit ``position_ids``, Qwen3 asks the cache nothing else, so
+this is a plain object, not a ``transformers.Cache`` subclass (whose bookkeeping assumes
+append-only layers).
 """
 
 from __future__ import annotations
