@@ -11,7 +11,7 @@ from transformers import AutoModel
 from sparsed_backend import SparseDConfig
 from sparsed_backend.cli import main
 from sparsed_backend.demo import model_path
-from sparsed_backend.demo.evaluate import answer_prompts, wilson_interval
+from sparsed_backend.demo.evaluate import answer_prompts, generation_length, wilson_interval
 from sparsed_backend.demo.task import sample_prompts
 
 
@@ -26,6 +26,20 @@ def test_shipped_model_retrieves_and_select_one_changes_nothing(shipped):
     assert dense.n_correct == 4, dense.generated
     full = answer_prompts(shipped, prompts, sparsed=SparseDConfig(select=1.0, min_sparse_len=0), batch=4)
     assert torch.equal(full.generated, dense.generated)
+
+
+def test_multi_key_answers_are_decoded_block_by_block(shipped):
+    """A 2-key answer (10 tokens) in blocks of 5 takes 10 steps; in blocks of 8 the generation is
+    rounded up to 16 tokens (16 steps) and only the first 10 are scored."""
+    prompts = sample_prompts(512, 2, n_keys=2, seed=31337)
+    per_key = answer_prompts(shipped, prompts, batch=2)
+    assert per_key.generated.shape == (2, 10) and per_key.forwards == 10
+    assert torch.equal(per_key.correct, (per_key.generated == prompts.answers).all(-1))
+    rounded = answer_prompts(shipped, prompts, batch=2, block_length=8)
+    assert rounded.generated.shape == (2, 10) and rounded.forwards == 16
+    assert generation_length(10, 8) == 16 and generation_length(10, 5) == 10
+    with pytest.raises(ValueError, match="block_length must be >= 1, got 0"):
+        generation_length(10, 0)
 
 
 def test_wilson_interval():

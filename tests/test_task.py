@@ -23,6 +23,12 @@ from sparsed_backend.demo.task import (
 )
 from sparsed_backend.demo.tokenizer import build_tokenizer
 
+# sample_prompts(1024, 3, seed=123) as drawn before multi-key questions existed (commit 30135c3).
+PINNED_TAIL = [[868, 676, 543, 531, 4, 350], [662, 665, 875, 641, 4, 506], [910, 977, 957, 698, 4, 266]]
+PINNED_ANSWERS = [[949, 997, 653, 724, 575], [546, 622, 612, 710, 517], [608, 772, 786, 664, 940]]
+PINNED_RECORD_POS = [147, 846, 97]
+PINNED_WEIGHTED_SUM = 1178507374  # sum of input_ids * (position + 1): every token, not only the tail
+
 
 def _is_key(t: torch.Tensor) -> torch.Tensor:
     return (t >= KEY_BASE) & (t < KEY_BASE + N_KEYS)
@@ -49,6 +55,55 @@ def test_prompt_invariants(n_records, extra, batch, seed):
         pos = int(p.record_pos[b])
         assert ids[b, pos] == ids[b, -1]
         assert torch.equal(ids[b, pos + 1 : pos + 1 + VALUE_LEN], p.answers[b])
+
+
+@given(
+    n_records=st.integers(2, 40),
+    n_keys=st.integers(2, 6),
+    extra=st.integers(0, 300),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 2**31),
+)
+def test_multi_key_prompt_asks_distinct_records_and_answers_in_question_order(n_records, n_keys, extra, batch, seed):
+    n_keys = min(n_keys, n_records)
+    n = min_prompt_tokens(n_records, n_keys) + extra
+    p = sample_prompts(n, batch, n_records=n_records, n_keys=n_keys, seed=seed)
+    ids = p.input_ids
+    assert ids.shape == (batch, n) and p.answers.shape == (batch, n_keys * VALUE_LEN) and p.n_keys == n_keys
+    assert (ids[:, 0] == BOS_ID).all() and (ids[:, -1 - n_keys] == QUESTION_ID).all()
+    asked = ids[:, -n_keys:]
+    assert _is_key(asked).all()
+    assert torch.equal(p.record_pos, p.asked_pos[:, 0])
+    body = ids[:, 1 : -1 - n_keys]
+    for b in range(batch):
+        assert asked[b].unique().numel() == n_keys, "the asked records are distinct"
+        keys = body[b][_is_key(body[b])]
+        assert keys.numel() == n_records and keys.unique().numel() == n_records
+        for i in range(n_keys):
+            pos = int(p.asked_pos[b, i])
+            assert ids[b, pos] == asked[b, i], "asked_pos is in question order"
+            value = ids[b, pos + 1 : pos + RECORD_LEN]
+            assert torch.equal(value, p.answers[b, i * VALUE_LEN : (i + 1) * VALUE_LEN]), "answer in question order"
+
+
+def test_single_key_prompts_are_the_shipped_draws():
+    """n_keys = 1 is the format (and the random draws) every committed result was measured on:
+    pinned token ids of seed 123, drawn before multi-key questions existed."""
+    p = sample_prompts(1024, 3, seed=123)
+    assert torch.equal(p.input_ids, sample_prompts(1024, 3, n_keys=1, seed=123).input_ids)
+    assert p.asked_pos.shape == (3, 1) and p.record_pos.shape == (3,)
+    assert p.input_ids[:, -6:].tolist() == PINNED_TAIL and p.answers.tolist() == PINNED_ANSWERS
+    assert p.record_pos.tolist() == PINNED_RECORD_POS
+    assert int((p.input_ids * torch.arange(1, 1025)).sum()) == PINNED_WEIGHTED_SUM
+
+
+def test_multi_key_bad_arguments():
+    with pytest.raises(ValueError, match=r"n_keys must be <= n_records = 4 \(distinct records\), got 5"):
+        sample_prompts(500, 1, n_records=4, n_keys=5, seed=0)
+    with pytest.raises(ValueError, match=r"n_tokens must be >= 389, got 388"):
+        sample_prompts(388, 1, n_keys=3, seed=0)
+    with pytest.raises(ValueError, match=r"n_keys must be >= 1, got 0"):
+        sample_prompts(500, 1, n_keys=0, seed=0)
 
 
 def test_same_seed_same_prompts_and_generator_equivalence():

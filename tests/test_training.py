@@ -29,6 +29,7 @@ from sparsed_backend.demo.training import (
     Stage,
     default_stages,
     masked_answer_loss,
+    question_tokens,
     sample_training_batch,
 )
 
@@ -87,6 +88,53 @@ def test_training_batch_layout(stage, single, seed):
             assert torch.equal(value, b.targets[row, q * VALUE_LEN : (q + 1) * VALUE_LEN])
 
 
+@given(
+    stage=st.sampled_from([Stage(8), Stage(16, 400, 4), Stage(64, 1024, 16)]),
+    n_keys=st.integers(2, 4),
+    single=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_multi_key_training_batch_layout(stage, n_keys, single, seed):
+    """``? k1 .. kk`` then the k values in order, every question answered in place; the records
+    asked in a sequence are distinct; the sequence is no longer than the single-key one."""
+    g = torch.Generator().manual_seed(seed)
+    k = n_keys
+    m = 1 if single else stage.questions(k)
+    b = sample_training_batch(stage, 2, g, n_questions=m, n_keys=k, p_full_mask=0.3)
+    ids = b.input_ids
+    assert ids.shape == (2, stage.seq_len(m, k)) and stage.seq_len(m, k) <= stage.seq_len(stage.questions())
+    assert stage.seq_len(m, k) == 1 + stage.body_len + m * question_tokens(k) and question_tokens(k) == 1 + 6 * k
+    assert b.answer_pos.shape == (m * k * VALUE_LEN,) and b.targets.shape == (2, m * k * VALUE_LEN)
+    seen = ids[:, b.answer_pos]
+    assert (seen[b.masked] == MASK_ID).all() and torch.equal(seen[~b.masked], b.targets[~b.masked])
+    body = ids[:, 1 : 1 + stage.body_len]
+    for row in range(2):
+        asked = []
+        for q in range(m):
+            first = int(b.answer_pos[q * k * VALUE_LEN])
+            assert ids[row, first - 1 - k] == QUESTION_ID
+            keys = ids[row, first - k : first]
+            asked += keys.tolist()
+            for i, key in enumerate(keys.tolist()):
+                where = (body[row] == key).nonzero().flatten()
+                assert where.numel() == 1, "the asked key occurs once in the body"
+                value = body[row, int(where) + 1 : int(where) + RECORD_LEN]
+                t0 = (q * k + i) * VALUE_LEN
+                assert torch.equal(value, b.targets[row, t0 : t0 + VALUE_LEN]), "values in question order"
+        assert len(set(asked)) == m * k, "distinct records over the sequence"
+
+
+def test_questions_per_sequence_fit_the_single_key_budget():
+    s = Stage(64, 4096, 16)  # 16 single-key questions: 112 tokens
+    assert [s.questions(k) for k in (1, 2, 3, 4)] == [16, 8, 5, 4]
+    assert max(s.seq_len(s.questions(k), k) for k in range(1, 9)) == s.seq_len(16) == 4206
+    assert Stage(4).questions(3) == 1 and Stage(8).questions(2) == 4
+    with pytest.raises(ValueError, match=r"n_keys must be in \[1, 4\], got 5"):
+        Stage(4).questions(5)
+    with pytest.raises(ValueError, match=r"n_questions \* n_keys must be in \[1, 4\], got 2 \* 3"):
+        sample_training_batch(Stage(4), 1, torch.Generator(), n_questions=2, n_keys=3)
+
+
 def test_masking_rate_follows_t_uniform():
     # t ~ U(0, 1) per row, each token masked with prob t: E[masked share] = 1/2 (plus forcing);
     # with p_full_mask = 1 every answer token is masked.
@@ -137,3 +185,35 @@ def test_training_script_smoke_resume_and_export(tmp_path):
     state = torch.load(ckpt2, weights_only=True)["state_dict"]
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor.to(torch.bfloat16), state[name]), name
+
+
+def test_multi_key_fine_tune_smoke_from_export_and_checkpoint(tmp_path):
+    """--init fine-tunes an exported model (or a .pt) on 1..M keys per question; the checkpoint
+    resumes in fine-tune mode and exports a bf16 model of the same size."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    script = str(REPO / "training" / "train_retrieval.py")
+    base, base_ckpt = tmp_path / "base", tmp_path / "base.pt"
+    ft, ft2, ft_pt, exported = tmp_path / "ft.pt", tmp_path / "ft2.pt", tmp_path / "ft_pt.pt", tmp_path / "mk"
+
+    def run(*argv):
+        return subprocess.run([sys.executable, script, "--smoke", *argv], check=True, env=env, timeout=300,
+                              capture_output=True, text=True).stdout  # fmt: skip
+
+    run("--ckpt", str(base_ckpt), "--export", str(base), "--final-eval-prompts", "0")
+    log = run("--init", str(base), "--max-keys", "3", "--seed", "4", "--ckpt", str(ft))
+    assert "fine-tune, 1..3 keys per question" in log
+    first = torch.load(ft, weights_only=True)["trainer"]
+    assert first["step"] == 20 and first["seed"] == 4
+    assert first["finetune"] == {"init": str(base), "max_keys": 3, "lengths": [64]}
+    assert set(first["history"][-1]["heldout_acc_by_keys"]) == {1, 3}
+    assert set(first["final_eval"][64]) == {1, 2, 3}, "exact match for every number of keys"
+    run("--resume", str(ft), "--ckpt", str(ft2), "--export", str(exported), "--final-eval-prompts", "0")
+    second = torch.load(ft2, weights_only=True)["trainer"]
+    assert second["step"] == 40 and second["finetune"]["max_keys"] == 3 and second["resumed_from"] == [str(ft)]
+    run("--init", str(base_ckpt), "--max-keys", "2", "--ckpt", str(ft_pt), "--final-eval-prompts", "0")
+    assert torch.load(ft_pt, weights_only=True)["trainer"]["finetune"]["max_keys"] == 2
+    size = (exported / "model.safetensors").stat().st_size
+    assert abs(size - (base / "model.safetensors").stat().st_size) < 1024, "bf16, the size of the model it started from"
+    assert json.loads((exported / "config.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(subprocess.CalledProcessError):
+        run("--init", str(base), "--resume", str(ft))

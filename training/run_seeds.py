@@ -9,6 +9,12 @@ checkpoints and one combined log are copied to --out.
 
     PYTHONPATH=src python training/run_seeds.py --seeds 0 1 2 3 4 5 --minutes 8.5 --out $OUT
     PYTHONPATH=src python training/run_seeds.py --resume a.pt b.pt --minutes 8.5 --out $OUT
+    PYTHONPATH=src python training/run_seeds.py --seeds 0 1 --lrs 1e-4 3e-4 --minutes 6 --out $OUT \
+        -- --init src/sparsed_backend/assets/retrieval_llada --max-keys 4 --cooldown   # multi-key fine-tune
+
+With --lrs every seed runs once per learning rate (process ``s<seed>_lr<lr>``). A fine-tune stays
+at stage 0, so nothing is culled or narrowed: every process runs its --minutes and the --keep
+best by held-out accuracy (the worse of 1 and --max-keys keys) are kept.
 
 Arguments after ``--`` go to every train_retrieval.py process.
 """
@@ -35,13 +41,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="*", default=[])
     p.add_argument("--resume", nargs="*", default=[], help="checkpoints to continue, one process each")
+    p.add_argument("--lrs", type=float, nargs="*", default=[], help="run every seed at each of these --lr")
     p.add_argument("--minutes", type=float, required=True, help="training budget of every process")
     p.add_argument("--out", required=True, help="where the kept checkpoints and the log go")
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--cull-stage", type=int, default=2, help="stop first-stage seeds once one reaches this")
     p.add_argument("--narrow-stage", type=int, default=6, help="keep only --keep processes from this stage on")
     args = p.parse_args(argv)
-    jobs = [(f"s{s}", ["--seed", str(s)]) for s in args.seeds]
+    if args.lrs:
+        jobs = [(f"s{s}_lr{lr:g}", ["--seed", str(s), "--lr", str(lr)]) for s in args.seeds for lr in args.lrs]
+    else:
+        jobs = [(f"s{s}", ["--seed", str(s)]) for s in args.seeds]
     jobs += [(f"r{i}", ["--resume", path]) for i, path in enumerate(args.resume)]
     if not jobs:
         p.error("give --seeds and/or --resume")

@@ -14,6 +14,17 @@ curriculum position, no optimizer state) written every --save-every-s seconds an
 
 A resumed run starts a fresh AdamW with a --resume-warmup step warm-up, and draws its data from
 a generator seeded with (seed, step), so it never replays the earlier run's batches.
+
+Multi-key fine-tune (``--init``: an exported model directory or a .pt checkpoint, weights only):
+every step draws a prompt length from --lengths and keys per question k from 1..--max-keys
+(questions ``? k1 .. kk`` answered in place by the k values; `sparsed_backend.demo.training`),
+with no curriculum; a quarter of the steps (--p-single) ask one question, the evaluation format.
+The gates log held-out accuracy at the longest length for 1 and --max-keys keys; the final
+evaluation gives greedy exact match for every k. Its checkpoints resume in the same mode.
+
+    PYTHONPATH=src python training/train_retrieval.py --init src/sparsed_backend/assets/retrieval_llada \
+        --max-keys 4 --lr 3e-4 --cooldown --minutes 6 --ckpt out/mk.pt --export out/retrieval_llada_multikey
+    PYTHONPATH=src python training/train_retrieval.py --smoke --init out/smoke_model --max-keys 3   # CPU
 """
 
 from __future__ import annotations
@@ -48,6 +59,9 @@ from sparsed_backend.demo.training import (  # noqa: E402
 from sparsed_backend.models.llada import LLaDAConfig, LLaDAModelLM  # noqa: E402
 
 GATE_SEED_OFFSET = 1_000_000  # held-out gate batches: generator seed = this + run seed
+# A fine-tune's data and gates: generators seeded apart from every from-scratch run's.
+FINETUNE_SEED_OFFSET = 2**40
+FINAL_EVAL_SEED = 5000  # final evaluation prompts of length n: seed 5000 + n (benchmarks use others)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--resume", default=None, help="checkpoint to continue from")
     a("--export", default=None, help="after training, save_pretrained the model + tokenizer here")
     a("--export-only", action="store_true", help="only export --resume to --export")
+    a("--init", default=None, help="fine-tune: start from this exported model directory or .pt checkpoint")
+    a(
+        "--max-keys",
+        type=int,
+        default=None,
+        help="keys per question drawn from 1..this every step (default 1; a resumed fine-tune keeps its own)",
+    )
     a("--minutes", type=float, default=8.0, help="wall-clock budget of the training loop")
     a("--max-steps", type=int, default=0, help="0: no step limit")
     a("--d-model", type=int, default=256)
@@ -94,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.final_eval_prompts, args.warmup, args.device = 4, 5, "cpu"
     if args.export_only and not (args.resume and args.export):
         p.error("--export-only needs --resume (the checkpoint) and --export (the directory)")
+    if args.init and args.resume:
+        p.error("give --init (start a fine-tune) or --resume (continue a run), not both")
+    if args.max_keys is not None and args.max_keys < 1:
+        p.error(f"--max-keys must be >= 1, got {args.max_keys}")
     return args
 
 
@@ -128,6 +153,14 @@ def load_checkpoint(path: str) -> tuple[LLaDAModelLM, dict]:
     return model, ckpt["trainer"]
 
 
+def load_initial(path: str) -> LLaDAModelLM:
+    """The weights a fine-tune starts from: an exported directory (``save_pretrained``) or a .pt
+    checkpoint of this script, in float32 (the bf16 weights are the shipped form)."""
+    if Path(path).is_dir():
+        return LLaDAModelLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+    return load_checkpoint(path)[0]
+
+
 def export(model: LLaDAModelLM, trainer: dict, out: Path) -> None:
     """The shipped form: bf16 safetensors, config, tokenizer, and how it was trained."""
     from sparsed_backend.demo.tokenizer import build_tokenizer
@@ -139,13 +172,13 @@ def export(model: LLaDAModelLM, trainer: dict, out: Path) -> None:
 
 
 @torch.no_grad()
-def gate_accuracy(model, stage: Stage, n: int, generator: torch.Generator, args) -> float:
-    """Held-out token accuracy at ``stage`` with every answer token masked."""
+def gate_accuracy(model, stage: Stage, n: int, generator: torch.Generator, args, n_keys: int = 1) -> float:
+    """Held-out token accuracy at ``stage`` (questions of ``n_keys`` keys) with every answer token masked."""
     model.eval()
     right = total = 0
-    per = max(1, min(args.batch, args.tokens_per_step // stage.seq_len(stage.questions())))
+    per = max(1, min(args.batch, args.tokens_per_step // stage.seq_len(stage.questions(n_keys), n_keys)))
     for i in range(0, n, per):
-        b = sample_training_batch(stage, min(per, n - i), generator, p_full_mask=1.0, device=args.device)
+        b = sample_training_batch(stage, min(per, n - i), generator, n_keys=n_keys, p_full_mask=1.0, device=args.device)
         with torch.autocast(args.device.split(":")[0], torch.bfloat16, enabled=args.device.startswith("cuda")):
             logits = model(input_ids=b.input_ids, logits_to_keep=b.answer_pos).logits
         right += int((logits.argmax(-1) == b.targets).sum())
@@ -154,27 +187,39 @@ def gate_accuracy(model, stage: Stage, n: int, generator: torch.Generator, args)
     return right / total
 
 
-def final_eval(model, args, lengths: list[int]) -> dict:
-    """Greedy exact match (dense SDPA, the LLaDA sampler) on fresh prompts of every length."""
+def final_eval(model, args, lengths: list[int], max_keys: int = 1) -> dict:
+    """Greedy exact match (dense SDPA, the LLaDA sampler, one token per step, one block per key)
+    on fresh prompts of every length: ``{n: {...}}`` for single-key questions only (the shipped
+    summary's form), else ``{n: {k: {...}}}`` for k = 1..max_keys keys."""
     from sparsed_backend.demo.evaluate import answer_prompts, wilson_interval
 
     model.eval()
     res = {}
     for n in lengths:
-        prompts = sample_prompts(n, args.final_eval_prompts, n_records=args.final_records, seed=5000 + n)
-        ans = answer_prompts(model, prompts, batch=max(1, args.tokens_per_step // n // 4))
-        lo, hi = wilson_interval(ans.n_correct, args.final_eval_prompts)
-        res[n] = {"correct": ans.n_correct, "prompts": args.final_eval_prompts, "ci95": [lo, hi]}
+        for k in range(1, max_keys + 1):
+            prompts = sample_prompts(n, args.final_eval_prompts, n_records=args.final_records, n_keys=k,
+                                     seed=FINAL_EVAL_SEED + n)  # fmt: skip
+            ans = answer_prompts(model, prompts, batch=max(1, args.tokens_per_step // n // 4))
+            lo, hi = wilson_interval(ans.n_correct, args.final_eval_prompts)
+            cell = {"correct": ans.n_correct, "prompts": args.final_eval_prompts, "ci95": [lo, hi]}
+            if max_keys == 1:
+                res[n] = cell
+            else:
+                res.setdefault(n, {})[k] = cell
     model.train()
     return res
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    stages = default_stages(args.final_records, tuple(args.lengths))
     if args.resume:
         model, trainer = load_checkpoint(args.resume)
         trainer.setdefault("resumed_from", []).append(args.resume)
+    elif args.init:
+        torch.manual_seed(args.seed)
+        model = load_initial(args.init)
+        trainer = {"seed": args.seed, "step": 0, "stage_index": 0, "elapsed_s": 0.0, "history": [], "calls": [],
+                   "finetune": {"init": args.init}}  # fmt: skip
     else:
         torch.manual_seed(args.seed)
         model = build_model(args)
@@ -182,14 +227,27 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_only:
         export(model, trainer, Path(args.export))
         return
+    finetune = trainer.get("finetune")
+    max_keys = args.max_keys or (finetune or {}).get("max_keys", 1)
+    if finetune is not None:
+        # The phase-2 stages, one drawn per step: no curriculum, the model already retrieves.
+        stages = [s for s in default_stages(args.final_records, tuple(args.lengths)) if s.prompt_tokens is not None]
+        finetune.update(max_keys=max_keys, lengths=args.lengths)
+        longest = max(s.seq_len(s.questions(k), k) for s in stages for k in range(1, max_keys + 1))
+        if longest > model.config.max_sequence_length:
+            raise SystemExit(f"--lengths {args.lengths} give training sequences of {longest} tokens, more than the "
+                             f"model's max_sequence_length {model.config.max_sequence_length}")  # fmt: skip
+    else:
+        stages = default_stages(args.final_records, tuple(args.lengths))
     trainer["calls"].append({"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
     trainer["stages"] = [str(s) for s in stages]
     curriculum = Curriculum(stages, args.gate, min(trainer["stage_index"], len(stages) - 1))
     device = torch.device(args.device)
     model.to(device).train()
     seed, step0 = trainer["seed"], trainer["step"]
-    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step0)
-    gate_gen = torch.Generator(device=device).manual_seed(GATE_SEED_OFFSET + seed)
+    offset = FINETUNE_SEED_OFFSET if finetune is not None else 0
+    gen = torch.Generator(device=device).manual_seed(offset + seed * 1_000_003 + step0)
+    gate_gen = torch.Generator(device=device).manual_seed(offset + GATE_SEED_OFFSET + seed)
     decay, no_decay = [], []  # weight decay on matrices, not on norms or the token embedding
     for n, p in model.named_parameters():
         (decay if p.dim() >= 2 and "wte" not in n else no_decay).append(p)
@@ -197,16 +255,24 @@ def main(argv: list[str] | None = None) -> None:
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda",
     )  # fmt: skip
-    warm = args.resume_warmup if args.resume else args.warmup
+    warm = args.resume_warmup if args.resume or args.init else args.warmup
     amp = device.type == "cuda"
     t0, last_save, step = time.time(), time.time(), step0
     log_loss, log_acc = [], []
-    print(f"seed {seed} from step {step0} at stage {curriculum.index}: {curriculum.stage}", flush=True)
+    mode = f"fine-tune, 1..{max_keys} keys per question, lengths {args.lengths}" if finetune else curriculum.stage
+    print(f"seed {seed} from step {step0} at stage {curriculum.index}: {mode}", flush=True)
     while time.time() - t0 < args.minutes * 60 and not (args.max_steps and step - step0 >= args.max_steps):
-        stage = curriculum.stage
-        m = 1 if stage.prompt_tokens is not None and torch.rand(1).item() < args.p_single else stage.questions()
-        b_size = max(1, min(args.batch, args.tokens_per_step // stage.seq_len(m)))
-        batch = sample_training_batch(stage, b_size, gen, n_questions=m, p_full_mask=args.p_full_mask, device=device)
+        if finetune is not None:
+            stage = stages[int(torch.randint(len(stages), (1,), generator=gen, device=device))]
+        else:
+            stage = curriculum.stage
+        k = 1 if max_keys == 1 else int(torch.randint(1, min(max_keys, stage.n_records) + 1, (1,), generator=gen,
+                                                      device=device))  # fmt: skip
+        m = 1 if stage.prompt_tokens is not None and torch.rand(1).item() < args.p_single else stage.questions(k)
+        b_size = max(1, min(args.batch, args.tokens_per_step // stage.seq_len(m, k)))
+        batch = sample_training_batch(
+            stage, b_size, gen, n_questions=m, n_keys=k, p_full_mask=args.p_full_mask, device=device
+        )
         lr = args.lr * min(1.0, (step - step0 + 1) / warm)
         if args.cooldown:
             lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - t0) / (args.minutes * 60))))
@@ -228,10 +294,19 @@ def main(argv: list[str] | None = None) -> None:
                   f"batch {b_size} {time.time() - t0:.0f}s", flush=True)  # fmt: skip
             log_loss, log_acc = [], []
         if step % args.gate_every == 0:
-            held = gate_accuracy(model, stage, args.gate_examples, gate_gen, args)
-            moved = curriculum.update(held)
+            if finetune is not None:  # the longest prompts, single-key and max-key questions
+                gate_stage = stages[-1]
+                accs = {kk: gate_accuracy(model, gate_stage, args.gate_examples, gate_gen, args, kk)
+                        for kk in sorted({1, max_keys})}  # fmt: skip
+                held, moved = min(accs.values()), False
+                extra = {"heldout_acc_by_keys": {kk: round(a, 4) for kk, a in accs.items()}}
+            else:
+                gate_stage, extra = stage, {}
+                held = gate_accuracy(model, stage, args.gate_examples, gate_gen, args)
+                moved = curriculum.update(held)
             event = {"step": step, "elapsed_s": round(trainer["elapsed_s"] + time.time() - t0, 1),
-                     "stage": stage.__dict__, "heldout_acc": round(held, 4), "promoted": moved}  # fmt: skip
+                     "stage": gate_stage.__dict__, "heldout_acc": round(held, 4), "promoted": moved,
+                     **extra}  # fmt: skip
             trainer["history"].append(event)
             print(f"gate {json.dumps(event)}", flush=True)
             if args.status:
@@ -243,14 +318,16 @@ def main(argv: list[str] | None = None) -> None:
             last_save = time.time()
     trainer.update(step=step, stage_index=curriculum.index, elapsed_s=round(trainer["elapsed_s"] + time.time() - t0, 1))
     trainer["device"] = torch.cuda.get_device_name() if amp else "cpu"
-    if args.final_eval_prompts and curriculum.last:
-        trainer["final_eval"] = final_eval(model, args, [n for n in args.lengths if n >= 1024] or args.lengths)
+    if args.final_eval_prompts and (curriculum.last or finetune is not None):
+        lengths = [n for n in args.lengths if n >= 1024] or args.lengths
+        trainer["final_eval"] = final_eval(model, args, lengths, max_keys)
         print(f"final {json.dumps(trainer['final_eval'])}", flush=True)
     if args.ckpt:
         save_checkpoint(Path(args.ckpt), model, trainer)
     if args.export:
         export(model, trainer, Path(args.export))
-    print(f"done: step {step}, stage {curriculum.index} ({curriculum.stage}), {trainer['elapsed_s']:.0f}s", flush=True)
+    where = mode if finetune is not None else curriculum.stage
+    print(f"done: step {step}, stage {curriculum.index} ({where}), {trainer['elapsed_s']:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._validate import check_int
 from ..config import SparseDConfig
 from ..state import SparseDState
 from .task import VALUE_LEN, RetrievalPrompts, exact_match
 
-__all__ = ["Answers", "answer_prompts", "wilson_interval"]
+__all__ = ["Answers", "answer_prompts", "generation_length", "wilson_interval"]
+
+
+def generation_length(answer_len: int, block_length: int) -> int:
+    """Generated tokens for an answer of ``answer_len``: rounded up to whole decoding blocks (the
+    tokens past the answer are decoded too, and not scored)."""
+    check_int("answer_len", answer_len, 1)
+    return -(-answer_len // check_int("block_length", block_length, 1)) * block_length
 
 
 @dataclass
@@ -21,7 +29,7 @@ class Answers:
     """What `answer_prompts` returns.
 
     Attributes:
-        generated: (B, VALUE_LEN) generated answer tokens.
+        generated: (B, A) generated answer tokens (A = the answers' length, ``n_keys * VALUE_LEN``).
         correct: (B,) bool, exact match.
         states: the SparseDState of every batch (empty for dense).
         forwards: model forwards over all batches (denoising steps, summed).
@@ -50,19 +58,26 @@ def answer_prompts(
     *,
     sparsed: SparseDConfig | None = None,
     batch: int = 8,
-    steps: int | None = VALUE_LEN,
+    steps: int | None = None,
+    block_length: int = VALUE_LEN,
     kv_cache: str | None = None,
     threshold: float | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Answers:
-    """Greedy low-confidence decoding of every prompt's answer (one block of VALUE_LEN tokens).
+    """Greedy low-confidence decoding of every prompt's answer.
+
+    The answer (``prompts.answers.shape[1]`` tokens: VALUE_LEN per asked key) is generated in
+    blocks of ``block_length``, ``generation_length`` tokens in all; exact match reads the
+    first A of them. A single-key prompt with the defaults is one block of VALUE_LEN tokens.
 
     Args:
         model: a LLaDA model; with ``sparsed`` it must use ``attn_implementation="sparsed"``.
         prompts: from `sample_prompts`; moved to the model's device.
         sparsed: SparseD knobs, or None for dense attention.
         batch: prompts per sampler call.
-        steps: denoising steps (VALUE_LEN: one token per step).
+        steps: denoising steps in all; None: one per generated token (VALUE_LEN for a
+            single-key answer).
+        block_length: tokens per decoding block (VALUE_LEN: one block per asked key).
         kv_cache: None, "prefix" or "dual" (see `llada_generate`).
         threshold: confidence-threshold decoding in place of ``steps`` (see `llada_generate`);
             ``Answers.forwards`` then counts the steps taken.
@@ -73,14 +88,16 @@ def answer_prompts(
     device = next(model.parameters()).device
     ids = prompts.input_ids.to(device)
     outs, states, forwards = [], [], 0
-    steps = None if threshold is not None else steps
+    answer_len = prompts.answers.shape[1]
+    gen_length = generation_length(answer_len, block_length)
+    steps = None if threshold is not None else gen_length if steps is None else steps
     for i in range(0, ids.shape[0], batch):
         out = llada_generate(
-            model, ids[i : i + batch], steps=steps, gen_length=VALUE_LEN, block_length=VALUE_LEN,
+            model, ids[i : i + batch], steps=steps, gen_length=gen_length, block_length=block_length,
             sparsed=sparsed, kv_cache=kv_cache, threshold=threshold, return_dict_in_generate=True,
         )  # fmt: skip
         forwards += out.num_forwards
-        outs.append(out.sequences[:, ids.shape[1] :].cpu())
+        outs.append(out.sequences[:, ids.shape[1] : ids.shape[1] + answer_len].cpu())
         if out.sparsed_state is not None:
             states.append(out.sparsed_state)
         if on_batch is not None:

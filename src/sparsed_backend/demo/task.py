@@ -8,6 +8,12 @@ Every token is one character of the demo tokenizer (`sparsed_backend.demo.tokeni
   of random value symbols, then the question ``?`` + key;
 - the **answer** is that key's value, ``VALUE_LEN`` tokens, generated after the prompt.
 
+A **multi-key** question (``n_keys = m > 1``) is ``?`` followed by ``m`` keys of distinct
+records, ``? k1 k2 .. km`` (``1 + m`` tokens, no separators: every key is one symbol); its
+answer is the ``m`` values in question order, ``v(k1) v(k2) .. v(km)``, ``m * VALUE_LEN``
+tokens, decoded as ``m`` blocks of ``VALUE_LEN`` by default. ``n_keys = 1`` is the single-key
+format above, drawn with the same random calls, so a seed gives the same prompts as before.
+
 Keys are distinct within a prompt and appear nowhere else, the value symbols are drawn
 independently of everything, and the haystack is made of the same symbols: the only way to
 the answer is to attend from the question to the one matching record, wherever it is. Which
@@ -61,12 +67,12 @@ VALUE_SYMBOLS = "".join(chr(c) for c in range(0xAC00, 0xAC00 + N_VALUES))
 # so one step runs dense before it and three answer tokens are decoded with sparse attention.
 VALUE_LEN = 5
 RECORD_LEN = 1 + VALUE_LEN
-QUESTION_LEN = 2  # "?" + key
+QUESTION_LEN = 2  # "?" + key (a question of m keys has 1 + m tokens)
 
 
-def min_prompt_tokens(n_records: int) -> int:
-    """Shortest prompt (BOS included) that holds ``n_records`` records and the question."""
-    return 1 + n_records * RECORD_LEN + QUESTION_LEN
+def min_prompt_tokens(n_records: int, n_keys: int = 1) -> int:
+    """Shortest prompt (BOS included) that holds ``n_records`` records and a question of ``n_keys`` keys."""
+    return 1 + n_records * RECORD_LEN + 1 + n_keys
 
 
 @dataclass(frozen=True)
@@ -123,14 +129,22 @@ class RetrievalPrompts:
     """A batch of retrieval prompts of one length.
 
     Attributes:
-        input_ids: (B, n_tokens) BOS, records in a haystack, ``?`` + the asked key.
-        answers: (B, VALUE_LEN) the asked key's value.
-        record_pos: (B,) position in ``input_ids`` of the asked record's key.
+        input_ids: (B, n_tokens) BOS, records in a haystack, ``?`` + the asked keys.
+        answers: (B, n_keys * VALUE_LEN) the asked keys' values, in question order.
+        record_pos: (B,) position in ``input_ids`` of the first asked record's key.
+        asked_pos: (B, n_keys) positions in ``input_ids`` of every asked record's key, in
+            question order (``asked_pos[:, 0]`` is ``record_pos``).
     """
 
     input_ids: torch.Tensor
     answers: torch.Tensor
     record_pos: torch.Tensor
+    asked_pos: torch.Tensor
+
+    @property
+    def n_keys(self) -> int:
+        """Keys per question."""
+        return self.asked_pos.shape[1]
 
 
 def sample_prompts(
@@ -138,6 +152,7 @@ def sample_prompts(
     batch: int,
     *,
     n_records: int = 64,
+    n_keys: int = 1,
     seed: int | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
@@ -145,27 +160,37 @@ def sample_prompts(
     """Draw ``batch`` prompts of exactly ``n_tokens`` tokens (BOS included).
 
     Args:
-        n_tokens: prompt length, >= ``min_prompt_tokens(n_records)``.
+        n_tokens: prompt length, >= ``min_prompt_tokens(n_records, n_keys)``.
         batch: number of prompts.
         n_records: records per prompt (the shipped model was trained with 64).
+        n_keys: keys per question (distinct records), ``? k1 .. km``; the answer is their
+            values in question order. 1: the shipped single-key format.
         seed: seeds a fresh generator (give this or ``generator``).
         generator: advanced in place; must live on ``device``.
         device: where the tensors are made.
     """
     check_int("n_records", n_records, 1)
-    check_int("n_tokens", n_tokens, min_prompt_tokens(n_records))
+    check_int("n_keys", n_keys, 1)
+    if n_keys > n_records:
+        raise ArgumentValueError(
+            "n_keys", f"n_keys must be <= n_records = {n_records} (distinct records), got {n_keys}"
+        )
+    check_int("n_tokens", n_tokens, min_prompt_tokens(n_records, n_keys))
     if (seed is None) == (generator is None):
         raise ValueError("give exactly one of seed and generator")
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(check_int("seed", seed, 0))
-    rec = sample_records(batch, n_tokens - 1 - QUESTION_LEN, n_records, generator, device)
-    asked = torch.randint(0, n_records, (batch, 1), device=device, generator=generator)
-    key = rec.keys.gather(1, asked)
-    ids = torch.cat(
-        [torch.full((batch, 1), BOS_ID, device=device), rec.tokens, torch.full_like(key, QUESTION_ID), key], 1
-    )
-    answers = rec.values.gather(1, asked.unsqueeze(-1).expand(-1, -1, VALUE_LEN)).squeeze(1)
-    return RetrievalPrompts(ids, answers, 1 + rec.starts.gather(1, asked).squeeze(1))
+    rec = sample_records(batch, n_tokens - 2 - n_keys, n_records, generator, device)
+    if n_keys == 1:  # the single-key draw of the shipped format: same seed, same prompts as before
+        asked = torch.randint(0, n_records, (batch, 1), device=device, generator=generator)
+    else:  # distinct records in random order
+        asked = torch.rand(batch, n_records, device=device, generator=generator).argsort(1)[:, :n_keys]
+    keys = rec.keys.gather(1, asked)  # (B, m)
+    question = torch.full((batch, 1), QUESTION_ID, device=device)
+    ids = torch.cat([torch.full((batch, 1), BOS_ID, device=device), rec.tokens, question, keys], 1)
+    answers = rec.values.gather(1, asked.unsqueeze(-1).expand(-1, -1, VALUE_LEN)).flatten(1)  # (B, m * VALUE_LEN)
+    asked_pos = 1 + rec.starts.gather(1, asked)
+    return RetrievalPrompts(ids, answers, asked_pos[:, 0], asked_pos)
 
 
 def exact_match(generated: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """The demo model's training recipe: curriculum, training sequences, answer masking, loss.
 
 A training sequence is a body from `task.sample_records` followed by ``m`` questions, each
-answered in place: ``? key v1 .. vL``. The answer tokens are the only supervised positions;
-they are masked as in LLaDA's SFT (each with probability t ~ U(0, 1), some rows fully) and the
-loss is the cross-entropy at the masked ones. The last question of a sequence with ``m = 1``
+answered in place: ``? key v1 .. vL``, or with ``n_keys = k > 1`` keys per question (the
+multi-key format of `task.sample_prompts`) ``? key1 .. keyk`` followed by the k values in
+order. The answer tokens are the only supervised positions; they are masked as in LLaDA's SFT
+(each with probability t ~ U(0, 1), some rows fully) and the loss is the cross-entropy at the
+masked ones. The last question of a sequence with ``m = 1``
 is exactly the prompt + answer the samplers see at evaluation.
 
 The curriculum is gated on held-out accuracy, in two phases (what broke through on an H100;
@@ -13,6 +15,12 @@ training/EXPERIMENTS.md):
 2. 64 records scattered over ever longer prompts (haystack), 16 questions per sequence.
 
 Every stage moves on when held-out token accuracy with fully masked answers reaches the gate.
+
+The multi-key fine-tune (``train_retrieval.py --init``) starts from a trained model and draws
+every step's prompt length from the phase-2 stages and its keys per question from 1..M; a
+sequence of k-key questions asks as many as fit in the tokens of the stage's single-key
+questions (`Stage.questions`), so it is never longer than the single-key sequences the model's
+positions were sized for.
 """
 
 from __future__ import annotations
@@ -24,7 +32,13 @@ import torch.nn.functional as F
 
 from .task import BOS_ID, MASK_ID, QUESTION_ID, QUESTION_LEN, RECORD_LEN, VALUE_LEN, min_prompt_tokens, sample_records
 
-__all__ = ["Curriculum", "Stage", "TrainingBatch", "masked_answer_loss", "sample_training_batch"]
+
+def question_tokens(n_keys: int = 1) -> int:
+    """Tokens of one answered question of ``n_keys`` keys: ``?``, the keys, their values."""
+    return 1 + n_keys * RECORD_LEN
+
+
+__all__ = ["Curriculum", "Stage", "TrainingBatch", "masked_answer_loss", "question_tokens", "sample_training_batch"]
 
 
 @dataclass(frozen=True)
@@ -48,11 +62,17 @@ class Stage:
             return self.n_records * RECORD_LEN
         return self.prompt_tokens - 1 - QUESTION_LEN
 
-    def questions(self) -> int:
-        return self.n_records if self.n_questions is None else min(self.n_questions, self.n_records)
+    def questions(self, n_keys: int = 1) -> int:
+        """Questions per sequence. With ``n_keys > 1``: as many as fit in the tokens of the
+        single-key questions (at least one) and ask distinct records."""
+        single = self.n_records if self.n_questions is None else min(self.n_questions, self.n_records)
+        if not 1 <= n_keys <= self.n_records:
+            raise ValueError(f"n_keys must be in [1, {self.n_records}], got {n_keys}")
+        fit = single * question_tokens() // question_tokens(n_keys)
+        return max(1, min(fit, self.n_records // n_keys))
 
-    def seq_len(self, n_questions: int) -> int:
-        return 1 + self.body_len + n_questions * (QUESTION_LEN + VALUE_LEN)
+    def seq_len(self, n_questions: int, n_keys: int = 1) -> int:
+        return 1 + self.body_len + n_questions * question_tokens(n_keys)
 
     def __str__(self) -> str:
         where = "records only" if self.prompt_tokens is None else f"prompt {self.prompt_tokens} tokens"
@@ -125,28 +145,36 @@ def sample_training_batch(
     generator: torch.Generator,
     *,
     n_questions: int | None = None,
+    n_keys: int = 1,
     p_full_mask: float = 0.5,
     device: torch.device | str = "cpu",
 ) -> TrainingBatch:
-    """Draw one batch at ``stage`` (``n_questions`` overrides the stage's count)."""
-    m = stage.questions() if n_questions is None else n_questions
-    if not 1 <= m <= stage.n_records:
-        raise ValueError(f"n_questions must be in [1, {stage.n_records}], got {m}")
+    """Draw one batch at ``stage`` (``n_questions`` overrides the stage's count for ``n_keys``).
+
+    Every question asks ``n_keys`` keys, ``? k1 .. kk v(k1) .. v(kk)``; the records asked in a
+    sequence are distinct (over all its questions). ``n_keys = 1`` draws exactly what it did
+    before multi-key questions existed.
+    """
+    k = n_keys
+    m = stage.questions(k) if n_questions is None else n_questions
+    if not 1 <= m * k <= stage.n_records:
+        raise ValueError(f"n_questions * n_keys must be in [1, {stage.n_records}], got {m} * {k}")
     kw = {"device": device, "generator": generator}
     rec = sample_records(batch, stage.body_len, stage.n_records, generator, device)
-    asked = torch.rand(batch, stage.n_records, **kw).argsort(1)[:, :m]  # distinct records, random order
-    keys = rec.keys.gather(1, asked)
-    values = rec.values.gather(1, asked.unsqueeze(-1).expand(-1, -1, VALUE_LEN))
-    questions = torch.cat([torch.full_like(keys, QUESTION_ID).unsqueeze(-1), keys.unsqueeze(-1), values], -1)
+    asked = torch.rand(batch, stage.n_records, **kw).argsort(1)[:, : m * k]  # distinct records, random order
+    keys = rec.keys.gather(1, asked).view(batch, m, k)
+    values = rec.values.gather(1, asked.unsqueeze(-1).expand(-1, -1, VALUE_LEN)).view(batch, m, k * VALUE_LEN)
+    mark = torch.full((batch, m, 1), QUESTION_ID, device=device, dtype=torch.long)
+    questions = torch.cat([mark, keys, values], -1)  # (B, m, question_tokens(k))
     bos = torch.full((batch, 1), BOS_ID, device=device, dtype=torch.long)
     ids = torch.cat([bos, rec.tokens, questions.flatten(1)], 1)
     q_start = 1 + stage.body_len
-    per_q = QUESTION_LEN + VALUE_LEN
     answer_pos = (
         q_start
-        + per_q * torch.arange(m, device=device).unsqueeze(-1)
-        + QUESTION_LEN
-        + torch.arange(VALUE_LEN, device=device)
+        + question_tokens(k) * torch.arange(m, device=device).unsqueeze(-1)
+        + 1
+        + k
+        + torch.arange(k * VALUE_LEN, device=device)
     ).flatten()
     targets = values.flatten(1)
     # LLaDA SFT masking: t ~ U(0, 1) per row (1 for a p_full_mask share), each answer token
