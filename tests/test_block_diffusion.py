@@ -241,8 +241,8 @@ def test_bad_prompts_and_models_are_refused():
     assert err.value.argument == "attention_mask"
     with pytest.raises(ValueError, match=f"must not contain the mask token \\(id {MASK_ID}\\)"):
         blockdiff_generate(sdar_model(), torch.tensor([[5, MASK_ID, 7]]), **GOOD)
-    other = Qwen3ForCausalLM(Qwen3Config(**{**sdar_model().config.to_dict(), "attn_implementation": "sparsed"}))
-    with pytest.raises(NotImplementedError, match="'sdpa' or 'eager', got 'sparsed'"):
+    other = Qwen3ForCausalLM(Qwen3Config(**{**sdar_model().config.to_dict(), "attn_implementation": "flex_attention"}))
+    with pytest.raises(NotImplementedError, match="'sdpa', 'eager' or 'sparsed', got 'flex_attention'"):
         blockdiff_generate(other, ids, mask, **GOOD)
     with pytest.raises(ValueError, match="position limit of 256"):
         blockdiff_generate(sdar_model(), ids, mask, **{**GOOD, "gen_length": 300})

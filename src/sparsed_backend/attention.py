@@ -11,6 +11,7 @@ from . import _compat, policy
 from ._warn import warn_once
 from .dense import dense_attention
 from .flex_shapes import CompileGuard, pad_to_mask
+from .prefix_selection import PrefixSparseState, prefix_sparse_attention
 from .state import SparseDState
 from .switch_step import run_switch_step, select_layer
 
@@ -173,6 +174,7 @@ def sparsed_attention_forward(
     dropout: float = 0.0,
     sparsed_state: SparseDState | None = None,
     query_start: int | None = None,
+    prefix_state: PrefixSparseState | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers AttentionInterface entry point registered as "sparsed".
@@ -180,6 +182,10 @@ def sparsed_attention_forward(
     Without ``sparsed_state`` it is plain bidirectional dense attention. With one, the state's
     step decides: dense before the switch step; at the switch step dense attention plus block
     selection (the layer's BlockMask is cached in the state); sparse FlexAttention after it.
+
+    With ``prefix_state`` (block diffusion, `block_diffusion.blockdiff_generate`) the forward
+    is one of a block-diffusion model (block-causal, so a causal module is fine) and
+    `prefix_selection.prefix_sparse_attention` runs it under the sampler's 4D bool mask.
 
     Args:
         module: the attention module; needs ``layer_idx`` for sparse steps and must not be causal.
@@ -194,6 +200,17 @@ def sparsed_attention_forward(
         (attn_output (B, L, Hq, D) contiguous, None).
     """
     _check_inputs(query, key, value)
+    if prefix_state is not None:
+        if not isinstance(prefix_state, PrefixSparseState):
+            raise TypeError(f"prefix_state must be a PrefixSparseState or None, got {type(prefix_state).__name__}")
+        if sparsed_state is not None:
+            raise ValueError("a forward takes sparsed_state (SparseD) or prefix_state (block diffusion), not both")
+        layer_idx = getattr(module, "layer_idx", None)
+        if not isinstance(layer_idx, int):
+            raise ValueError(f"prefix_state needs module.layer_idx (an int), got {layer_idx!r}")
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        out = prefix_sparse_attention(query, key, value, attention_mask, scale, prefix_state, layer_idx)
+        return out.transpose(1, 2).contiguous(), None
     if getattr(module, "is_causal", False):
         raise NotImplementedError(
             f"'sparsed' attention is bidirectional only (diffusion LMs); {type(module).__name__} has is_causal=True"

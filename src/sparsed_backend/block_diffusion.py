@@ -42,8 +42,9 @@ What differs from SDAR's sampler, on purpose:
 
 The model is called with a 4D mask built here: bool for "sdpa", additive float for "eager"
 (transformers' eager attention adds the mask to the scores, so a bool mask there would be
-silently wrong). Future attention-backend state (e.g. SparseD's) travels through
-``_BlockRunner.kwargs`` to every forward, as `generation.py` passes ``sparsed_state``.
+silently wrong) and "sparsed". With ``sparsed=PrefixSparseConfig(...)`` (the "sparsed"
+attention) a `prefix_selection.PrefixSparseState` travels to every forward: each block's first
+denoising step keeps every head's heaviest prefix blocks and the later steps read only those.
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ from ._sampling import DiffusionGenerationOutput, check_length, prepare_canvas, 
 from ._validate import ArgumentTypeError, ArgumentValueError, check_float, check_int
 from .block_cache import BlockDiffusionKVCache, cache_keyword
 from .generation import llada_transfer_schedule
+from .prefix_selection import PrefixSparseConfig, PrefixSparseState
 
 __all__ = ["BLOCKDIFF_REMASKING", "blockdiff_generate", "block_causal_mask"]
 
 BLOCKDIFF_REMASKING = ("low_confidence_static", "low_confidence_dynamic", "sequential")
-MASK_IMPLEMENTATIONS = ("sdpa", "eager")
+MASK_IMPLEMENTATIONS = ("sdpa", "eager", "sparsed")
 
 
 def block_causal_mask(valid: torch.Tensor, start: int, stop: int, block_length: int) -> torch.Tensor:
@@ -93,12 +95,16 @@ def _implementation_mask(keep: torch.Tensor, implementation: str, dtype: torch.d
 class _BlockRunner:
     """Calls the model on one stretch of the canvas, with the cache announced for it."""
 
-    def __init__(self, model: nn.Module, cache: BlockDiffusionKVCache, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: nn.Module, cache: BlockDiffusionKVCache, dtype: torch.dtype, state: PrefixSparseState | None
+    ) -> None:
         self.model, self.cache, self.dtype = model, cache, dtype
         self.implementation = model.config._attn_implementation
         # What every forward gets besides the inputs: the cache (under the name this
-        # transformers version uses) and, later, an attention backend's per-generation state.
+        # transformers version uses) and the sparse prefix selection's state, if any.
         self.kwargs = {cache_keyword(model): cache}
+        if state is not None:
+            self.kwargs["prefix_state"] = state
 
     def __call__(self, mode, ids, positions, keep, logits_to_keep) -> torch.Tensor:
         """ids, positions (B, n); keep (B, 1, n, S) bool -> logits (B, logits_to_keep or n, V)."""
@@ -244,6 +250,7 @@ def blockdiff_generate(
     mask_id: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    sparsed: PrefixSparseConfig | None = None,
     return_dict_in_generate: bool = False,
 ) -> torch.LongTensor | DiffusionGenerationOutput:
     """SDAR's block-diffusion sampler on a Qwen3-layout model (see the module docstring).
@@ -268,8 +275,13 @@ def blockdiff_generate(
         eos_token_id: stop token(s): a row stops after the block holding its first one.
         generator: draws the samples; one generator for the batch, or one per row (rows then
             sample as they would alone); None: torch's global generator (as SDAR).
+        sparsed: sparse prefix selection (`prefix_selection`): at each block's first denoising
+            step every head keeps its heaviest prefix blocks, and the block's later steps attend
+            to those and the block; prefill and commits stay exact. Needs the model loaded with
+            ``attn_implementation="sparsed"``. None: exact attention throughout.
         return_dict_in_generate: return a DiffusionGenerationOutput (``num_forwards``: prefill,
-            denoising and commit forwards; ``block_steps``: denoising steps of each block).
+            denoising and commit forwards; ``block_steps``: denoising steps of each block;
+            ``sparsed_state``: the PrefixSparseState, with the kept density, or None).
 
     Returns:
         (B, P + gen_length): the prompt as given, then each row's ``gen_length`` tokens (mask
@@ -282,8 +294,18 @@ def blockdiff_generate(
     implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if implementation not in MASK_IMPLEMENTATIONS:
         raise NotImplementedError(
-            f"blockdiff_generate builds its block-causal mask for attn_implementation 'sdpa' or 'eager', "
-            f"got {implementation!r} (load the model with attn_implementation='sdpa')"
+            f"blockdiff_generate builds its block-causal mask for attn_implementation 'sdpa', 'eager' or "
+            f"'sparsed', got {implementation!r} (load the model with attn_implementation='sdpa')"
+        )
+    if sparsed is not None and not isinstance(sparsed, PrefixSparseConfig):
+        raise ArgumentTypeError(
+            "sparsed", f"sparsed must be a PrefixSparseConfig or None, got {type(sparsed).__name__}"
+        )
+    if (sparsed is not None) != (implementation == "sparsed"):
+        raise ArgumentValueError(
+            "sparsed",
+            "sparse prefix selection needs the model loaded with attn_implementation='sparsed', and that "
+            f"attention needs sparsed=PrefixSparseConfig(...); got sparsed={sparsed!r} with {implementation!r}",
         )
     _, _, _, prompt_index = prepare_canvas(model, input_ids, attention_mask, mask_id, 0)  # validates the prompt
     batch, width = input_ids.shape
@@ -312,7 +334,8 @@ def blockdiff_generate(
 
     dtype = next(model.parameters()).dtype
     cache = BlockDiffusionKVCache.for_model(model, batch, total)
-    run = _BlockRunner(model, cache, dtype)
+    state = None if sparsed is None else PrefixSparseState(sparsed)
+    run = _BlockRunner(model, cache, dtype, state)
     schedule = llada_transfer_schedule(block_length, steps)
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     generated = column >= ends[:, None]  # (B, T)
@@ -334,6 +357,10 @@ def blockdiff_generate(
             if max(left) == 0:
                 break
             past_schedule = step >= steps
+            if state is not None and step == 0:
+                state.begin_block()  # the block's first step selects
+            elif state is not None:
+                state.mode = "sparse"  # its later steps read the kept prefix blocks
             logits = run("denoise", block, positions[:, start:stop], keep, 0)  # (B, BL, V)
             if past_schedule:  # only reached when the model wrote the mask token itself
                 logits[..., mask_id] = -torch.inf
@@ -345,6 +372,8 @@ def blockdiff_generate(
             step += 1
             assert step <= steps + 1, "one step past the schedule decodes every masked position"
         x[:, start:stop] = block
+        if state is not None:
+            state.mode = "dense"  # the commit stores exact K/V
         run("commit", block, positions[:, start:stop], keep, 1)
         block_steps.append(step)
         if eos:
@@ -363,7 +392,7 @@ def blockdiff_generate(
         return out
     return DiffusionGenerationOutput(
         sequences=out,
-        sparsed_state=None,
+        sparsed_state=state,
         num_forwards=cache.commits + cache.denoises,
         block_steps=tuple(block_steps),
     )

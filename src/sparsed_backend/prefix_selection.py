@@ -1,0 +1,277 @@
+"""Sparse prefix selection for block diffusion: per block, each head keeps its top prefix K/V blocks.
+
+A block-diffusion model (SDAR on native Qwen3) denoises one block of a few tokens over several
+steps against the committed prefix's K/V cache. At the block's first denoising step this module
+runs exact attention and measures, per head, how much softmax probability mass the block's
+queries put on each prefix block of ``block_size`` tokens; it keeps the heaviest ones (a
+``select`` share of the prefix blocks, or a ``budget`` of prefix tokens). The block's later
+denoising steps attend only to those prefix blocks plus the block itself. Prefill and commit
+forwards stay exact, so the cache always holds the dense model's K/V. (The idea follows MAGE,
+arXiv 2602.14209, and LoSA, arXiv 2604.12056; this is the project's own implementation.)
+
+The prefix grid ends where the prefix ends: the block being denoised starts a grid block of its
+own, and the prefix's first grid block is the short one (``front`` absent keys in front of
+position 0). Scoring reuses the switch step's block scorer (`switch_step.block_importance`: the
+fused Triton kernel on CUDA, which reads the absent front keys without copying K; chunked
+PyTorch elsewhere).
+
+Sparse steps gather the kept positions' K/V (one gather per step) and call SDPA on them: for a
+block of 4-64 queries that is a few thousand keys, with no compilation whatever the prefix
+length. Keeping every block gathers exactly the dense key sequence in its order.
+
+    state = PrefixSparseState(PrefixSparseConfig(select=0.1))
+    blockdiff_generate(model, ids, ..., prefix_state=state)   # model loaded with "sparsed"
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ._validate import ArgumentTypeError, ArgumentValueError, check_int, check_number
+from .scoring import key_block_counts
+
+__all__ = [
+    "PrefixSparseConfig",
+    "PrefixSparseState",
+    "PrefixSelection",
+    "prefix_block_mass",
+    "prefix_sparse_attention",
+    "select_prefix_blocks",
+]
+
+PrefixMode = Literal["dense", "score", "sparse"]
+PREFIX_MODES = ("dense", "score", "sparse")
+
+
+@dataclass(frozen=True)
+class PrefixSparseConfig:
+    """How many prefix blocks each head keeps for a block's later denoising steps.
+
+    Args:
+        select: share of the prefix blocks kept per head, in (0, 1]; ``ceil(select * n)``, at
+            least one. Give this or ``budget``.
+        budget: prefix tokens kept per head (``ceil(budget / block_size)`` blocks).
+        block_size: prefix tokens per selectable block.
+        per_kv_head: one selection per key/value head (the mass of its query heads summed), so
+            a GQA group shares its blocks; False: one per query head.
+    """
+
+    select: float | None = 0.3
+    budget: int | None = None
+    block_size: int = 128
+    per_kv_head: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.select is None) == (self.budget is None):
+            raise ArgumentValueError(
+                "select", f"give exactly one of select and budget, got select={self.select!r}, budget={self.budget!r}"
+            )
+        if self.select is not None:
+            check_number("select", self.select)
+            if not 0.0 < float(self.select) <= 1.0:
+                raise ArgumentValueError("select", f"select must be in (0, 1], got {self.select!r}")
+        if self.budget is not None:
+            check_int("budget", self.budget, 1)
+        check_int("block_size", self.block_size, 1)
+        if not isinstance(self.per_kv_head, bool):
+            raise ArgumentTypeError("per_kv_head", f"per_kv_head must be a bool, got {self.per_kv_head!r}")
+
+    def blocks_kept(self, n_blocks: int) -> int:
+        """Prefix blocks each head keeps out of ``n_blocks`` (at least one, at most all)."""
+        if n_blocks <= 0:
+            return 0
+        want = math.ceil(self.select * n_blocks) if self.select is not None else -(-self.budget // self.block_size)
+        return max(1, min(n_blocks, want))
+
+
+@dataclass
+class PrefixSelection:
+    """One layer's kept prefix blocks for the block being denoised.
+
+    Attributes:
+        blocks: (B, H, k) int64 kept grid blocks per head, ascending (H: query heads, or
+            key/value heads with ``per_kv_head``).
+        prefix_len: committed prefix positions the selection covers.
+        front: absent positions before position 0 on the grid (the short first block).
+        n_blocks: prefix grid blocks.
+        block_size: prefix tokens per grid block.
+    """
+
+    blocks: torch.Tensor
+    prefix_len: int
+    front: int
+    n_blocks: int
+    block_size: int
+
+    @property
+    def density(self) -> float:
+        """Kept share of the prefix blocks."""
+        return self.blocks.shape[-1] / self.n_blocks if self.n_blocks else 1.0
+
+
+@dataclass
+class PrefixSparseState:
+    """What the block-diffusion sampler hands every forward (``prefix_state=``): the mode of the
+    forward and each layer's selection for the current block.
+
+    The sampler sets ``mode``: "dense" for the prefill and the commits (exact attention, so the
+    cache holds the dense K/V), "score" for a block's first denoising step (exact attention plus
+    selection; clears the old selections first via :meth:`begin_block`), "sparse" for its other
+    steps.
+    """
+
+    config: PrefixSparseConfig
+    mode: PrefixMode = "dense"
+    layers: dict[int, PrefixSelection] = field(default_factory=dict)
+    selections: int = 0  # blocks selected so far
+    densities: list[float] = field(default_factory=list)  # each selection's kept share (layer mean)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, PrefixSparseConfig):
+            raise ArgumentTypeError("config", f"config must be a PrefixSparseConfig, got {type(self.config).__name__}")
+
+    def begin_block(self) -> None:
+        """The next forward is a block's first denoising step: select afresh."""
+        if self.layers:
+            self.densities.append(sum(s.density for s in self.layers.values()) / len(self.layers))
+        self.layers.clear()
+        self.mode = "score"
+        self.selections += 1
+
+    def density(self) -> float | None:
+        """Mean kept share of prefix blocks over all selections so far (None before any)."""
+        shares = self.densities + (
+            [sum(s.density for s in self.layers.values()) / len(self.layers)] if self.layers else []
+        )
+        return sum(shares) / len(shares) if shares else None
+
+
+@torch.no_grad()
+def prefix_block_mass(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, block_size: int, key_valid: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Softmax probability mass the queries put on each prefix block, per query head.
+
+    The softmax runs over every attendable key (prefix and the block itself); the prefix is the
+    first ``S - L`` keys, on a grid of ``block_size`` that ends where the prefix ends.
+
+    Args:
+        query: (B, Hq, L, D), the block being denoised; key: (B, Hkv, S, D), prefix then block.
+        key_valid: (B, S) bool, True for attendable keys.
+    Returns:
+        ((B, Hq, n_blocks) float32 mass summed over the queries, front).
+    """
+    from .switch_step import block_importance  # the switch step's scorer (no import cycle at load)
+
+    B, _, L, _ = query.shape
+    S = key.shape[2]
+    prefix = S - L
+    front = (-prefix) % block_size
+    n_blocks = (prefix + front) // block_size
+    valid = F.pad(key_valid, (front, 0), value=False)  # (B, front + S): the front positions absent
+    counts = key_block_counts(valid, S + front, block_size, B, query.device)  # (B, nKV)
+    importance = block_importance(query, key, scaling, block_size, valid, None, counts, 0, front)
+    n_q = importance.shape[2]
+    rows = (L - torch.arange(n_q, device=query.device) * block_size).clamp(max=block_size).float()
+    mass = importance.nan_to_num(neginf=0.0) * counts[:, None, None, :].float() * rows.view(1, 1, n_q, 1)
+    return mass.sum(2)[..., :n_blocks], front
+
+
+def select_prefix_blocks(mass: torch.Tensor, config: PrefixSparseConfig, num_kv_heads: int) -> torch.Tensor:
+    """(B, Hq, n) mass -> (B, H, k) kept blocks, ascending; H = Hq, or Hkv with ``per_kv_head``."""
+    B, Hq, n = mass.shape
+    if config.per_kv_head:
+        mass = mass.view(B, num_kv_heads, Hq // num_kv_heads, n).sum(2)
+    k = config.blocks_kept(n)
+    return mass.topk(k, dim=-1).indices.sort(-1).values
+
+
+def _gather_positions(sel: PrefixSelection, block_len: int, key_valid: torch.Tensor):
+    """Key positions a sparse step reads, per head, and which of them are attendable.
+
+    Returns ((B, H, K) int64 positions, (B, H, K) bool valid): the kept prefix blocks' positions
+    in order, then the block's own ``block_len``; slots of the short first grid block that lie
+    before position 0 are moved last and masked. Keeping every block gives exactly the positions
+    0 .. S - 1 in order.
+    """
+    bs = sel.block_size
+    B, H, k = sel.blocks.shape
+    device = sel.blocks.device
+    grid = sel.blocks[..., None] * bs + torch.arange(bs, device=device)  # (B, H, k, bs)
+    prefix_pos = grid.flatten(2) - sel.front  # (B, H, k * bs), ascending; < 0 before position 0
+    own = torch.arange(sel.prefix_len, sel.prefix_len + block_len, device=device).expand(B, H, block_len)
+    pos = torch.cat([prefix_pos, own], -1)
+    absent = pos < 0
+    if k == sel.n_blocks:  # every block kept: the absent slots are the first `front` of every head
+        pos = pos[..., sel.front :]
+    elif sel.front:
+        pos = pos.gather(-1, absent.to(torch.uint8).sort(dim=-1, stable=True).indices)  # absent slots last
+    valid = (pos >= 0) & key_valid.gather(1, pos.clamp(min=0).flatten(1)).view(pos.shape)
+    return pos.clamp(min=0), valid
+
+
+def prefix_sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scaling: float,
+    state: PrefixSparseState,
+    layer_idx: int,
+) -> torch.Tensor:
+    """One layer's attention in a block-diffusion forward, by ``state.mode``.
+
+    Args:
+        query: (B, Hq, L, D); key, value: (B, Hkv, S, D) (the cache's views: prefix, then the L
+            new positions).
+        attention_mask: (B, 1, L, S) bool, True where a query attends (the sampler's block-causal
+            mask).
+    Returns:
+        (B, Hq, L, D).
+    """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
+        raise TypeError(
+            "prefix_state needs the block-causal mask as a 4D bool tensor (B, 1, L, S) (what blockdiff_generate "
+            f"passes), got {getattr(attention_mask, 'dtype', type(attention_mask).__name__)}"
+        )
+    B, Hq, L, D = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    gqa = Hq != Hkv
+    mode = state.mode
+    if mode not in PREFIX_MODES:
+        raise ValueError(f"prefix_state.mode must be one of {PREFIX_MODES}, got {mode!r}")
+    if mode == "sparse" and layer_idx not in state.layers:
+        raise ValueError(
+            f"a sparse denoising step for layer {layer_idx}, but no selection for it: call begin_block() "
+            "before a block's first denoising step"
+        )
+    if mode in ("dense", "score"):
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+        if mode == "score":
+            key_valid = attention_mask[:, 0, -1]  # the block's queries all see the same keys
+            mass, front = prefix_block_mass(query, key, scaling, state.config.block_size, key_valid)
+            blocks = select_prefix_blocks(mass, state.config, Hkv)
+            state.layers[layer_idx] = PrefixSelection(blocks, S - L, front, mass.shape[-1], state.config.block_size)
+        return out
+
+    sel = state.layers[layer_idx]
+    if sel.prefix_len != S - L:
+        raise ValueError(
+            f"layer {layer_idx}: the selection covers a prefix of {sel.prefix_len} positions, this step has "
+            f"{S - L}; call begin_block() when a new block starts"
+        )
+    heads = sel.blocks.shape[1]  # query heads, or key/value heads with per_kv_head
+    pos, valid = _gather_positions(sel, L, attention_mask[:, 0, -1])  # (B, H, K)
+    kv_head = torch.arange(heads, device=query.device) // (heads // Hkv)  # the kv head each head reads
+    b_idx = torch.arange(B, device=query.device).view(B, 1, 1)
+    k_sel = key[b_idx, kv_head.view(1, heads, 1), pos]  # (B, H, K, D): one gather per step
+    v_sel = value[b_idx, kv_head.view(1, heads, 1), pos]
+    mask = valid[:, :, None, :]  # (B, H, 1, K)
+    if heads != Hq:  # per-kv-head selection: each group's query heads read their kv head's keys
+        mask = mask.repeat_interleave(Hq // heads, 1)
+    return F.scaled_dot_product_attention(query, k_sel, v_sel, attn_mask=mask, scale=scaling, enable_gqa=heads != Hq)

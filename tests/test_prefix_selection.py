@@ -1,0 +1,210 @@
+"""Sparse prefix selection for block diffusion (prefix_selection.py) against fp64 oracles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
+from sparsed_backend._validate import ArgumentTypeError, ArgumentValueError
+from sparsed_backend.block_diffusion import blockdiff_generate
+from sparsed_backend.prefix_selection import (
+    PrefixSparseConfig,
+    PrefixSparseState,
+    prefix_block_mass,
+    prefix_sparse_attention,
+)
+
+REFERENCE_DIR = Path(__file__).parent / "fixtures" / "sdar_reference"
+
+
+def sdar_model(implementation: str) -> Qwen3ForCausalLM:
+    """The tiny SDAR weights of the parity fixture (2 layers, 4 query / 2 kv heads, head_dim 16)."""
+    fields = json.loads((REFERENCE_DIR / "config.json").read_text())
+    fields = {k: v for k, v in fields.items() if k not in ("architectures", "model_type")}
+    model = Qwen3ForCausalLM(Qwen3Config(**fields, attn_implementation=implementation)).eval()
+    model.load_state_dict(load_file(REFERENCE_DIR / "model.safetensors"), strict=True)
+    return model
+
+
+def inputs(seed: int, b: int, hq: int, hkv: int, prefix: int, length: int, d: int, pad: int):
+    """q (B, Hq, L, D), k / v (B, Hkv, S, D), the block-causal mask of a denoising step (B, 1, L, S)
+    whose last row has ``pad`` left-padded keys, all float32."""
+    g = torch.Generator().manual_seed(seed)
+    s = prefix + length
+    q = torch.randn(b, hq, length, d, generator=g)
+    k = torch.randn(b, hkv, s, d, generator=g) * 1.5
+    v = torch.randn(b, hkv, s, d, generator=g)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[-1, :pad] = False
+    return q, k, v, valid[:, None, None, :].expand(b, 1, length, s).clone()
+
+
+def oracle_mass(q, k, valid, block_size):
+    """fp64: per query head, the softmax mass of all queries on each prefix block, on the grid that
+    ends where the prefix ends."""
+    hq, hkv = q.shape[1], k.shape[1]
+    kk = k.double().repeat_interleave(hq // hkv, 1)
+    scores = (q.double() @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    p = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1).sum(2)  # (B, Hq, S)
+    prefix = k.shape[2] - q.shape[2]
+    front = (-prefix) % block_size
+    p = F.pad(p[..., :prefix], (front, 0)).unflatten(-1, (-1, block_size)).sum(-1)
+    return p, front
+
+
+SHAPES = st.tuples(
+    st.integers(1, 2),  # batch
+    st.sampled_from([(4, 4), (4, 2), (6, 1)]),  # query / kv heads
+    st.integers(0, 70),  # prefix length
+    st.sampled_from([1, 4, 8]),  # block length (queries)
+    st.sampled_from([8, 16]),  # prefix block size
+    st.integers(0, 9),  # left padding of the last row
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(SHAPES, st.integers(0, 2**16))
+def test_keeping_every_block_gathers_the_dense_keys_and_equals_dense(shape, seed):
+    """select = 1.0: the sparse step gathers exactly positions 0 .. S-1 in order, so its output is
+    bit-identical to SDPA over the same (repeated) K/V and mask."""
+    b, (hq, hkv), prefix, length, block, pad = shape
+    pad = min(pad, prefix)
+    q, k, v, mask = inputs(seed, b, hq, hkv, prefix, length, 16, pad)
+    state = PrefixSparseState(PrefixSparseConfig(select=1.0, block_size=block))
+    state.begin_block()
+    scored = prefix_sparse_attention(q, k, v, mask, 0.25, state, 0)
+    state.mode = "sparse"
+    sparse = prefix_sparse_attention(q, k, v, mask, 0.25, state, 0)
+    rep = hq // hkv
+    kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    dense = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, :, -1:].expand(b, hq, 1, -1), scale=0.25)
+    assert torch.equal(sparse, dense)
+    torch.testing.assert_close(scored, dense, rtol=1e-5, atol=1e-6)
+    assert state.layers[0].density == 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(SHAPES, st.sampled_from([0.2, 0.5]), st.booleans(), st.integers(0, 2**16))
+def test_selection_is_the_oracles_top_blocks_and_the_step_attends_only_to_them(shape, select, per_kv, seed):
+    """The kept blocks are each head's top-k by the fp64 oracle's mass (summed over a GQA group
+    with per_kv_head); the sparse step equals fp64 attention restricted to those blocks and the
+    block itself."""
+    b, (hq, hkv), prefix, length, block, pad = shape
+    pad = min(pad, prefix)
+    q, k, v, mask = inputs(seed, b, hq, hkv, prefix, length, 16, pad)
+    cfg = PrefixSparseConfig(select=select, block_size=block, per_kv_head=per_kv)
+    state = PrefixSparseState(cfg)
+    state.begin_block()
+    prefix_sparse_attention(q, k, v, mask, 16**-0.5, state, 3)
+    sel = state.layers[3]
+    mass, front = oracle_mass(q, k, mask[:, 0, -1], block)
+    assert sel.front == front and sel.n_blocks == mass.shape[-1]
+    if per_kv:
+        mass = mass.view(b, hkv, hq // hkv, -1).sum(2)
+    n = mass.shape[-1]
+    kept = cfg.blocks_kept(n)
+    assert sel.blocks.shape == (b, mass.shape[1], kept)
+    if n:
+        # Ties aside (random inputs), the kept set is the top-k of the oracle's mass.
+        want = mass.topk(kept, -1).indices.sort(-1).values
+        assert torch.equal(sel.blocks, want)
+    state.mode = "sparse"
+    got = prefix_sparse_attention(q, k, v, mask, 16**-0.5, state, 3)
+    # Oracle: a token mask of the kept blocks (grid block j = positions j*block - front ...).
+    s = prefix + length
+    pos = torch.arange(s)
+    grid_block = (pos + front) // block
+    heads = sel.blocks.shape[1]
+    keep = (grid_block[None, None, :, None] == sel.blocks[:, :, None, :]).any(-1) & (pos < prefix)
+    keep = keep | (pos >= prefix)  # the block's own keys
+    keep = keep.repeat_interleave(hq // heads, 1) & mask[:, :, -1]  # (B, Hq, S)
+    kk, vv = (t.double().repeat_interleave(hq // hkv, 1) for t in (k, v))
+    scores = (q.double() @ kk.transpose(-1, -2)) * 16**-0.5
+    want = scores.masked_fill(~keep[:, :, None, :], float("-inf")).softmax(-1) @ vv
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mass_covers_every_attendable_key_once():
+    """The prefix mass and the block's own share add up to the number of query rows."""
+    q, k, _, mask = inputs(0, 2, 4, 2, 45, 4, 16, 7)
+    mass, front = prefix_block_mass(q, k, 0.25, 16, mask[:, 0, -1])
+    assert front == 3 and mass.shape == (2, 4, 3)
+    kk = k.repeat_interleave(2, 1)
+    p = ((q @ kk.transpose(-1, -2)) * 0.25).masked_fill(~mask[:, :, -1:], float("-inf")).softmax(-1)
+    own = p[..., 45:].sum((-1, -2))
+    torch.testing.assert_close(mass.sum(-1) + own, torch.full((2, 4), 4.0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt_len", [3, 21])
+def test_sampler_at_select_one_decodes_the_dense_tokens(prompt_len):
+    """blockdiff_generate with the "sparsed" attention and select 1.0 decodes what the dense
+    sampler ("sdpa") decodes, greedy, for a prompt shorter than one block and one of several."""
+    g = torch.Generator().manual_seed(prompt_len)
+    ids = torch.randint(2, 99, (2, prompt_len), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    common = {"gen_length": 12, "block_length": 4, "denoising_steps": 4, "mask_id": 99}
+    dense = blockdiff_generate(sdar_model("sdpa"), ids, mask, **common)
+    out = blockdiff_generate(
+        sdar_model("sparsed"), ids, mask, sparsed=PrefixSparseConfig(select=1.0, block_size=4),
+        return_dict_in_generate=True, **common,
+    )  # fmt: skip
+    assert torch.equal(out.sequences, dense)
+    state = out.sparsed_state
+    assert state.selections == len(out.block_steps) == 4 and state.density() == 1.0
+
+
+def test_sampler_keeps_a_share_of_the_prefix_and_commits_exact_keys():
+    """select 0.25 keeps a quarter of the prefix blocks per head at every block's selection; the
+    commits run exact attention, so the cache after the run holds the dense model's K/V."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(2, 99, (1, 40), generator=g)
+    model = sdar_model("sparsed")
+    common = {"gen_length": 8, "block_length": 4, "denoising_steps": 2, "mask_id": 99}
+    modes = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: modes.append(kwargs["prefix_state"].mode), with_kwargs=True
+    )
+    out = blockdiff_generate(
+        model, ids, sparsed=PrefixSparseConfig(select=0.25, block_size=8), return_dict_in_generate=True, **common
+    )
+    # prefill, then per block: score, sparse, commit.
+    assert modes == ["dense", "score", "sparse", "dense", "score", "sparse", "dense"]
+    assert 0.2 < out.sparsed_state.density() < 0.5  # ceil(0.25 * 5 or 6 blocks) of 5-6
+
+
+def test_bad_configurations_name_the_argument():
+    with pytest.raises(ArgumentValueError, match="give exactly one of select and budget") as err:
+        PrefixSparseConfig(select=None)
+    assert err.value.argument == "select"
+    with pytest.raises(ArgumentValueError, match=r"select must be in \(0, 1\], got 1.5"):
+        PrefixSparseConfig(select=1.5)
+    assert PrefixSparseConfig(select=None, budget=300, block_size=128).blocks_kept(10) == 3
+    with pytest.raises(ArgumentTypeError, match="per_kv_head must be a bool"):
+        PrefixSparseConfig(per_kv_head=1)
+    ids = torch.randint(2, 99, (1, 9))
+    common = {"gen_length": 4, "block_length": 4, "denoising_steps": 4, "mask_id": 99}
+    with pytest.raises(ArgumentValueError, match="needs the model loaded with attn_implementation='sparsed'"):
+        blockdiff_generate(sdar_model("sdpa"), ids, sparsed=PrefixSparseConfig(), **common)
+    with pytest.raises(ArgumentValueError, match=r"got sparsed=None with 'sparsed'"):
+        blockdiff_generate(sdar_model("sparsed"), ids, **common)
+    with pytest.raises(ArgumentTypeError, match="sparsed must be a PrefixSparseConfig"):
+        blockdiff_generate(sdar_model("sparsed"), ids, sparsed={"select": 0.3}, **common)
+
+
+def test_a_sparse_step_without_a_selection_is_refused():
+    q, k, v, mask = inputs(0, 1, 4, 2, 20, 4, 16, 0)
+    state = PrefixSparseState(PrefixSparseConfig(block_size=8), mode="sparse")
+    with pytest.raises(ValueError, match="no selection for it: call begin_block"):
+        prefix_sparse_attention(q, k, v, mask, 0.25, state, 0)
+    with pytest.raises(TypeError, match="4D bool tensor"):
+        prefix_sparse_attention(q, k, v, mask.float(), 0.25, state, 0)
