@@ -311,3 +311,17 @@ def test_a_mask_token_written_by_the_model_is_decoded_after_the_schedule():
     assert out.block_steps == (5, 4)  # 4 scheduled steps, the first wrote a mask, then one more
     assert not (out.sequences == MASK_ID).any()
     assert out.num_forwards == 1 + (5 + 1) + (4 + 1)  # prefill, then each block's steps and commit
+
+
+@pytest.mark.parametrize("chunk", [4, 9, 12])
+def test_a_prefill_in_chunks_decodes_what_one_prefill_decodes(chunk):
+    """prefill_chunk splits a long prompt's prefill into commits of whole blocks (4 and 8 of the 4-token
+    blocks here; 9 rounds down to 8): the cache, and so every decoded token, is the one-forward
+    prefill's."""
+    ids, mask = left_padded([list(range(5, 30)), list(range(40, 58))])
+    kwargs = {**GOOD, "gen_length": 8, "return_dict_in_generate": True}
+    whole = blockdiff_generate(sdar_model(), ids, mask, **kwargs)
+    parts = blockdiff_generate(sdar_model(), ids, mask, prefill_chunk=chunk, **kwargs)
+    assert torch.equal(parts.sequences, whole.sequences)
+    prefill = 24 // (chunk // 4 * 4)  # 6 prompt blocks, then 2 decoded blocks of (steps + commit)
+    assert parts.num_forwards - whole.num_forwards == prefill - 1

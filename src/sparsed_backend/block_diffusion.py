@@ -5,8 +5,8 @@ are trained block-causally: inside a block of ``block_length`` tokens attention 
 bidirectional, and a block sees every block before it. Sampling follows SDAR's ``generate.py``
 (``block_diffusion_generate``):
 
-1. The prompt's whole blocks are *prefilled* (one forward, block-causal mask) and their K/V
-   committed. Blocks are counted from the first prompt token, so the prompt's last
+1. The prompt's whole blocks are *prefilled* (block-causal mask, in chunks of whole blocks) and
+   their K/V committed. Blocks are counted from the first prompt token, so the prompt's last
    ``P % block_length`` tokens open the first decoded block and stay fixed in it.
 2. Each decoded block starts as mask tokens and is *denoised*: every step runs the model on the
    block alone against the committed K/V, samples a token and its probability (the
@@ -251,6 +251,7 @@ def blockdiff_generate(
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     sparsed: PrefixSparseConfig | None = None,
+    prefill_chunk: int = 4096,
     return_dict_in_generate: bool = False,
 ) -> torch.LongTensor | DiffusionGenerationOutput:
     """SDAR's block-diffusion sampler on a Qwen3-layout model (see the module docstring).
@@ -279,6 +280,9 @@ def blockdiff_generate(
             step every head keeps its heaviest prefix blocks, and the block's later steps attend
             to those and the block; prefill and commits stay exact. Needs the model loaded with
             ``attn_implementation="sparsed"``. None: exact attention throughout.
+        prefill_chunk: prompt tokens per prefill forward (rounded down to whole blocks, at
+            least one block); a long prompt is prefilled in several commits, each with a
+            (B, 1, chunk, keys) mask instead of one (B, 1, P, P) mask.
         return_dict_in_generate: return a DiffusionGenerationOutput (``num_forwards``: prefill,
             denoising and commit forwards; ``block_steps``: denoising steps of each block;
             ``sparsed_state``: the PrefixSparseState, with the kept density, or None).
@@ -290,6 +294,7 @@ def blockdiff_generate(
     gen_length = check_int("gen_length", gen_length, 1)
     block_length = check_int("block_length", block_length, 1)
     steps = check_int("denoising_steps", denoising_steps, 1)
+    prefill_chunk = check_int("prefill_chunk", prefill_chunk, 1)
     mask_id = resolve_mask_id(model, mask_id, "mask_id")
     implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if implementation not in MASK_IMPLEMENTATIONS:
@@ -342,9 +347,13 @@ def blockdiff_generate(
     stopped_after = [None] * batch  # the block after which each row stopped
     block_steps = []
 
-    if prefill_blocks > 0:
-        stop = prefill_blocks * block_length
-        run("commit", x[:, :stop], positions[:, :stop], block_causal_mask(valid, 0, stop, block_length), 1)
+    # The prefill in chunks of whole blocks: each chunk's mask is (B, 1, chunk, stop), not the
+    # (B, 1, P, P) of one forward (17 GB of bool at 128k); the K/V are the same.
+    chunk = max(1, prefill_chunk // block_length) * block_length
+    for start in range(0, prefill_blocks * block_length, chunk):
+        stop = min(start + chunk, prefill_blocks * block_length)
+        keep = block_causal_mask(valid, start, stop, block_length)
+        run("commit", x[:, start:stop], positions[:, start:stop], keep, 1)
 
     for b in range(prefill_blocks, prefill_blocks + decode_blocks):
         start, stop = b * block_length, (b + 1) * block_length

@@ -1,0 +1,235 @@
+"""Block diffusion (SDAR on native Qwen3): dense vs sparse prefix selection, per step and end to end.
+
+    python benchmarks/bench_blockdiff.py --prefixes 8192 32768 131072 --blocks 4 32 --batches 1 8   # H200
+    python benchmarks/bench_blockdiff.py                                                            # CPU smoke
+
+SDAR-8B shape (Qwen3-8B: 36 layers, 32 query / 8 key-value heads, head_dim 128), random bf16
+weights, YaRN (factor 4 over 32,768 positions) for prefixes past 32k. In one process:
+
+- ``attention``: one layer's attention of a block of B x block queries against a prefix of P
+  cached positions, on views of one preallocated cache (the layout `block_cache` serves):
+  dense SDPA with the sampler's bool mask (``dense_mask``) and without a mask (``dense``, the
+  fastest dense kernel when nothing is padded), the selecting step (``score``: exact attention
+  plus block masses and top-k) and the sparse step (``sparse_q``: one selection per query head,
+  ``sparse_kv``: per key-value head), each a median of `common.bench`;
+- ``e2e``: `blockdiff_generate` end to end (prefill of P tokens in chunks, then --gen tokens),
+  dense on the preallocated cache (``dense``), the same with a cache that concatenates like
+  transformers' ``DynamicCache`` and SDAR's sampler (``concat``, reported separately: not the
+  baseline), and sparse prefix selection (``sparse``); one timed run after a short warm-up
+  generation at the same shapes.
+
+A configuration that fails (e.g. out of memory) is recorded with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
+from common import bench, environment, markdown_table, sync, write_results
+from sparsed_backend import block_diffusion
+from sparsed_backend.block_diffusion import blockdiff_generate
+from sparsed_backend.prefix_selection import PrefixSparseConfig, PrefixSparseState, prefix_sparse_attention
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+
+
+def qwen3_config(small: bool, max_positions: int):
+    from transformers import Qwen3Config
+
+    if small:  # CPU smoke size
+        shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=32, vocab_size=512)  # fmt: skip
+    else:  # Qwen3-8B / SDAR-8B
+        shape = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936)  # fmt: skip
+    rope = {"rope_theta": 1e6, **(YARN if max_positions > 32768 else {"rope_type": "default"})}
+    return Qwen3Config(**shape, max_position_embeddings=max(max_positions, 32768), rope_parameters=rope,
+                       tie_word_embeddings=False)  # fmt: skip
+
+
+class ConcatCache:
+    """The concatenating baseline: commits append with ``torch.cat`` (as ``DynamicCache``), and a
+    denoising step concatenates the prefix with the block's K/V (as SDAR's sampler) every layer."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list = [None] * num_layers
+        self.values: list = [None] * num_layers
+        self.num_layers, self.length, self.commits, self.denoises = num_layers, 0, 0, 0
+        self._mode = None
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_length: int) -> ConcatCache:
+        return cls(model.config.num_hidden_layers)
+
+    def prepare(self, mode: str, new_positions: int) -> None:
+        self._mode = mode
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        keys = key_states if k is None else torch.cat([k, key_states], 2)
+        values = value_states if v is None else torch.cat([v, value_states], 2)
+        if layer_idx == self.num_layers - 1:
+            self.commits += self._mode == "commit"
+            self.denoises += self._mode == "denoise"
+        if self._mode == "commit":
+            self.keys[layer_idx], self.values[layer_idx] = keys, values
+            if layer_idx == self.num_layers - 1:
+                self.length = keys.shape[2]
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+
+def attention_rows(args, device, dtype, rows: list[dict]) -> None:
+    for p, bl, b in ((p, bl, b) for p in args.prefixes for bl in args.blocks for b in args.batches):
+        base = {"kind": "attention", "prefix": p, "block": bl, "batch": b}
+        try:
+            attention_case(args, device, dtype, base, rows)
+        except torch.OutOfMemoryError as err:  # recorded: the table shows which shapes fit
+            rows.append(dict(base, variant="all", error=f"OutOfMemoryError: {str(err).splitlines()[0][:120]}"))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def attention_case(args, device, dtype, base: dict, rows: list[dict]) -> None:
+    """One (prefix, block, batch) shape of ``attention_rows``."""
+    p, bl, b = base["prefix"], base["block"], base["batch"]
+    hq, hkv, d = (4, 2, 32) if device.type == "cpu" else (32, 8, 128)
+    s = p + bl
+    g = torch.Generator(device=device).manual_seed(0)
+    cache = torch.randn(2, b, hkv, s, d, device=device, dtype=dtype, generator=g)
+    k, v = cache[0], cache[1]  # views of one preallocated cache
+    q = torch.randn(b, hq, bl, d, device=device, dtype=dtype, generator=g)
+    mask = torch.ones(b, 1, bl, s, dtype=torch.bool, device=device)
+    scale = d**-0.5
+    times = {}
+
+    def run(name, fn):
+        ms, error = bench(fn, device)
+        times[name] = ms
+        rows.append(dict(base, variant=name, ms=ms, error=error or ""))
+        print(f"  P={p:7d} block={bl:3d} batch={b} {name:10s} {ms:9.3f} ms {error or ''}", flush=True)
+
+    run("dense", lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True))
+    run("dense_mask", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True))
+    for name, per_kv in (("sparse_q", False), ("sparse_kv", True)):
+        keep = {"select": None, "budget": args.budget} if args.budget is not None else {"select": args.select}
+        state = PrefixSparseState(PrefixSparseConfig(**keep, block_size=args.block_size, per_kv_head=per_kv))
+
+        def score(state=state):
+            state.begin_block()
+            return prefix_sparse_attention(q, k, v, mask, scale, state, 0)
+
+        run(f"score_{name[7:]}", score)
+        state.mode = "sparse"
+        run(name, lambda state=state: prefix_sparse_attention(q, k, v, mask, scale, state, 0))
+        rows[-1]["density"] = state.layers[0].density
+    best = min(times["dense"], times["dense_mask"])
+    for row in rows[-len(times) :]:
+        row["vs_best_dense"] = best / row["ms"]
+
+
+def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
+    from transformers import Qwen3ForCausalLM
+
+    small = device.type == "cpu"
+    cfg = qwen3_config(small, max(args.prefixes) + args.gen + 64)
+    with torch.device(device):
+        model = Qwen3ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval()
+    mask_id = cfg.vocab_size - 1
+    sparse_cfg = (
+        PrefixSparseConfig(select=None, budget=args.budget, block_size=args.block_size, per_kv_head=args.per_kv_head)
+        if args.budget is not None
+        else PrefixSparseConfig(select=args.select, block_size=args.block_size, per_kv_head=args.per_kv_head)
+    )
+    real_cache = block_diffusion.BlockDiffusionKVCache
+    for p, bl, b in ((p, bl, b) for p in args.prefixes for bl in args.blocks for b in args.batches):
+        base = {"kind": "e2e", "prefix": p, "block": bl, "batch": b, "gen": args.gen}
+        g = torch.Generator(device=device).manual_seed(1)
+        ids = torch.randint(0, mask_id, (b, p), device=device, generator=g)
+        common = dict(gen_length=args.gen, block_length=bl, denoising_steps=min(args.steps, bl), mask_id=mask_id,
+                      return_dict_in_generate=True)  # fmt: skip
+        for variant in args.variants:
+            attn = "sparsed" if variant == "sparse" else "sdpa"
+            model.set_attn_implementation(attn)
+            extra = {"sparsed": sparse_cfg} if variant == "sparse" else {}
+            block_diffusion.BlockDiffusionKVCache = ConcatCache if variant == "concat" else real_cache
+            try:
+                blockdiff_generate(model, ids[:, : min(p, 4 * bl)], **{**common, "gen_length": 2 * bl}, **extra)
+                sync(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                base_mem = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+                t0 = time.perf_counter()
+                out = blockdiff_generate(model, ids, **common, **extra)
+                sync(device)
+                seconds = time.perf_counter() - t0
+                peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20 if device.type == "cuda" else math.nan
+                row = dict(base, variant=variant, seconds=seconds, tokens_per_s=b * args.gen / seconds,
+                           forwards=out.num_forwards, peak_mib=peak)  # fmt: skip
+                if out.sparsed_state is not None:
+                    row["density"] = out.sparsed_state.density()
+                del out
+            except Exception as err:  # recorded: the table shows which configurations fail and why
+                row = dict(
+                    base, variant=variant, error=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+                )
+            finally:
+                block_diffusion.BlockDiffusionKVCache = real_cache
+            rows.append(row)
+            print(f"  e2e P={p:7d} block={bl:3d} batch={b} {variant:7s} {row.get('seconds', math.nan):8.2f} s "
+                  f"{row.get('error', '')}", flush=True)  # fmt: skip
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        done = [r for r in rows[-len(args.variants) :] if "seconds" in r]
+        dense = next((r["seconds"] for r in done if r["variant"] == "dense"), math.nan)
+        for r in done:
+            r["vs_dense"] = dense / r["seconds"]
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prefixes", type=int, nargs="+", default=[8192, 32768, 131072] if cuda else [300])
+    p.add_argument("--blocks", type=int, nargs="+", default=[4, 32] if cuda else [4])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8] if cuda else [1])
+    p.add_argument("--gen", type=int, default=1024 if cuda else 16, help="generated tokens (e2e)")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps per block (SDAR: 4), at most the block")
+    p.add_argument("--select", type=float, default=0.1)
+    p.add_argument("--budget", type=int, default=None, help="kept prefix tokens per head instead of --select")
+    p.add_argument("--block-size", type=int, default=128 if cuda else 16, help="prefix tokens per selectable block")
+    p.add_argument("--per-kv-head", action="store_true", help="e2e: one selection per key-value head")
+    p.add_argument("--parts", nargs="+", choices=["attention", "e2e"], default=["attention", "e2e"])
+    p.add_argument(
+        "--variants", nargs="+", choices=["dense", "concat", "sparse"], default=["dense", "concat", "sparse"]
+    )
+    p.add_argument("--name", default="bench_blockdiff" if cuda else "bench_blockdiff_cpu_smoke")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    env = environment(device)
+    env.update(select=args.select, budget=args.budget, block_size=args.block_size, gen=args.gen, steps=args.steps)
+    print(json.dumps(env), flush=True)
+    rows: list[dict] = []
+    if "attention" in args.parts:
+        attention_rows(args, device, dtype, rows)
+    if "e2e" in args.parts:
+        e2e_rows(args, device, dtype, rows)
+    cols = ["kind", "prefix", "block", "batch", "variant", "ms", "seconds", "tokens_per_s", "vs_best_dense",
+            "vs_dense", "density", "forwards", "peak_mib", "error"]  # fmt: skip
+    table = markdown_table(rows, cols)
+    write_results(args.name, env, rows, table, args.out)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
