@@ -42,6 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO / "src") not in sys.path:  # PYTHONPATH=src is the documented way; this is a guard
     sys.path.insert(0, str(REPO / "src"))
 
+from blockdiff_recipe import blockdiff_answer_logits, blockdiff_exact_match, build_qwen3  # noqa: E402
+
 from sparsed_backend.demo.task import (  # noqa: E402
     BOS_ID,
     EOS_ID,
@@ -105,6 +107,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--save-every-s", type=float, default=60.0)
     a("--log-every", type=int, default=100)
     a("--status", default=None, help="JSON file updated at every gate check (for run_seeds.py)")
+    a(
+        "--arch",
+        choices=["llada", "qwen3-blockdiff"],
+        default="llada",
+        help="llada: the shipped masked-diffusion model; qwen3-blockdiff: a block-diffusion Qwen3 (SDAR's "
+        "layout, blockdiff_recipe.py), block-causal with noisy copies of the answer blocks",
+    )
+    a("--block-length", type=int, default=4, help="qwen3-blockdiff: tokens per diffusion block (SDAR: 4)")
+    a("--n-kv-heads", type=int, default=None, help="qwen3-blockdiff: key/value heads (default: --n-heads)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--smoke", action="store_true", help="tiny model and stages on CPU, a few seconds")
     args = p.parse_args(argv)
@@ -119,6 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --init (start a fine-tune) or --resume (continue a run), not both")
     if args.max_keys is not None and args.max_keys < 1:
         p.error(f"--max-keys must be >= 1, got {args.max_keys}")
+    if args.block_length < 1:
+        p.error(f"--block-length must be >= 1, got {args.block_length}")
+    if args.arch == "qwen3-blockdiff" and args.init:
+        p.error("--init fine-tunes the shipped LLaDA model; --arch qwen3-blockdiff trains from scratch or --resume")
     return args
 
 
@@ -128,7 +143,9 @@ def trained_positions(args: argparse.Namespace) -> int:
     return max(s.seq_len(s.questions()) for s in default_stages(args.final_records, tuple(args.lengths)))
 
 
-def build_model(args: argparse.Namespace) -> LLaDAModelLM:
+def build_model(args: argparse.Namespace):
+    if args.arch == "qwen3-blockdiff":
+        return build_qwen3(args, trained_positions(args))
     cfg = LLaDAConfig(
         d_model=args.d_model, n_heads=args.n_heads, n_kv_heads=args.n_heads, n_layers=args.n_layers,
         mlp_hidden_size=args.mlp_hidden_size, vocab_size=VOCAB_SIZE, embedding_size=64 * math.ceil(VOCAB_SIZE / 64),
@@ -138,19 +155,37 @@ def build_model(args: argparse.Namespace) -> LLaDAModelLM:
     return LLaDAModelLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
 
 
-def save_checkpoint(path: Path, model: LLaDAModelLM, trainer: dict) -> None:
+def save_checkpoint(path: Path, model, trainer: dict) -> None:
     state = {k: v.detach().to("cpu", torch.bfloat16) for k, v in model.state_dict().items()}
     tmp = path.with_suffix(".tmp")
     torch.save({"config": model.config.to_dict(), "state_dict": state, "trainer": trainer}, tmp)
     tmp.replace(path)
 
 
-def load_checkpoint(path: str) -> tuple[LLaDAModelLM, dict]:
+def load_checkpoint(path: str) -> tuple:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = LLaDAConfig(**{k: v for k, v in ckpt["config"].items() if k not in ("architectures", "transformers_version")})
-    model = LLaDAModelLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    fields = {k: v for k, v in ckpt["config"].items() if k not in ("architectures", "transformers_version")}
+    if fields.get("model_type") == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        model = Qwen3ForCausalLM._from_config(Qwen3Config(**fields), attn_implementation="sdpa", dtype=torch.float32)
+    else:
+        model = LLaDAModelLM._from_config(LLaDAConfig(**fields), attn_implementation="sdpa", dtype=torch.float32)
     model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
     return model, ckpt["trainer"]
+
+
+def positions_of(model) -> int:
+    """The model's position limit (LLaDA's max_sequence_length, Qwen3's max_position_embeddings)."""
+    return getattr(model.config, "max_sequence_length", None) or model.config.max_position_embeddings
+
+
+def answer_logits(model, batch, args) -> torch.Tensor:
+    """(B, K, V) logits at the answer tokens: LLaDA reads the masked sequence; a block-diffusion
+    Qwen3 the noisy copies of the answer blocks (blockdiff_recipe.py)."""
+    if model.config.model_type == "qwen3":
+        return blockdiff_answer_logits(model, batch, model.config.block_size)
+    return model(input_ids=batch.input_ids, logits_to_keep=batch.answer_pos).logits
 
 
 def load_initial(path: str) -> LLaDAModelLM:
@@ -167,7 +202,7 @@ def export(model: LLaDAModelLM, trainer: dict, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out)
-    build_tokenizer(model_max_length=model.config.max_sequence_length).save_pretrained(out)
+    build_tokenizer(model_max_length=positions_of(model)).save_pretrained(out)
     (out / "training_summary.json").write_text(json.dumps(trainer, indent=1) + "\n")
 
 
@@ -180,7 +215,7 @@ def gate_accuracy(model, stage: Stage, n: int, generator: torch.Generator, args,
     for i in range(0, n, per):
         b = sample_training_batch(stage, min(per, n - i), generator, n_keys=n_keys, p_full_mask=1.0, device=args.device)
         with torch.autocast(args.device.split(":")[0], torch.bfloat16, enabled=args.device.startswith("cuda")):
-            logits = model(input_ids=b.input_ids, logits_to_keep=b.answer_pos).logits
+            logits = answer_logits(model, b, args)
         right += int((logits.argmax(-1) == b.targets).sum())
         total += b.targets.numel()
     model.train()
@@ -199,9 +234,13 @@ def final_eval(model, args, lengths: list[int], max_keys: int = 1) -> dict:
         for k in range(1, max_keys + 1):
             prompts = sample_prompts(n, args.final_eval_prompts, n_records=args.final_records, n_keys=k,
                                      seed=FINAL_EVAL_SEED + n)  # fmt: skip
-            ans = answer_prompts(model, prompts, batch=max(1, args.tokens_per_step // n // 4))
-            lo, hi = wilson_interval(ans.n_correct, args.final_eval_prompts)
-            cell = {"correct": ans.n_correct, "prompts": args.final_eval_prompts, "ci95": [lo, hi]}
+            batch = max(1, args.tokens_per_step // n // 4)
+            if model.config.model_type == "qwen3":  # blockdiff_generate, one token per step
+                correct = int(blockdiff_exact_match(model, prompts, model.config.block_size, batch).sum())
+            else:
+                correct = answer_prompts(model, prompts, batch=batch).n_correct
+            lo, hi = wilson_interval(correct, args.final_eval_prompts)
+            cell = {"correct": correct, "prompts": args.final_eval_prompts, "ci95": [lo, hi]}
             if max_keys == 1:
                 res[n] = cell
             else:
@@ -234,9 +273,9 @@ def main(argv: list[str] | None = None) -> None:
         stages = [s for s in default_stages(args.final_records, tuple(args.lengths)) if s.prompt_tokens is not None]
         finetune.update(max_keys=max_keys, lengths=args.lengths)
         longest = max(s.seq_len(s.questions(k), k) for s in stages for k in range(1, max_keys + 1))
-        if longest > model.config.max_sequence_length:
+        if longest > positions_of(model):
             raise SystemExit(f"--lengths {args.lengths} give training sequences of {longest} tokens, more than the "
-                             f"model's max_sequence_length {model.config.max_sequence_length}")  # fmt: skip
+                             f"model's position limit {positions_of(model)}")  # fmt: skip
     else:
         stages = default_stages(args.final_records, tuple(args.lengths))
     trainer["calls"].append({"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
@@ -279,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            logits = model(input_ids=batch.input_ids, logits_to_keep=batch.answer_pos).logits
+            logits = answer_logits(model, batch, args)
         loss, acc = masked_answer_loss(logits, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
