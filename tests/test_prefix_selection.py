@@ -208,3 +208,26 @@ def test_a_sparse_step_without_a_selection_is_refused():
         prefix_sparse_attention(q, k, v, mask, 0.25, state, 0)
     with pytest.raises(TypeError, match="4D bool tensor"):
         prefix_sparse_attention(q, k, v, mask.float(), 0.25, state, 0)
+
+
+@pytest.mark.parametrize("per_kv", [False, True])
+def test_local_and_random_baselines_keep_the_same_number_of_blocks(per_kv):
+    """The same-density baselines: "local" keeps the k blocks nearest the decoded block, "random" k
+    distinct blocks per head drawn from the seeded generator (the same seed, the same blocks)."""
+    q, k, v, mask = inputs(2, 2, 4, 2, 100, 4, 16, 3)
+    kept = {}
+    for pattern, seed in (("topk", 0), ("local", 0), ("random", 0), ("random", 0), ("random", 1)):
+        cfg = PrefixSparseConfig(select=0.3, block_size=16, per_kv_head=per_kv, pattern=pattern, seed=seed)
+        state = PrefixSparseState(cfg)
+        state.begin_block()
+        prefix_sparse_attention(q, k, v, mask, 0.25, state, 0)
+        kept.setdefault((pattern, seed), []).append(state.layers[0].blocks)
+    n = 7  # 100 prefix tokens on a 16-token grid ending at the prefix: 7 blocks, the first short
+    shape = (2, 2 if per_kv else 4, 3)  # ceil(0.3 * 7) = 3 blocks per head
+    assert all(b[0].shape == shape for b in kept.values())
+    assert torch.equal(kept[("local", 0)][0], torch.tensor([4, 5, 6]).expand(shape))
+    first, again = kept[("random", 0)]
+    assert torch.equal(first, again) and not torch.equal(first, kept[("random", 1)][0])
+    assert bool((first.diff(dim=-1) > 0).all()) and int(first.max()) < n  # distinct, ascending, in range
+    with pytest.raises(ArgumentValueError, match="pattern must be one of"):
+        PrefixSparseConfig(pattern="window")

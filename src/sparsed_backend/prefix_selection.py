@@ -46,6 +46,7 @@ __all__ = [
 
 PrefixMode = Literal["dense", "score", "sparse"]
 PREFIX_MODES = ("dense", "score", "sparse")
+PREFIX_PATTERNS = ("topk", "local", "random")
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,18 @@ class PrefixSparseConfig:
         block_size: prefix tokens per selectable block.
         per_kv_head: one selection per key/value head (the mass of its query heads summed), so
             a GQA group shares its blocks; False: one per query head.
+        pattern: "topk" (the heaviest blocks); the same-density baselines "local" (the blocks
+            nearest the decoded block) and "random" (blocks drawn per head and block from a
+            generator seeded with ``seed``).
+        seed: the "random" pattern's seed.
     """
 
     select: float | None = 0.3
     budget: int | None = None
     block_size: int = 128
     per_kv_head: bool = False
+    pattern: str = "topk"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if (self.select is None) == (self.budget is None):
@@ -80,6 +87,9 @@ class PrefixSparseConfig:
         check_int("block_size", self.block_size, 1)
         if not isinstance(self.per_kv_head, bool):
             raise ArgumentTypeError("per_kv_head", f"per_kv_head must be a bool, got {self.per_kv_head!r}")
+        if self.pattern not in PREFIX_PATTERNS:
+            raise ArgumentValueError("pattern", f"pattern must be one of {PREFIX_PATTERNS}, got {self.pattern!r}")
+        check_int("seed", self.seed, 0)
 
     def blocks_kept(self, n_blocks: int) -> int:
         """Prefix blocks each head keeps out of ``n_blocks`` (at least one, at most all)."""
@@ -130,6 +140,7 @@ class PrefixSparseState:
     layers: dict[int, PrefixSelection] = field(default_factory=dict)
     selections: int = 0  # blocks selected so far
     densities: list[float] = field(default_factory=list)  # each selection's kept share (layer mean)
+    generator: torch.Generator | None = None  # the "random" pattern's, made on first use
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, PrefixSparseConfig):
@@ -182,12 +193,22 @@ def prefix_block_mass(
     return mass.sum(2)[..., :n_blocks], front
 
 
-def select_prefix_blocks(mass: torch.Tensor, config: PrefixSparseConfig, num_kv_heads: int) -> torch.Tensor:
-    """(B, Hq, n) mass -> (B, H, k) kept blocks, ascending; H = Hq, or Hkv with ``per_kv_head``."""
+def select_prefix_blocks(
+    mass: torch.Tensor, config: PrefixSparseConfig, num_kv_heads: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B, Hq, n) mass -> (B, H, k) kept blocks, ascending; H = Hq, or Hkv with ``per_kv_head``.
+
+    "topk" keeps the heaviest blocks; "local" the last k (nearest the block being decoded);
+    "random" k drawn from ``generator`` (the mass is not read).
+    """
     B, Hq, n = mass.shape
     if config.per_kv_head:
         mass = mass.view(B, num_kv_heads, Hq // num_kv_heads, n).sum(2)
     k = config.blocks_kept(n)
+    if config.pattern == "local":
+        return torch.arange(n - k, n, device=mass.device).expand(*mass.shape[:2], k)
+    if config.pattern == "random":
+        mass = torch.rand(mass.shape, device=mass.device, generator=generator)
     return mass.topk(k, dim=-1).indices.sort(-1).values
 
 
@@ -255,7 +276,9 @@ def prefix_sparse_attention(
         if mode == "score":
             key_valid = attention_mask[:, 0, -1]  # the block's queries all see the same keys
             mass, front = prefix_block_mass(query, key, scaling, state.config.block_size, key_valid)
-            blocks = select_prefix_blocks(mass, state.config, Hkv)
+            if state.config.pattern == "random" and state.generator is None:
+                state.generator = torch.Generator(device=query.device).manual_seed(state.config.seed)
+            blocks = select_prefix_blocks(mass, state.config, Hkv, state.generator)
             state.layers[layer_idx] = PrefixSelection(blocks, S - L, front, mass.shape[-1], state.config.block_size)
         return out
 
