@@ -34,6 +34,7 @@ from sparsed_backend.harness.task_data import (
     make_docs,
     mixed_lengths,
 )
+from sparsed_backend.prefix_selection import PrefixSparseConfig
 from tiny_models import MASK_ID, PAD_ID, tiny_model
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -313,7 +314,9 @@ def test_pretrained_must_be_a_diffusion_lm(harness_model, tmp_path):
     with pytest.raises(ValueError, match=r"model arg pretrained: expected a checkpoint path or Hub id, got None"):
         harness_model.DiffusionLM(device="cpu")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match=r"expected a checkpoint with model_type in \('llada', 'Dream'\), got 'gpt2'"):
+    with pytest.raises(
+        ValueError, match=r"expected a checkpoint with model_type in \('llada', 'Dream', 'qwen3'\), got 'gpt2'"
+    ):
         harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu")
 
 
@@ -631,3 +634,43 @@ def test_sparsed_eval_runs_the_task_end_to_end_offline_from_any_directory(tmp_pa
         assert tok(context)["input_ids"] == prompts.input_ids[i].tolist()
         assert s["target"] == docs[i]["answer"]
         assert s["filtered_resps"] == [docs[i]["answer"]] and s["exact_match"] == 1.0  # dense retrieves
+
+
+def test_a_block_diffusion_checkpoint_runs_blockdiff_generate(harness_model, tmp_path, monkeypatch):
+    """A Qwen3 checkpoint whose config carries mask_token_id and block_size (SDAR's fields) runs
+    blockdiff_generate with the model args' settings, sparse prefix selection with attn=sparsed;
+    LLaDA / Dream args and loglikelihood are refused with one-line errors."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from sparsed_backend.demo.task import MASK_ID as DEMO_MASK
+    from sparsed_backend.demo.task import VOCAB_SIZE
+    from sparsed_backend.demo.tokenizer import build_tokenizer
+
+    cfg = Qwen3Config(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=0, pad_token_id=0)  # fmt: skip
+    cfg.mask_token_id, cfg.block_size = DEMO_MASK, 4
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(cfg).save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model args \['steps'\] belong to the LLaDA / Dream samplers"):
+        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", steps=4)
+    with pytest.raises(ValueError, match=r"model args \['select'\] are sparse prefix settings: they need attn=sparsed"):
+        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", select=0.3)
+    with pytest.raises(ValueError, match="remasking=low_confidence_dynamic and threshold go together"):
+        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", remasking="low_confidence_dynamic")
+    calls = []
+    real = harness_model.blockdiff_generate
+    monkeypatch.setattr(harness_model, "blockdiff_generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=8, attn="sparsed",
+                                   prefix_budget=8, block_size=4, per_kv_head="true", threshold=0.9)  # fmt: skip
+    assert lm.family == "blockdiff" and type(lm.model).__name__ == "Qwen3ForCausalLM"
+    out = lm.generate_until([_instance("generate_until", ("\u4e00\u4e01?" * 3, {"until": [], "max_gen_toks": 8}))])
+    assert len(out) == 1 and isinstance(out[0], str)
+    (kw,) = calls
+    assert (kw["block_length"], kw["denoising_steps"], kw["remasking"], kw["threshold"]) == (
+        4, 4, "low_confidence_dynamic", 0.9,
+    )  # fmt: skip
+    assert kw["sparsed"] == PrefixSparseConfig(select=None, budget=8, block_size=4, per_kv_head=True)
+    with pytest.raises(NotImplementedError, match="loglikelihood is not implemented for block-diffusion"):
+        lm.loglikelihood([_instance("loglikelihood", ("\u4e00", "\uac00"))])

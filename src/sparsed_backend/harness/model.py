@@ -1,4 +1,5 @@
-"""``sparsed-dlm``: an lm-evaluation-harness model for LLaDA and Dream checkpoints, dense or SparseD.
+"""``sparsed-dlm``: an lm-evaluation-harness model for LLaDA, Dream and block-diffusion (SDAR on Qwen3)
+checkpoints, dense or sparse.
 
     sparsed-eval --model sparsed-dlm --model_args pretrained=PATH,attn=sparsed,select=0.3 --tasks ...
 
@@ -6,8 +7,9 @@ Importing this module imports ``lm_eval.models`` first (once an outside model is
 lm-eval no longer loads its own registry on demand, and ``--model hf`` would fail), then
 registers `DiffusionLM` under ``sparsed-dlm``.
 
-- ``generate_until`` runs the project's samplers (`llada_generate`, `dream_generate`) on
-  left-padded batches, with SparseD when ``attn=sparsed``.
+- ``generate_until`` runs the project's samplers (`llada_generate`, `dream_generate`,
+  `blockdiff_generate` for a Qwen3 block-diffusion checkpoint) on left-padded batches, with SparseD
+  (or sparse prefix selection for block diffusion) when ``attn=sparsed``.
 - ``loglikelihood`` is the Monte Carlo masked estimate of `harness.likelihood`, always with dense
   attention (see `DiffusionLM.loglikelihood`).
 - ``loglikelihood_rolling`` raises NotImplementedError.
@@ -32,8 +34,10 @@ from tqdm import tqdm
 
 from .. import SparseDConfig
 from .._warn import warn_once
+from ..block_diffusion import BLOCKDIFF_REMASKING, blockdiff_generate
 from ..generation import DREAM_ALGS, LLADA_REMASKING, check_cache_with_sparsed, dream_generate, llada_generate
 from ..models.rope import parse_rope_scaling, position_limit, position_limit_note, with_rope_scaling
+from ..prefix_selection import PrefixSparseConfig
 from . import MODEL_NAME
 from .likelihood import masked_loglikelihood
 
@@ -41,7 +45,11 @@ __all__ = ["DiffusionLM"]
 
 log = logging.getLogger(__name__)
 
-FAMILIES = {"llada": "llada", "Dream": "dream"}  # config.model_type -> sampler family
+FAMILIES = {"llada": "llada", "Dream": "dream", "qwen3": "blockdiff"}  # config.model_type -> sampler family
+# Model args of the LLaDA / Dream samplers that a block-diffusion checkpoint (blockdiff_generate) refuses.
+NOT_BLOCKDIFF = ("skip", "min_sparse_len", "keep_diagonal", "prompt_end_offset", "steps", "alg", "alg_temp",
+                 "kv_cache", "rope_scaling")  # fmt: skip
+BLOCKDIFF_SPARSE = ("select", "prefix_budget", "block_size", "per_kv_head", "pattern")
 ATTN = ("dense", "sparsed")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -164,6 +172,14 @@ class DiffusionLM(LM):
             available, else CPU.
         batch_size: prompts per sampler call and rows per likelihood forward (an int; default 1).
         max_batch_size: lm-eval passes it; only meaningful with ``batch_size=auto``, unsupported.
+
+    A block-diffusion checkpoint (``model_type`` qwen3, e.g. SDAR; `blockdiff_generate`, loaded with
+    AutoModelForCausalLM; ``generate_until`` only) takes ``block_length`` (default the config's
+    ``block_size``), ``denoising_steps`` (default ``block_length``), ``remasking``
+    (``low_confidence_static``, ``low_confidence_dynamic`` with ``threshold``, ``sequential``),
+    ``temperature``, ``top_k``, ``top_p``, and with ``attn=sparsed`` the sparse prefix selection's
+    ``select`` (default 0.3) or ``prefix_budget`` (tokens), ``block_size`` (prefix tokens per block,
+    default 128), ``per_kv_head`` and ``pattern`` (`prefix_selection.PrefixSparseConfig`).
     """
 
     def __init__(self, pretrained: str | None = None, **kwargs) -> None:
@@ -175,6 +191,7 @@ class DiffusionLM(LM):
             "prompt_end_offset", "gen_length",
             "steps", "threshold", "block_length", "remasking", "alg", "alg_temp", "top_p", "top_k", "temperature",
             "mc_samples", "seed", "dtype", "device", "batch_size", "max_batch_size", "kv_cache", "rope_scaling",
+            "denoising_steps", "prefix_budget", "per_kv_head", "pattern",
         }  # fmt: skip
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -188,7 +205,10 @@ class DiffusionLM(LM):
         self.family = FAMILIES.get(getattr(config, "model_type", None))
         if self.family is None:
             raise _fail("pretrained", f"a checkpoint with model_type in {tuple(FAMILIES)}", config.model_type)
-        self._parse(kwargs)
+        if self.family == "blockdiff":
+            self._parse_blockdiff(kwargs, getattr(config, "block_size", None))
+        else:
+            self._parse(kwargs)
         if kwargs.get("rope_scaling") is not None:
             try:
                 scaling = parse_rope_scaling(kwargs["rope_scaling"])
@@ -282,6 +302,58 @@ class DiffusionLM(LM):
             self.top_p = None if kw.get("top_p") is None else _float("top_p", kw["top_p"], 0.0, 1.0, open_low=True)
             self.top_k = None if kw.get("top_k") is None else _int("top_k", kw["top_k"], 1)
 
+        self._parse_common(kw)
+
+    def _parse_blockdiff(self, kw: dict, config_block: int | None) -> None:
+        """Model args of a block-diffusion checkpoint (SDAR on Qwen3, `blockdiff_generate`)."""
+        wrong = [k for k in NOT_BLOCKDIFF if k in kw]
+        if wrong:
+            raise ModelArgError(
+                f"model args {wrong} belong to the LLaDA / Dream samplers; this checkpoint is a block-diffusion "
+                "Qwen3 (blockdiff_generate: block_length, denoising_steps, remasking, threshold, top_k, top_p)"
+            )
+        self.attn = _choice("attn", kw.get("attn", "dense"), ATTN)
+        self.sparsed = None
+        if self.attn == "sparsed":
+            if kw.get("prefix_budget") is None:
+                keep = {"select": _float("select", kw.get("select", 0.3), 0.0, 1.0, open_low=True)}
+            elif "select" in kw:
+                raise ModelArgError("model args select and prefix_budget exclude each other: give one")
+            else:
+                keep = {"select": None, "budget": _int("prefix_budget", kw["prefix_budget"], 1)}
+            fields = {"pattern": _choice("pattern", kw.get("pattern", "topk"), ("topk", "local", "random"))}
+            if "block_size" in kw:
+                fields["block_size"] = _int("block_size", kw["block_size"], 1)
+            if "per_kv_head" in kw:
+                fields["per_kv_head"] = _bool("per_kv_head", kw["per_kv_head"])
+            self.sparsed = PrefixSparseConfig(**keep, **fields)
+        else:
+            given = [k for k in BLOCKDIFF_SPARSE if k in kw]
+            if given:
+                raise ModelArgError(f"model args {given} are sparse prefix settings: they need attn=sparsed")
+        self.gen_length = _int("gen_length", kw.get("gen_length", 128), 1)
+        block = kw.get("block_length", config_block)
+        if block is None:
+            raise _fail("block_length", "an int >= 1 (the checkpoint's config has no block_size)", None)
+        self.block_length = _int("block_length", block, 1)
+        self.denoising_steps = _int("denoising_steps", kw.get("denoising_steps", self.block_length), 1)
+        self.threshold = None
+        if kw.get("threshold") is not None:
+            self.threshold = _float("threshold", kw["threshold"], 0.0, 1.0)
+        default = "low_confidence_static" if self.threshold is None else "low_confidence_dynamic"
+        self.remasking = _choice("remasking", kw.get("remasking", default), BLOCKDIFF_REMASKING)
+        if (self.remasking == "low_confidence_dynamic") != (self.threshold is not None):
+            raise ModelArgError(
+                f"model args: remasking=low_confidence_dynamic and threshold go together, got remasking="
+                f"{self.remasking} and threshold={self.threshold}"
+            )
+        self.temperature = _float("temperature", kw.get("temperature", 0.0), 0.0)
+        self.top_k = _int("top_k", kw.get("top_k", 0), 0)
+        self.top_p = _float("top_p", kw.get("top_p", 1.0), 0.0, 1.0, open_low=True)
+        self._parse_common(kw)
+
+    def _parse_common(self, kw: dict) -> None:
+        """The model args every family shares: likelihood samples, seed, batch size."""
         self.mc_samples = _int("mc_samples", kw.get("mc_samples", 128), 1)
         self.seed = _int("seed", kw.get("seed", 0), 0)
         batch_size = kw.get("batch_size", 1)
@@ -292,10 +364,11 @@ class DiffusionLM(LM):
             warn_once("harness-max-batch", "sparsed-dlm: max_batch_size only applies to batch_size=auto; ignored")
 
     def _load(self, pretrained: str, tokenizer: str, config) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         impl = "sparsed" if self.attn == "sparsed" else "sdpa"
-        model = AutoModel.from_pretrained(pretrained, config=config, attn_implementation=impl, dtype=self.dtype)
+        auto = AutoModelForCausalLM if self.family == "blockdiff" else AutoModel  # Qwen3's LM head class
+        model = auto.from_pretrained(pretrained, config=config, attn_implementation=impl, dtype=self.dtype)
         self.model = model.to(self._device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.mask_id = getattr(self.model.config, "mask_token_id", None)
@@ -413,7 +486,14 @@ class DiffusionLM(LM):
 
     def _sample(self, ids: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
         """(B, P) left-padded prompts -> (B, gen_length) generated ids."""
-        if self.family == "llada":
+        if self.family == "blockdiff":
+            out = blockdiff_generate(
+                self.model, ids, mask, gen_length=self.gen_length, block_length=self.block_length,
+                denoising_steps=self.denoising_steps, remasking=self.remasking, threshold=self.threshold,
+                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, mask_id=self.mask_id,
+                generator=generator, sparsed=self.sparsed,
+            )  # fmt: skip
+        elif self.family == "llada":
             out = llada_generate(
                 self.model, ids, mask, steps=self.steps, gen_length=self.gen_length,
                 block_length=self.block_length, temperature=self.temperature, remasking=self.remasking,
@@ -502,6 +582,11 @@ class DiffusionLM(LM):
         Context plus continuation longer than the position limit is left-truncated
         (`_fit`): the context loses its oldest tokens, and a continuation that alone does not fit
         keeps its right end, which is then all that is scored."""
+        if self.family == "blockdiff":
+            raise NotImplementedError(
+                "sparsed-dlm: loglikelihood is not implemented for block-diffusion checkpoints (the masked "
+                "estimate here is LLaDA's and Dream's); use generate_until tasks"
+            )
         if self.sparsed is not None:
             warn_once(
                 "harness-ll-dense",
