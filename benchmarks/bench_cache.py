@@ -11,7 +11,7 @@ Per prompt length, in one process on one random-weight model (bf16 on CUDA):
   take over 20 minutes);
 - with a cache: the real sampler runs the whole generation (``llada_generate`` /
   ``dream_generate`` with ``block_length``). Every forward is timed, synchronised
-  (``sparsed_backend.cli.StepTimer``); a step kind's first forward (compilation, autotuning)
+  (``sparsed_backend.timing.StepTimer``); a step kind's first forward (compilation, autotuning)
   counts at the median of that kind's others, and a kind that runs once (the switch step) at
   its warm no-cache time. ``wall_s`` is the
   raw wall time, compilation included.
@@ -25,17 +25,17 @@ windowed step). A cache variant that runs out of memory is recorded with its err
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
-import time
 
 import torch
 
 from bench_e2e import build_model, sparsed_total, step_runners, timed
 from common import environment, markdown_table, write_results
 from sparsed_backend import SparseDConfig
-from sparsed_backend.cli import StepTimer
 from sparsed_backend.generation import dream_generate, llada_generate
+from sparsed_backend.timing import PeakMemory, StepTimer, synced_seconds
 
 VARIANTS = ["dense+prefix", "dense+dual", "sparsed+prefix", "sparsed+dual"]
 
@@ -77,10 +77,6 @@ def step_kinds(records: list[tuple[str, int, float]]) -> str:
     )
 
 
-def memory_above(device, base):
-    return (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else float("nan")
-
-
 @torch.inference_mode()
 def run_length(model, kind, n, args, device, rows, warm=True):
     g = torch.Generator(device=device).manual_seed(0)
@@ -113,29 +109,25 @@ def run_length(model, kind, n, args, device, rows, warm=True):
         attn, cache = variant.split("+")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        call = functools.partial(
+            generate, model, ids, steps=args.steps, block_length=args.block_length, kv_cache=cache,
+            sparsed=cfg if attn == "sparsed" else None, return_dict_in_generate=True, **length_arg,
+        )  # fmt: skip
         clock = StepTimer(model)
-        t0 = time.perf_counter()
         try:
-            out = generate(
-                model, ids, steps=args.steps, block_length=args.block_length, kv_cache=cache,
-                sparsed=cfg if attn == "sparsed" else None, return_dict_in_generate=True, **length_arg,
-            )  # fmt: skip
+            with PeakMemory(device) as peak:
+                wall, out = synced_seconds(call, device)  # wall time, compilation included
         except torch.OutOfMemoryError as err:  # recorded: the longest prompt that fits is part of the table
-            clock.remove()
             error = f"OutOfMemoryError: {str(err).splitlines()[0][:160]}"
             rows.append(dict(base_row, variant=variant, measured="failed", error=error))
             print(f"  N={n:6d} {variant:15s} {error}", flush=True)
             continue
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-        clock.remove()
+        finally:
+            clock.remove()
         total = steady_total(clock.records, {"switch": single["switch"]})
         results[variant] = total
         row = dict(base_row, variant=variant, total_s=total, wall_s=wall, measured="run",
-                   peak_mib=memory_above(device, base), cache_mib=out.kv_cache.memory_bytes() / 2**20,
+                   peak_mib=peak.mib, cache_mib=out.kv_cache.memory_bytes() / 2**20,
                    refreshes=out.kv_cache.refreshes, forwards=out.num_forwards,
                    step_kinds=step_kinds(clock.records))  # fmt: skip
         if out.sparsed_state is not None:

@@ -17,8 +17,6 @@ import argparse
 import contextlib
 import itertools
 import json
-import math
-import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -26,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from common import environment, markdown_table, write_results
 from sparsed_backend import SparseDConfig, SparseDState, flex_shapes
 from sparsed_backend.models import LLaDAConfig, LLaDAModelLM
+from sparsed_backend.timing import PeakMemory, median_seconds
 
 
 def build_model(layers: int, device: torch.device, dtype: torch.dtype, small: bool) -> LLaDAModelLM:
@@ -40,21 +39,11 @@ def build_model(layers: int, device: torch.device, dtype: torch.dtype, small: bo
 
 
 def timed(fn, device, repeats: int) -> tuple[float, float]:
-    """(median seconds, peak MiB above baseline) of ``fn()`` over ``repeats`` synced runs."""
-    times, peak = [], math.nan
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2], peak
+    """(median seconds, peak MiB above baseline) of ``fn()`` over ``repeats`` synced calls
+    (`sparsed_backend.timing`; the caller runs the warm-up)."""
+    with PeakMemory(device) as peak:
+        seconds = median_seconds(fn, device, repeats)
+    return seconds, peak.mib
 
 
 def step_runners(model, ids, keep, config: SparseDConfig, gen_start: int):

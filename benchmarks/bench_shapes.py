@@ -22,15 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from common import bench, environment, markdown_table, sync, write_results
+from common import bench, environment, markdown_table, write_results
 from sparsed_backend._compat import compile_counters
 from sparsed_backend.masks import block_mask_from_table
+from sparsed_backend.timing import synced_seconds
 
 
 # One function per compiled caller: dynamo keeps its cache and recompile count per code object.
@@ -111,11 +111,8 @@ def main() -> None:
                 return compiled[name](*padded, mask, args.head_dim**-0.5, opts)[:, :, :n]
 
             before = _graphs()
-            t0 = time.perf_counter()
             try:
-                out = run()
-                sync(device)
-                first = time.perf_counter() - t0
+                first, out = synced_seconds(run, device)  # compilation included
                 err = 0.0 if ref is None else float((out.float() - ref.float()).abs().max())
                 if ref is None:
                     ref = out

@@ -25,32 +25,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 
 import torch
 
-from common import environment, markdown_table, sync, write_results
+from common import environment, markdown_table, write_results
 from sparsed_backend import SparseDConfig, _compat
 from sparsed_backend.dense import dense_attention
 from sparsed_backend.switch_step import run_switch_step
+from sparsed_backend.timing import PeakMemory, synced_seconds
 
 SHAPES = {"llada": (32, 32, 32), "dream": (28, 4, 28)}  # query heads, key-value heads, layers
 
 
 def measure(fn, device: torch.device) -> tuple[float, float, object]:
-    """(seconds, peak MiB above the start, result) of one synced call of ``fn``; a call that raises
+    """(seconds, peak MiB above the start, result) of one synced call of ``fn``
+    (`sparsed_backend.timing`); a call that raises
     gives (nan, nan, "ErrorType: first line")."""
     try:
-        sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        t0 = time.perf_counter()
-        result = fn()
-        sync(device)
-        seconds = time.perf_counter() - t0
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else math.nan
-        return seconds, peak, result
+        with PeakMemory(device) as peak:
+            seconds, result = synced_seconds(fn, device)
+        return seconds, peak.mib, result
     except Exception as err:  # a failing configuration is recorded with its error
         return math.nan, math.nan, f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
 

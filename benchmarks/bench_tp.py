@@ -36,6 +36,7 @@ import torch.distributed as dist
 from bench_e2e import build_model, sparsed_total, step_runners
 from common import environment, markdown_table, write_results
 from sparsed_backend import SparseDConfig
+from sparsed_backend.timing import PeakMemory, median_seconds
 
 COLUMNS = ["tp", "N", "layers", "dense_s", "switch_s", "sparse_s", "step_speedup", "density", "weights_gib",
            "peak_gib", "load_s"]  # fmt: skip
@@ -99,19 +100,9 @@ def load(path: Path, world: int, device, dtype):
 
 
 def timed(fn, device, repeats: int, world: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` synced runs, after one discarded warm-up."""
-    fn()  # compilation and autotuning stay out of the numbers
-    times = []
-    for _ in range(repeats):
-        _barrier(world)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` over ``repeats`` synced calls (`sparsed_backend.timing`), after
+    one discarded warm-up (compilation, autotuning), every rank at a barrier before each call."""
+    return median_seconds(fn, device, repeats, warmup=1, before=lambda: _barrier(world))
 
 
 @torch.no_grad()
@@ -122,8 +113,6 @@ def run_length(model, n: int, args, device, world: int) -> dict:
     cfg = SparseDConfig(skip=args.skip, select=args.select, block_size=args.block_size, min_sparse_len=0)
     run, state = step_runners(model, ids, keep, cfg, n - keep)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     mine = {}
     # The switch step is the slowest and runs once per generation: one timed run after warm-up.
     kinds = (
@@ -131,13 +120,14 @@ def run_length(model, n: int, args, device, world: int) -> dict:
         ("switch", run["switch"], 1),
         ("sparse", run["sparse"], args.repeats),
     )
-    for name, fn, reps in kinds:
-        t0 = time.perf_counter()
-        mine[f"{name}_s"] = timed(fn, device, reps, world)
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"  TP={world} N={n} {name}: {mine[f'{name}_s']:.3f} s per step "
-                  f"({time.perf_counter() - t0:.0f} s with warm-up)", flush=True)  # fmt: skip
-    mine["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+    with PeakMemory(device) as peak:  # the peak over every step kind
+        for name, fn, reps in kinds:
+            t0 = time.perf_counter()
+            mine[f"{name}_s"] = timed(fn, device, reps, world)
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"  TP={world} N={n} {name}: {mine[f'{name}_s']:.3f} s per step "
+                      f"({time.perf_counter() - t0:.0f} s with warm-up)", flush=True)  # fmt: skip
+    mine["peak_gib"] = peak.total_mib / 2**10  # weights included
     mine["density"] = state.density()  # of this rank's heads
     ranks = _gather(mine, world)
     row = {"tp": world, "N": n, "layers": model.config.n_layers}

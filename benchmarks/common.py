@@ -1,4 +1,8 @@
-"""Shared benchmark plumbing: timing, memory, environment stamp, result files."""
+"""Shared benchmark plumbing: failure-recording timing, environment stamp, result files.
+
+How times and memory are measured lives in `sparsed_backend.timing`, which says which method
+each results file uses.
+"""
 
 from __future__ import annotations
 
@@ -6,56 +10,25 @@ import datetime
 import json
 import math
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from sparsed_backend.timing import kernel_ms
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench(fn, device: torch.device, warmup_ms: float = 50, rep_ms: float = 300) -> tuple[float, str | None]:
-    """(median milliseconds of ``fn()``, None); device-synced, warm-up discarded. A configuration
-    that raises gives (NaN, "ErrorType: first line"), for the results table to record why."""
+    """(`sparsed_backend.timing.kernel_ms` of ``fn``, None). A configuration that raises gives
+    (NaN, "ErrorType: first line"), for the results table to record why."""
     try:
-        if device.type == "cuda":
-            import triton.testing
-
-            return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")), None
-        fn()
-        times = []
-        t_end = time.perf_counter() + rep_ms / 1000
-        while time.perf_counter() < t_end or len(times) < 3:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
-        return statistics.median(times), None
+        return kernel_ms(fn, device, warmup_ms, rep_ms), None
     except Exception as err:  # a failing config is recorded with its error and the run goes on
         failure = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
         print(f"    ! {failure}", file=sys.stderr)
         return math.nan, failure
-
-
-def peak_mib(fn, device: torch.device) -> float:
-    """Peak device memory (MiB) allocated while ``fn()`` runs, above what was allocated before."""
-    if device.type != "cuda":
-        return math.nan
-    try:
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    except Exception:
-        return math.nan
 
 
 def environment(device: torch.device) -> dict:

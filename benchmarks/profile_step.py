@@ -15,10 +15,10 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import bench
 from sparsed_backend import SparseDConfig, SparseDState
 from sparsed_backend.attention import sparse_attention
 from sparsed_backend.models import LLaDAConfig, LLaDAModelLM
+from sparsed_backend.timing import kernel_ms
 
 
 @torch.inference_mode()
@@ -49,7 +49,7 @@ def main() -> None:
     state.step = switch
     model(ids, logits_to_keep=256, sparsed_state=state)  # the switch step builds the masks
     for name, fn in (("dense", dense), ("sparse", sparse)):
-        ms = bench(fn, dev)
+        ms = kernel_ms(fn, dev)
         print(f"{name} step: {ms:.1f} ms for {args.layers} layers = {ms / args.layers:.1f} ms/layer", flush=True)
         fn()
         torch.cuda.synchronize()
@@ -65,9 +65,9 @@ def main() -> None:
     qc, kc, vc = (t.contiguous() for t in (q, k, v))
     bm = state.layers[0].block_mask
     scale = d**-0.5
-    t_strided = bench(lambda: sparse_attention(q, k, v, bm, scale), dev)
-    t_contig = bench(lambda: sparse_attention(qc, kc, vc, bm, scale), dev)
-    t_copy = bench(lambda: sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), bm, scale), dev)
+    t_strided = kernel_ms(lambda: sparse_attention(q, k, v, bm, scale), dev)
+    t_contig = kernel_ms(lambda: sparse_attention(qc, kc, vc, bm, scale), dev)
+    t_copy = kernel_ms(lambda: sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), bm, scale), dev)
     print(f"flex alone, N={n}, select {args.select}: strided views {t_strided:.2f} ms, contiguous {t_contig:.2f} ms, "
           f"copy then contiguous {t_copy:.2f} ms, density {state.density():.3f}")  # fmt: skip
     print(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch.__version__, torch.cuda.get_device_name())

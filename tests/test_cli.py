@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import re
@@ -14,10 +15,11 @@ import pytest
 import torch
 
 import sparsed_backend
-from sparsed_backend import cli
 from sparsed_backend._validate import ArgumentTypeError, ArgumentValueError
-from sparsed_backend.cli import UsageError, _flags, main
+from sparsed_backend.cli import LIBRARY_FLAGS, UsageError, _flags
 from sparsed_backend.demo import model_path
+from sparsed_cli import build_parser, main
+from sparsed_cli.flags import DeviceName, Float, GridOffset, Int, ModelDir, PngOut
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = str(model_path())
@@ -144,6 +146,12 @@ BAD_INPUTS = [
     (["demo", "--out", "blocks"], r"--out must name a \.png file, got blocks$"),
     (["demo", "--prompts", "x"], r"^sparsed demo: error: argument --prompts: invalid int value: 'x'$"),
     (["demo", "--bogus"], r"^sparsed: error: unrecognized arguments: --bogus$"),
+    (["demo", "--seed", "-1"], r"^sparsed demo: error: --seed must be in \[0, 18446744073709551615\], got -1$"),
+    (["demo", "--prompt-end-offset", "1.5"], r"--prompt-end-offset must be none, middle or an int, got '1\.5'$"),
+    (["generate", *QUICK, "--device", "cuda:x"], r"--device must be auto, cpu, cuda or cuda:N, got 'cuda:x'$"),
+    (["generate", *QUICK, "--temperature", "nan"], r"--temperature must be >= 0\.0, got nan$"),
+    (["generate", *QUICK_THRESHOLD, "1.5"], r"--threshold must be in \(0, 1\], got 1\.5$"),
+    (["generate", *QUICK, "--seed", str(2**64)], r"--seed must be in \[0, 18446744073709551615\], got 18446"),
 ]  # fmt: skip
 
 
@@ -186,23 +194,100 @@ def test_the_shipped_entry_point_prints_one_line_too():
 
 def test_flags_renames_argument_errors_and_passes_bugs_through():
     renamed = r"^--block-size must be a positive multiple of 16, got 10$"
-    with pytest.raises(UsageError, match=renamed), _flags(block_size="--block-size"):
+    with pytest.raises(UsageError, match=renamed), _flags("block_size"):
         raise ArgumentValueError("block_size", "block_size must be a positive multiple of 16, got 10")
-    names = {"steps": "--steps", "gen_length": "--gen-length", "block_length": "--block-length"}
+    names = ("steps", "gen_length", "block_length")
     renamed = r"^--steps must .* --gen-length/--block-length = 2, got --steps=3$"
-    with pytest.raises(UsageError, match=renamed), _flags(**names):
+    with pytest.raises(UsageError, match=renamed), _flags(*names):
         raise ArgumentValueError("steps", "steps must be divisible by gen_length/block_length = 2, got steps=3")
     # The argument decides, not the wording: a reworded message stays a one-line user error.
-    with pytest.raises(UsageError, match=r"^the step count --steps=3 does not divide"), _flags(**names):
+    with pytest.raises(UsageError, match=r"^the step count --steps=3 does not divide"), _flags(*names):
         raise ArgumentValueError("steps", "the step count steps=3 does not divide gen_length")
+    # Whole words only, and a flag already in the message stays as it is.
+    flagged = r"^--steps \(not --steps\) and steps_per_block: --gen-length$"
+    with pytest.raises(UsageError, match=flagged), _flags(*names):
+        raise ArgumentValueError("steps", "steps (not --steps) and steps_per_block: gen_length\nmore")
     with pytest.raises(UsageError, match=r"^--prompts must be >= 1, got 0$"), _flags():
         raise ArgumentTypeError("--prompts", "--prompts must be >= 1, got 0")
-    with pytest.raises(ArgumentValueError, match="top_p must"), _flags(**names):
+    with pytest.raises(ArgumentValueError, match="top_p must"), _flags(*names):
         raise ArgumentValueError("top_p", "top_p must be in (0, 1]")  # an argument the CLI never passes: a bug
-    with pytest.raises(ValueError, match="steps must be"), _flags(**names):
+    with pytest.raises(ArgumentValueError, match="skip must"), _flags(*names):
+        raise ArgumentValueError("skip", "skip must be in [0, 1]")  # in the table, but not fed at this call site
+    with pytest.raises(ValueError, match="steps must be"), _flags(*names):
         raise ValueError("steps must be >= 1")  # not an argument error: a bug, whatever it says
-    with pytest.raises(RuntimeError), _flags(**names):
+    with pytest.raises(RuntimeError), _flags(*names):
         raise RuntimeError("steps must be >= 1")
+    with pytest.raises(AssertionError, match="top_p"), _flags("top_p"):  # every argument must be in the table
+        pass
+
+
+def test_library_flags_table_names_real_flags():
+    """Every flag the table maps a library argument to is a flag of some command."""
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices.values()
+    flags = {opt for command in commands for action in command._actions for opt in action.option_strings}
+    assert set(LIBRARY_FLAGS.values()) <= flags, set(LIBRARY_FLAGS.values()) - flags
+
+
+def _fails(check, text: str) -> str:
+    """The one-line message a bound ``type=`` check gives for ``text``."""
+    with pytest.raises(argparse.ArgumentError) as err:
+        check(text)
+    assert err.value.argument_name is None  # printed as it is, no "argument --flag:" prefix
+    return str(err.value)
+
+
+def test_int_and_float_flag_types():
+    steps = Int(1).named("--steps")
+    assert steps("3") == 3 and isinstance(steps("3"), int)
+    assert _fails(steps, "0") == "--steps must be >= 1, got 0"
+    assert _fails(Int(1, 5).named("--steps"), "6") == "--steps must be in [1, 5], got 6"
+    assert _fails(Int(None, 5).named("--n"), "6") == "--n must be <= 5, got 6"
+    with pytest.raises(ValueError):  # not a number: argparse words it ("invalid int value: 'x'")
+        steps("x")
+    assert steps.__name__ == "int" and Float(0.0).__name__ == "float"
+    temperature = Float(0.0).named("--temperature")
+    assert temperature("0") == 0.0 and temperature("0.7") == 0.7
+    assert _fails(temperature, "-1") == "--temperature must be >= 0.0, got -1.0"
+    for bad in ("nan", "inf"):
+        assert _fails(temperature, bad) == f"--temperature must be >= 0.0, got {bad}"
+    threshold = Float(0, 1, open_low=True).named("--threshold")
+    assert threshold("1") == 1.0
+    assert _fails(threshold, "0") == "--threshold must be in (0, 1], got 0.0"
+    assert _fails(threshold, "1.01") == "--threshold must be in (0, 1], got 1.01"
+    assert _fails(Int(1), "0") == "the value must be >= 1, got 0"  # not bound to a flag (outside the parser)
+
+
+def test_text_flag_types(tmp_path):
+    offset = GridOffset().named("--prompt-end-offset")
+    assert offset("none") is None and offset("MIDDLE") == "middle" and offset("-3") == -3
+    assert _fails(offset, "half") == "--prompt-end-offset must be none, middle or an int, got 'half'"
+    device = DeviceName().named("--device")
+    assert [device(d) for d in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
+    for bad in ("tpu", "cuda:", "cuda:-1", "cpu:x", ""):
+        assert _fails(device, bad) == f"--device must be auto, cpu, cuda or cuda:N, got {bad!r}"
+    model = ModelDir().named("--model")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert model(str(tmp_path / "m")) == tmp_path / "m"
+    assert _fails(model, str(tmp_path)).endswith("(no config.json in it)")
+    assert _fails(model, str(tmp_path / "m" / "config.json")).endswith("(a file)")
+    assert _fails(model, str(tmp_path / "nope")).endswith("(no such directory)")
+    out = PngOut().named("--out")
+    assert out(str(tmp_path / "a.PNG")) == tmp_path / "a.PNG"
+    assert _fails(out, str(tmp_path / "a.jpg")) == f"--out must name a .png file, got {tmp_path / 'a.jpg'}"
+    assert "existing directory" in _fails(out, str(tmp_path / "no" / "a.png"))
+    (tmp_path / "d.png").mkdir()
+    assert _fails(out, str(tmp_path / "d.png")).endswith("(a directory or read-only)")
+
+
+def test_the_parser_binds_each_check_to_its_flag():
+    """``type=`` checks name the flag they were added under, and defaults given as text pass them."""
+    args = build_parser().parse_args(["demo"])
+    assert args.prompt_end_offset == "middle" and args.out == Path("sparsed_demo_blocks.png")
+    actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions}
+    assert actions["block_length"].type.flag == "--block-length"
+    assert actions["seed"].type.flag == "--seed"
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
@@ -340,4 +425,15 @@ def test_version_has_one_value_in_the_source_and_in_pyproject():
 def test_console_script_is_the_light_parser():
     text = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^sparsed = "sparsed_cli:main"$', text, re.M)
-    assert cli.main is __import__("sparsed_cli").main
+
+
+def test_the_library_never_imports_the_cli_package():
+    """sparsed_cli imports sparsed_backend (lazily, to run a command), never the reverse."""
+    code = (
+        "import sys\nimport sparsed_backend, sparsed_backend.cli, sparsed_backend.timing\n"
+        "print('sparsed_cli' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

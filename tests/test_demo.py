@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModel
 
 from sparsed_backend import SparseDConfig
-from sparsed_backend.cli import main
 from sparsed_backend.demo import model_path
 from sparsed_backend.demo.evaluate import answer_prompts, generation_length, wilson_interval
 from sparsed_backend.demo.task import sample_prompts
+from sparsed_cli import main
 
 
 @pytest.fixture(scope="module")

@@ -1,125 +1,127 @@
 """The ``sparsed`` commands: demo (the main job), generate, bench.
 
-The parser lives in `sparsed_cli` (no torch there, so ``--help`` is instant); `main` here is the
-same entry point. Every value a user can get wrong is checked before any work starts: a bad
-flag, path or device raises `UsageError`, which `main` prints as one line naming the flag (what
-was expected, what was received) before exiting with status 2. Library errors about an
-argument (`ArgumentValueError` / `ArgumentTypeError`, which name it in ``.argument``) are mapped
-to the flag that fed it by `_flags`'s table; any other exception is a bug and keeps its
-traceback.
-
-Over 400 lines: three commands with their checks, and the demo's drawing and step timer, which
-belong elsewhere (the layout issue moves them); until then they stay here, each used only here
-and by one benchmark.
+The parser and the entry point ``main`` live in `sparsed_cli` (no torch there, so ``--help``
+is instant); it checks each flag's own rule with its argparse ``type=`` and then calls
+`COMMANDS` here. This module never imports `sparsed_cli`. What needs torch, the model or the
+library is checked here before any work starts: a bad value raises `UsageError`, which
+`sparsed_cli.main` prints as one line naming the flag (what was expected, what was received)
+before exiting with status 2. Library errors about an argument (`ArgumentValueError` /
+`ArgumentTypeError`, which name it in ``.argument``) become a UsageError through one table,
+`LIBRARY_FLAGS`; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from sparsed_cli import main
-
 from ._progress import progress, progress_wanted
-from ._validate import ArgumentTypeError, ArgumentValueError, check_float, check_int
+from ._validate import ArgumentTypeError, ArgumentValueError, check_int
 from .config import SparseDConfig
 from .models.rope import parse_rope_scaling, position_limit, position_limit_note, with_rope_scaling
+from .timing import StepTimer, median_seconds
 
-__all__ = ["COMMANDS", "StepTimer", "UsageError", "main"]
+__all__ = ["COMMANDS", "LIBRARY_FLAGS", "UsageError"]
 
 
 class UsageError(Exception):
     """A user error on the command line: printed as one line, exit status 2, no traceback."""
 
 
-@contextmanager
-def _flags(**flags: str) -> Iterator[None]:
-    """Turn an error about an argument into a UsageError naming its flag.
-
-    ``flags`` is the table from argument names as library code spells them (``block_size``) to
-    the flags the user typed (``--block-size``). An `ArgumentValueError` / `ArgumentTypeError`
-    whose ``argument`` is in the table (or is a flag itself, as the CLI's own `check_int` calls
-    pass) is a user error: its message is printed with every argument name of the table
-    replaced by its flag. Any other exception, an argument error about an argument outside the
-    table included, is a bug and keeps its traceback.
-    """
-    try:
-        yield
-    except (ArgumentValueError, ArgumentTypeError) as err:
-        if err.argument not in flags and not err.argument.startswith("--"):
-            raise
-        message = str(err).split("\n", 1)[0]
-        for name in sorted(flags, key=len, reverse=True):  # longest first: gen_length before length
-            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flags[name], message)
-        raise UsageError(message) from None
-
-
-DEFAULT_STEPS = 128  # `sparsed generate` without --steps or --threshold
-
-SPARSED_FLAGS = {
+# The one table from argument names as the library spells them to the flags that feed them.
+LIBRARY_FLAGS = {
+    # SparseDConfig
     "skip": "--skip",
     "select": "--select",
     "block_size": "--block-size",
     "prompt_end_offset": "--prompt-end-offset",
+    # llada_generate / dream_generate
+    "steps": "--steps",
+    "threshold": "--threshold",
+    "gen_length": "--gen-length",
+    "max_new_tokens": "--gen-length",
+    "block_length": "--block-length",
+    "temperature": "--temperature",
+    "kv_cache": "--kv-cache",
+    # the demo's sample_prompts
+    "seed": "--seed",
 }
+SPARSED_ARGUMENTS = ("skip", "select", "block_size", "prompt_end_offset")
 
 
-def _grid_offset(value: str) -> int | str | None:
-    """--prompt-end-offset: none (the reference's grid), middle, or an int."""
-    if value.lower() in ("none", "middle"):
-        return None if value.lower() == "none" else "middle"
+def _with_flags(message: str, arguments: tuple[str, ...]) -> str:
+    """``message`` with every whole word that is one of ``arguments`` replaced by its flag.
+
+    A word is a run of letters, digits and underscores; one that touches a hyphen is part of a
+    flag already (``--steps``) and stays.
+    """
+    out, i = [], 0
+    while i < len(message):
+        j = i
+        while j < len(message) and (message[j].isalnum() or message[j] == "_"):
+            j += 1
+        if j == i:
+            out.append(message[i])
+            i += 1
+            continue
+        word = message[i:j]
+        in_flag = message[i - 1 : i] == "-" or message[j : j + 1] == "-"
+        out.append(LIBRARY_FLAGS[word] if word in arguments and not in_flag else word)
+        i = j
+    return "".join(out)
+
+
+@contextmanager
+def _flags(*arguments: str) -> Iterator[None]:
+    """Turn a library error about one of ``arguments`` (keys of `LIBRARY_FLAGS`) into a UsageError.
+
+    An `ArgumentValueError` / `ArgumentTypeError` whose ``argument`` is one of ``arguments`` (or
+    is a flag itself, as this module's own `check_int` calls pass) is a user error: its first
+    line is printed with each of ``arguments`` named by its flag. Any other exception, an
+    argument error about an argument this call site does not feed from a flag included, is a
+    bug and keeps its traceback.
+    """
+    unknown = [a for a in arguments if a not in LIBRARY_FLAGS]
+    assert not unknown, f"arguments missing from LIBRARY_FLAGS: {unknown}"
     try:
-        return int(value)
-    except ValueError:
-        raise UsageError(f"--prompt-end-offset must be none, middle or an int, got {value!r}") from None
+        yield
+    except (ArgumentValueError, ArgumentTypeError) as err:
+        if err.argument not in arguments and not err.argument.startswith("--"):
+            raise
+        raise UsageError(_with_flags(str(err).split("\n", 1)[0], arguments)) from None
+
+
+DEFAULT_STEPS = 128  # `sparsed generate` without --steps or --threshold
 
 
 def _sparsed_config(args: argparse.Namespace, **fixed) -> SparseDConfig:
+    """The SparseDConfig of --skip, --select, --block-size and --prompt-end-offset (SparseDConfig
+    checks them, before any model loads)."""
     kwargs = {"skip": args.skip} if hasattr(args, "skip") else {}
     if hasattr(args, "prompt_end_offset"):
-        kwargs["prompt_end_offset"] = _grid_offset(args.prompt_end_offset)
-    with _flags(**SPARSED_FLAGS):
+        kwargs["prompt_end_offset"] = args.prompt_end_offset  # None, "middle" or an int (sparsed_cli.flags)
+    with _flags(*SPARSED_ARGUMENTS):
         return SparseDConfig(select=args.select, block_size=args.block_size, **kwargs, **fixed)
 
 
 def _device(value: str) -> torch.device:
-    """--device: auto, cpu, cuda or cuda:N, and CUDA only where a device is visible."""
+    """--device (auto, cpu, cuda or cuda:N, as `sparsed_cli.flags.DeviceName` passed it): CUDA
+    only where such a device is visible."""
     if value == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    expected = "auto, cpu, cuda or cuda:N"
-    try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device must be {expected}, got {value!r}") from None
+    device = torch.device(value)
     if device.type == "cpu":
         return device
-    if device.type != "cuda":
-        raise UsageError(f"--device must be {expected}, got {value!r}")
     if not torch.cuda.is_available():
         why = "no CUDA device is visible" if torch.version.cuda else f"torch {torch.__version__} is built without CUDA"
         raise UsageError(f"--device must be auto, cpu or an available CUDA device, got {value!r} ({why})")
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device must be cuda:0 to cuda:{torch.cuda.device_count() - 1} here, got {value!r}")
     return device
-
-
-def _model_dir(value: str) -> Path:
-    """--model: an existing directory holding config.json."""
-    path = Path(value).expanduser()
-    expected = "a model directory holding config.json"
-    if not path.exists():
-        raise UsageError(f"--model must be {expected}, got {value} (no such directory)")
-    if not path.is_dir():
-        raise UsageError(f"--model must be {expected}, got {value} (a file)")
-    if not (path / "config.json").is_file():
-        raise UsageError(f"--model must be {expected}, got {value} (no config.json in it)")
-    return path
 
 
 def _model_config(path: Path, model_types: tuple[str, ...]):
@@ -174,100 +176,19 @@ def _rope_scaling(config, value: str | None):
         raise UsageError(f"--rope-scaling {value}: {str(err).splitlines()[0]}") from None
 
 
-class StepTimer:
-    """Forward hooks that record every model forward as (SparseD mode, query rows, seconds).
-
-    On CUDA each forward is synchronised before and after, so the time is the forward's own,
-    not its launch's. ``sparsed demo`` reports the mean per mode; benchmarks/bench_cache.py
-    groups the records by mode and query rows (a cached step runs fewer rows).
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.records: list[tuple[str, int, float]] = []
-        self._t0 = 0.0
-        self._key = ("dense", 0)
-        self._x: torch.Tensor | None = None
-        self._hooks = [
-            model.register_forward_pre_hook(self._pre, with_kwargs=True),
-            model.register_forward_hook(self._post, with_kwargs=True),
-        ]
-
-    @staticmethod
-    def _inputs(args, kwargs) -> torch.Tensor | None:
-        for name in ("input_ids", "inputs_embeds"):
-            if kwargs.get(name) is not None:
-                return kwargs[name]
-        return args[0] if args and isinstance(args[0], torch.Tensor) else None
-
-    @staticmethod
-    def _sync(x: torch.Tensor | None) -> None:
-        if x is not None and x.is_cuda:
-            torch.cuda.synchronize(x.device)
-
-    def _pre(self, module, args, kwargs):
-        state = kwargs.get("sparsed_state")
-        x = self._inputs(args, kwargs)
-        self._key = ("dense" if state is None else state.mode, 0 if x is None else x.shape[1])
-        self._x = x
-        self._sync(x)
-        self._t0 = time.perf_counter()
-
-    def _post(self, module, args, kwargs, output):
-        self._sync(self._x)
-        self.records.append((*self._key, time.perf_counter() - self._t0))
-
-    def mean(self, mode: str) -> float:
-        times = [t for m, _, t in self.records if m == mode]
-        return sum(times) / len(times) if times else float("nan")
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-
-def _draw_blocks(state, layer: int, heads: list[int], path: Path, title: str, marks: tuple[int, int]) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no picture (pip install -e '.[demo]' from a clone)")
-        return None
-    table = state.layers[layer].table[0].float().cpu()  # (H, nQ, nKV)
-    answer_block, record_block = marks
-    fig, axes = plt.subplots(1, len(heads), figsize=(3.2 * len(heads), 3.6), squeeze=False)
-    for ax, h in zip(axes[0], heads, strict=True):
-        ax.imshow(table[h], cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
-        ax.scatter([record_block], [answer_block], marker="o", s=40, facecolors="none", edgecolors="red")
-        ax.set_title(f"layer {layer} head {h}: {table[h].mean():.0%} kept", fontsize=9)
-        ax.set_xlabel("key block")
-        ax.set_ylabel("query block")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def demo(args: argparse.Namespace) -> int:
     from .demo import model_path
     from .demo.evaluate import answer_prompts, wilson_interval
+    from .demo.picture import draw_blocks
     from .demo.task import N_KEYS, VALUE_LEN, min_prompt_tokens, sample_prompts
     from .demo.tokenizer import build_tokenizer
 
-    path = _model_dir(args.model) if args.model else model_path()
+    path = args.model or model_path()  # --model and --out checked by the parser (sparsed_cli.flags)
     with _flags():
-        check_int("--prompts", args.prompts, 1)
-        check_int("--batch", args.batch, 1)
         check_int("--steps", args.steps, 1, VALUE_LEN)
         check_int("--records", args.records, 1, N_KEYS)
     cfg = _sparsed_config(args, min_sparse_len=0, keep_diagonal=args.keep_diagonal)
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise UsageError(f"--out must be a file path in an existing directory, got {args.out} (no such directory)")
-    if out.suffix.lower() != ".png":  # checked before the run, not by matplotlib after it
-        raise UsageError(f"--out must name a .png file, got {args.out}")
+    out = args.out
     config = _model_config(path, ("llada",))
     limit = position_limit(config)
     longest = limit - VALUE_LEN
@@ -283,7 +204,7 @@ def demo(args: argparse.Namespace) -> int:
     _quiet_loading(args)
     model = _load_weights(path, attn_implementation="sparsed", dtype=torch.float32)
     torch.manual_seed(args.seed)
-    with _flags(seed="--seed"):
+    with _flags("seed"):
         prompts = sample_prompts(args.length, args.prompts, n_records=args.records, seed=args.seed)
     tok = build_tokenizer()
     print(
@@ -337,7 +258,7 @@ def demo(args: argparse.Namespace) -> int:
         f"{t.mean('sparse') * 1e3:.0f} ms  (the first sparse step of a shape includes torch.compile)"
     )
     marks = (args.length // cfg.block_size, int(prompts.record_pos[0]) // cfg.block_size)
-    picture = _draw_blocks(
+    picture = draw_blocks(
         state, layer, list(range(min(4, model.config.n_heads))), out,
         f"SparseD blocks kept (black), prompt 0, select={cfg.select}, block={cfg.block_size}; "
         "red: answer's query block x record's key block", marks,
@@ -353,7 +274,7 @@ def generate(args: argparse.Namespace) -> int:
     from .generation import dream_generate, llada_generate
 
     device = _device(args.device)
-    path = _model_dir(args.model)
+    path = args.model
     config = _rope_scaling(_model_config(path, ("llada", "Dream")), args.rope_scaling)
     dream = config.model_type == "Dream"
     if args.threshold is not None and args.steps is not None:
@@ -364,13 +285,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.threshold is None and args.steps is None:
         args.steps = DEFAULT_STEPS
     kv_cache = None if args.kv_cache == "none" else args.kv_cache
-    with _flags():
-        if args.steps is not None:
-            check_int("--steps", args.steps, 1)
-        check_int("--gen-length", args.gen_length, 1)
-        check_float("--temperature", args.temperature, 0.0)
-        if args.block_length is not None:
-            check_int("--block-length", args.block_length, 1)
+    # The samplers check these too, once the model is loaded; here they fail before it loads.
     block = args.gen_length if args.block_length is None else args.block_length
     if args.gen_length % block:
         raise UsageError(
@@ -419,12 +334,11 @@ def generate(args: argparse.Namespace) -> int:
     model.to(device)
     ids = ids.to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    names = {"steps": "--steps", "temperature": "--temperature", "threshold": "--threshold",
-             "block_length": "--block-length", "kv_cache": "--kv-cache", **SPARSED_FLAGS}  # fmt: skip
-    names["max_new_tokens" if dream else "gen_length"] = "--gen-length"
+    fed = ("steps", "temperature", "threshold", "block_length", "kv_cache", *SPARSED_ARGUMENTS,
+           "max_new_tokens" if dream else "gen_length")  # fmt: skip
     # Threshold decoding takes at most one step per generated token.
     bar = progress(args.steps or args.gen_length, "denoising", "step", not args.no_progress)
-    with bar, torch.inference_mode(), _flags(**names):
+    with bar, torch.inference_mode(), _flags(*fed):
 
         def step_done(*_) -> None:  # returns None: a forward hook's return value would replace the output
             bar.update(1)
@@ -453,11 +367,6 @@ def bench(args: argparse.Namespace) -> int:
     for name, on_cuda, on_cpu in (("length", 8192, 1024), ("heads", 32, 4), ("head_dim", 128, 64)):
         if getattr(args, name) is None:
             setattr(args, name, on_cuda if cuda else on_cpu)
-    with _flags():
-        check_int("--length", args.length, 1)
-        check_int("--heads", args.heads, 1)
-        check_int("--head-dim", args.head_dim, 1)
-        check_int("--repeats", args.repeats, 1)
     _sparsed_config(args, skip=0.0, min_sparse_len=0)  # checks --select and --block-size
     device = _device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -466,19 +375,8 @@ def bench(args: argparse.Namespace) -> int:
     cfg = SparseDConfig(skip=0.0, select=args.select, block_size=args.block_size, min_sparse_len=0)
     sel = select_layer(q, k, scale, cfg)
 
-    def clock(fn, bar):
-        fn()
-        bar.update(1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.repeats):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-        bar.update(args.repeats)  # after the clock stops: the bar's own time is not measured
-        return elapsed / args.repeats * 1e3
+    def clock(fn, bar) -> float:  # milliseconds; the bar moves outside the clock
+        return median_seconds(fn, device, args.repeats, warmup=1, after=lambda: bar.update(1)) * 1e3
 
     with progress(2 * (args.repeats + 1), "timing", "call", not args.no_progress) as bar:
         dense_ms = clock(lambda: dense_attention(q, k, v, scale), bar)
@@ -492,9 +390,3 @@ def bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": demo, "generate": generate, "bench": bench}
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from .flags import DeviceName, FlagType, Float, GridOffset, Int, ModelDir, PngOut
+
 __all__ = ["build_parser", "main"]
 
 DESCRIPTION = """\
@@ -54,7 +56,14 @@ def _version() -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (no usage block), still exit status 2."""
+    """argparse, but a bad flag is one line on stderr (no usage block), still exit status 2, and
+    a `FlagType` check given as ``type=`` names the flag it checks in its messages."""
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if isinstance(action.type, FlagType):
+            action.type = action.type.named(max(action.option_strings, key=len))
+        return action
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -70,8 +79,11 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
+SEED_MAX = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+
 # --prompt-end-offset, for every command that runs SparseD in a sampler (SparseDConfig.prompt_end_offset).
 GRID_FLAG = {
+    "type": GridOffset(),
     "default": "middle",
     "metavar": "{none,middle,N}",
     "help": "SparseD: where the prompt ends inside a block of the selection grid (none: the paper's grid)",
@@ -79,7 +91,9 @@ GRID_FLAG = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of every subcommand; values are checked later, by `sparsed_backend.cli`."""
+    """The parser of every subcommand. Each flag's own rule is checked here, by its ``type=``
+    (`sparsed_cli.flags`); rules that need torch, the model or the library later, by
+    `sparsed_backend.cli`."""
     p = _Parser(prog="sparsed", description=DESCRIPTION, formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{demo,generate,bench}")
@@ -90,10 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         return s
 
     d = command("demo", "answer retrieval prompts with dense and sparsed attention (CPU, offline)")
-    d.add_argument("--prompts", type=int, default=8, help="fresh prompts to answer")
+    d.add_argument("--prompts", type=Int(1), default=8, help="fresh prompts to answer")
     d.add_argument("--length", type=int, default=2048, help="prompt length in tokens, BOS included")
     d.add_argument("--records", type=int, default=64, help="records per prompt (64 as trained)")
-    d.add_argument("--batch", type=int, default=8, help="prompts per sampler call")
+    d.add_argument("--batch", type=Int(1), default=8, help="prompts per sampler call")
     d.add_argument("--steps", type=int, default=5, help="denoising steps, 1-5 (5: one per answer token)")
     d.add_argument("--skip", type=float, default=0.2, help="SparseD: share of steps kept dense, in [0, 1]")
     d.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept, in (0, 1]")
@@ -101,26 +115,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt-end-offset", **GRID_FLAG)
     d.add_argument("--keep-diagonal", action="store_true", help="every query block keeps its own key block")
     d.add_argument("--layer", type=int, default=None, help="layer to draw (default: the last)")
-    d.add_argument("--seed", type=int, default=1234, help="draws the prompts (on the CPU: no training seed repeats)")
-    d.add_argument("--model", default=None, help="model directory (default: the shipped one)")
-    d.add_argument("--out", default="sparsed_demo_blocks.png", help="PNG of the selected blocks")
+    d.add_argument(
+        "--seed", type=Int(0, SEED_MAX), default=1234, help="draws the prompts (on the CPU: no training seed repeats)"
+    )
+    d.add_argument("--model", type=ModelDir(), default=None, help="model directory (default: the shipped one)")
+    d.add_argument("--out", type=PngOut(), default="sparsed_demo_blocks.png", help="PNG of the selected blocks")
 
     g = command("generate", "generate with a LLaDA or Dream checkpoint directory")
-    g.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer)")
+    g.add_argument(
+        "--model", type=ModelDir(), required=True, help="checkpoint directory (config.json, weights, tokenizer)"
+    )
     g.add_argument("--prompt", required=True, help="the prompt text")
     g.add_argument("--attn", default="sparsed", choices=["sparsed", "sdpa", "eager", "flex_attention"],
                    help="attention implementation")  # fmt: skip
-    g.add_argument("--steps", type=int, default=None,
+    g.add_argument("--steps", type=Int(1), default=None,
                    help="model forwards of a fixed schedule (default: 128 without --threshold)")  # fmt: skip
-    g.add_argument("--threshold", type=float, default=None,
+    g.add_argument("--threshold", type=Float(0, 1, open_low=True), default=None,
                    help="confidence-threshold decoding: each step unmasks every token at least this confident "
                         "(and at least one), instead of --steps")  # fmt: skip
-    g.add_argument("--gen-length", type=int, default=128, help="tokens to generate")
-    g.add_argument("--block-length", type=int, default=None,
+    g.add_argument("--gen-length", type=Int(1), default=128, help="tokens to generate")
+    g.add_argument("--block-length", type=Int(1), default=None,
                    help="tokens per semi-autoregressive block (default: --gen-length)")  # fmt: skip
     g.add_argument("--kv-cache", default="none", choices=["none", "prefix", "dual"],
                    help="block K/V cache (a refresh at each block's first step)")  # fmt: skip
-    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 is greedy")
+    g.add_argument("--temperature", type=Float(0.0), default=0.0, help="sampling temperature, 0 is greedy")
     g.add_argument("--skip", type=float, default=0.2, help="SparseD: share of steps kept dense, in [0, 1]")
     g.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept, in (0, 1]")
     g.add_argument("--block-size", type=int, default=128, help="SparseD: tokens per block, a multiple of 16")
@@ -129,17 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RoPE scaling instead of the checkpoint's: linear, dynamic or yarn with a factor (e.g. "
                         "yarn:4 allows 4x the trained positions), or none (default: the checkpoint's own)")  # fmt: skip
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="model dtype")
-    g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
-    g.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")
+    g.add_argument(
+        "--device", type=DeviceName(), default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
+    )
+    g.add_argument("--seed", type=Int(0, SEED_MAX), default=0, help="seeds the sampling noise")
 
     b = command("bench", "attention alone: dense vs sparsed on this machine")
-    b.add_argument("--length", type=int, default=None, help="sequence length (default: 8192 on CUDA, 1024 on CPU)")
-    b.add_argument("--heads", type=int, default=None, help="attention heads (default: 32 on CUDA, 4 on CPU)")
-    b.add_argument("--head-dim", type=int, default=None, help="head dimension (default: 128 on CUDA, 64 on CPU)")
+    b.add_argument("--length", type=Int(1), default=None, help="sequence length (default: 8192 on CUDA, 1024 on CPU)")
+    b.add_argument("--heads", type=Int(1), default=None, help="attention heads (default: 32 on CUDA, 4 on CPU)")
+    b.add_argument("--head-dim", type=Int(1), default=None, help="head dimension (default: 128 on CUDA, 64 on CPU)")
     b.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept, in (0, 1]")
     b.add_argument("--block-size", type=int, default=128, help="SparseD: tokens per block, a multiple of 16")
-    b.add_argument("--repeats", type=int, default=10, help="timed calls of each kernel")
-    b.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    b.add_argument("--repeats", type=Int(1), default=10, help="timed calls of each kernel")
+    b.add_argument(
+        "--device", type=DeviceName(), default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
+    )
     return p
 
 

@@ -16,6 +16,9 @@ The inverse frequencies and YaRN's / LongRoPE's attention factor come from trans
 ``dynamic_rope_update`` on every full forward. This module checks a scaling dict (once, when a
 config is built), hands it to those functions, and states how many positions a model may use
 (`position_limit`).
+
+About 400 lines: the one check of a scaling dict, the one position-limit rule and the rotary
+module that uses them share the key tables above; split, the rules would drift apart.
 """
 
 from __future__ import annotations
