@@ -15,8 +15,8 @@ weights, YaRN (factor 4 over 32,768 positions) for prefixes past 32k. In one pro
 - ``e2e``: `blockdiff_generate` end to end (prefill of P tokens in chunks, then --gen tokens),
   dense on the preallocated cache (``dense``), the same with a cache that concatenates like
   transformers' ``DynamicCache`` and SDAR's sampler (``concat``, reported separately: not the
-  baseline), and sparse prefix selection (``sparse``); one timed run after a short warm-up
-  generation at the same shapes.
+  baseline), and sparse prefix selection (``sparse``); one run timed by `timing.synced_seconds`
+  (peak memory above the weights), after a short warm-up generation.
 
 A configuration that fails (e.g. out of memory) is recorded with its error.
 """
@@ -24,18 +24,19 @@ A configuration that fails (e.g. out of memory) is recorded with its error.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 
 import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
-from common import bench, environment, markdown_table, sync, write_results
+from common import bench, environment, markdown_table, write_results
 from sparsed_backend import block_diffusion
 from sparsed_backend.block_diffusion import blockdiff_generate
 from sparsed_backend.prefix_selection import PrefixSparseConfig, PrefixSparseState, prefix_sparse_attention
+from sparsed_backend.timing import PeakMemory, synced_seconds
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 
@@ -164,17 +165,11 @@ def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
             block_diffusion.BlockDiffusionKVCache = ConcatCache if variant == "concat" else real_cache
             try:
                 blockdiff_generate(model, ids[:, : min(p, 4 * bl)], **{**common, "gen_length": 2 * bl}, **extra)
-                sync(device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                base_mem = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-                t0 = time.perf_counter()
-                out = blockdiff_generate(model, ids, **common, **extra)
-                sync(device)
-                seconds = time.perf_counter() - t0
-                peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20 if device.type == "cuda" else math.nan
+                with PeakMemory(device) as peak:
+                    run = functools.partial(blockdiff_generate, model, ids, **common, **extra)
+                    seconds, out = synced_seconds(run, device)
                 row = dict(base, variant=variant, seconds=seconds, tokens_per_s=b * args.gen / seconds,
-                           forwards=out.num_forwards, peak_mib=peak)  # fmt: skip
+                           forwards=out.num_forwards, peak_mib=peak.mib)  # fmt: skip
                 if out.sparsed_state is not None:
                     row["density"] = out.sparsed_state.density()
                 del out

@@ -45,6 +45,9 @@ The model is called with a 4D mask built here: bool for "sdpa", additive float f
 silently wrong) and "sparsed". With ``sparsed=PrefixSparseConfig(...)`` (the "sparsed"
 attention) a `prefix_selection.PrefixSparseState` travels to every forward: each block's first
 denoising step keeps every head's heaviest prefix blocks and the later steps read only those.
+
+About 400 lines: SDAR's sampling rules (token draw, remasking) stay beside the one loop that
+uses them, to be read against SDAR's ``generate.py``.
 """
 
 from __future__ import annotations
