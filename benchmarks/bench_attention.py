@@ -23,9 +23,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import bench, environment, markdown_table, pyplot, write_results
 from sparsed_backend import SparseDConfig
-from sparsed_backend.attention import dense_attention, sparse_attention
-from sparsed_backend.masks import block_mask_from_table
-from sparsed_backend.switch_step import dense_with_lse, run_switch_step, select_layer
+from sparsed_backend.attention.backend import dense_attention, sparse_attention
+from sparsed_backend.attention.masks import block_mask_from_table
+from sparsed_backend.attention.switch_step import dense_with_lse, run_switch_step, select_layer
 from sparsed_backend.timing import peak_mib
 
 SHAPES = {"llada": (32, 32, 128), "dream": (28, 4, 128)}  # (q heads, kv heads, head_dim)

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
 from common import bench, environment, markdown_table, write_results
-from sparsed_backend import block_diffusion
-from sparsed_backend.block_diffusion import blockdiff_generate
-from sparsed_backend.prefix_selection import PrefixSparseConfig, PrefixSparseState, prefix_sparse_attention
+from sparsed_backend.attention.prefix_selection import PrefixSparseConfig, PrefixSparseState, prefix_sparse_attention
+from sparsed_backend.sampling import block_diffusion
+from sparsed_backend.sampling.block_diffusion import blockdiff_generate
 from sparsed_backend.timing import PeakMemory, synced_seconds
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}

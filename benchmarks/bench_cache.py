@@ -34,7 +34,7 @@ import torch
 from bench_e2e import build_model, sparsed_total, step_runners, timed
 from common import environment, markdown_table, write_results
 from sparsed_backend import SparseDConfig
-from sparsed_backend.generation import dream_generate, llada_generate
+from sparsed_backend.sampling.generation import dream_generate, llada_generate
 from sparsed_backend.timing import PeakMemory, StepTimer, synced_seconds
 
 VARIANTS = ["dense+prefix", "dense+dual", "sparsed+prefix", "sparsed+dual"]

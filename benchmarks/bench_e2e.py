@@ -22,7 +22,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import environment, markdown_table, write_results
-from sparsed_backend import SparseDConfig, SparseDState, flex_shapes
+from sparsed_backend import SparseDConfig, SparseDState
+from sparsed_backend.attention import flex_shapes
 from sparsed_backend.models import LLaDAConfig, LLaDAModelLM
 from sparsed_backend.timing import PeakMemory, median_seconds
 

@@ -29,7 +29,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from common import bench, environment, markdown_table, write_results
 from sparsed_backend._compat import compile_counters
-from sparsed_backend.masks import block_mask_from_table
+from sparsed_backend.attention.masks import block_mask_from_table
 from sparsed_backend.timing import synced_seconds
 
 
@@ -55,7 +55,7 @@ def _graphs() -> int:
 
 
 def _bucket(n: int, block: int) -> int:
-    from sparsed_backend.flex_shapes import bucket_length
+    from sparsed_backend.attention.flex_shapes import bucket_length
 
     return bucket_length(n, block)
 
@@ -74,7 +74,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lengths = args.lengths or ([16384, 16640, 65536, 65792] if device.type == "cuda" else [256, 320])
-    from sparsed_backend import policy
+    from sparsed_backend.attention import policy
 
     compiled = {
         "static": torch.compile(_call_static, dynamic=False, fullgraph=True),

@@ -30,8 +30,8 @@ import torch
 
 from common import environment, markdown_table, write_results
 from sparsed_backend import SparseDConfig, _compat
-from sparsed_backend.dense import dense_attention
-from sparsed_backend.switch_step import run_switch_step
+from sparsed_backend.attention.dense import dense_attention
+from sparsed_backend.attention.switch_step import run_switch_step
 from sparsed_backend.timing import PeakMemory, synced_seconds
 
 SHAPES = {"llada": (32, 32, 32), "dream": (28, 4, 28)}  # query heads, key-value heads, layers

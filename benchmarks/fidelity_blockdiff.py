@@ -27,10 +27,10 @@ import torch
 
 import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
 from common import environment, markdown_table, write_results
-from sparsed_backend.block_diffusion import blockdiff_generate
+from sparsed_backend.attention.prefix_selection import PrefixSparseConfig
 from sparsed_backend.demo.evaluate import wilson_interval
 from sparsed_backend.demo.task import sample_prompts
-from sparsed_backend.prefix_selection import PrefixSparseConfig
+from sparsed_backend.sampling.block_diffusion import blockdiff_generate
 
 FRESH_SEED = 120000  # no training run or benchmark drew prompts from 120000 + n
 

@@ -112,7 +112,7 @@ def shifted(prompts: RetrievalPrompts, block_size: int, shift_to: int) -> tuple[
 @torch.inference_mode()
 def answer_shifted(model, prompts: RetrievalPrompts, cfg: SparseDConfig, batch: int, shift_to: int) -> Answers:
     """`answer_prompts` on left-padded prompts (the sampler takes the padding mask)."""
-    from sparsed_backend.generation import llada_generate
+    from sparsed_backend.sampling.generation import llada_generate
 
     device = next(model.parameters()).device
     ids, mask = shifted(prompts, cfg.block_size, shift_to)

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sparsed_backend import SparseDConfig, SparseDState
-from sparsed_backend.attention import sparse_attention
+from sparsed_backend.attention.backend import sparse_attention
 from sparsed_backend.models import LLaDAConfig, LLaDAModelLM
 from sparsed_backend.timing import kernel_ms
 

@@ -13,15 +13,15 @@ from torch.nn.attention.flex_attention import flex_attention
 from numerics import assert_close_3way
 from sparsed_backend import SparseDConfig, SparseDState, sparsed_attention_forward
 from sparsed_backend._compat import compile_counters
-from sparsed_backend.flex_shapes import pad_to_mask
-from sparsed_backend.reference import (
+from sparsed_backend.attention.flex_shapes import pad_to_mask
+from sparsed_backend.attention.reference import (
     attention_reference,
     block_importance_reference,
     expand_table,
     topk_table_reference,
 )
-from sparsed_backend.selection import generation_start_block
-from sparsed_backend.switch_step import block_importance
+from sparsed_backend.attention.selection import generation_start_block
+from sparsed_backend.attention.switch_step import block_importance
 
 # Every distinct static shape compiles FlexAttention once (~5-20 s on 2 CPU cores), so the
 # property tests draw shapes from this fixed pool: odd lengths, q_len != kv_len, GQA 1:1,
@@ -384,7 +384,7 @@ def test_disabled_compile_warns_and_still_computes_the_sparse_result(monkeypatch
 
 
 def test_recompile_limit_raises_instead_of_running_eagerly(monkeypatch):
-    from sparsed_backend import attention
+    from sparsed_backend.attention import backend as attention
 
     monkeypatch.setattr(attention.compile_guard, "limit", 1)
     cfg = SparseDConfig(skip=0.0, select=0.5, block_size=16, min_sparse_len=0)
@@ -401,7 +401,8 @@ def test_recompile_limit_raises_instead_of_running_eagerly(monkeypatch):
 def test_cudnn_log_sum_exp_unavailable_warns_and_scores_without_it(monkeypatch):
     """Where cuDNN refuses the switch step's inputs, one warning, then the dense output and a
     selection scored without the log-sum-exp (the same blocks)."""
-    from sparsed_backend import _compat, _warn, switch_step
+    from sparsed_backend import _compat, _warn
+    from sparsed_backend.attention import switch_step
 
     g = torch.Generator().manual_seed(8)
     q, k, v = (torch.randn(1, 2, 96, 16, generator=g) for _ in range(3))
@@ -423,7 +424,8 @@ def test_cudnn_log_sum_exp_unavailable_warns_and_scores_without_it(monkeypatch):
 def test_switch_step_hands_grouped_kv_heads_to_cudnn_unrepeated(monkeypatch):
     """GQA: cuDNN's attention with log-sum-exp gets K/V with their own head count (no repeat,
     7x less K/V memory for Dream's 28 / 4 heads); H200: bit-equal to the repeated call."""
-    from sparsed_backend import _compat, switch_step
+    from sparsed_backend import _compat
+    from sparsed_backend.attention import switch_step
 
     g = torch.Generator().manual_seed(9)
     q = torch.randn(1, 8, 64, 16, generator=g)
@@ -459,7 +461,7 @@ _SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 
 def test_sm90_kernel_options_compute_the_selected_blocks(hq, hkv, pad):
     """head_dim 128, bf16, block 128 on sm90 runs FlexAttention with the measured options
     (BLOCK 128x128, TMA, rows guaranteed safe): the result is attention over the same blocks."""
-    from sparsed_backend import policy
+    from sparsed_backend.attention import policy
 
     n, d = 1000, 128
     g = torch.Generator(device="cuda").manual_seed(4)

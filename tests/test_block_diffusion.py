@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from sparsed_backend._validate import ArgumentTypeError, ArgumentValueError
-from sparsed_backend.block_cache import BlockDiffusionKVCache, cache_keyword
-from sparsed_backend.block_diffusion import block_causal_mask, blockdiff_generate
+from sparsed_backend.sampling.block_cache import BlockDiffusionKVCache, cache_keyword
+from sparsed_backend.sampling.block_diffusion import block_causal_mask, blockdiff_generate
 
 REFERENCE_DIR = Path(__file__).parent / "fixtures" / "sdar_reference"
 REFERENCE = json.loads((REFERENCE_DIR / "reference.json").read_text())

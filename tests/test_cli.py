@@ -292,7 +292,7 @@ def test_the_parser_binds_each_check_to_its_flag():
 
 def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
     """An error that is not about a flag propagates out of main (so the user sees a traceback)."""
-    import sparsed_backend.generation as generation
+    import sparsed_backend.sampling.generation as generation
 
     def broken(*args, **kwargs):
         raise ValueError("index 7 is out of bounds")
@@ -303,7 +303,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
 
 
 def test_rope_scaling_flag_reaches_the_loaded_model(monkeypatch, capsys):
-    import sparsed_backend.generation as generation
+    import sparsed_backend.sampling.generation as generation
 
     seen = {}
     real = generation.llada_generate

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
 from sparsed_backend import SparseDConfig
 from sparsed_backend._compat import compile_counters
-from sparsed_backend.attention import sparse_attention
-from sparsed_backend.flex_shapes import CompileGuard, bucket_length, pad_to_mask
-from sparsed_backend.generation import llada_generate
-from sparsed_backend.masks import block_mask_from_table
-from sparsed_backend.reference import attention_reference, expand_table
+from sparsed_backend.attention.backend import sparse_attention
+from sparsed_backend.attention.flex_shapes import CompileGuard, bucket_length, pad_to_mask
+from sparsed_backend.attention.masks import block_mask_from_table
+from sparsed_backend.attention.reference import attention_reference, expand_table
+from sparsed_backend.sampling.generation import llada_generate
 from tiny_models import MASK_ID, tiny_model
 
 

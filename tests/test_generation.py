@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsed_backend.config import SparseDConfig
-from sparsed_backend.generation import (
+from sparsed_backend.attention.config import SparseDConfig
+from sparsed_backend.sampling.generation import (
     DiffusionGenerationOutput,
     dream_generate,
     llada_generate,

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from sparsed_backend import _warn
+from sparsed_backend.attention.prefix_selection import PrefixSparseConfig
 from sparsed_backend.demo import model_path
 from sparsed_backend.demo.task import sample_prompts
 from sparsed_backend.harness.likelihood import draw_masks, masked_loglikelihood
@@ -34,7 +35,6 @@ from sparsed_backend.harness.task_data import (
     make_docs,
     mixed_lengths,
 )
-from sparsed_backend.prefix_selection import PrefixSparseConfig
 from tiny_models import MASK_ID, PAD_ID, tiny_model
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

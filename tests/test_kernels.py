@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sparsed_backend.reference import block_importance_reference
-from sparsed_backend.switch_step import block_importance, dense_with_lse
+from sparsed_backend.attention.reference import block_importance_reference
+from sparsed_backend.attention.switch_step import block_importance, dense_with_lse
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
 
@@ -43,7 +43,7 @@ def test_triton_importance_matches_oracle(b, hq, hkv, q_len, kv_len, d, block, d
 def test_triton_importance_reads_strided_inputs(layout, monkeypatch):
     """The kernels read the models' (B, L, H, D) projections through a transposed view without a
     copy; a strided last dim is copied first. Either way the scores equal a contiguous run."""
-    from sparsed_backend.kernels import importance
+    from sparsed_backend.attention.kernels import importance
 
     g = torch.Generator(device="cuda").manual_seed(3)
     q_bl = torch.randn(2, 300, 4, 64, device="cuda", generator=g).bfloat16()
@@ -68,8 +68,8 @@ def test_triton_importance_reads_strided_inputs(layout, monkeypatch):
 def test_triton_importance_front_rows_equal_padded_copies(q_front, k_front, with_lse):
     """Scoring with ``q_front`` / ``k_front`` (the moved block grid, no copies) equals scoring
     zero-padded copies of Q and K whose front keys are masked."""
-    from sparsed_backend.flex_shapes import pad_length
-    from sparsed_backend.kernels import importance
+    from sparsed_backend.attention.flex_shapes import pad_length
+    from sparsed_backend.attention.kernels import importance
 
     g = torch.Generator(device="cuda").manual_seed(4)
     q = torch.randn(2, 300, 4, 64, device="cuda", generator=g).bfloat16().transpose(1, 2)
@@ -93,7 +93,7 @@ def test_triton_importance_front_rows_equal_padded_copies(q_front, k_front, with
 def test_dense_pass_log_sum_exp_and_one_pass_scoring(hq, hkv):
     """The switch step's dense pass (cuDNN) returns the rows' log-sum-exp; scoring with it in
     one pass equals the two-pass kernel and the oracle."""
-    from sparsed_backend.reference import attention_reference
+    from sparsed_backend.attention.reference import attention_reference
 
     g = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(1, h, 1000, 128, device="cuda", generator=g).bfloat16() for h in (hq, hkv, hkv))

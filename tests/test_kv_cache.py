@@ -11,10 +11,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
-from sparsed_backend.config import SparseDConfig
-from sparsed_backend.generation import dream_generate, llada_generate
-from sparsed_backend.kv_cache import BlockKVCache
-from sparsed_backend.state import SparseDState
+from sparsed_backend.attention.config import SparseDConfig
+from sparsed_backend.attention.state import SparseDState
+from sparsed_backend.sampling.generation import dream_generate, llada_generate
+from sparsed_backend.sampling.kv_cache import BlockKVCache
 from tiny_models import MASK_ID, never_predicting_mask, padded_pair, tiny_model
 
 GENERATE = {"llada": llada_generate, "dream": dream_generate}
@@ -187,7 +187,7 @@ def test_cached_sampling_decodes_everything_and_padded_rows_do_not_touch_batch_m
 def test_a_cached_schedule_switches_on_the_next_block_start(paper, per_block, blocks, want):
     """The first block start at or after the paper's switch step (256 steps in 8 blocks, skip 0.2:
     step 51 -> 64), or the paper's step when no block starts after it."""
-    from sparsed_backend._sampling import cached_switch_step
+    from sparsed_backend.sampling._shared import cached_switch_step
 
     assert cached_switch_step(paper, per_block, blocks) == want
 

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparsed_backend.masks import block_mask_from_table, block_table, table_mask_mod
-from sparsed_backend.reference import expand_table
+from sparsed_backend.attention.masks import block_mask_from_table, block_table, table_mask_mod
+from sparsed_backend.attention.reference import expand_table
 
 
 @st.composite

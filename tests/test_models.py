@@ -264,8 +264,8 @@ def test_kwargs_and_backend_mask_reach_every_attention_call(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_sparsed_logits_match_independent_eager(kind, device):
     import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
-    from sparsed_backend.config import SparseDConfig
-    from sparsed_backend.state import SparseDState
+    from sparsed_backend.attention.config import SparseDConfig
+    from sparsed_backend.attention.state import SparseDState
 
     model = tiny_model(kind).to(device)
     model.set_attn_implementation("sparsed")
@@ -288,8 +288,8 @@ def test_nan_in_padded_embeddings_does_not_leak(kind, attn):
     """The models zero padded positions once per forward, so NaN embeddings there (a user's
     inputs_embeds, say) reach no real row: dense, switch and sparse steps alike."""
     import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
-    from sparsed_backend.config import SparseDConfig
-    from sparsed_backend.state import SparseDState
+    from sparsed_backend.attention.config import SparseDConfig
+    from sparsed_backend.attention.state import SparseDState
 
     model = tiny_model(kind).cpu()
     model.set_attn_implementation(attn)

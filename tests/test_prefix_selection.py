@@ -15,13 +15,13 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
 from sparsed_backend._validate import ArgumentTypeError, ArgumentValueError
-from sparsed_backend.block_diffusion import blockdiff_generate
-from sparsed_backend.prefix_selection import (
+from sparsed_backend.attention.prefix_selection import (
     PrefixSparseConfig,
     PrefixSparseState,
     prefix_block_mass,
     prefix_sparse_attention,
 )
+from sparsed_backend.sampling.block_diffusion import blockdiff_generate
 
 REFERENCE_DIR = Path(__file__).parent / "fixtures" / "sdar_reference"
 

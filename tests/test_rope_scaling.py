@@ -14,9 +14,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 import sparsed_backend  # noqa: F401  (registers "sparsed" and the Auto classes)
-from sparsed_backend.config import SparseDConfig
-from sparsed_backend.generation import dream_generate, llada_generate
-from sparsed_backend.kv_cache import BlockKVCache
+from sparsed_backend.attention.config import SparseDConfig
 from sparsed_backend.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
 from sparsed_backend.models.rope import (
     parse_rope_scaling,
@@ -24,6 +22,8 @@ from sparsed_backend.models.rope import (
     position_limit_note,
     with_rope_scaling,
 )
+from sparsed_backend.sampling.generation import dream_generate, llada_generate
+from sparsed_backend.sampling.kv_cache import BlockKVCache
 from tiny_models import TINY, long_and_short, random_state_dict, write_checkpoint
 
 KINDS = ["llada", "dream"]

@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparsed_backend import SparseDConfig
-from sparsed_backend.reference import block_importance_reference, topk_table_reference
-from sparsed_backend.scoring import block_prob_sums
-from sparsed_backend.selection import (
+from sparsed_backend.attention.reference import block_importance_reference, topk_table_reference
+from sparsed_backend.attention.scoring import block_prob_sums
+from sparsed_backend.attention.selection import (
     forced_block,
     generation_start_block,
     keep_within_count,
@@ -18,7 +18,7 @@ from sparsed_backend.selection import (
     select_local,
     select_topk,
 )
-from sparsed_backend.switch_step import block_importance, max_row_blocks, select_layer
+from sparsed_backend.attention.switch_step import block_importance, max_row_blocks, select_layer
 
 LENGTHS = [1, 7, 63, 64, 65, 127, 129]
 

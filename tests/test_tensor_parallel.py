@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import sparsed_backend  # noqa: F401  (registers "sparsed" and the models)
-from sparsed_backend.config import SparseDConfig
-from sparsed_backend.generation import dream_generate, llada_generate
+from sparsed_backend.attention.config import SparseDConfig
 from sparsed_backend.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
-from sparsed_backend.tensor_parallel import tensor_parallel_group
+from sparsed_backend.sampling.generation import dream_generate, llada_generate
+from sparsed_backend.sampling.tensor_parallel import tensor_parallel_group
 from tiny_models import TINY, tiny_model, write_checkpoint
 
 WORLD = 2

@@ -7,7 +7,7 @@ import torch
 
 import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
 from sparsed_backend import SparseDConfig, SparseDState
-from sparsed_backend.generation import dream_generate, llada_generate
+from sparsed_backend.sampling.generation import dream_generate, llada_generate
 from tiny_models import MASK_ID, never_predicting_mask, padded_pair, tiny_model
 
 P, G, BL = 16, 32, 16

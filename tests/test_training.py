@@ -24,7 +24,11 @@ from sparsed_backend.demo.task import (
     VALUE_LEN,
     VOCAB_SIZE,
 )
-from sparsed_backend.demo.training import (
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "training"))  # the recipe lives beside the training scripts, outside the package
+
+from recipe import (  # noqa: E402
     Curriculum,
     Stage,
     default_stages,
@@ -32,8 +36,6 @@ from sparsed_backend.demo.training import (
     question_tokens,
     sample_training_batch,
 )
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_default_stages_double_records_then_grow_the_prompt():
@@ -268,8 +270,8 @@ def test_block_diffusion_training_smoke_resume_and_export(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from sparsed_backend.block_diffusion import blockdiff_generate
     from sparsed_backend.demo.task import sample_prompts
+    from sparsed_backend.sampling.block_diffusion import blockdiff_generate
 
     model = AutoModelForCausalLM.from_pretrained(exported, attn_implementation="sdpa").eval()
     assert type(model).__name__ == "Qwen3ForCausalLM"

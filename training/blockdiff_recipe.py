@@ -1,7 +1,7 @@
 """Block-diffusion training on the retrieval task: a small Qwen3-layout model (SDAR's layout).
 
 `train_retrieval.py --arch qwen3-blockdiff --block-length BL` uses these pieces in place of the
-LLaDA ones. The data is the project's recipe (`sparsed_backend.demo.training`: a body of records,
+LLaDA ones. The data is the project's recipe (`recipe.py`: a body of records,
 questions answered in place, answer tokens masked with t ~ U(0, 1)); what changes is how a
 sequence is seen:
 
@@ -14,16 +14,16 @@ sequence is seen:
   arXiv 2503.09573). The loss is the cross-entropy of the masked answer tokens of the noisy
   copies, each predicted at its own position (no shift).
 
-Inference is `sparsed_backend.block_diffusion.blockdiff_generate`: prefill of the prompt's whole
+Inference is `sparsed_backend.sampling.block_diffusion.blockdiff_generate`: prefill of the prompt's whole
 blocks, then each block denoised against the committed ones: exactly what the noisy copies saw.
 """
 
 from __future__ import annotations
 
 import torch
+from recipe import TrainingBatch
 
 from sparsed_backend.demo.task import BOS_ID, EOS_ID, MASK_ID, VOCAB_SIZE, exact_match
-from sparsed_backend.demo.training import TrainingBatch
 
 __all__ = ["block_diffusion_inputs", "blockdiff_answer_logits", "blockdiff_exact_match", "build_qwen3"]
 
@@ -88,7 +88,7 @@ def blockdiff_answer_logits(model, batch: TrainingBatch, block_length: int) -> t
 @torch.no_grad()
 def blockdiff_exact_match(model, prompts, block_length: int, batch: int) -> torch.Tensor:
     """(N,) bool greedy exact match of `blockdiff_generate` (one token per step) on ``prompts``."""
-    from sparsed_backend.block_diffusion import blockdiff_generate
+    from sparsed_backend.sampling.block_diffusion import blockdiff_generate
 
     device = next(model.parameters()).device
     answer_len = prompts.answers.shape[1]

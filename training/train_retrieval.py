@@ -1,7 +1,7 @@
 """Train the demo model: a small LLaDA-architecture masked-diffusion LM on long-context retrieval.
 
 The task, the curriculum, the masking and the loss live in `sparsed_backend.demo.task` and
-`sparsed_backend.demo.training` (unit-tested); this script runs them: one seed, one process,
+`recipe.py` (unit-tested); this script runs them: one seed, one process,
 bf16 autocast, AdamW, a gated curriculum, a checkpoint (one .pt file, bf16 weights and the
 curriculum position, no optimizer state) written every --save-every-s seconds and at the end.
 ``training/run_seeds.py`` runs several seeds side by side on one GPU.
@@ -17,7 +17,7 @@ a generator seeded with (seed, step), so it never replays the earlier run's batc
 
 Multi-key fine-tune (``--init``: an exported model directory or a .pt checkpoint, weights only):
 every step draws a prompt length from --lengths and keys per question k from 1..--max-keys
-(questions ``? k1 .. kk`` answered in place by the k values; `sparsed_backend.demo.training`),
+(questions ``? k1 .. kk`` answered in place by the k values; `recipe.py`),
 with no curriculum; a quarter of the steps (--p-single) ask one question, the evaluation format.
 The gates log held-out accuracy at the longest length for 1 and --max-keys keys; the final
 evaluation gives greedy exact match for every k. Its checkpoints resume in the same mode.
@@ -43,6 +43,13 @@ if str(REPO / "src") not in sys.path:  # PYTHONPATH=src is the documented way; t
     sys.path.insert(0, str(REPO / "src"))
 
 from blockdiff_recipe import blockdiff_answer_logits, blockdiff_exact_match, build_qwen3  # noqa: E402
+from recipe import (  # noqa: E402
+    Curriculum,
+    Stage,
+    default_stages,
+    masked_answer_loss,
+    sample_training_batch,
+)
 
 from sparsed_backend.demo.task import (  # noqa: E402
     BOS_ID,
@@ -50,13 +57,6 @@ from sparsed_backend.demo.task import (  # noqa: E402
     MASK_ID,
     VOCAB_SIZE,
     sample_prompts,
-)
-from sparsed_backend.demo.training import (  # noqa: E402
-    Curriculum,
-    Stage,
-    default_stages,
-    masked_answer_loss,
-    sample_training_batch,
 )
 from sparsed_backend.models.llada import LLaDAConfig, LLaDAModelLM  # noqa: E402
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 import os
 
 from ._version import __version__
-from .attention import sparsed_attention_forward, sparsed_mask
-from .config import SparseDConfig
-from .state import SparseDState
+from .attention import SparseDConfig, SparseDState, sparsed_attention_forward, sparsed_mask
 
 __all__ = ["SparseDConfig", "SparseDState", "__version__", "register", "sparsed_attention_forward", "sparsed_mask"]
 

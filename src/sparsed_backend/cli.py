@@ -21,7 +21,7 @@ import torch
 
 from ._progress import progress, progress_wanted
 from ._validate import ArgumentTypeError, ArgumentValueError, check_int
-from .config import SparseDConfig
+from .attention.config import SparseDConfig
 from .models.rope import parse_rope_scaling, position_limit, position_limit_note, with_rope_scaling
 from .timing import StepTimer, median_seconds
 
@@ -271,7 +271,7 @@ def demo(args: argparse.Namespace) -> int:
 def generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from .generation import dream_generate, llada_generate
+    from .sampling.generation import dream_generate, llada_generate
 
     device = _device(args.device)
     path = args.model
@@ -360,8 +360,8 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from .attention import dense_attention, sparse_attention
-    from .switch_step import select_layer
+    from .attention.backend import dense_attention, sparse_attention
+    from .attention.switch_step import select_layer
 
     cuda = _device(args.device).type == "cuda"
     for name, on_cuda, on_cpu in (("length", 8192, 1024), ("heads", 32, 4), ("head_dim", 128, 64)):

@@ -1,7 +1,8 @@
-"""The offline demo: a synthetic long-context retrieval task, its tokenizer and training recipe.
+"""The offline demo: a synthetic long-context retrieval task and its tokenizer.
 
-The small LLaDA-architecture model trained on it (``training/train_retrieval.py``) ships inside
-the package; `model_path` returns its directory, ready for ``from_pretrained``.
+The small LLaDA-architecture model trained on it (``training/train_retrieval.py``; the recipe is
+``training/recipe.py``, outside the package) ships inside the package; `model_path` returns its
+directory, ready for ``from_pretrained``.
 """
 
 from __future__ import annotations

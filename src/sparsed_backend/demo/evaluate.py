@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .._validate import check_int
-from ..config import SparseDConfig
-from ..state import SparseDState
+from ..attention.config import SparseDConfig
+from ..attention.state import SparseDState
 from .task import VALUE_LEN, RetrievalPrompts, exact_match
 
 __all__ = ["Answers", "answer_prompts", "generation_length", "wilson_interval"]
@@ -83,7 +83,7 @@ def answer_prompts(
             ``Answers.forwards`` then counts the steps taken.
         on_batch: called with the number of prompts done after each call (progress bars).
     """
-    from ..generation import llada_generate
+    from ..sampling.generation import llada_generate
 
     device = next(model.parameters()).device
     ids = prompts.input_ids.to(device)

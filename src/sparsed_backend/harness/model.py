@@ -34,10 +34,10 @@ from tqdm import tqdm
 
 from .. import SparseDConfig
 from .._warn import warn_once
-from ..block_diffusion import BLOCKDIFF_REMASKING, blockdiff_generate
-from ..generation import DREAM_ALGS, LLADA_REMASKING, check_cache_with_sparsed, dream_generate, llada_generate
+from ..attention.prefix_selection import PrefixSparseConfig
 from ..models.rope import parse_rope_scaling, position_limit, position_limit_note, with_rope_scaling
-from ..prefix_selection import PrefixSparseConfig
+from ..sampling.block_diffusion import BLOCKDIFF_REMASKING, blockdiff_generate
+from ..sampling.generation import DREAM_ALGS, LLADA_REMASKING, check_cache_with_sparsed, dream_generate, llada_generate
 from . import MODEL_NAME
 from .likelihood import masked_loglikelihood
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
-from ..kv_cache import window_attention_mask
+from ..sampling.kv_cache import window_attention_mask
 
 # The elementwise work around the matmuls (fp32 RMSNorm, fp32 RoPE, SwiGLU) ran as ~40 separate
 # kernels per layer in eager mode: 26 ms of a 175 ms LLaDA-8B layer at 64k tokens on the H100

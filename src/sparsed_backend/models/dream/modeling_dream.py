@@ -25,7 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from ...kv_cache import BlockKVCache
+from ...sampling.kv_cache import BlockKVCache
 from .._common import (
     RMSNorm,
     check_tensor_parallel_heads,
@@ -257,7 +257,7 @@ class DreamModel(DreamPreTrainedModel):
         return CausalLMOutput(logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     def diffusion_generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """Dream's sampler; see :func:`sparsed_backend.generation.dream_generate`."""
-        from ...generation import dream_generate
+        """Dream's sampler; see :func:`sparsed_backend.sampling.generation.dream_generate`."""
+        from ...sampling.generation import dream_generate
 
         return dream_generate(self, input_ids, attention_mask, **kwargs)

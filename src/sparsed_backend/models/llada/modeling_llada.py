@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from ...kv_cache import BlockKVCache
+from ...sampling.kv_cache import BlockKVCache
 from .._common import (
     RMSNorm,
     check_tensor_parallel_heads,
@@ -269,7 +269,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         return CausalLMOutput(logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     def diffusion_generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """LLaDA's semi-autoregressive sampler; see :func:`sparsed_backend.generation.llada_generate`."""
-        from ...generation import llada_generate
+        """LLaDA's semi-autoregressive sampler; see :func:`sparsed_backend.sampling.generation.llada_generate`."""
+        from ...sampling.generation import llada_generate
 
         return llada_generate(self, input_ids, attention_mask, **kwargs)

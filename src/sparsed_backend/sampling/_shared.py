@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import ArgumentTypeError, ArgumentValueError, check_int
-from .config import SparseDConfig
+from .._validate import ArgumentTypeError, ArgumentValueError, check_int
+from ..attention.config import SparseDConfig
+from ..attention.state import SparseDState
+from ..models.rope import position_limit, position_limit_note
 from .kv_cache import BlockKVCache
-from .models.rope import position_limit, position_limit_note
-from .state import SparseDState
 from .tensor_parallel import RankSync, rank_sync
 
 __all__ = ["DiffusionGenerationOutput", "check_cache_with_sparsed"]

@@ -21,8 +21,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import _compat
-from ._warn import warn_once
+from .. import _compat
+from .._warn import warn_once
 from .config import SparseDConfig
 from .dense import dense_attention
 from .flex_shapes import front_padded_valid, pad_length, padded_lengths

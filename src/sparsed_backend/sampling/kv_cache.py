@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import ArgumentValueError
+from .._validate import ArgumentValueError
 
 __all__ = ["KV_CACHE_MODES", "BlockKVCache", "check_kv_cache", "window_attention_mask"]
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._compat import FROM_KV_BLOCKS_HAS_COMPUTE_Q_BLOCKS
+from .._compat import FROM_KV_BLOCKS_HAS_COMPUTE_Q_BLOCKS
 
 __all__ = ["block_mask_from_table", "block_table", "table_mask_mod"]
 

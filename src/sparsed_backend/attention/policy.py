@@ -12,7 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._compat import SDPA_HAS_PRIORITY
+from .._compat import SDPA_HAS_PRIORITY
 from .config import SparseDConfig
 
 __all__ = ["dense_kernels", "flex_kernel_options", "min_sparse_len"]

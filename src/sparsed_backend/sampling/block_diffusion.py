@@ -58,12 +58,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._ranking import top_count
-from ._sampling import DiffusionGenerationOutput, check_length, prepare_canvas, resolve_mask_id
-from ._validate import ArgumentTypeError, ArgumentValueError, check_float, check_int
+from .._validate import ArgumentTypeError, ArgumentValueError, check_float, check_int
+from ..attention._ranking import top_count
+from ..attention.prefix_selection import PrefixSparseConfig, PrefixSparseState
+from ._shared import DiffusionGenerationOutput, check_length, prepare_canvas, resolve_mask_id
 from .block_cache import BlockDiffusionKVCache, cache_keyword
 from .generation import llada_transfer_schedule
-from .prefix_selection import PrefixSparseConfig, PrefixSparseState
 
 __all__ = ["BLOCKDIFF_REMASKING", "blockdiff_generate", "block_causal_mask"]
 

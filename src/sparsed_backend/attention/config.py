@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ._validate import ArgumentTypeError, ArgumentValueError, check_number
+from .._validate import ArgumentTypeError, ArgumentValueError, check_number
 
 __all__ = ["RULES", "SparseDConfig"]
 
@@ -32,7 +32,7 @@ class SparseDConfig:
     block_size: int = 128  # tokens per query/key block, a positive multiple of 16
     generation_share: bool = True  # the generation region gets its own top-k (reference rule)
     # Sequences shorter than this stay dense (sparse attention cannot pay there).
-    # None: the measured rule of `sparsed_backend.policy.min_sparse_len` for the device.
+    # None: the measured rule of `sparsed_backend.attention.policy.min_sparse_len` for the device.
     min_sparse_len: int | None = None
     # Baselines for the fidelity benchmark (SparseD itself is pattern="topk", reselect=False):
     # "topk": SparseD's top-k blocks; "local": a sliding window of blocks; "random": a random

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import ArgumentValueError, check_int, check_number
-from .state import SparseDState
+from .._validate import ArgumentValueError, check_int, check_number
+from ..attention.state import SparseDState
 
 
 def check_schedule(steps: int | None, threshold: float | None) -> tuple[int | None, float | None]:

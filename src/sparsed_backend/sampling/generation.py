@@ -35,8 +35,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._ranking import top_count
-from ._sampling import (
+from .._validate import ArgumentValueError, check_float, check_int
+from ..attention._ranking import top_count
+from ..attention.config import SparseDConfig
+from ._shared import (
     DiffusionGenerationOutput,
     Runner,
     build_output,
@@ -51,8 +53,6 @@ from ._sampling import (
     tensor_parallel_sync,
 )
 from ._threshold import ThresholdClock, check_schedule, threshold_transfer
-from ._validate import ArgumentValueError, check_float, check_int
-from .config import SparseDConfig
 from .kv_cache import BlockKVCache, check_kv_cache
 
 __all__ = ["DiffusionGenerationOutput", "check_cache_with_sparsed", "dream_generate", "llada_generate"]

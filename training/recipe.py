@@ -30,7 +30,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .task import BOS_ID, MASK_ID, QUESTION_ID, QUESTION_LEN, RECORD_LEN, VALUE_LEN, min_prompt_tokens, sample_records
+from sparsed_backend.demo.task import (
+    BOS_ID,
+    MASK_ID,
+    QUESTION_ID,
+    QUESTION_LEN,
+    RECORD_LEN,
+    VALUE_LEN,
+    min_prompt_tokens,
+    sample_records,
+)
 
 
 def question_tokens(n_keys: int = 1) -> int:

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ._validate import ArgumentTypeError, ArgumentValueError, check_int, check_number
+from .._validate import ArgumentTypeError, ArgumentValueError, check_int, check_number
 from .scoring import key_block_counts
 
 __all__ = [

@@ -30,7 +30,7 @@ import inspect
 import torch
 from torch import nn
 
-from ._validate import ArgumentTypeError, ArgumentValueError, check_int
+from .._validate import ArgumentTypeError, ArgumentValueError, check_int
 
 __all__ = ["BlockDiffusionKVCache", "cache_keyword"]
 

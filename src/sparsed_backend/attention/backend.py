@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
 from transformers.masking_utils import bidirectional_mask_function
 
-from . import _compat, policy
-from ._warn import warn_once
+from .. import _compat
+from .._warn import warn_once
+from . import policy
 from .dense import dense_attention
 from .flex_shapes import CompileGuard, pad_to_mask
 from .prefix_selection import PrefixSparseState, prefix_sparse_attention
@@ -192,7 +193,7 @@ def sparsed_attention_forward(
         query: (B, Hq, L, D) with RoPE applied; key, value: (B, Hkv, S, D), not repeated.
         attention_mask: None or a bool key padding mask (B, S) / (B, 1, 1, S).
         scaling: softmax scale; default head_dim ** -0.5.
-        query_start: set by a cached step (kv_cache.py), whose L query rows are the window
+        query_start: set by a cached step (sampling/kv_cache.py), whose L query rows are the window
             ``[query_start, query_start + L)`` of the S positions: sparse steps use the
             selection's rows of that window, and the switch step refuses it (selection needs
             every row). None: the queries are the selection's own rows.

@@ -1,0 +1,27 @@
+"""The diffusion runtime: samplers that drive a SparseD step state through a model.
+
+- `generation`: `llada_generate` and `dream_generate`, the LLaDA and Dream samplers, with
+  `_shared` (what both open with: validation, canvas, output) and `_threshold` (the confidence
+  threshold schedule);
+- `kv_cache`: `BlockKVCache`, the approximate prefix/dual cache of the LLaDA and Dream samplers;
+- `block_diffusion`: `blockdiff_generate`, block diffusion (SDAR) over an exact prefix cache,
+  `block_cache` (`BlockDiffusionKVCache`);
+- `tensor_parallel`: what the samplers need to run under a tensor-parallel plan.
+"""
+
+from __future__ import annotations
+
+from ._shared import DiffusionGenerationOutput
+from .block_cache import BlockDiffusionKVCache
+from .block_diffusion import blockdiff_generate
+from .generation import dream_generate, llada_generate
+from .kv_cache import BlockKVCache
+
+__all__ = [
+    "BlockDiffusionKVCache",
+    "BlockKVCache",
+    "DiffusionGenerationOutput",
+    "blockdiff_generate",
+    "dream_generate",
+    "llada_generate",
+]
