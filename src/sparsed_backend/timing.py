@@ -31,6 +31,8 @@ Which method each number in ``benchmarks/results`` comes from:
   ``wall_s`` the whole sampler call timed like `synced_seconds`; ``peak_mib`` `PeakMemory.mib`.
 - ``bench_switch_memory*``: ``seconds`` one `synced_seconds` call after one discarded call;
   ``peak_mib`` `PeakMemory.mib`.
+- ``bench_blockdiff*``: the ``attention`` rows' ``ms`` `kernel_ms`; the ``e2e`` rows' ``seconds``
+  one `synced_seconds` call after a short warm-up generation, ``peak_mib`` `PeakMemory.mib`.
 - ``eval_mixed*``, ``fidelity*``, ``long_context*``: ``seconds`` / ``wall_s`` are the wall time
   of a whole evaluation (its answers are copied to the host, which synchronises), not a timing
   method of this module.
