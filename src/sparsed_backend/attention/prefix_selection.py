@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .._validate import ArgumentTypeError, ArgumentValueError, check_int, check_number
 from .scoring import key_block_counts
+from .switch_step import block_importance
 
 __all__ = [
     "PrefixSparseConfig",
@@ -177,8 +178,6 @@ def prefix_block_mass(
     Returns:
         ((B, Hq, n_blocks) float32 mass summed over the queries, front).
     """
-    from .switch_step import block_importance  # the switch step's scorer (no import cycle at load)
-
     B, _, L, _ = query.shape
     S = key.shape[2]
     prefix = S - L
