@@ -230,6 +230,38 @@ def runs_full_forward(step_in_block: int, state: SparseDState | None) -> bool:
     return step_in_block == 0 or (state is not None and state.mode == "switch")
 
 
+def start_generation(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    mask_id: int,
+    gen_length: int,
+    length_name: str,
+    *,
+    sparsed: SparseDConfig | None,
+    steps: int | None,
+    kv_cache: str | None,
+    num_blocks: int,
+    cfg: bool = False,
+):
+    """What both samplers do before their step loop: check the model, lay out the canvas, check
+    the length (``length_name`` is the sampler's argument), agree across tensor-parallel ranks,
+    and build the SparseD state, the K/V cache and the runner.
+
+    Returns:
+        (canvas x (B, P + gen_length), prompt_index (B, P + gen_length) bool, the RankSync or
+        None, the SparseDState or None, the Runner).
+    """
+    check_model(model, sparsed)
+    x, mask, position_ids, prompt_index = prepare_canvas(model, input_ids, attention_mask, mask_id, gen_length)
+    check_length(model, input_ids.shape[1], gen_length, length_name)
+    sync = tensor_parallel_sync(model, x, mask)
+    check_cache_with_sparsed(kv_cache, sparsed)
+    state = sparsed_state(sparsed, steps, input_ids.shape[1], kv_cache, num_blocks)
+    cache = None if kv_cache is None else BlockKVCache(kv_cache)
+    return x, prompt_index, sync, state, Runner(model, mask, position_ids, state, cfg=cfg, cache=cache)
+
+
 def sparsed_state(
     sparsed: SparseDConfig | None, steps: int | None, gen_start: int, kv_cache: str | None, num_blocks: int
 ) -> SparseDState | None:

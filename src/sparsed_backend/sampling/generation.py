@@ -40,20 +40,15 @@ from ..attention._ranking import top_count
 from ..attention.config import SparseDConfig
 from ._shared import (
     DiffusionGenerationOutput,
-    Runner,
     build_output,
     cache_window,
     check_cache_with_sparsed,
-    check_length,
-    check_model,
-    prepare_canvas,
     resolve_mask_id,
     runs_full_forward,
-    sparsed_state,
-    tensor_parallel_sync,
+    start_generation,
 )
 from ._threshold import ThresholdClock, check_schedule, threshold_transfer
-from .kv_cache import BlockKVCache, check_kv_cache
+from .kv_cache import check_kv_cache
 
 __all__ = ["DiffusionGenerationOutput", "check_cache_with_sparsed", "dream_generate", "llada_generate"]
 
@@ -175,16 +170,11 @@ def llada_generate(
             "kv_cache", f"kv_cache={kv_cache!r} does not support classifier-free guidance (cfg_scale={cfg_scale})"
         )
     mask_id = resolve_mask_id(model, mask_id, "mask_id")
-    check_model(model, sparsed)
-    x, mask, position_ids, prompt_index = prepare_canvas(model, input_ids, attention_mask, mask_id, gen_length)
-    check_length(model, input_ids.shape[1], gen_length, "gen_length")
-    sync = tensor_parallel_sync(model, x, mask)
-
+    x, prompt_index, sync, state, run = start_generation(
+        model, input_ids, attention_mask, mask_id, gen_length, "gen_length",
+        sparsed=sparsed, steps=steps, kv_cache=kv_cache, num_blocks=num_blocks, cfg=cfg_scale > 0,
+    )  # fmt: skip
     prompt_len = input_ids.shape[1]
-    check_cache_with_sparsed(kv_cache, sparsed)
-    state = sparsed_state(sparsed, steps, prompt_len, kv_cache, num_blocks)
-    cache = None if kv_cache is None else BlockKVCache(kv_cache)
-    run = Runner(model, mask, position_ids, state, cfg=cfg_scale > 0, cache=cache)
     # Every block starts fully masked (the prompt holds no mask token), so a fixed schedule is
     # the same for all rows and all blocks, and known here on the host.
     schedule = None if steps is None else llada_transfer_schedule(block_length, steps // num_blocks)
@@ -396,16 +386,11 @@ def dream_generate(
             f"got steps={steps}",
         )
     mask_token_id = resolve_mask_id(model, mask_token_id, "mask_token_id")
-    check_model(model, sparsed)
-    x, mask, position_ids, _ = prepare_canvas(model, input_ids, attention_mask, mask_token_id, max_new_tokens)
-    check_length(model, input_ids.shape[1], max_new_tokens, "max_new_tokens")
-    sync = tensor_parallel_sync(model, x, mask)
-
+    x, _, sync, state, run = start_generation(
+        model, input_ids, attention_mask, mask_token_id, max_new_tokens, "max_new_tokens",
+        sparsed=sparsed, steps=steps, kv_cache=kv_cache, num_blocks=num_blocks,
+    )  # fmt: skip
     prompt_len = input_ids.shape[1]
-    check_cache_with_sparsed(kv_cache, sparsed)
-    state = sparsed_state(sparsed, steps, prompt_len, kv_cache, num_blocks)
-    cache = None if kv_cache is None else BlockKVCache(kv_cache)
-    run = Runner(model, mask, position_ids, state, cache=cache)
     clock = None if threshold is None else ThresholdClock(state, mask_token_id, prompt_len, kv_cache is not None)
     # Threshold decoding's budget is block_length steps per block; a fixed schedule's grid stays
     # on the host: each step's ratio is a Python float (exactly the float32 value the official
