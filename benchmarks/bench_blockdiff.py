@@ -89,6 +89,12 @@ class ConcatCache:
         return self.length
 
 
+def sparse_config(args, per_kv_head: bool) -> PrefixSparseConfig:
+    """The prefix selection the flags ask for: a --budget of tokens, else a --select share."""
+    keep = {"select": None, "budget": args.budget} if args.budget is not None else {"select": args.select}
+    return PrefixSparseConfig(**keep, block_size=args.block_size, per_kv_head=per_kv_head)
+
+
 def attention_rows(args, device, dtype, rows: list[dict]) -> None:
     for p, bl, b in ((p, bl, b) for p in args.prefixes for bl in args.blocks for b in args.batches):
         base = {"kind": "attention", "prefix": p, "block": bl, "batch": b}
@@ -122,8 +128,7 @@ def attention_case(args, device, dtype, base: dict, rows: list[dict]) -> None:
     run("dense", lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True))
     run("dense_mask", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True))
     for name, per_kv in (("sparse_q", False), ("sparse_kv", True)):
-        keep = {"select": None, "budget": args.budget} if args.budget is not None else {"select": args.select}
-        state = PrefixSparseState(PrefixSparseConfig(**keep, block_size=args.block_size, per_kv_head=per_kv))
+        state = PrefixSparseState(sparse_config(args, per_kv))
 
         def score(state=state):
             state.begin_block()
@@ -146,11 +151,7 @@ def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
     with torch.device(device):
         model = Qwen3ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval()
     mask_id = cfg.vocab_size - 1
-    sparse_cfg = (
-        PrefixSparseConfig(select=None, budget=args.budget, block_size=args.block_size, per_kv_head=args.per_kv_head)
-        if args.budget is not None
-        else PrefixSparseConfig(select=args.select, block_size=args.block_size, per_kv_head=args.per_kv_head)
-    )
+    sparse_cfg = sparse_config(args, args.per_kv_head)
     real_cache = block_diffusion.BlockDiffusionKVCache
     for p, bl, b in ((p, bl, b) for p in args.prefixes for bl in args.blocks for b in args.batches):
         base = {"kind": "e2e", "prefix": p, "block": bl, "batch": b, "gen": args.gen}
