@@ -77,7 +77,9 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def add_shipped_model_arguments(p, *, name: str, seed: int, cuda: bool) -> None:
     """The flags every fidelity benchmark on the shipped model shares: model, dtype, prompt seed,
     output name and directory, re-rendering a saved run, and the progress bar."""
-    p.add_argument("--model", default=None, help="model directory (default: the shipped one)")
+    p.add_argument(
+        "--model", default=None, help="model directory (default: the shipped one; --keys > 1: the multi-key one)"
+    )
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
     p.add_argument("--seed", type=int, default=seed, help="prompts of length n use seed + n")
     p.add_argument("--name", default=name if cuda else f"{name}_cpu_smoke")
@@ -92,7 +94,7 @@ def load_shipped_model(args, device: torch.device):
 
     from sparsed_backend.demo import model_path
 
-    path = args.model or model_path()
+    path = args.model or model_path(getattr(args, "keys", 1))  # --keys > 1: the multi-key fine-tune
     model = AutoModel.from_pretrained(path, attn_implementation="sparsed", dtype=getattr(torch, args.dtype))
     return path, model.to(device).eval()
 

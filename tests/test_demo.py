@@ -42,6 +42,24 @@ def test_multi_key_answers_are_decoded_block_by_block(shipped):
         generation_length(10, 0)
 
 
+def test_the_multi_key_model_answers_two_keys_where_the_single_key_model_cannot(shipped):
+    """The shipped multi-key fine-tune answers 2-key questions on fresh prompts (seeds never used in
+    training, which draws from 2^40 + ... and evaluates at 5000 + n); the single-key model, which never
+    saw `? k1 k2`, gets none (training/README.md)."""
+    multikey = AutoModel.from_pretrained(model_path(keys=2), attn_implementation="sparsed", dtype=torch.float32)
+    prompts = sample_prompts(1024, 4, n_keys=2, seed=31337)
+    assert answer_prompts(multikey.eval(), prompts, batch=4).n_correct == 4
+    assert answer_prompts(shipped, prompts, batch=4).n_correct == 0
+    single = sample_prompts(1024, 4, seed=31337)
+    assert answer_prompts(multikey, single, batch=4).n_correct == 4  # single-key retrieval is kept
+
+
+@pytest.mark.parametrize("keys", [0, 3, 1.0, True])
+def test_model_path_names_the_keys_it_accepts(keys):
+    with pytest.raises(ValueError, match=rf"keys must be an int in \[1, 2\] \(the shipped models\), got {keys!r}"):
+        model_path(keys=keys)
+
+
 def test_wilson_interval():
     lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)

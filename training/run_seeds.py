@@ -80,7 +80,10 @@ def main() -> None:
         lead = st[rank[0]]["stage_index"]
         for name in rank:
             proc = procs[name][0]
-            cull = lead >= args.cull_stage and st[name]["stage_index"] == 0
+            # A process whose status file is not written yet has not reported a stage (a resumed
+            # run may be far past stage 0): never cull it on the default.
+            reported = (work / f"{name}.json").exists()
+            cull = lead >= args.cull_stage and st[name]["stage_index"] == 0 and reported
             narrow = lead >= args.narrow_stage and rank.index(name) >= args.keep
             if proc.poll() is None and (cull or narrow):
                 proc.terminate()

@@ -2,7 +2,9 @@
 
 The small LLaDA-architecture model trained on it (``training/train_retrieval.py``; the recipe is
 ``training/recipe.py``, outside the package) ships inside the package; `model_path` returns its
-directory, ready for ``from_pretrained``.
+directory, ready for ``from_pretrained``. A fine-tune of it that answers questions asking for up to
+`MULTIKEY_MAX_KEYS` keys at once (answers over several decoding blocks) ships beside it:
+``model_path(keys=2)``.
 """
 
 from __future__ import annotations
@@ -13,17 +15,24 @@ from pathlib import Path
 from .task import RetrievalPrompts, exact_match, sample_prompts
 from .tokenizer import build_tokenizer
 
-__all__ = ["RetrievalPrompts", "build_tokenizer", "exact_match", "model_path", "sample_prompts"]
+__all__ = ["MULTIKEY_MAX_KEYS", "RetrievalPrompts", "build_tokenizer", "exact_match", "model_path", "sample_prompts"]
 
 _MODEL_DIR = "retrieval_llada"
+_MULTIKEY_MODEL_DIR = "retrieval_llada_multikey"
+MULTIKEY_MAX_KEYS = 2  # the multi-key fine-tune saw questions of 1 and 2 keys (training/README.md)
 
 
-def model_path() -> Path:
-    """Directory of the retrieval LLaDA shipped inside the package (config, weights, tokenizer).
+def model_path(keys: int = 1) -> Path:
+    """Directory of a retrieval LLaDA shipped inside the package (config, weights, tokenizer):
+    the single-key model for ``keys=1``, the multi-key fine-tune for 2..`MULTIKEY_MAX_KEYS` keys per
+    question.
 
     ``AutoModel.from_pretrained(model_path(), attn_implementation="sparsed")`` loads it offline.
     """
-    path = Path(str(resources.files("sparsed_backend") / "assets" / _MODEL_DIR))
+    if isinstance(keys, bool) or not isinstance(keys, int) or not 1 <= keys <= MULTIKEY_MAX_KEYS:
+        raise ValueError(f"keys must be an int in [1, {MULTIKEY_MAX_KEYS}] (the shipped models), got {keys!r}")
+    name = _MODEL_DIR if keys == 1 else _MULTIKEY_MODEL_DIR
+    path = Path(str(resources.files("sparsed_backend") / "assets" / name))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"the shipped demo model is missing at {path}; reinstall sparsed_backend (package data) "
