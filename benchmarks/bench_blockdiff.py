@@ -15,8 +15,11 @@ weights, YaRN (factor 4 over 32,768 positions) for prefixes past 32k. In one pro
 - ``e2e``: `blockdiff_generate` end to end (prefill of P tokens in chunks, then --gen tokens),
   dense on the preallocated cache (``dense``), the same with a cache that concatenates like
   transformers' ``DynamicCache`` and SDAR's sampler (``concat``, reported separately: not the
-  baseline), and sparse prefix selection (``sparse``); one run timed by `timing.synced_seconds`
-  (peak memory above the weights), after a short warm-up generation.
+  baseline), the same dense run with transformers' SDPA told to pass the grouped K/V heads to
+  SDPA (``dense_gqa``: with a mask, transformers copies K/V to every query head, ``repeat_kv``,
+  4x the cache per layer per step on this shape), and sparse prefix selection (``sparse``); one
+  run timed by `timing.synced_seconds` (peak memory above the weights), after a short warm-up
+  generation. ``vs_dense`` is against the faster of ``dense`` and ``dense_gqa``.
 
 A configuration that fails (e.g. out of memory) is recorded with its error.
 """
@@ -24,6 +27,7 @@ A configuration that fails (e.g. out of memory) is recorded with its error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -38,6 +42,7 @@ from sparsed_backend.sampling import block_diffusion
 from sparsed_backend.sampling.block_diffusion import blockdiff_generate
 from sparsed_backend.timing import PeakMemory, synced_seconds
 
+# Qwen3's YaRN (factor 4 over 32,768 positions); the factor grows when prefix + generation pass 131,072.
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 
 
@@ -50,9 +55,25 @@ def qwen3_config(small: bool, max_positions: int):
     else:  # Qwen3-8B / SDAR-8B
         shape = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, vocab_size=151936)  # fmt: skip
-    rope = {"rope_theta": 1e6, **(YARN if max_positions > 32768 else {"rope_type": "default"})}
+    rope = {"rope_theta": 1e6, "rope_type": "default"}
+    if max_positions > YARN["original_max_position_embeddings"]:  # the factor that spans max_positions
+        rope = {"rope_theta": 1e6, **YARN, "factor": max(YARN["factor"], max_positions / 32768)}
     return Qwen3Config(**shape, max_position_embeddings=max(max_positions, 32768), rope_parameters=rope,
                        tie_word_embeddings=False)  # fmt: skip
+
+
+@contextlib.contextmanager
+def sdpa_grouped_heads():
+    """transformers' SDPA attention passing grouped K/V heads with ``enable_gqa`` even with a mask
+    (its default copies K/V to every query head whenever a mask is given)."""
+    from transformers.integrations import sdpa_attention
+
+    saved = sdpa_attention.use_gqa_in_sdpa
+    sdpa_attention.use_gqa_in_sdpa = lambda attention_mask, key, value: True
+    try:
+        yield
+    finally:
+        sdpa_attention.use_gqa_in_sdpa = saved
 
 
 class ConcatCache:
@@ -164,11 +185,13 @@ def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
             model.set_attn_implementation(attn)
             extra = {"sparsed": sparse_cfg} if variant == "sparse" else {}
             block_diffusion.BlockDiffusionKVCache = ConcatCache if variant == "concat" else real_cache
+            grouped = sdpa_grouped_heads() if variant == "dense_gqa" else contextlib.nullcontext()
             try:
-                blockdiff_generate(model, ids[:, : min(p, 4 * bl)], **{**common, "gen_length": 2 * bl}, **extra)
-                with PeakMemory(device) as peak:
-                    run = functools.partial(blockdiff_generate, model, ids, **common, **extra)
-                    seconds, out = synced_seconds(run, device)
+                with grouped:
+                    blockdiff_generate(model, ids[:, : min(p, 4 * bl)], **{**common, "gen_length": 2 * bl}, **extra)
+                    with PeakMemory(device) as peak:
+                        run = functools.partial(blockdiff_generate, model, ids, **common, **extra)
+                        seconds, out = synced_seconds(run, device)
                 row = dict(base, variant=variant, seconds=seconds, tokens_per_s=b * args.gen / seconds,
                            forwards=out.num_forwards, peak_mib=peak.mib)  # fmt: skip
                 if out.sparsed_state is not None:
@@ -186,7 +209,7 @@ def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         done = [r for r in rows[-len(args.variants) :] if "seconds" in r]
-        dense = next((r["seconds"] for r in done if r["variant"] == "dense"), math.nan)
+        dense = min((r["seconds"] for r in done if r["variant"] in ("dense", "dense_gqa")), default=math.nan)
         for r in done:
             r["vs_dense"] = dense / r["seconds"]
 
@@ -205,7 +228,10 @@ def main() -> None:
     p.add_argument("--per-kv-head", action="store_true", help="e2e: one selection per key-value head")
     p.add_argument("--parts", nargs="+", choices=["attention", "e2e"], default=["attention", "e2e"])
     p.add_argument(
-        "--variants", nargs="+", choices=["dense", "concat", "sparse"], default=["dense", "concat", "sparse"]
+        "--variants",
+        nargs="+",
+        choices=["dense", "dense_gqa", "concat", "sparse"],
+        default=["dense", "dense_gqa", "concat", "sparse"],
     )
     p.add_argument("--name", default="bench_blockdiff" if cuda else "bench_blockdiff_cpu_smoke")
     p.add_argument("--out", default=None)
