@@ -84,23 +84,23 @@ class ConcatCache:
         self.keys: list = [None] * num_layers
         self.values: list = [None] * num_layers
         self.num_layers, self.length, self.commits, self.denoises = num_layers, 0, 0, 0
-        self._mode = None
+        self._forward = None
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_length: int) -> ConcatCache:
         return cls(model.config.num_hidden_layers)
 
-    def prepare(self, mode: str, new_positions: int) -> None:
-        self._mode = mode
+    def prepare(self, forward: str, new_positions: int) -> None:
+        self._forward = forward
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k, v = self.keys[layer_idx], self.values[layer_idx]
         keys = key_states if k is None else torch.cat([k, key_states], 2)
         values = value_states if v is None else torch.cat([v, value_states], 2)
         if layer_idx == self.num_layers - 1:
-            self.commits += self._mode == "commit"
-            self.denoises += self._mode == "denoise"
-        if self._mode == "commit":
+            self.commits += self._forward == "commit"
+            self.denoises += self._forward == "denoise"
+        if self._forward == "commit":
             self.keys[layer_idx], self.values[layer_idx] = keys, values
             if layer_idx == self.num_layers - 1:
                 self.length = keys.shape[2]

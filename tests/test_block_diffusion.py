@@ -126,7 +126,7 @@ def test_cache_capacity_and_misuse_errors():
     cache.prepare("denoise", 2)
     with pytest.raises(ValueError, match="announced 2 new positions, the forward gave 3"):
         cache.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2), 0)
-    with pytest.raises(ArgumentValueError, match="mode must be 'commit' or 'denoise'"):
+    with pytest.raises(ArgumentValueError, match="forward must be 'commit' or 'denoise', got 'append'"):
         cache.prepare("append", 1)
 
 

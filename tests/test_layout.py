@@ -30,9 +30,9 @@ OLD_NAMES = {
         "llada_generate",
         "llada_transfer_schedule",
     },
-    "kv_cache": {"KV_CACHE_MODES", "BlockKVCache", "check_kv_cache", "window_attention_mask"},
+    "kv_cache": {"KV_CACHE_KINDS", "KV_CACHE_MODES", "BlockKVCache", "check_kv_cache", "window_attention_mask"},
     "block_diffusion": {"BLOCKDIFF_REMASKING", "blockdiff_generate", "block_causal_mask"},
-    "block_cache": {"BlockDiffusionKVCache", "cache_keyword"},
+    "block_cache": {"BlockDiffusionKVCache", "CACHE_MODES", "FORWARD_KINDS", "cache_keyword"},
     "tensor_parallel": {"RankSync", "rank_sync", "tensor_parallel_group"},
     "prefix_selection": {
         "PrefixSparseConfig",

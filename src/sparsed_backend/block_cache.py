@@ -6,6 +6,7 @@ code looks them up.
 
 from .sampling.block_cache import (
     CACHE_MODES,
+    FORWARD_KINDS,
     BlockDiffusionKVCache,
     cache_keyword,
 )
@@ -13,5 +14,6 @@ from .sampling.block_cache import (
 __all__ = [
     "BlockDiffusionKVCache",
     "CACHE_MODES",
+    "FORWARD_KINDS",
     "cache_keyword",
 ]

@@ -5,6 +5,7 @@ code looks them up.
 """
 
 from .sampling.kv_cache import (
+    KV_CACHE_KINDS,
     KV_CACHE_MODES,
     BlockKVCache,
     check_kv_cache,
@@ -13,6 +14,7 @@ from .sampling.kv_cache import (
 
 __all__ = [
     "BlockKVCache",
+    "KV_CACHE_KINDS",
     "KV_CACHE_MODES",
     "check_kv_cache",
     "window_attention_mask",

@@ -210,16 +210,17 @@ class Runner:
         return logits
 
 
-def cache_window(mode: str, need: tuple[int, int], block: tuple[int, int], length: int):
-    """Positions a cached step runs: the logits it needs and the block whose tokens change; the
-    rest of the sequence comes from the cache ("prefix": everything after the block is run too).
+def cache_window(kv_cache: str, need: tuple[int, int], decoding_block: tuple[int, int], length: int):
+    """Positions a cached step runs: the logits it needs and the decoding block whose tokens
+    change; the rest of the sequence comes from the cache (``kv_cache="prefix"``: everything after
+    the decoding block is run too).
 
-    The window is the same with and without sparsed: a window that begins inside a block of the
-    selection's grid gets zero query rows in front (`LayerSelection.window_mask`), so dense and
-    sparse caching approximate the same way.
+    The window is the same with and without sparsed: a window that begins inside a tile of the
+    selection's grid (SparseD's ``block_size``) gets zero query rows in front
+    (`LayerSelection.window_mask`), so dense and sparse caching approximate the same way.
     """
-    start = min(need[0], block[0])
-    stop = length if mode == "prefix" else max(need[1], block[1])
+    start = min(need[0], decoding_block[0])
+    stop = length if kv_cache == "prefix" else max(need[1], decoding_block[1])
     return start, stop
 
 

@@ -34,7 +34,8 @@ from .._validate import ArgumentTypeError, ArgumentValueError, check_int
 
 __all__ = ["BlockDiffusionKVCache", "cache_keyword"]
 
-CACHE_MODES = ("commit", "denoise")
+FORWARD_KINDS = ("commit", "denoise")  # what `prepare` announces
+CACHE_MODES = FORWARD_KINDS  # the earlier name, kept for imports; "mode" now means only the step kind
 
 
 def cache_keyword(model: nn.Module) -> str:
@@ -86,7 +87,7 @@ class BlockDiffusionKVCache:
         self.length = 0
         self.commits = 0
         self.denoises = 0
-        self._mode: str | None = None
+        self._forward: str | None = None
         self._new = 0  # positions the prepared forward writes
 
     @classmethod
@@ -108,14 +109,14 @@ class BlockDiffusionKVCache:
             device=param.device,
         )
 
-    def prepare(self, mode: str, new_positions: int) -> None:
-        """Announce the next forward: ``mode`` "commit" or "denoise", over ``new_positions``
+    def prepare(self, forward: str, new_positions: int) -> None:
+        """Announce the next forward: ``forward`` "commit" or "denoise", over ``new_positions``
         positions written at ``[length, length + new_positions)``.
 
         Raises ValueError before the model runs if those positions pass ``max_length``.
         """
-        if mode not in CACHE_MODES:
-            raise ArgumentValueError("mode", f"mode must be 'commit' or 'denoise', got {mode!r}")
+        if forward not in FORWARD_KINDS:
+            raise ArgumentValueError("forward", f"forward must be 'commit' or 'denoise', got {forward!r}")
         check_int("new_positions", new_positions, 1)
         if self.length + new_positions > self.max_length:
             raise ArgumentValueError(
@@ -123,7 +124,7 @@ class BlockDiffusionKVCache:
                 f"the cache holds max_length={self.max_length} positions: {self.length} committed + "
                 f"{new_positions} new would need {self.length + new_positions}; build it with a larger max_length",
             )
-        self._mode, self._new = mode, new_positions
+        self._forward, self._new = forward, new_positions
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
@@ -131,8 +132,8 @@ class BlockDiffusionKVCache:
         """Write one layer's new K/V (B, Hkv, n, D) after the committed prefix; return the views
         (B, Hkv, length + n, D) of prefix and new positions. After the last layer of a commit,
         ``length`` advances by n."""
-        if self._mode is None:
-            raise RuntimeError("BlockDiffusionKVCache.update before prepare(mode, new_positions): nothing announced")
+        if self._forward is None:
+            raise RuntimeError("BlockDiffusionKVCache.update before prepare(forward, new_positions): nothing announced")
         start, stop = self.length, self.length + self._new
         if key_states.shape[2] != self._new:
             raise ValueError(
@@ -143,11 +144,11 @@ class BlockDiffusionKVCache:
         keys[:, :, start:stop] = key_states
         values[:, :, start:stop] = value_states
         if layer_idx == self.num_layers - 1:
-            if self._mode == "commit":
+            if self._forward == "commit":
                 self.length, self.commits = stop, self.commits + 1
             else:
                 self.denoises += 1
-            self._mode = None
+            self._forward = None
         return keys[:, :, :stop], values[:, :, :stop]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

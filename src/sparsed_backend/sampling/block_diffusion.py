@@ -109,9 +109,9 @@ class _BlockRunner:
         if state is not None:
             self.kwargs["prefix_state"] = state
 
-    def __call__(self, mode, ids, positions, keep, logits_to_keep) -> torch.Tensor:
+    def __call__(self, forward, ids, positions, keep, logits_to_keep) -> torch.Tensor:
         """ids, positions (B, n); keep (B, 1, n, S) bool -> logits (B, logits_to_keep or n, V)."""
-        self.cache.prepare(mode, ids.shape[1])
+        self.cache.prepare(forward, ids.shape[1])
         return self.model(
             input_ids=ids,
             position_ids=positions,

@@ -22,7 +22,7 @@ Why not transformers' Cache classes: ``DynamicCache`` appends by concatenation (
 whole prefix at every step and layer) and cannot put fresh K/V in the middle of the sequence,
 which the dual cache needs; ``StaticCache`` writes at an append cursor kept on the device, and
 moving that cursor back to the block start means writing its internals. A window rewritten in
-place is the operation both modes need, so this class offers exactly that, with the same
+place is the operation both kinds need, so this class offers exactly that, with the same
 ``update(key, value, layer_idx)`` call the attention modules of transformers models make.
 """
 
@@ -32,14 +32,15 @@ import torch
 
 from .._validate import ArgumentValueError
 
-__all__ = ["KV_CACHE_MODES", "BlockKVCache", "check_kv_cache", "window_attention_mask"]
+__all__ = ["KV_CACHE_KINDS", "KV_CACHE_MODES", "BlockKVCache", "check_kv_cache", "window_attention_mask"]
 
-KV_CACHE_MODES = ("prefix", "dual")
+KV_CACHE_KINDS = ("prefix", "dual")  # the values of every sampler's kv_cache argument
+KV_CACHE_MODES = KV_CACHE_KINDS  # the earlier name, kept for imports; "mode" now means only the step kind
 
 
 def check_kv_cache(kv_cache: object) -> str | None:
-    """``kv_cache`` if it is None or one of KV_CACHE_MODES; else a ValueError naming the choices."""
-    if kv_cache is not None and kv_cache not in KV_CACHE_MODES:
+    """``kv_cache`` if it is None or one of KV_CACHE_KINDS; else a ValueError naming the choices."""
+    if kv_cache is not None and kv_cache not in KV_CACHE_KINDS:
         raise ArgumentValueError("kv_cache", f"kv_cache must be None, 'prefix' or 'dual', got {kv_cache!r}")
     return kv_cache
 
@@ -52,10 +53,10 @@ class BlockKVCache:
     :meth:`update` with the K/V they computed.
     """
 
-    def __init__(self, mode: str) -> None:
-        if check_kv_cache(mode) is None:
-            raise ValueError("BlockKVCache needs a mode, 'prefix' or 'dual', got None")
-        self.mode = mode
+    def __init__(self, kind: str) -> None:
+        if check_kv_cache(kind) is None:
+            raise ValueError("BlockKVCache needs a kind, 'prefix' or 'dual', got None")
+        self.kind = kind
         self.window: tuple[int, int] | None = None
         self.length: int | None = None  # sequence length of the last refresh
         self.refreshes = 0  # full forwards stored so far
