@@ -28,28 +28,10 @@ import torch
 import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
 from common import environment, markdown_table, write_results
 from sparsed_backend.attention.prefix_selection import PrefixSparseConfig
-from sparsed_backend.demo.evaluate import wilson_interval
+from sparsed_backend.demo.evaluate import answer_blockdiff_prompts, wilson_interval
 from sparsed_backend.demo.task import sample_prompts
-from sparsed_backend.sampling.block_diffusion import blockdiff_generate
 
 FRESH_SEED = 120000  # no training run or benchmark drew prompts from 120000 + n
-
-
-@torch.no_grad()
-def answers(model, prompts, block: int, batch: int, sparsed: PrefixSparseConfig | None):
-    """(N, A) greedy answers and the kept share of prefix blocks (None for dense)."""
-    device = next(model.parameters()).device
-    ids, n_answer = prompts.input_ids.to(device), prompts.answers.shape[1]
-    outs, shares = [], []
-    for i in range(0, ids.shape[0], batch):
-        out = blockdiff_generate(
-            model, ids[i : i + batch], gen_length=n_answer, block_length=block, denoising_steps=block,
-            mask_id=model.config.mask_token_id, sparsed=sparsed, return_dict_in_generate=True,
-        )  # fmt: skip
-        outs.append(out.sequences[:, ids.shape[1] :].cpu())
-        if out.sparsed_state is not None:
-            shares.append(out.sparsed_state.density())
-    return torch.cat(outs), (sum(shares) / len(shares) if shares else None)
 
 
 def main() -> None:
@@ -85,7 +67,7 @@ def main() -> None:
     for n in args.lengths:
         prompts = sample_prompts(n, args.prompts, n_records=args.records, seed=args.seed + n)
         model.set_attn_implementation("sdpa")
-        dense, _ = answers(model, prompts, block, args.batch, None)
+        dense = answer_blockdiff_prompts(model, prompts, batch=args.batch).generated
         cells = [("dense", None, None)]
         for select in args.selects:
             for method in args.methods:
@@ -97,7 +79,8 @@ def main() -> None:
                 out, share = dense, None
             else:
                 model.set_attn_implementation("sparsed")
-                out, share = answers(model, prompts, block, args.batch, cfg)
+                ans = answer_blockdiff_prompts(model, prompts, sparsed=cfg, batch=args.batch)
+                out, share = ans.generated, ans.density()
             correct = int((out == prompts.answers).all(-1).sum())
             lo, hi = wilson_interval(correct, args.prompts)
             row = {"N": n, "method": method, "select": select, "exact_match": 100 * correct / args.prompts,

@@ -279,3 +279,18 @@ def test_block_diffusion_training_smoke_resume_and_export(tmp_path):
     prompts = sample_prompts(64, 2, n_records=4, seed=1)
     out = blockdiff_generate(model, prompts.input_ids, gen_length=5, block_length=4, denoising_steps=4)
     assert out.shape == (2, 69) and not (out[:, 64:] == MASK_ID).any()
+
+    # The evaluation both the training script and fidelity_blockdiff.py use: the same greedy
+    # decode, exact match against the answers, and keeping every prefix block changes nothing.
+    from sparsed_backend.attention.prefix_selection import PrefixSparseConfig
+    from sparsed_backend.demo.evaluate import answer_blockdiff_prompts
+
+    dense = answer_blockdiff_prompts(model, prompts, batch=1)
+    assert torch.equal(dense.generated, out[:, 64:]) and dense.states == [] and dense.forwards > 0
+    assert torch.equal(dense.correct, (out[:, 64:] == prompts.answers).all(-1))
+    model.set_attn_implementation("sparsed")
+    kept = answer_blockdiff_prompts(model, prompts, sparsed=PrefixSparseConfig(select=1.0, block_size=16), batch=2)
+    assert torch.equal(kept.generated, dense.generated) and kept.density() == 1.0
+    del model.config.block_size
+    with pytest.raises(TypeError, match=r"model.config.block_size must be an int, got NoneType \(None\)"):
+        answer_blockdiff_prompts(model, prompts)

@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 from recipe import TrainingBatch
 
-from sparsed_backend.demo.task import BOS_ID, EOS_ID, MASK_ID, VOCAB_SIZE, exact_match
+from sparsed_backend.demo.task import BOS_ID, EOS_ID, MASK_ID, VOCAB_SIZE
 
-__all__ = ["block_diffusion_inputs", "blockdiff_answer_logits", "blockdiff_exact_match", "build_qwen3"]
+__all__ = ["block_diffusion_inputs", "blockdiff_answer_logits", "build_qwen3"]
 
 
 def build_qwen3(args, max_positions: int):
@@ -83,21 +83,3 @@ def blockdiff_answer_logits(model, batch: TrainingBatch, block_length: int) -> t
     """(B, K, V) logits at the noisy copies of the answer tokens (the training forward)."""
     ids, pos, mask, index = block_diffusion_inputs(batch, block_length)
     return model(input_ids=ids, position_ids=pos, attention_mask=mask, logits_to_keep=index).logits
-
-
-@torch.no_grad()
-def blockdiff_exact_match(model, prompts, block_length: int, batch: int) -> torch.Tensor:
-    """(N,) bool greedy exact match of `blockdiff_generate` (one token per step) on ``prompts``."""
-    from sparsed_backend.sampling.block_diffusion import blockdiff_generate
-
-    device = next(model.parameters()).device
-    answer_len = prompts.answers.shape[1]
-    ids = prompts.input_ids.to(device)
-    outs = []
-    for i in range(0, ids.shape[0], batch):
-        out = blockdiff_generate(
-            model, ids[i : i + batch], gen_length=answer_len, block_length=block_length,
-            denoising_steps=block_length, mask_id=MASK_ID,
-        )  # fmt: skip
-        outs.append(out[:, ids.shape[1] :].cpu())
-    return exact_match(torch.cat(outs), prompts.answers)

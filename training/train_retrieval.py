@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO / "src") not in sys.path:  # PYTHONPATH=src is the documented way; this is a guard
     sys.path.insert(0, str(REPO / "src"))
 
-from blockdiff_recipe import blockdiff_answer_logits, blockdiff_exact_match, build_qwen3  # noqa: E402
+from blockdiff_recipe import blockdiff_answer_logits, build_qwen3  # noqa: E402
 from recipe import (  # noqa: E402
     Curriculum,
     Stage,
@@ -226,7 +226,7 @@ def final_eval(model, args, lengths: list[int], max_keys: int = 1) -> dict:
     """Greedy exact match (dense SDPA, the LLaDA sampler, one token per step, one block per key)
     on fresh prompts of every length: ``{n: {...}}`` for single-key questions only (the shipped
     summary's form), else ``{n: {k: {...}}}`` for k = 1..max_keys keys."""
-    from sparsed_backend.demo.evaluate import answer_prompts, wilson_interval
+    from sparsed_backend.demo.evaluate import answer_blockdiff_prompts, answer_prompts, wilson_interval
 
     model.eval()
     res = {}
@@ -236,7 +236,7 @@ def final_eval(model, args, lengths: list[int], max_keys: int = 1) -> dict:
                                      seed=FINAL_EVAL_SEED + n)  # fmt: skip
             batch = max(1, args.tokens_per_step // n // 4)
             if model.config.model_type == "qwen3":  # blockdiff_generate, one token per step
-                correct = int(blockdiff_exact_match(model, prompts, model.config.block_size, batch).sum())
+                correct = answer_blockdiff_prompts(model, prompts, batch=batch).n_correct
             else:
                 correct = answer_prompts(model, prompts, batch=batch).n_correct
             lo, hi = wilson_interval(correct, args.final_eval_prompts)

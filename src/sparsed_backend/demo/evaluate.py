@@ -1,4 +1,5 @@
-"""Answering retrieval prompts with the LLaDA sampler, and the statistics reported about it."""
+"""Answering retrieval prompts with the samplers (LLaDA's; block diffusion's for a block-diffusion
+Qwen3), and the statistics reported about them."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from torch import nn
 
 from .._validate import check_int
 from ..attention.config import SparseDConfig
+from ..attention.prefix_selection import PrefixSparseConfig, PrefixSparseState
 from ..attention.state import SparseDState
 from .task import VALUE_LEN, RetrievalPrompts, exact_match
 
-__all__ = ["Answers", "answer_prompts", "generation_length", "wilson_interval"]
+__all__ = ["Answers", "answer_blockdiff_prompts", "answer_prompts", "generation_length", "wilson_interval"]
 
 
 def generation_length(answer_len: int, block_length: int) -> int:
@@ -26,18 +28,18 @@ def generation_length(answer_len: int, block_length: int) -> int:
 
 @dataclass
 class Answers:
-    """What `answer_prompts` returns.
+    """What `answer_prompts` and `answer_blockdiff_prompts` return.
 
     Attributes:
         generated: (B, A) generated answer tokens (A = the answers' length, ``n_keys * VALUE_LEN``).
         correct: (B,) bool, exact match.
-        states: the SparseDState of every batch (empty for dense).
+        states: the SparseDState (block diffusion: PrefixSparseState) of every batch (empty for dense).
         forwards: model forwards over all batches (denoising steps, summed).
     """
 
     generated: torch.Tensor
     correct: torch.Tensor
-    states: list[SparseDState]
+    states: list[SparseDState | PrefixSparseState]
     forwards: int = 0
 
     @property
@@ -95,6 +97,49 @@ def answer_prompts(
         out = llada_generate(
             model, ids[i : i + batch], steps=steps, gen_length=gen_length, block_length=block_length,
             sparsed=sparsed, kv_cache=kv_cache, threshold=threshold, return_dict_in_generate=True,
+        )  # fmt: skip
+        forwards += out.num_forwards
+        outs.append(out.sequences[:, ids.shape[1] : ids.shape[1] + answer_len].cpu())
+        if out.sparsed_state is not None:
+            states.append(out.sparsed_state)
+        if on_batch is not None:
+            on_batch(outs[-1].shape[0])
+    generated = torch.cat(outs)
+    return Answers(generated, exact_match(generated, prompts.answers.cpu()), states, forwards)
+
+
+@torch.inference_mode()
+def answer_blockdiff_prompts(
+    model: nn.Module,
+    prompts: RetrievalPrompts,
+    *,
+    sparsed: PrefixSparseConfig | None = None,
+    batch: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> Answers:
+    """Greedy decoding of every prompt's answer with `blockdiff_generate`, one token per step, in
+    decoding blocks of the model's ``config.block_size`` (its training block), masks from
+    ``config.mask_token_id``.
+
+    Args:
+        model: a block-diffusion Qwen3 (``training/train_retrieval.py --arch qwen3-blockdiff``);
+            with ``sparsed`` it must use ``attn_implementation="sparsed"``.
+        prompts: from `sample_prompts`; moved to the model's device.
+        sparsed: sparse prefix selection, or None for dense attention.
+        batch: prompts per sampler call.
+        on_batch: called with the number of prompts done after each call (progress bars).
+    """
+    from ..sampling.block_diffusion import blockdiff_generate
+
+    block = check_int("model.config.block_size", getattr(model.config, "block_size", None), 1)
+    device = next(model.parameters()).device
+    ids = prompts.input_ids.to(device)
+    answer_len = prompts.answers.shape[1]
+    outs, states, forwards = [], [], 0
+    for i in range(0, ids.shape[0], batch):
+        out = blockdiff_generate(
+            model, ids[i : i + batch], gen_length=answer_len, block_length=block, denoising_steps=block,
+            mask_id=model.config.mask_token_id, sparsed=sparsed, return_dict_in_generate=True,
         )  # fmt: skip
         forwards += out.num_forwards
         outs.append(out.sequences[:, ids.shape[1] : ids.shape[1] + answer_len].cpu())
