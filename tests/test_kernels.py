@@ -89,6 +89,36 @@ def test_triton_importance_front_rows_equal_padded_copies(q_front, k_front, with
 
 
 @cuda
+@pytest.mark.parametrize(("q_len", "splits"), [(4, None), (4, 1), (4, 7), (20, 3), (300, None)])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_triton_importance_splits_the_key_tiles_without_changing_the_sums(q_len, splits, with_lse):
+    """A few query rows against many keys (a block-diffusion block) run the key tiles in splits
+    (partial log-sum-exps combined; block sums need no combining): the sums equal one sweep per
+    row, with fronts, padding and GQA. splits=None picks them from the SM count."""
+    from sparsed_backend.attention.kernels import importance
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(2, 8, q_len, 64, device="cuda", generator=g).bfloat16()
+    k = torch.randn(2, 2, 5000, 64, device="cuda", generator=g).bfloat16()
+    q_front, k_front = 3, 40
+    L, S = q_len + q_front, 5000 + k_front
+    valid = torch.ones(2, S, dtype=torch.bool, device="cuda")
+    valid[:, :k_front] = False
+    valid[1, k_front : k_front + 700] = False
+    lse = None
+    if with_lse:
+        lse = torch.randn(2, 8, L, device="cuda", generator=g) + 9.0
+        lse[:, :, :q_front] = float("inf")
+    got = importance.tile_prob_sums(q, k, 0.125, 64, valid, lse, q_front, k_front, splits=splits)
+    want = importance.tile_prob_sums(q, k, 0.125, 64, valid, lse, q_front, k_front, splits=1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    if splits is None and q_len == 4:  # 1 query tile x 16 (batch, head) programs: split
+        assert importance.key_splits(16, -(-S // 64), q.device) > 1
+    if not with_lse:  # every row's probabilities sum to 1 (the zero front rows' too: uniform)
+        torch.testing.assert_close(got.sum((2, 3)), torch.full((2, 8), float(L), device="cuda"))
+
+
+@cuda
 @pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (28, 4)])
 def test_dense_pass_log_sum_exp_and_one_pass_scoring(hq, hkv):
     """The switch step's dense pass (cuDNN) returns the rows' log-sum-exp; scoring with it in

@@ -4,6 +4,12 @@ Pass 1 computes every query row's log-sum-exp over all attendable keys (online s
 QK^T only). Pass 2 recomputes QK^T tile by tile, turns scores into exact probabilities with
 that log-sum-exp and writes one sum per (query tile, key tile). Each pass is one QK^T
 matmul with no PV matmul, so the pair costs about one dense attention pass.
+
+Programs run over (query tile, batch x head) and, when that leaves the GPU short of work (a
+few query rows: a block-diffusion block of 4-64 tokens against a long prefix), over splits of
+the key tiles too: pass 1 then writes a partial (max, sum) per split, combined in PyTorch, and
+pass 2 needs no combining (each key tile's sum is its own). Without splits one program swept
+all 1,024 key tiles of a 128k prefix for each of 32 heads: 32 programs on 132 SMs.
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _lse_kernel(
-    Q, K, VALID, LSE,
-    sqb, sqh, sqm, skb, skh, skn, L, S, Q_FRONT, K_FRONT, HQ, GROUP, qk_scale,
+    Q, K, VALID, M_PART, L_PART,
+    sqb, sqh, sqm, skb, skh, skn, L, S, Q_FRONT, K_FRONT, HQ, GROUP, qk_scale, SPLIT_N,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     # 64-bit from here on: b * sqb alone passes 2**31 once batch * heads * length * head_dim does.
     pid_bh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
     b = pid_bh // HQ
     h = pid_bh % HQ
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -36,7 +43,7 @@ def _lse_kernel(
     k_base = K + b * skb + (h // GROUP) * skh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(0, S, BLOCK_N):
+    for start_n in range(split * SPLIT_N, tl.minimum(S, (split + 1) * SPLIT_N), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         live = (offs_n >= K_FRONT) & (offs_n < S)  # keys before K_FRONT: absent (never stored)
         if HAS_VALID:
@@ -48,14 +55,16 @@ def _lse_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
         m_i = m_new
-    lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("inf"))  # inf: a row with no key adds 0
-    tl.store(LSE + pid_bh * L + offs_m, lse, mask=offs_m < L)
+    # This split's (max, sum) per row, log2 domain: (B * HQ, N_SPLIT, L) each.
+    part = (pid_bh * tl.num_programs(2) + split) * L + offs_m
+    tl.store(M_PART + part, m_i, mask=offs_m < L)
+    tl.store(L_PART + part, l_i, mask=offs_m < L)
 
 
 @triton.jit
 def _block_sum_kernel(
     Q, K, VALID, LSE, OUT,
-    sqb, sqh, sqm, skb, skh, skn, L, S, Q_FRONT, K_FRONT, HQ, GROUP, qk_scale, N_KT,
+    sqb, sqh, sqm, skb, skh, skn, L, S, Q_FRONT, K_FRONT, HQ, GROUP, qk_scale, N_KT, SPLIT_KT,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -71,7 +80,8 @@ def _block_sum_kernel(
     lse = tl.load(LSE + pid_bh * L + offs_m, mask=offs_m < L, other=float("inf"))
     k_base = K + b * skb + (h // GROUP) * skh
     out_base = OUT + (pid_bh * tl.num_programs(0) + pid_m) * N_KT  # int64 through pid_bh
-    for j in range(0, N_KT):
+    split = tl.program_id(2)
+    for j in range(split * SPLIT_KT, tl.minimum(N_KT, (split + 1) * SPLIT_KT)):
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         live = (offs_n >= K_FRONT) & (offs_n < S)  # keys before K_FRONT: absent (never stored)
         if HAS_VALID:
@@ -92,6 +102,7 @@ def tile_prob_sums(
     lse: torch.Tensor | None = None,
     q_front: int = 0,
     k_front: int = 0,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Sum of softmax probabilities over every (query tile, key tile) pair.
 
@@ -110,6 +121,8 @@ def tile_prob_sums(
         tile: tile edge in tokens (16, 32, 64 or 128).
         key_valid: (B, S) bool or None (the front keys are never attended, whatever it says).
         lse: (B, Hq, L) float32 natural-log log-sum-exp of each query row, or None.
+        splits: how many programs share one (query tile, head)'s key tiles; None: enough for
+            about two programs per SM (`key_splits`), 1 whenever the query tiles alone give that.
     Returns:
         (B, Hq, ceil(L / tile), ceil(S / tile)) float32.
     """
@@ -126,31 +139,39 @@ def tile_prob_sums(
     args = (query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2))
     common = dict(HEAD_DIM=D, BLOCK_M=tile, BLOCK_N=tile, HAS_VALID=key_valid is not None)
     warps = 8 if tile >= 128 else 4
-    grid = (n_qt, B * Hq)
+    splits = key_splits(n_qt * B * Hq, n_kt, query.device) if splits is None else max(1, min(splits, n_kt))
+    split_kt = triton.cdiv(n_kt, splits)  # key tiles per split; the last split may hold fewer
+    splits = triton.cdiv(n_kt, split_kt)
+    grid = (n_qt, B * Hq, splits)
     qk_scale = scaling * _LOG2E
     if lse is None:
-        lse = torch.empty(B, Hq, L, device=query.device, dtype=torch.float32)
+        m_part = torch.empty(B * Hq, splits, L, device=query.device, dtype=torch.float32)
+        l_part = torch.empty_like(m_part)
         _lse_kernel[grid](
-            query,
-            key,
-            valid,
-            lse,
-            *args,
-            L,
-            S,
-            q_front,
-            k_front,
-            Hq,
-            Hq // Hkv,
-            qk_scale,
-            **common,
-            num_warps=warps,
-            num_stages=3,
-        )
+            query, key, valid, m_part, l_part, *args, L, S, q_front, k_front, Hq, Hq // Hkv, qk_scale,
+            split_kt * tile, **common, num_warps=warps, num_stages=3,
+        )  # fmt: skip
+        lse = combine_splits(m_part, l_part).view(B, Hq, L)
     else:
         lse = (lse.float() * _LOG2E).reshape(B, Hq, L).contiguous()  # the kernels work in log2
     _block_sum_kernel[grid](
-        query, key, valid, lse, out, *args, L, S, q_front, k_front, Hq, Hq // Hkv, qk_scale, n_kt,
+        query, key, valid, lse, out, *args, L, S, q_front, k_front, Hq, Hq // Hkv, qk_scale, n_kt, split_kt,
         **common, num_warps=warps, num_stages=3,
     )  # fmt: skip
     return out
+
+
+def key_splits(programs: int, n_kt: int, device: torch.device) -> int:
+    """Splits of the key tiles that give about two programs per SM (1 when ``programs`` already
+    does, never more than the ``n_kt`` key tiles)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(n_kt, triton.cdiv(2 * sms, programs)))
+
+
+def combine_splits(m_part: torch.Tensor, l_part: torch.Tensor) -> torch.Tensor:
+    """Rows' log2 log-sum-exp from per-split (max, sum of 2^(s - max)), both (R, splits, L):
+    (R, L) float32, +inf for a row with no attendable key (it then adds 0 in pass 2)."""
+    top = m_part.amax(1, keepdim=True)  # (R, 1, L)
+    safe = torch.where(top == float("-inf"), 0.0, top)
+    total = (l_part * torch.exp2(m_part - safe)).sum(1)  # a split with no key: l 0, m -inf -> 0
+    return torch.where(total > 0, safe.squeeze(1) + torch.log2(total), float("inf"))
