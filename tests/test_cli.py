@@ -73,9 +73,9 @@ BAD_INPUTS = [
     (["generate", *QUICK, "--steps", "0"], r"--steps must be >= 1, got 0"),
     (["generate", *QUICK, "--gen-length", "0"], r"--gen-length must be >= 1, got 0"),
     (["generate", *QUICK, "--gen-length", "6", "--block-length", "4"],
-     r"--gen-length must be a multiple of --block-length, got --gen-length 6 and --block-length 4"),
+     r"--gen-length must be divisible by --block-length, got --gen-length=6, --block-length=4$"),
     (["generate", *QUICK, "--gen-length", "4", "--block-length", "2", "--steps", "3"],
-     r"--steps must be a multiple of the block count --gen-length / --block-length = 2, got --steps 3"),
+     r"--steps must be divisible by the number of blocks --gen-length/--block-length = 2, got --steps=3$"),
     (["generate", *QUICK, "--temperature", "-1"], r"--temperature must be >= 0\.0, got -1\.0"),
     (["generate", *QUICK, "--attn", "sparsed", "--select", "2"], r"--select must be in \(0, 1\], got 2\.0"),
     (["generate", *QUICK, "--attn", "sparsed", "--skip", "1.5"], r"--skip must be in \[0, 1\], got 1\.5"),
@@ -356,6 +356,21 @@ def test_generate_with_threshold_decoding_and_a_cache(capsys):
                 "--no-progress"]  # fmt: skip
         assert main(argv) == 0
         assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_block_divisibility_is_the_samplers_rule_reported_by_flag(monkeypatch, capsys):
+    """--gen-length / --block-length / --steps divisibility has one home, the sampler: the CLI
+    calls it with the bad values and reports its error by flag."""
+    import sparsed_backend.sampling.generation as generation
+
+    calls = []
+    real = generation.llada_generate
+    monkeypatch.setattr(generation, "llada_generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    for extra, flag in [(["--gen-length", "6", "--block-length", "4"], "--gen-length"),
+                        (["--gen-length", "4", "--block-length", "2", "--steps", "3"], "--steps")]:  # fmt: skip
+        status, _, err = run_main(["generate", *QUICK, "--no-progress", *extra], capsys)
+        assert_one_line_error(status, err, f"^sparsed generate: error: {flag} must be divisible by ")
+    assert [(kw["gen_length"], kw["block_length"], kw["steps"]) for kw in calls] == [(6, 4, 2), (4, 2, 3)]
 
 
 def test_help_shows_defaults_and_version(capsys):

@@ -285,18 +285,8 @@ def generate(args: argparse.Namespace) -> int:
     if args.threshold is None and args.steps is None:
         args.steps = DEFAULT_STEPS
     kv_cache = None if args.kv_cache == "none" else args.kv_cache
-    # The samplers check these too, once the model is loaded; here they fail before it loads.
-    block = args.gen_length if args.block_length is None else args.block_length
-    if args.gen_length % block:
-        raise UsageError(
-            f"--gen-length must be a multiple of --block-length, got --gen-length {args.gen_length} and "
-            f"--block-length {block}"
-        )
-    if args.steps is not None and args.steps % (args.gen_length // block):
-        raise UsageError(
-            f"--steps must be a multiple of the block count --gen-length / --block-length = "
-            f"{args.gen_length // block}, got --steps {args.steps}"
-        )
+    # The samplers check --gen-length against --block-length and --steps against the blocks
+    # (their rules, reported through LIBRARY_FLAGS once the model is loaded).
     if kv_cache is not None and args.attn not in ("sparsed", "sdpa", "eager"):
         raise UsageError(f"--kv-cache {kv_cache} runs with --attn sparsed, sdpa or eager, got --attn {args.attn!r}")
     if dream and kv_cache is not None and args.block_length is None:
