@@ -250,7 +250,14 @@ class DiffusionLM(LM):
         if self.attn == "sparsed":
             fields = {k: kw[k] for k in sparse_keys if k in kw}
             with _model_args(self._known):
-                self.sparsed = SparseDConfig(**fields)
+                try:
+                    self.sparsed = SparseDConfig(**fields)
+                except TypeError as err:
+                    if isinstance(err, ArgumentTypeError):
+                        raise
+                    # SparseDConfig refuses a non-bool keep_diagonal with a plain TypeError (no
+                    # .argument); only user-given fields reach it here.
+                    raise ModelArgError(f"model args: {err}") from None
         else:
             given = [k for k in sparse_keys if k in kw]
             if given:
