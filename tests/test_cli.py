@@ -16,16 +16,21 @@ import torch
 
 import sparsed_backend
 from sparsed_backend._validate import ArgumentTypeError, ArgumentValueError
+from sparsed_backend.attention.prefix_selection import PrefixSparseConfig
 from sparsed_backend.cli import LIBRARY_FLAGS, UsageError, _flags
 from sparsed_backend.demo import model_path
 from sparsed_cli import build_parser, main
 from sparsed_cli.flags import DeviceName, Float, GridOffset, Int, ModelDir, PngOut
+from tiny_models import write_blockdiff_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = str(model_path())
 # A generate run that costs well under a second once the model is loaded (dense SDPA, no compile).
 QUICK = ["--model", SHIPPED, "--prompt", "\u4e00\u4e01?", "--steps", "2", "--gen-length", "2", "--attn", "sdpa",
          "--dtype", "float32", "--device", "cpu"]  # fmt: skip
+# A tiny block-diffusion (Qwen3, SDAR layout) checkpoint, written per test at {qwen3}: dense, quick.
+BLOCKDIFF = ["--model", "{qwen3}", "--prompt", "\u4e00\u4e01?", "--gen-length", "8", "--attn", "sdpa",
+             "--dtype", "float32", "--device", "cpu"]  # fmt: skip
 # QUICK with threshold decoding in place of --steps: append the threshold.
 QUICK_THRESHOLD = [*QUICK[:4], *QUICK[6:], "--threshold"]
 
@@ -51,7 +56,6 @@ def assert_one_line_error(status: int, err: str, message: str) -> None:
 
 
 def _dream_checkpoint(path: Path) -> str:
-    sys.path.insert(0, str(Path(__file__).parent))
     from tiny_models import write_checkpoint
 
     write_checkpoint(path, "dream")
@@ -73,9 +77,9 @@ BAD_INPUTS = [
     (["generate", *QUICK, "--steps", "0"], r"--steps must be >= 1, got 0"),
     (["generate", *QUICK, "--gen-length", "0"], r"--gen-length must be >= 1, got 0"),
     (["generate", *QUICK, "--gen-length", "6", "--block-length", "4"],
-     r"--gen-length must be a multiple of --block-length, got --gen-length 6 and --block-length 4"),
+     r"--gen-length must be divisible by --block-length, got --gen-length=6, --block-length=4$"),
     (["generate", *QUICK, "--gen-length", "4", "--block-length", "2", "--steps", "3"],
-     r"--steps must be a multiple of the block count --gen-length / --block-length = 2, got --steps 3"),
+     r"--steps must be divisible by the number of blocks --gen-length/--block-length = 2, got --steps=3$"),
     (["generate", *QUICK, "--temperature", "-1"], r"--temperature must be >= 0\.0, got -1\.0"),
     (["generate", *QUICK, "--attn", "sparsed", "--select", "2"], r"--select must be in \(0, 1\], got 2\.0"),
     (["generate", *QUICK, "--attn", "sparsed", "--skip", "1.5"], r"--skip must be in \[0, 1\], got 1\.5"),
@@ -119,6 +123,34 @@ BAD_INPUTS = [
      r"--model: cannot load the weights in .*corrupt_weights: Error while deserializing header"),
     (["generate", "--model", SHIPPED, "--prompt", "hi", "--attn", "flash"],
      r"^sparsed generate: error: argument --attn: invalid choice: 'flash'"),
+    # generate: the flags of one sampler family refused for the other
+    (["generate", *QUICK, "--denoising-steps", "2"],
+     r"^sparsed generate: error: --denoising-steps applies only to block-diffusion \(Qwen3\) checkpoints, got "
+     r"--denoising-steps 2 with a 'llada' checkpoint$"),
+    (["generate", *QUICK, "--remasking", "sequential"], r"^sparsed generate: error: --remasking applies only to "),
+    (["generate", *QUICK, "--prefix-budget", "8"], r"^sparsed generate: error: --prefix-budget applies only to "),
+    (["generate", *BLOCKDIFF, "--steps", "4"],
+     r"^sparsed generate: error: --steps applies only to LLaDA and Dream checkpoints, got --steps 4 with a 'qwen3' "
+     r"checkpoint$"),
+    (["generate", *BLOCKDIFF, "--kv-cache", "dual"], r"--kv-cache applies only to LLaDA and Dream checkpoints"),
+    (["generate", *BLOCKDIFF, "--skip", "0.5"], r"--skip applies only to LLaDA and Dream checkpoints"),
+    (["generate", *BLOCKDIFF, "--prompt-end-offset", "none"], r"--prompt-end-offset applies only to LLaDA and Dream"),
+    (["generate", *BLOCKDIFF, "--rope-scaling", "yarn:2"], r"--rope-scaling applies only to LLaDA and Dream"),
+    (["generate", *BLOCKDIFF, "--attn", "flex_attention"],
+     r"--attn must be one of sdpa, eager, sparsed for a block-diffusion checkpoint .*, got --attn 'flex_attention'$"),
+    # generate with a block-diffusion checkpoint: PrefixSparseConfig's and blockdiff_generate's rules
+    (["generate", *BLOCKDIFF, "--attn", "sparsed", "--select", "0.3", "--prefix-budget", "8"],
+     r"give exactly one of --select and --prefix-budget, got --select=0.3, --prefix-budget=8$"),
+    (["generate", *BLOCKDIFF, "--attn", "sparsed", "--select", "1.5"], r"--select must be in \(0, 1\], got 1.5$"),
+    (["generate", *BLOCKDIFF, "--prefix-budget", "8"],
+     r"--select, --block-size and --prefix-budget need --attn sparsed, got --attn sdpa$"),
+    (["generate", *BLOCKDIFF, "--remasking", "low_confidence_dynamic"],
+     r"--remasking='low_confidence_dynamic' needs a --threshold in \[0, 1\]"),
+    (["generate", *BLOCKDIFF, "--threshold", "0.9", "--remasking", "sequential"],
+     r"--threshold is only used by --remasking='low_confidence_dynamic', got --remasking='sequential'$"),
+    (["generate", *BLOCKDIFF, "--denoising-steps", "0"], r"--denoising-steps must be >= 1, got 0$"),
+    (["generate", *BLOCKDIFF, "--prompt", "Hello, world"],
+     r"--prompt must be text the model's tokenizer can encode, got 12 of 13 tokens unknown"),
     # bench
     (["bench", "--length", "0"], r"^sparsed bench: error: --length must be >= 1, got 0$"),
     (["bench", "--heads", "0"], r"^sparsed bench: error: --heads must be >= 1, got 0$"),
@@ -165,6 +197,9 @@ def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, capsys):
              "config_only": str(tmp_path / "config_only")}  # fmt: skip
     if "{dream}" in argv:
         paths["dream"] = _dream_checkpoint(tmp_path / "dream")
+    if "{qwen3}" in argv:
+        write_blockdiff_checkpoint(tmp_path / "qwen3")
+        paths["qwen3"] = str(tmp_path / "qwen3")
     for name in ("no_weights", "corrupt_weights"):  # the shipped checkpoint without readable weights
         if "{" + name + "}" in argv:
             shutil.copytree(SHIPPED, tmp_path / name)
@@ -356,6 +391,67 @@ def test_generate_with_threshold_decoding_and_a_cache(capsys):
                 "--no-progress"]  # fmt: skip
         assert main(argv) == 0
         assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_block_divisibility_is_the_samplers_rule_reported_by_flag(monkeypatch, capsys):
+    """--gen-length / --block-length / --steps divisibility has one home, the sampler: the CLI
+    calls it with the bad values and reports its error by flag."""
+    import sparsed_backend.sampling.generation as generation
+
+    calls = []
+    real = generation.llada_generate
+    monkeypatch.setattr(generation, "llada_generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    for extra, flag in [(["--gen-length", "6", "--block-length", "4"], "--gen-length"),
+                        (["--gen-length", "4", "--block-length", "2", "--steps", "3"], "--steps")]:  # fmt: skip
+        status, _, err = run_main(["generate", *QUICK, "--no-progress", *extra], capsys)
+        assert_one_line_error(status, err, f"^sparsed generate: error: {flag} must be divisible by ")
+    assert [(kw["gen_length"], kw["block_length"], kw["steps"]) for kw in calls] == [(6, 4, 2), (4, 2, 3)]
+
+
+def test_generate_runs_a_block_diffusion_checkpoint_with_its_flags(tmp_path, monkeypatch, capsys):
+    """A Qwen3 checkpoint with mask_token_id and block_size runs blockdiff_generate: the family's
+    flags reach it (block length from the config unless given), sparse prefix selection with
+    --attn sparsed, and the answer is one line on stdout."""
+    import sparsed_backend.cli_blockdiff as cli_blockdiff
+
+    write_blockdiff_checkpoint(tmp_path / "qwen3", block_size=4)
+    calls = []
+    real = cli_blockdiff.blockdiff_generate
+
+    def spy(model, ids, **kw):
+        calls.append((type(model).__name__, model.config._attn_implementation, kw))
+        return real(model, ids, **kw)
+
+    monkeypatch.setattr(cli_blockdiff, "blockdiff_generate", spy)
+    argv = [a.format(qwen3=tmp_path / "qwen3") for a in BLOCKDIFF]
+    assert main(["generate", *argv, "--no-progress"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    name, attn, kw = calls[-1]
+    assert (name, attn, kw["block_length"], kw["denoising_steps"], kw["remasking"], kw["threshold"]) == (
+        "Qwen3ForCausalLM", "sdpa", 4, 4, "low_confidence_static", None
+    )  # fmt: skip
+    assert kw["sparsed"] is None and kw["gen_length"] == 8
+    extra = ["--attn", "sparsed", "--block-length", "2", "--denoising-steps", "1", "--threshold", "0.9",
+             "--prefix-budget", "8", "--block-size", "4", "--no-progress"]  # fmt: skip
+    assert main(["generate", *argv, *extra]) == 0
+    name, attn, kw = calls[-1]
+    assert (attn, kw["block_length"], kw["denoising_steps"], kw["remasking"], kw["threshold"]) == (
+        "sparsed", 2, 1, "low_confidence_dynamic", 0.9
+    )  # fmt: skip
+    assert kw["sparsed"] == PrefixSparseConfig(select=None, budget=8, block_size=4)
+    assert main(["generate", *argv, "--attn", "sparsed", "--no-progress"]) == 0
+    assert calls[-1][2]["sparsed"] == PrefixSparseConfig()  # select 0.3, its default
+
+
+def test_generate_help_lists_the_block_diffusion_flags(capsys):
+    from sparsed_backend.sampling.block_diffusion import BLOCKDIFF_REMASKING
+
+    status, out, _ = run_main(["generate", "--help"], capsys)
+    assert status == 0
+    for flag in ("--denoising-steps", "--remasking", "--prefix-budget", "--select", "--block-size", "--threshold"):
+        assert re.search(rf"^  {flag} ", out, re.M), flag
+    actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions}
+    assert tuple(actions["remasking"].choices) == BLOCKDIFF_REMASKING  # the parser's copy of the sampler's rules
 
 
 def test_help_shows_defaults_and_version(capsys):

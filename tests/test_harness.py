@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from sparsed_backend import _warn
+from sparsed_backend._validate import ArgumentValueError
 from sparsed_backend.attention.prefix_selection import PrefixSparseConfig
 from sparsed_backend.demo import model_path
 from sparsed_backend.demo.task import sample_prompts
@@ -35,7 +36,7 @@ from sparsed_backend.harness.task_data import (
     make_docs,
     mixed_lengths,
 )
-from tiny_models import MASK_ID, PAD_ID, tiny_model
+from tiny_models import MASK_ID, PAD_ID, tiny_model, write_blockdiff_checkpoint
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 NO_LM_EVAL = "lm_eval is not installed (pip install -e '.[eval]'); nox -s tests installs it"
@@ -257,19 +258,17 @@ def _make(harness_model, **kw):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ({"steps": 0}, r"model arg steps: expected an int >= 1, got 0"),
-        ({"steps": "five"}, r"model arg steps: expected an int >= 1, got 'five'"),
-        ({"gen_length": 2.5}, r"model arg gen_length: expected an int >= 1, got 2.5"),
+        ({"steps": 0}, r"^model arg steps: steps must be >= 1, got 0$"),
+        ({"steps": "five"}, r"^model arg steps: steps must be an int, got str \('five'\)$"),
+        ({"gen_length": 2.5}, r"^model arg gen_length: gen_length must be an int, got float \(2.5\)$"),
         ({"attn": "flash"}, r"model arg attn: expected one of \('dense', 'sparsed'\), got 'flash'"),
-        ({"attn": "sparsed", "select": 1.5}, r"model arg select: expected a number in \(0.0, 1.0\], got 1.5"),
-        ({"attn": "sparsed", "skip": "x"}, r"model arg skip: expected a number, got 'x'"),
-        ({"attn": "sparsed", "block_size": 24}, r"model arg block_size: expected a positive multiple of 16, got 24"),
+        ({"attn": "sparsed", "select": 1.5}, r"^model arg select: select must be in \(0, 1\], got 1.5$"),
+        ({"attn": "sparsed", "skip": "x"}, r"^model arg skip: skip must be a float, got str \('x'\)$"),
+        ({"attn": "sparsed", "block_size": 24},
+         r"^model arg block_size: block_size must be a positive multiple of 16, got 24$"),
+        ({"attn": "sparsed", "keep_diagonal": "yes"}, r"^model args: keep_diagonal must be a bool, got str$"),
         ({"select": 0.3}, r"model args \['select'\] are SparseD settings: they need attn=sparsed, got attn=dense"),
         ({"alg": "entropy"}, r"model args \['alg'\] belong to the dream sampler; this checkpoint is llada"),
-        ({"remasking": "top"}, r"model arg remasking: expected one of \('low_confidence', 'random'\), got 'top'"),
-        ({"gen_length": 6, "block_length": 4}, r"model arg block_length: expected a divisor of gen_length=6, got 4"),
-        ({"gen_length": 8, "block_length": 4, "steps": 3},
-         r"model arg steps: expected a multiple of gen_length / block_length = 2, got 3"),
         ({"batch_size": "auto"},
          r"model arg batch_size: expected an int >= 1 \(automatic batch sizes are not supported\), got 'auto'$"),
         ({"batch_size": "auto:4"},
@@ -283,13 +282,14 @@ def _make(harness_model, **kw):
          r"model arg rope_scaling: expected TYPE:FACTOR .*\(longrope takes per-dimension factors"),
         ({"dtype": "float64"}, r"model arg dtype: expected one of \('auto', 'float32', 'bfloat16', 'float16'\)"),
         ({"device": "gpu0"}, r"model arg device: expected a torch device such as 'cpu' or 'cuda:0', got 'gpu0'"),
-        ({"mc_samples": -1}, r"model arg mc_samples: expected an int >= 1, got -1"),
-        ({"temperature": "hot"}, r"model arg temperature: expected a number, got 'hot'"),
+        ({"mc_samples": -1}, r"^model arg mc_samples: mc_samples must be >= 1, got -1$"),
         ({"stepz": 3}, r"unknown model args \['stepz'\]; sparsed-dlm takes pretrained and"),
-        ({"kv_cache": "full"}, r"model arg kv_cache: expected one of \('none', 'prefix', 'dual'\), got 'full'"),
-        ({"attn": "sparsed", "prompt_end_offset": -1}, r"model arg prompt_end_offset: expected an int >= 0, got -1"),
+        ({"kv_cache": "full"}, r"^model arg kv_cache: kv_cache must be None, 'prefix' or 'dual', got 'full'$"),
+        ({"attn": "sparsed", "prompt_end_offset": -1},
+         r"^model arg prompt_end_offset: prompt_end_offset must be None, 'middle' or an int in \[0, block_size=128\), "
+         r"got -1$"),
         ({"attn": "sparsed", "prompt_end_offset": "half"},
-         r"model arg prompt_end_offset: expected none, middle or an int >= 0, got 'half'"),
+         r"^model arg prompt_end_offset: prompt_end_offset must be None, 'middle' or an int .*, got 'half'$"),
         ({"attn": "sparsed", "prompt_end_offset": 128},
          r"prompt_end_offset must be None, 'middle' or an int in \[0, block_size=128\), got 128"),
         ({"prompt_end_offset": 64},
@@ -297,13 +297,55 @@ def _make(harness_model, **kw):
     ],
 )  # fmt: skip
 def test_bad_model_args_name_the_arg_the_expectation_and_the_value(harness_model, args, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(harness_model.ModelArgError, match=message):
         _make(harness_model, **args)
 
 
-@pytest.mark.parametrize(("given", "parsed"), [(None, "middle"), ("64", 64), ("none", None), ("Middle", "middle")])
-def test_the_block_grid_reaches_the_config_and_runs_with_a_cache(harness_model, given, parsed):
-    args = {} if given is None else {"prompt_end_offset": given}
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"remasking": "top"}, r"^model arg remasking: remasking must be one of \('low_confidence', 'random'\), "),
+        ({"gen_length": 6, "block_length": 4},
+         r"^model arg gen_length: gen_length must be divisible by block_length, got gen_length=6, block_length=4$"),
+        ({"gen_length": 8, "block_length": 4, "steps": 3},
+         r"^model arg steps: steps must be divisible by the number of blocks gen_length/block_length = 2, got "),
+        ({"temperature": "hot"}, r"^model arg temperature: temperature must be a float, got str \('hot'\)$"),
+    ],
+)  # fmt: skip
+def test_bad_sampler_model_args_are_named_when_the_sampler_checks_them(harness_model, args, message):
+    """The sampler's own rules reach the user as a ModelArgError naming the model arg."""
+    lm = _make(harness_model, **{"gen_length": 4, **args})
+    with pytest.raises(harness_model.ModelArgError, match=message):
+        lm.generate_until([_instance("generate_until", ("\u4e00\u4e01?", {"until": []}))])
+
+
+def test_model_args_typed_by_lm_eval_and_spelled_as_text_reach_the_library(harness_model):
+    """lm-eval's parser types numbers, booleans and none; the text spellings of TEXT_VALUES (from
+    a YAML config) and rope_scaling=none (None after lm-eval's parser: no scaling) are mapped."""
+    from lm_eval.utils import simple_parse_args_string
+
+    parsed = simple_parse_args_string("steps=5,select=0.3,block_size=64,keep_diagonal=true,prompt_end_offset=none")
+    assert parsed == {"steps": 5, "select": 0.3, "block_size": 64, "keep_diagonal": True, "prompt_end_offset": None}
+    spelled = harness_model._spelled({"prompt_end_offset": "None", "kv_cache": "NONE", "rope_scaling": None})
+    assert spelled == {"prompt_end_offset": None, "kv_cache": None, "rope_scaling": "none"}
+    assert harness_model._spelled({"prompt_end_offset": 3, "steps": 5}) == {"prompt_end_offset": 3, "steps": 5}
+
+
+def test_a_library_error_about_an_argument_no_model_arg_feeds_keeps_its_traceback(harness_model):
+    known = {"steps", "gen_length", "prefix_budget"}
+    renamed = r"^model arg gen_length \(the library's max_new_tokens\): max_new_tokens must be >= 1, got 0$"
+    with pytest.raises(harness_model.ModelArgError, match=renamed), harness_model._model_args(known):
+        raise ArgumentValueError("max_new_tokens", "max_new_tokens must be >= 1, got 0")
+    with pytest.raises(ArgumentValueError, match="input_ids must be 2D"), harness_model._model_args(known):
+        raise ArgumentValueError("input_ids", "input_ids must be 2D")  # not a model arg: a bug
+
+
+@pytest.mark.parametrize(
+    ("args", "parsed"),
+    [({}, "middle"), ({"prompt_end_offset": 64}, 64), ({"prompt_end_offset": None}, None),
+     ({"prompt_end_offset": "none"}, None), ({"prompt_end_offset": "Middle"}, "middle")],
+)  # fmt: skip
+def test_the_block_grid_reaches_the_config_and_runs_with_a_cache(harness_model, args, parsed):
     lm = _make(harness_model, attn="sparsed", steps=5, gen_length=5, **args)
     assert lm.sparsed.prompt_end_offset == parsed
     cached = _make(harness_model, attn="sparsed", kv_cache="dual", steps=5, gen_length=5, **args)
@@ -321,7 +363,7 @@ def test_pretrained_must_be_a_diffusion_lm(harness_model, tmp_path):
 
 
 def test_cli_style_args_strings_and_defaults(harness_model):
-    # What lm-eval's CLI hands over: numbers as strings or ints, device='cuda:0', batch_size as str.
+    # What lm-eval's CLI hands over: model args typed by its parser, device='cuda:0', batch_size as str.
     lm = harness_model.DiffusionLM.create_from_arg_string(
         f"pretrained={model_path()},attn=sparsed,select=0.3,skip=0.2,block_size=128,steps=5,gen_length=5,device=cpu",
         {"device": "cuda:0", "batch_size": "4", "max_batch_size": None},
@@ -329,7 +371,7 @@ def test_cli_style_args_strings_and_defaults(harness_model):
     assert (lm.steps, lm.gen_length, lm.block_length, lm.batch_size) == (5, 5, 5, 4)
     assert lm.sparsed.select == 0.3 and lm.sparsed.block_size == 128 and lm.device == torch.device("cpu")
     assert lm.model.config._attn_implementation == "sparsed"
-    args = {"pretrained": str(model_path()), "steps": "5", "gen_length": 5, "device": "cpu"}
+    args = {"pretrained": str(model_path()), "steps": 5, "gen_length": 5, "device": "cpu"}
     lm = harness_model.DiffusionLM.create_from_arg_obj(args, {"batch_size": 2})
     assert (lm.steps, lm.batch_size, lm.sparsed) == (5, 2, None)
     assert lm.model.config._attn_implementation == "sdpa"
@@ -410,7 +452,7 @@ def test_generate_until_batches_and_passes_the_sampler_settings(harness_model, m
 
 
 def test_threshold_reaches_the_sampler_in_place_of_steps(harness_model, monkeypatch):
-    lm = _make(harness_model, attn="sparsed", threshold="0.9", gen_length=5, kv_cache="dual")
+    lm = _make(harness_model, attn="sparsed", threshold=0.9, gen_length=5, kv_cache="dual")
     assert (lm.threshold, lm.steps) == (0.9, None)
     seen = {}
 
@@ -421,9 +463,9 @@ def test_threshold_reaches_the_sampler_in_place_of_steps(harness_model, monkeypa
     monkeypatch.setattr(harness_model, "llada_generate", fake_generate)
     lm.generate_until([_instance("generate_until", ("\u4e00" * 3, {"until": [], "max_gen_toks": 5}))])
     assert (seen["threshold"], seen["steps"], seen["kv_cache"]) == (0.9, None, "dual")
-    with pytest.raises(ValueError, match=r"model args steps=5 and threshold=0.9 exclude each other"):
+    with pytest.raises(ValueError, match=r"^model arg steps: steps=5 and threshold=0.9 exclude each other"):
         _make(harness_model, threshold=0.9, steps=5, gen_length=5)
-    with pytest.raises(ValueError, match=r"model arg threshold: expected a number in \(0.0, 1.0\], got 0"):
+    with pytest.raises(ValueError, match=r"^model arg threshold: threshold must be in \(0, 1\], got 0.0$"):
         _make(harness_model, threshold=0, gen_length=5)
 
 
@@ -467,8 +509,9 @@ def test_a_dream_checkpoint_is_detected_and_runs_both_request_types(harness_mode
         ValueError, match=r"model args \['remasking'\] belong to the llada sampler; this checkpoint is dream"
     ):
         harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", remasking="random")
-    with pytest.raises(ValueError, match=r"model arg kv_cache: expected none for Dream without block_length"):
-        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", kv_cache="prefix")
+    no_blocks = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=4, kv_cache="prefix")
+    with pytest.raises(harness_model.ModelArgError, match=r"^model arg kv_cache: kv_cache='prefix' needs block_length"):
+        no_blocks.generate_until([_instance("generate_until", ("\u4e00\u4e01?", {"until": []}))])
     cached = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=4, steps=4,
                                        block_length=2, kv_cache="dual")  # fmt: skip
     text = cached.generate_until([_instance("generate_until", ("\u4e00\u4e01?", {"until": [], "max_gen_toks": 4}))])
@@ -590,9 +633,9 @@ def test_bad_model_args_are_one_line_in_sparsed_eval(tmp_path):
     _lm_eval()
     exe = _bin("sparsed-eval")
     cases = [
-        ("pretrained={shipped},steps=0", r"^sparsed-eval: error: model arg steps: expected an int >= 1, got 0$"),
+        ("pretrained={shipped},steps=0", r"^sparsed-eval: error: model arg steps: steps must be >= 1, got 0$"),
         ("pretrained={shipped},attn=sparsed,prompt_end_offset=500",
-         r"^sparsed-eval: error: model args: prompt_end_offset must be None, 'middle' or an int in \[0, "),
+         r"^sparsed-eval: error: model arg prompt_end_offset: prompt_end_offset must be None, 'middle' or an int in "),
         ("pretrained=/nonexistent/model", r"^sparsed-eval: error: model arg pretrained: expected a checkpoint"),
     ]  # fmt: skip
     env = {**os.environ, **OFFLINE, "PYTHONWARNINGS": "ignore"}
@@ -640,30 +683,24 @@ def test_a_block_diffusion_checkpoint_runs_blockdiff_generate(harness_model, tmp
     """A Qwen3 checkpoint whose config carries mask_token_id and block_size (SDAR's fields) runs
     blockdiff_generate with the model args' settings, sparse prefix selection with attn=sparsed;
     LLaDA / Dream args and loglikelihood are refused with one-line errors."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from sparsed_backend.demo.task import MASK_ID as DEMO_MASK
-    from sparsed_backend.demo.task import VOCAB_SIZE
-    from sparsed_backend.demo.tokenizer import build_tokenizer
-
-    cfg = Qwen3Config(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=0, pad_token_id=0)  # fmt: skip
-    cfg.mask_token_id, cfg.block_size = DEMO_MASK, 4
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(cfg).save_pretrained(tmp_path)
-    build_tokenizer().save_pretrained(tmp_path)
+    write_blockdiff_checkpoint(tmp_path, block_size=4)
     with pytest.raises(ValueError, match=r"model args \['steps'\] belong to the LLaDA / Dream samplers"):
         harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", steps=4)
     with pytest.raises(ValueError, match=r"model args \['select'\] are sparse prefix settings: they need attn=sparsed"):
         harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", select=0.3)
-    with pytest.raises(ValueError, match="remasking=low_confidence_dynamic and threshold go together"):
-        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", remasking="low_confidence_dynamic")
+    with pytest.raises(ValueError, match=r"^model arg select: give exactly one of select and budget"):
+        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", attn="sparsed", select=0.3, prefix_budget=8)
+    with pytest.raises(ValueError, match=r"^model arg prefix_budget \(the library's budget\): budget must be >= 1"):
+        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", attn="sparsed", prefix_budget=0)
+    # blockdiff_generate's own rule, checked when it runs: a one-line error naming the model arg.
+    lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", remasking="low_confidence_dynamic")
+    with pytest.raises(harness_model.ModelArgError, match=r"^model arg threshold: remasking='low_confidence_dynamic' "):
+        lm.generate_until([_instance("generate_until", ("\u4e00\u4e01?", {"until": []}))])
     calls = []
     real = harness_model.blockdiff_generate
     monkeypatch.setattr(harness_model, "blockdiff_generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=8, attn="sparsed",
-                                   prefix_budget=8, block_size=4, per_kv_head="true", threshold=0.9)  # fmt: skip
+                                   prefix_budget=8, block_size=4, per_kv_head=True, threshold=0.9)  # fmt: skip
     assert lm.family == "blockdiff" and type(lm.model).__name__ == "Qwen3ForCausalLM"
     out = lm.generate_until([_instance("generate_until", ("\u4e00\u4e01?" * 3, {"until": [], "max_gen_toks": 8}))])
     assert len(out) == 1 and isinstance(out[0], str)

@@ -265,3 +265,22 @@ def tiny_model(kind: str, seed: int = 0):
     model = model_class(config_class(**TINY[kind]))
     model.load_state_dict(random_state_dict(kind, TINY[kind], seed), strict=True)
     return model.float().eval()
+
+
+def write_blockdiff_checkpoint(path: Path, block_size: int = 4, seed: int = 0) -> None:
+    """A tiny block-diffusion checkpoint in SDAR's layout: transformers' own Qwen3ForCausalLM
+    whose config carries ``mask_token_id`` and ``block_size``, with the demo tokenizer (text in,
+    text out) saved beside it."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from sparsed_backend.demo.task import MASK_ID as DEMO_MASK
+    from sparsed_backend.demo.task import VOCAB_SIZE
+    from sparsed_backend.demo.tokenizer import build_tokenizer
+
+    cfg = Qwen3Config(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=0, pad_token_id=0)  # fmt: skip
+    cfg.mask_token_id, cfg.block_size = DEMO_MASK, block_size
+    torch.manual_seed(seed)
+    Qwen3ForCausalLM(cfg).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)

@@ -1,4 +1,4 @@
-"""The ``sparsed`` commands: demo (the main job), generate, bench.
+"""The ``sparsed`` commands: demo (the main job), generate (block diffusion: `cli_blockdiff`), bench.
 
 The parser and the entry point ``main`` live in `sparsed_cli` (no torch there, so ``--help``
 is instant); it checks each flag's own rule with its argparse ``type=`` and then calls
@@ -47,6 +47,10 @@ LIBRARY_FLAGS = {
     "block_length": "--block-length",
     "temperature": "--temperature",
     "kv_cache": "--kv-cache",
+    # blockdiff_generate and PrefixSparseConfig (select and block_size as above)
+    "denoising_steps": "--denoising-steps",
+    "remasking": "--remasking",
+    "budget": "--prefix-budget",
     # the demo's sample_prompts
     "seed": "--seed",
 }
@@ -99,13 +103,12 @@ DEFAULT_STEPS = 128  # `sparsed generate` without --steps or --threshold
 
 
 def _sparsed_config(args: argparse.Namespace, **fixed) -> SparseDConfig:
-    """The SparseDConfig of --skip, --select, --block-size and --prompt-end-offset (SparseDConfig
-    checks them, before any model loads)."""
-    kwargs = {"skip": args.skip} if hasattr(args, "skip") else {}
-    if hasattr(args, "prompt_end_offset"):
-        kwargs["prompt_end_offset"] = args.prompt_end_offset  # None, "middle" or an int (sparsed_cli.flags)
+    """The SparseDConfig of --skip, --select, --block-size and --prompt-end-offset, those the
+    command has and the user gave (SparseDConfig's defaults for the rest; it checks them, before
+    any model loads). ``prompt_end_offset`` may be None, "middle" or an int (sparsed_cli.flags)."""
+    kwargs = {name: getattr(args, name) for name in SPARSED_ARGUMENTS if hasattr(args, name)}
     with _flags(*SPARSED_ARGUMENTS):
-        return SparseDConfig(select=args.select, block_size=args.block_size, **kwargs, **fixed)
+        return SparseDConfig(**kwargs, **fixed)
 
 
 def _device(value: str) -> torch.device:
@@ -140,16 +143,17 @@ def _model_config(path: Path, model_types: tuple[str, ...]):
     return config
 
 
-def _load_weights(path: Path, **kwargs) -> torch.nn.Module:
-    """``AutoModel.from_pretrained(path, **kwargs)`` in eval mode; missing or unreadable weights
-    are a UsageError naming --model."""
+def _load_weights(path: Path, causal_lm: bool = False, **kwargs) -> torch.nn.Module:
+    """``AutoModel.from_pretrained(path, **kwargs)`` (AutoModelForCausalLM with ``causal_lm``:
+    Qwen3's LM head class) in eval mode; missing or unreadable weights are a UsageError naming
+    --model."""
     from safetensors import SafetensorError
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoModelForCausalLM
 
     if not any(Path(path).glob("*.safetensors")) and not any(Path(path).glob("*.bin")):
         raise UsageError(f"--model must hold the weights (*.safetensors), got none in {path}")
     try:
-        return AutoModel.from_pretrained(path, **kwargs).eval()
+        return (AutoModelForCausalLM if causal_lm else AutoModel).from_pretrained(path, **kwargs).eval()
     except (OSError, SafetensorError) as err:  # a truncated or corrupt weights file
         raise UsageError(f"--model: cannot load the weights in {path}: {str(err).splitlines()[0]}") from None
 
@@ -268,45 +272,16 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate(args: argparse.Namespace) -> int:
+def _encode_prompt(args: argparse.Namespace, config):
+    """The checkpoint's tokenizer and --prompt's ids (1, P), checked: text the tokenizer knows,
+    no mask token, prompt and --gen-length within the model's positions."""
     from transformers import AutoTokenizer
 
-    from .sampling.generation import dream_generate, llada_generate
-
-    device = _device(args.device)
-    path = args.model
-    config = _rope_scaling(_model_config(path, ("llada", "Dream")), args.rope_scaling)
-    dream = config.model_type == "Dream"
-    if args.threshold is not None and args.steps is not None:
-        raise UsageError(
-            f"--steps and --threshold exclude each other: threshold decoding takes as many steps as each block "
-            f"needs, got --steps {args.steps} and --threshold {args.threshold}"
-        )
-    if args.threshold is None and args.steps is None:
-        args.steps = DEFAULT_STEPS
-    kv_cache = None if args.kv_cache == "none" else args.kv_cache
-    # The samplers check these too, once the model is loaded; here they fail before it loads.
-    block = args.gen_length if args.block_length is None else args.block_length
-    if args.gen_length % block:
-        raise UsageError(
-            f"--gen-length must be a multiple of --block-length, got --gen-length {args.gen_length} and "
-            f"--block-length {block}"
-        )
-    if args.steps is not None and args.steps % (args.gen_length // block):
-        raise UsageError(
-            f"--steps must be a multiple of the block count --gen-length / --block-length = "
-            f"{args.gen_length // block}, got --steps {args.steps}"
-        )
-    if kv_cache is not None and args.attn not in ("sparsed", "sdpa", "eager"):
-        raise UsageError(f"--kv-cache {kv_cache} runs with --attn sparsed, sdpa or eager, got --attn {args.attn!r}")
-    if dream and kv_cache is not None and args.block_length is None:
-        raise UsageError(f"--kv-cache {kv_cache} needs --block-length with a Dream checkpoint (Dream decodes the "
-                         "whole generation as one block otherwise, so nothing is cached)")  # fmt: skip
-    sparsed = _sparsed_config(args) if args.attn == "sparsed" and args.select is not None else None
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(args.model)
     except (OSError, ValueError) as err:
-        raise UsageError(f"--model: no tokenizer could be loaded from {path}: {str(err).splitlines()[0]}") from None
+        why = str(err).splitlines()[0]
+        raise UsageError(f"--model: no tokenizer could be loaded from {args.model}: {why}") from None
     if not args.prompt.strip():
         raise UsageError("--prompt must hold some text, got an empty prompt")
     ids = tok(args.prompt, return_tensors="pt", verbose=False)["input_ids"]
@@ -328,6 +303,39 @@ def generate(args: argparse.Namespace) -> int:
     mask_id = getattr(config, "mask_token_id", None)
     if mask_id is not None and bool((ids == mask_id).any()):
         raise UsageError(f"--prompt must not contain the mask token (id {mask_id}), got a prompt that does")
+    return tok, ids
+
+
+def generate(args: argparse.Namespace) -> int:
+    from .cli_blockdiff import BLOCKDIFF_FLAGS, generate_blockdiff, refuse_flags
+    from .sampling.generation import dream_generate, llada_generate
+
+    device = _device(args.device)
+    path = args.model
+    config = _model_config(path, ("llada", "Dream", "qwen3"))
+    if config.model_type == "qwen3":
+        return generate_blockdiff(args, config, device)
+    refuse_flags(args, BLOCKDIFF_FLAGS, "block-diffusion (Qwen3)", config.model_type)
+    config = _rope_scaling(config, getattr(args, "rope_scaling", None))
+    dream = config.model_type == "Dream"
+    steps = getattr(args, "steps", None)
+    if args.threshold is not None and steps is not None:
+        raise UsageError(
+            f"--steps and --threshold exclude each other: threshold decoding takes as many steps as each block "
+            f"needs, got --steps {steps} and --threshold {args.threshold}"
+        )
+    if args.threshold is None and steps is None:
+        steps = DEFAULT_STEPS
+    kv_cache = None if getattr(args, "kv_cache", "none") == "none" else args.kv_cache
+    # The samplers check --gen-length against --block-length and --steps against the blocks
+    # (their rules, reported through LIBRARY_FLAGS once the model is loaded).
+    if kv_cache is not None and args.attn not in ("sparsed", "sdpa", "eager"):
+        raise UsageError(f"--kv-cache {kv_cache} runs with --attn sparsed, sdpa or eager, got --attn {args.attn!r}")
+    if dream and kv_cache is not None and args.block_length is None:
+        raise UsageError(f"--kv-cache {kv_cache} needs --block-length with a Dream checkpoint (Dream decodes the "
+                         "whole generation as one block otherwise, so nothing is cached)")  # fmt: skip
+    sparsed = _sparsed_config(args) if args.attn == "sparsed" else None
+    tok, ids = _encode_prompt(args, config)
     dtype = getattr(torch, args.dtype)
     _quiet_loading(args)
     model = _load_weights(path, config=config, attn_implementation=args.attn, dtype=dtype)
@@ -337,7 +345,7 @@ def generate(args: argparse.Namespace) -> int:
     fed = ("steps", "temperature", "threshold", "block_length", "kv_cache", *SPARSED_ARGUMENTS,
            "max_new_tokens" if dream else "gen_length")  # fmt: skip
     # Threshold decoding takes at most one step per generated token.
-    bar = progress(args.steps or args.gen_length, "denoising", "step", not args.no_progress)
+    bar = progress(steps or args.gen_length, "denoising", "step", not args.no_progress)
     with bar, torch.inference_mode(), _flags(*fed):
 
         def step_done(*_) -> None:  # returns None: a forward hook's return value would replace the output
@@ -345,7 +353,7 @@ def generate(args: argparse.Namespace) -> int:
 
         hook = model.register_forward_hook(step_done)
         try:
-            common = {"steps": args.steps, "block_length": args.block_length, "temperature": args.temperature,
+            common = {"steps": steps, "block_length": args.block_length, "temperature": args.temperature,
                       "generator": g, "sparsed": sparsed, "kv_cache": kv_cache,
                       "threshold": args.threshold}  # fmt: skip
             if dream:

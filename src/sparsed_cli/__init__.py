@@ -20,7 +20,7 @@ DESCRIPTION = """\
 SparseD sparse attention for diffusion LMs: the demo, generation and an attention benchmark.
 
   sparsed demo                      # shipped retrieval model, dense vs sparsed, CPU, offline
-  sparsed generate --model DIR --prompt "..." --select 0.3
+  sparsed generate --model DIR --prompt "..." --select 0.3    # LLaDA, Dream or block diffusion (Qwen3)
   sparsed bench --length 8192       # attention alone: dense vs sparsed on this machine
 
 A bad flag, path or device prints one line and exits with status 2.
@@ -80,6 +80,16 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 SEED_MAX = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+SUPPRESS = argparse.SUPPRESS
+# blockdiff_generate's remasking rules (sampling.block_diffusion.BLOCKDIFF_REMASKING; not imported:
+# that loads torch. tests/test_cli.py checks the two agree).
+BLOCKDIFF_REMASKING = ("low_confidence_static", "low_confidence_dynamic", "sequential")
+
+GENERATE_EPILOG = """\
+The checkpoint's model_type picks the sampler: llada or Dream (SparseD with --attn sparsed), or
+qwen3 with mask_token_id and block_size in its config (block diffusion, SDAR; sparse prefix
+selection with --attn sparsed). A flag marked for one family is refused for the other.
+"""
 
 # --prompt-end-offset, for every command that runs SparseD in a sampler (SparseDConfig.prompt_end_offset).
 GRID_FLAG = {
@@ -121,31 +131,53 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", type=ModelDir(), default=None, help="model directory (default: the shipped one)")
     d.add_argument("--out", type=PngOut(), default="sparsed_demo_blocks.png", help="PNG of the selected blocks")
 
-    g = command("generate", "generate with a LLaDA or Dream checkpoint directory")
+    g = command("generate", "generate with a LLaDA, Dream or block-diffusion (Qwen3, SDAR) checkpoint directory")
+    g.epilog = GENERATE_EPILOG
     g.add_argument(
         "--model", type=ModelDir(), required=True, help="checkpoint directory (config.json, weights, tokenizer)"
     )
     g.add_argument("--prompt", required=True, help="the prompt text")
     g.add_argument("--attn", default="sparsed", choices=["sparsed", "sdpa", "eager", "flex_attention"],
-                   help="attention implementation")  # fmt: skip
-    g.add_argument("--steps", type=Int(1), default=None,
-                   help="model forwards of a fixed schedule (default: 128 without --threshold)")  # fmt: skip
+                   help="attention implementation (block diffusion: sparsed, sdpa or eager)")  # fmt: skip
+    # Flags whose absence matters (the family's own default applies, or a flag of the other
+    # family was given) default to SUPPRESS: absent from the namespace unless given.
+    g.add_argument("--steps", type=Int(1), default=SUPPRESS,
+                   help="LLaDA / Dream: model forwards of a fixed schedule (default: 128 without "
+                        "--threshold)")  # fmt: skip
     g.add_argument("--threshold", type=Float(0, 1, open_low=True), default=None,
                    help="confidence-threshold decoding: each step unmasks every token at least this confident "
-                        "(and at least one), instead of --steps")  # fmt: skip
+                        "(and at least one), instead of --steps (block diffusion: with --remasking "
+                        "low_confidence_dynamic, its default then)")  # fmt: skip
     g.add_argument("--gen-length", type=Int(1), default=128, help="tokens to generate")
     g.add_argument("--block-length", type=Int(1), default=None,
-                   help="tokens per semi-autoregressive block (default: --gen-length)")  # fmt: skip
-    g.add_argument("--kv-cache", default="none", choices=["none", "prefix", "dual"],
-                   help="block K/V cache (a refresh at each block's first step)")  # fmt: skip
+                   help="tokens per semi-autoregressive block (default: --gen-length; block diffusion: the "
+                        "checkpoint's block_size)")  # fmt: skip
+    g.add_argument("--kv-cache", default=SUPPRESS, choices=["none", "prefix", "dual"],
+                   help="LLaDA / Dream: block K/V cache, a refresh at each block's first step "
+                        "(default: none)")  # fmt: skip
     g.add_argument("--temperature", type=Float(0.0), default=0.0, help="sampling temperature, 0 is greedy")
-    g.add_argument("--skip", type=float, default=0.2, help="SparseD: share of steps kept dense, in [0, 1]")
-    g.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept, in (0, 1]")
-    g.add_argument("--block-size", type=int, default=128, help="SparseD: tokens per block, a multiple of 16")
-    g.add_argument("--prompt-end-offset", **GRID_FLAG)
-    g.add_argument("--rope-scaling", default=None, metavar="{none,TYPE:FACTOR}",
-                   help="RoPE scaling instead of the checkpoint's: linear, dynamic or yarn with a factor (e.g. "
-                        "yarn:4 allows 4x the trained positions), or none (default: the checkpoint's own)")  # fmt: skip
+    g.add_argument("--skip", type=float, default=SUPPRESS,
+                   help="LLaDA / Dream, SparseD: share of steps kept dense, in [0, 1] (default: 0.2)")  # fmt: skip
+    g.add_argument("--select", type=float, default=SUPPRESS,
+                   help="with --attn sparsed: share of key blocks kept (SparseD), or of prefix blocks kept (block "
+                        "diffusion), in (0, 1] (default: 0.3)")  # fmt: skip
+    g.add_argument("--block-size", type=int, default=SUPPRESS,
+                   help="with --attn sparsed: tokens per block of the selection, a multiple of 16 for SparseD; "
+                        "block diffusion: prefix tokens per selected block (default: 128)")  # fmt: skip
+    g.add_argument("--prompt-end-offset", **{**GRID_FLAG, "default": SUPPRESS,
+                   "help": f"LLaDA / Dream, {GRID_FLAG['help']} (default: middle)"})  # fmt: skip
+    g.add_argument("--rope-scaling", default=SUPPRESS, metavar="{none,TYPE:FACTOR}",
+                   help="LLaDA / Dream: RoPE scaling instead of the checkpoint's: linear, dynamic or yarn with a "
+                        "factor (e.g. yarn:4 allows 4x the trained positions), or none (default: the checkpoint's "
+                        "own)")  # fmt: skip
+    g.add_argument("--denoising-steps", type=Int(1), default=SUPPRESS,
+                   help="block diffusion: denoising steps per block (default: --block-length)")  # fmt: skip
+    g.add_argument("--remasking", default=SUPPRESS, choices=BLOCKDIFF_REMASKING,
+                   help="block diffusion: which masked tokens a step decodes (default: low_confidence_static, "
+                        "low_confidence_dynamic with --threshold)")  # fmt: skip
+    g.add_argument("--prefix-budget", type=Int(1), default=SUPPRESS,
+                   help="block diffusion with --attn sparsed: prefix tokens kept per head, instead of "
+                        "--select")  # fmt: skip
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="model dtype")
     g.add_argument(
         "--device", type=DeviceName(), default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N"

@@ -24,7 +24,8 @@ state.
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lm_eval.models  # noqa: F401  (must come before our registration: see the module docstring)
 import torch
@@ -33,11 +34,14 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from .. import SparseDConfig
+from .._validate import ArgumentTypeError, ArgumentValueError, check_int
 from .._warn import warn_once
 from ..attention.prefix_selection import PrefixSparseConfig
 from ..models.rope import parse_rope_scaling, position_limit, position_limit_note, with_rope_scaling
-from ..sampling.block_diffusion import BLOCKDIFF_REMASKING, blockdiff_generate
-from ..sampling.generation import DREAM_ALGS, LLADA_REMASKING, check_cache_with_sparsed, dream_generate, llada_generate
+from ..sampling._threshold import check_schedule
+from ..sampling.block_diffusion import blockdiff_generate
+from ..sampling.generation import check_cache_with_sparsed, dream_generate, llada_generate
+from ..sampling.kv_cache import check_kv_cache
 from . import MODEL_NAME
 from .likelihood import masked_loglikelihood
 
@@ -55,6 +59,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ------------------------------------------------------------------------------ argument parsing
+#
+# lm-eval (>= 0.4.13, `lm_eval.utils.simple_parse_args_string`) hands model args over typed:
+# true/false -> bool, none -> None, digits -> int, other numbers -> float, the rest as text. So
+# values are checked here only by the rules the harness itself owns; SparseDConfig,
+# PrefixSparseConfig and the samplers check their own arguments, and `_model_args` names the
+# model arg in their errors.
+
+# Values given as text that the library spells otherwise (from a YAML --config, or Python).
+TEXT_VALUES = {"prompt_end_offset": {"none": None, "middle": "middle"}, "kv_cache": {"none": None}}
+# Library argument names that are not the model arg's; every other library argument the harness
+# feeds has the model arg's name.
+LIBRARY_NAMES = {"max_new_tokens": "gen_length", "budget": "prefix_budget"}
 
 
 class ModelArgError(ValueError):
@@ -65,51 +81,36 @@ def _fail(name: str, expected: str, value: object) -> ModelArgError:
     return ModelArgError(f"model arg {name}: expected {expected}, got {value!r}")
 
 
-def _int(name: str, value: object, minimum: int) -> int:
-    """An int from an int or a decimal string (the CLI passes both); ValueError naming ``name``."""
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _fail(name, f"an int >= {minimum}", value)
-    return value
+@contextmanager
+def _model_args(known: set[str]) -> Iterator[None]:
+    """Turn the library's error about an argument fed from a model arg in ``known`` into a
+    ModelArgError naming that model arg; any other exception is a bug and keeps its traceback."""
+    try:
+        yield
+    except (ArgumentValueError, ArgumentTypeError) as err:
+        name = LIBRARY_NAMES.get(err.argument, err.argument)
+        if name not in known:
+            raise
+        via = f" (the library's {err.argument})" if name != err.argument else ""
+        raise ModelArgError(f"model arg {name}{via}: {str(err).splitlines()[0]}") from None
 
 
-def _grid_offset(value: object) -> int | str | None:
-    """``prompt_end_offset``: ``none`` (the reference's grid), ``middle`` or an int >= 0."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
-        return None
-    if isinstance(value, str) and value.strip().lower() == "middle":
-        return "middle"
-    if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
-        raise _fail("prompt_end_offset", "none, middle or an int >= 0", value)
-    return _int("prompt_end_offset", value, 0)
-
-
-def _float(name: str, value: object, low: float, high: float = math.inf, *, open_low: bool = False) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise _fail(name, "a number", value) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _fail(name, "a number", value)
-    if (value <= low if open_low else value < low) or value > high:
-        bounds = f"{'(' if open_low else '['}{low}, {high}{']' if high < math.inf else ')'}"
-        raise _fail(name, f"a number in {bounds}", value)
-    return float(value)
+def _spelled(kw: dict) -> dict:
+    """``kw`` with the text spellings of `TEXT_VALUES` replaced (any case). ``rope_scaling=none``
+    arrives as None from lm-eval: it means no scaling (absent: the checkpoint's own)."""
+    kw = dict(kw)
+    for name, table in TEXT_VALUES.items():
+        value = kw.get(name)
+        if isinstance(value, str) and value.strip().lower() in table:
+            kw[name] = table[value.strip().lower()]
+    if "rope_scaling" in kw and kw["rope_scaling"] is None:
+        kw["rope_scaling"] = "none"
+    return kw
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise _fail(name, f"one of {choices}", value)
-    return value
-
-
-def _bool(name: str, value: object) -> bool:
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if not isinstance(value, bool):
-        raise _fail(name, "true or false", value)
     return value
 
 
@@ -141,7 +142,12 @@ def _dtype(value: object, device: torch.device) -> torch.dtype:
 class DiffusionLM(LM):
     """LLaDA or Dream (detected from ``config.model_type``) behind lm-eval's LM interface.
 
-    Model args (``--model_args key=value,...``; ints and floats may arrive as strings):
+    Model args (``--model_args key=value,...``, typed by lm-eval: ``none`` is None, ``true`` True,
+    numbers are numbers; ``prompt_end_offset`` and ``kv_cache`` also take the text ``none``).
+    A bad value raises ModelArgError naming it: the harness's own args and those of SparseDConfig,
+    PrefixSparseConfig, the steps/threshold schedule and the cache kind at construction, the
+    sampler's other args (block divisibility, remasking, alg, top_p, ...) at the first
+    ``generate_until``.
 
     Args:
         pretrained: checkpoint directory (or Hub id) of a LLaDA or Dream model.
@@ -186,7 +192,7 @@ class DiffusionLM(LM):
         super().__init__()
         if not isinstance(pretrained, str) or not pretrained:
             raise _fail("pretrained", "a checkpoint path or Hub id", pretrained)
-        known = {
+        known = self._known = {
             "tokenizer", "attn", "skip", "select", "block_size", "min_sparse_len", "keep_diagonal",
             "prompt_end_offset", "gen_length",
             "steps", "threshold", "block_length", "remasking", "alg", "alg_temp", "top_p", "top_k", "temperature",
@@ -196,6 +202,7 @@ class DiffusionLM(LM):
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ModelArgError(f"unknown model args {unknown}; sparsed-dlm takes pretrained and {sorted(known)}")
+        kwargs = _spelled(kwargs)
         from transformers import AutoConfig
 
         try:
@@ -233,79 +240,55 @@ class DiffusionLM(LM):
     # -------------------------------------------------------------------------------- setup
 
     def _parse(self, kw: dict) -> None:
+        """Model args of a LLaDA or Dream checkpoint. SparseDConfig, `check_schedule` and
+        `check_kv_cache` check theirs here, before the model loads; the rest of the sampler's
+        rules (block divisibility, remasking, alg, top_p, ...) are checked by the sampler at the
+        first generate_until call."""
         self.attn = _choice("attn", kw.get("attn", "dense"), ATTN)
         sparse_keys = ("skip", "select", "block_size", "min_sparse_len", "keep_diagonal", "prompt_end_offset")
         self.sparsed = None
         if self.attn == "sparsed":
-            fields = {}
-            if "skip" in kw:
-                fields["skip"] = _float("skip", kw["skip"], 0.0, 1.0)
-            if "select" in kw:
-                fields["select"] = _float("select", kw["select"], 0.0, 1.0, open_low=True)
-            if "block_size" in kw:
-                fields["block_size"] = _int("block_size", kw["block_size"], 16)
-                if fields["block_size"] % 16:
-                    raise _fail("block_size", "a positive multiple of 16", kw["block_size"])
-            if kw.get("min_sparse_len") is not None:
-                fields["min_sparse_len"] = _int("min_sparse_len", kw["min_sparse_len"], 0)
-            if "keep_diagonal" in kw:
-                fields["keep_diagonal"] = _bool("keep_diagonal", kw["keep_diagonal"])
-            if "prompt_end_offset" in kw:
-                fields["prompt_end_offset"] = _grid_offset(kw["prompt_end_offset"])
-            try:
-                self.sparsed = SparseDConfig(**fields)
-            except (TypeError, ValueError) as err:  # a SparseDConfig rule, e.g. an offset past block_size
-                raise ModelArgError(f"model args: {err}") from None
+            fields = {k: kw[k] for k in sparse_keys if k in kw}
+            with _model_args(self._known):
+                try:
+                    self.sparsed = SparseDConfig(**fields)
+                except TypeError as err:
+                    if isinstance(err, ArgumentTypeError):
+                        raise
+                    # SparseDConfig refuses a non-bool keep_diagonal with a plain TypeError (no
+                    # .argument); only user-given fields reach it here.
+                    raise ModelArgError(f"model args: {err}") from None
         else:
             given = [k for k in sparse_keys if k in kw]
             if given:
                 raise ModelArgError(f"model args {given} are SparseD settings: they need attn=sparsed, got attn=dense")
-
-        self.gen_length = _int("gen_length", kw.get("gen_length", 128), 1)
-        self.threshold = None
-        if kw.get("threshold") is not None:
-            self.threshold = _float("threshold", kw["threshold"], 0.0, 1.0, open_low=True)
-            if kw.get("steps") is not None:
-                raise ModelArgError(
-                    f"model args steps={kw['steps']} and threshold={self.threshold} exclude each other: threshold "
-                    "decoding takes as many steps as each block needs"
-                )
-        self.steps = None if self.threshold is not None else _int("steps", kw.get("steps", self.gen_length), 1)
-        self.temperature = _float("temperature", kw.get("temperature", 0.0), 0.0)
         other = "dream" if self.family == "llada" else "llada"
         own_keys = {"llada": ("remasking",), "dream": ("alg", "alg_temp", "top_p", "top_k")}
         wrong = [k for k in own_keys[other] if k in kw]
         if wrong:
             raise ModelArgError(f"model args {wrong} belong to the {other} sampler; this checkpoint is {self.family}")
-        cache = _choice("kv_cache", kw.get("kv_cache", "none"), ("none", "prefix", "dual"))
-        self.kv_cache = None if cache == "none" else cache
-        check_cache_with_sparsed(self.kv_cache, self.sparsed)  # the samplers' rule, checked before loading
-        default_block = self.gen_length if self.family == "llada" else None
-        self.block_length = default_block
-        if kw.get("block_length") is not None:
-            self.block_length = _int("block_length", kw["block_length"], 1)
-            if self.gen_length % self.block_length:
-                raise _fail("block_length", f"a divisor of gen_length={self.gen_length}", self.block_length)
-        if self.block_length is not None and self.steps and self.steps % (self.gen_length // self.block_length):
-            blocks = self.gen_length // self.block_length
-            raise _fail("steps", f"a multiple of gen_length / block_length = {blocks}", self.steps)
-        if self.kv_cache is not None and self.block_length is None:
-            raise _fail("kv_cache", "none for Dream without block_length (the cache needs blocks)", cache)
+        with _model_args(self._known):
+            self.gen_length = check_int("gen_length", kw.get("gen_length", 128), 1)  # the harness reserves it
+            threshold = kw.get("threshold")
+            steps = kw.get("steps", self.gen_length if threshold is None else None)
+            self.steps, self.threshold = check_schedule(steps, threshold)
+            self.kv_cache = check_kv_cache(kw.get("kv_cache"))
+            check_cache_with_sparsed(self.kv_cache, self.sparsed)
+        self.temperature = kw.get("temperature", 0.0)
+        self.block_length = kw.get("block_length", self.gen_length if self.family == "llada" else None)
         if self.family == "llada":
-            self.remasking = _choice("remasking", kw.get("remasking", "low_confidence"), LLADA_REMASKING)
+            self.remasking = kw.get("remasking", "low_confidence")
         else:
-            # threshold decoding compares the drawn token's probability: maskgit_plus's confidence
-            self.alg = _choice(
-                "alg", kw.get("alg", "entropy" if self.threshold is None else "maskgit_plus"), DREAM_ALGS
-            )
-            self.alg_temp = _float("alg_temp", kw.get("alg_temp", 0.0), 0.0)
-            self.top_p = None if kw.get("top_p") is None else _float("top_p", kw["top_p"], 0.0, 1.0, open_low=True)
-            self.top_k = None if kw.get("top_k") is None else _int("top_k", kw["top_k"], 1)
-
+            # Dream's own example decodes by entropy; threshold decoding compares the drawn
+            # token's probability, maskgit_plus's confidence.
+            self.alg = kw.get("alg", "entropy" if self.threshold is None else "maskgit_plus")
+            self.alg_temp, self.top_p, self.top_k = kw.get("alg_temp", 0.0), kw.get("top_p"), kw.get("top_k")
         self._parse_common(kw)
 
     def _parse_blockdiff(self, kw: dict, config_block: int | None) -> None:
-        """Model args of a block-diffusion checkpoint (SDAR on Qwen3, `blockdiff_generate`)."""
+        """Model args of a block-diffusion checkpoint (SDAR on Qwen3, `blockdiff_generate`).
+        PrefixSparseConfig checks its fields here; blockdiff_generate checks the rest (remasking
+        with threshold, temperature, top_k, top_p) at the first generate_until call."""
         wrong = [k for k in NOT_BLOCKDIFF if k in kw]
         if wrong:
             raise ModelArgError(
@@ -315,51 +298,40 @@ class DiffusionLM(LM):
         self.attn = _choice("attn", kw.get("attn", "dense"), ATTN)
         self.sparsed = None
         if self.attn == "sparsed":
-            if kw.get("prefix_budget") is None:
-                keep = {"select": _float("select", kw.get("select", 0.3), 0.0, 1.0, open_low=True)}
-            elif "select" in kw:
-                raise ModelArgError("model args select and prefix_budget exclude each other: give one")
-            else:
-                keep = {"select": None, "budget": _int("prefix_budget", kw["prefix_budget"], 1)}
-            fields = {"pattern": _choice("pattern", kw.get("pattern", "topk"), ("topk", "local", "random"))}
-            if "block_size" in kw:
-                fields["block_size"] = _int("block_size", kw["block_size"], 1)
-            if "per_kv_head" in kw:
-                fields["per_kv_head"] = _bool("per_kv_head", kw["per_kv_head"])
-            self.sparsed = PrefixSparseConfig(**keep, **fields)
+            fields = {k: kw[k] for k in ("select", "block_size", "per_kv_head", "pattern") if k in kw}
+            if "prefix_budget" in kw:
+                fields = {"select": None, **fields, "budget": kw["prefix_budget"]}  # the budget replaces select
+            with _model_args(self._known):
+                self.sparsed = PrefixSparseConfig(**fields)
         else:
             given = [k for k in BLOCKDIFF_SPARSE if k in kw]
             if given:
                 raise ModelArgError(f"model args {given} are sparse prefix settings: they need attn=sparsed")
-        self.gen_length = _int("gen_length", kw.get("gen_length", 128), 1)
         block = kw.get("block_length", config_block)
         if block is None:
             raise _fail("block_length", "an int >= 1 (the checkpoint's config has no block_size)", None)
-        self.block_length = _int("block_length", block, 1)
-        self.denoising_steps = _int("denoising_steps", kw.get("denoising_steps", self.block_length), 1)
-        self.threshold = None
-        if kw.get("threshold") is not None:
-            self.threshold = _float("threshold", kw["threshold"], 0.0, 1.0)
-        default = "low_confidence_static" if self.threshold is None else "low_confidence_dynamic"
-        self.remasking = _choice("remasking", kw.get("remasking", default), BLOCKDIFF_REMASKING)
-        if (self.remasking == "low_confidence_dynamic") != (self.threshold is not None):
-            raise ModelArgError(
-                f"model args: remasking=low_confidence_dynamic and threshold go together, got remasking="
-                f"{self.remasking} and threshold={self.threshold}"
-            )
-        self.temperature = _float("temperature", kw.get("temperature", 0.0), 0.0)
-        self.top_k = _int("top_k", kw.get("top_k", 0), 0)
-        self.top_p = _float("top_p", kw.get("top_p", 1.0), 0.0, 1.0, open_low=True)
+        with _model_args(self._known):
+            self.gen_length = check_int("gen_length", kw.get("gen_length", 128), 1)  # the harness reserves it
+        self.block_length = block
+        self.denoising_steps = kw.get("denoising_steps", self.block_length)
+        self.threshold = kw.get("threshold")
+        dynamic = self.threshold is not None  # SDAR's threshold rule
+        self.remasking = kw.get("remasking", "low_confidence_dynamic" if dynamic else "low_confidence_static")
+        self.temperature, self.top_k, self.top_p = kw.get("temperature", 0.0), kw.get("top_k", 0), kw.get("top_p", 1.0)
         self._parse_common(kw)
 
     def _parse_common(self, kw: dict) -> None:
         """The model args every family shares: likelihood samples, seed, batch size."""
-        self.mc_samples = _int("mc_samples", kw.get("mc_samples", 128), 1)
-        self.seed = _int("seed", kw.get("seed", 0), 0)
         batch_size = kw.get("batch_size", 1)
-        if isinstance(batch_size, str) and batch_size.startswith("auto"):
-            raise _fail("batch_size", "an int >= 1 (automatic batch sizes are not supported)", batch_size)
-        self.batch_size = _int("batch_size", batch_size, 1)
+        if isinstance(batch_size, str):  # lm-eval's --batch_size flag is text ("8", "auto", "auto:4")
+            if batch_size.startswith("auto"):
+                raise _fail("batch_size", "an int >= 1 (automatic batch sizes are not supported)", batch_size)
+            if batch_size.strip().isdigit():
+                batch_size = int(batch_size)
+        with _model_args(self._known):
+            self.mc_samples = check_int("mc_samples", kw.get("mc_samples", 128), 1)
+            self.seed = check_int("seed", kw.get("seed", 0), 0)
+            self.batch_size = check_int("batch_size", batch_size, 1)
         if kw.get("max_batch_size") is not None:
             warn_once("harness-max-batch", "sparsed-dlm: max_batch_size only applies to batch_size=auto; ignored")
 
@@ -464,7 +436,7 @@ class DiffusionLM(LM):
         until = gen_kwargs.pop("until", None)
         until = [] if until is None else [until] if isinstance(until, str) else list(until)
         max_gen = gen_kwargs.pop("max_gen_toks", None)
-        max_gen = self.gen_length if max_gen is None else _int("max_gen_toks", max_gen, 1)
+        max_gen = self.gen_length if max_gen is None else check_int("max_gen_toks", max_gen, 1)  # the task's
         if max_gen > self.gen_length:
             warn_once(
                 f"harness-max-gen-{max_gen}",
@@ -485,7 +457,12 @@ class DiffusionLM(LM):
         return until, min(max_gen, self.gen_length)
 
     def _sample(self, ids: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-        """(B, P) left-padded prompts -> (B, gen_length) generated ids."""
+        """(B, P) left-padded prompts -> (B, gen_length) generated ids. The sampler checks the
+        model args it takes; an error about one of them is a ModelArgError naming it."""
+        with _model_args(self._known):
+            return self._run_sampler(ids, mask, generator)[:, ids.shape[1] :]
+
+    def _run_sampler(self, ids: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
         if self.family == "blockdiff":
             out = blockdiff_generate(
                 self.model, ids, mask, gen_length=self.gen_length, block_length=self.block_length,
@@ -507,7 +484,7 @@ class DiffusionLM(LM):
                 mask_token_id=self.mask_id, generator=generator, sparsed=self.sparsed,
                 block_length=self.block_length, kv_cache=self.kv_cache, threshold=self.threshold,
             )  # fmt: skip
-        return out[:, ids.shape[1] :]
+        return out
 
     def _decode(self, ids: list[int], until: list[str]) -> str:
         """Generated ids -> text: cut at the first EOS token, drop special tokens, cut at the
