@@ -114,7 +114,7 @@ BAD_INPUTS = [
     (["generate", *QUICK_THRESHOLD, "0.5", "--kv-cache", "dual", "--attn", "flex_attention"],
      r"--kv-cache dual runs with --attn sparsed, sdpa or eager, got --attn 'flex_attention'$"),
     (["generate", "--model", "{dream}", "--prompt", "hi", "--kv-cache", "prefix"],
-     r"--kv-cache prefix needs --block-length with a Dream checkpoint"),
+     r"--kv-cache='prefix' needs --block-length: without blocks Dream decodes the whole generation at once"),
     (["generate", "--model", "{config_only}", "--prompt", "hi", "--device", "cpu"],
      r"--model: no tokenizer could be loaded from "),
     (["generate", "--model", "{no_weights}", "--prompt", "\u4e00\u4e01?", "--device", "cpu"],
@@ -393,14 +393,17 @@ def test_generate_with_threshold_decoding_and_a_cache(capsys):
         assert len(capsys.readouterr().out.splitlines()) == 1
 
 
-def test_block_divisibility_is_the_samplers_rule_reported_by_flag(monkeypatch, capsys):
-    """--gen-length / --block-length / --steps divisibility has one home, the sampler: the CLI
-    calls it with the bad values and reports its error by flag."""
-    import sparsed_backend.sampling.generation as generation
+def test_block_divisibility_is_the_samplers_rule_reported_by_flag_before_loading(monkeypatch, capsys):
+    """--gen-length / --block-length / --steps divisibility has one home, the samplers' argument
+    rules: the CLI calls them with the bad values before the weights load and reports their error
+    by flag."""
+    import sparsed_backend.cli as cli
+    import sparsed_backend.sampling.arguments as arguments
 
     calls = []
-    real = generation.llada_generate
-    monkeypatch.setattr(generation, "llada_generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    real = arguments.check_llada_arguments
+    monkeypatch.setattr(arguments, "check_llada_arguments", lambda **kw: calls.append(kw) or real(**kw))
+    monkeypatch.setattr(cli, "_load_weights", lambda *a, **kw: pytest.fail("the weights loaded before the check"))
     for extra, flag in [(["--gen-length", "6", "--block-length", "4"], "--gen-length"),
                         (["--gen-length", "4", "--block-length", "2", "--steps", "3"], "--steps")]:  # fmt: skip
         status, _, err = run_main(["generate", *QUICK, "--no-progress", *extra], capsys)

@@ -312,11 +312,14 @@ def test_bad_model_args_name_the_arg_the_expectation_and_the_value(harness_model
         ({"temperature": "hot"}, r"^model arg temperature: temperature must be a float, got str \('hot'\)$"),
     ],
 )  # fmt: skip
-def test_bad_sampler_model_args_are_named_when_the_sampler_checks_them(harness_model, args, message):
-    """The sampler's own rules reach the user as a ModelArgError naming the model arg."""
-    lm = _make(harness_model, **{"gen_length": 4, **args})
+def test_bad_sampler_model_args_are_named_before_the_model_loads(harness_model, args, message, monkeypatch):
+    """The sampler's own rules (`check_llada_arguments`, run by the sampler too) reach the user as
+    a ModelArgError naming the model arg, from the constructor, before any weights load."""
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", lambda *a, **kw: pytest.fail("weights loaded"))
     with pytest.raises(harness_model.ModelArgError, match=message):
-        lm.generate_until([_instance("generate_until", ("\u4e00\u4e01?", {"until": []}))])
+        _make(harness_model, **{"gen_length": 4, **args})
 
 
 def test_model_args_typed_by_lm_eval_and_spelled_as_text_reach_the_library(harness_model):
@@ -509,9 +512,8 @@ def test_a_dream_checkpoint_is_detected_and_runs_both_request_types(harness_mode
         ValueError, match=r"model args \['remasking'\] belong to the llada sampler; this checkpoint is dream"
     ):
         harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", remasking="random")
-    no_blocks = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=4, kv_cache="prefix")
     with pytest.raises(harness_model.ModelArgError, match=r"^model arg kv_cache: kv_cache='prefix' needs block_length"):
-        no_blocks.generate_until([_instance("generate_until", ("\u4e00\u4e01?", {"until": []}))])
+        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=4, kv_cache="prefix")
     cached = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=4, steps=4,
                                        block_length=2, kv_cache="dual")  # fmt: skip
     text = cached.generate_until([_instance("generate_until", ("\u4e00\u4e01?", {"until": [], "max_gen_toks": 4}))])

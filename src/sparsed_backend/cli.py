@@ -308,6 +308,7 @@ def _encode_prompt(args: argparse.Namespace, config):
 
 def generate(args: argparse.Namespace) -> int:
     from .cli_blockdiff import BLOCKDIFF_FLAGS, generate_blockdiff, refuse_flags
+    from .sampling.arguments import check_dream_arguments, check_llada_arguments
     from .sampling.generation import dream_generate, llada_generate
 
     device = _device(args.device)
@@ -327,13 +328,18 @@ def generate(args: argparse.Namespace) -> int:
     if args.threshold is None and steps is None:
         steps = DEFAULT_STEPS
     kv_cache = None if getattr(args, "kv_cache", "none") == "none" else args.kv_cache
-    # The samplers check --gen-length against --block-length and --steps against the blocks
-    # (their rules, reported through LIBRARY_FLAGS once the model is loaded).
     if kv_cache is not None and args.attn not in ("sparsed", "sdpa", "eager"):
         raise UsageError(f"--kv-cache {kv_cache} runs with --attn sparsed, sdpa or eager, got --attn {args.attn!r}")
-    if dream and kv_cache is not None and args.block_length is None:
-        raise UsageError(f"--kv-cache {kv_cache} needs --block-length with a Dream checkpoint (Dream decodes the "
-                         "whole generation as one block otherwise, so nothing is cached)")  # fmt: skip
+    fed = ("steps", "temperature", "threshold", "block_length", "kv_cache", *SPARSED_ARGUMENTS,
+           "max_new_tokens" if dream else "gen_length")  # fmt: skip
+    alg = {"alg": "maskgit_plus"} if dream and args.threshold is not None else {}  # the probability confidence
+    schedule = {"steps": steps, "block_length": args.block_length, "threshold": args.threshold,
+                "temperature": args.temperature, "kv_cache": kv_cache}  # fmt: skip
+    with _flags(*fed):  # the samplers' own rules, before the tokenizer and the weights load
+        if dream:
+            check_dream_arguments(max_new_tokens=args.gen_length, **alg, **schedule)
+        else:
+            check_llada_arguments(gen_length=args.gen_length, **schedule)
     sparsed = _sparsed_config(args) if args.attn == "sparsed" else None
     tok, ids = _encode_prompt(args, config)
     dtype = getattr(torch, args.dtype)
@@ -342,8 +348,6 @@ def generate(args: argparse.Namespace) -> int:
     model.to(device)
     ids = ids.to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    fed = ("steps", "temperature", "threshold", "block_length", "kv_cache", *SPARSED_ARGUMENTS,
-           "max_new_tokens" if dream else "gen_length")  # fmt: skip
     # Threshold decoding takes at most one step per generated token.
     bar = progress(steps or args.gen_length, "denoising", "step", not args.no_progress)
     with bar, torch.inference_mode(), _flags(*fed):
@@ -357,7 +361,6 @@ def generate(args: argparse.Namespace) -> int:
                       "generator": g, "sparsed": sparsed, "kv_cache": kv_cache,
                       "threshold": args.threshold}  # fmt: skip
             if dream:
-                alg = {"alg": "maskgit_plus"} if args.threshold is not None else {}  # the probability confidence
                 out = dream_generate(model, ids, max_new_tokens=args.gen_length, **alg, **common)
             else:
                 out = llada_generate(model, ids, gen_length=args.gen_length, **common)

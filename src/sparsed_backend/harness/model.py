@@ -38,10 +38,9 @@ from .._validate import ArgumentTypeError, ArgumentValueError, check_int
 from .._warn import warn_once
 from ..attention.prefix_selection import PrefixSparseConfig
 from ..models.rope import parse_rope_scaling, position_limit, position_limit_note, with_rope_scaling
-from ..sampling._threshold import check_schedule
+from ..sampling.arguments import check_dream_arguments, check_llada_arguments
 from ..sampling.block_diffusion import blockdiff_generate
 from ..sampling.generation import check_cache_with_sparsed, dream_generate, llada_generate
-from ..sampling.kv_cache import check_kv_cache
 from . import MODEL_NAME
 from .likelihood import masked_loglikelihood
 
@@ -240,10 +239,9 @@ class DiffusionLM(LM):
     # -------------------------------------------------------------------------------- setup
 
     def _parse(self, kw: dict) -> None:
-        """Model args of a LLaDA or Dream checkpoint. SparseDConfig, `check_schedule` and
-        `check_kv_cache` check theirs here, before the model loads; the rest of the sampler's
-        rules (block divisibility, remasking, alg, top_p, ...) are checked by the sampler at the
-        first generate_until call."""
+        """Model args of a LLaDA or Dream checkpoint, checked before the model loads by the code
+        that owns each rule: SparseDConfig its fields, `check_llada_arguments` /
+        `check_dream_arguments` the sampler's (the samplers run the same checks)."""
         self.attn = _choice("attn", kw.get("attn", "dense"), ATTN)
         sparse_keys = ("skip", "select", "block_size", "min_sparse_len", "keep_diagonal", "prompt_end_offset")
         self.sparsed = None
@@ -267,22 +265,28 @@ class DiffusionLM(LM):
         wrong = [k for k in own_keys[other] if k in kw]
         if wrong:
             raise ModelArgError(f"model args {wrong} belong to the {other} sampler; this checkpoint is {self.family}")
-        with _model_args(self._known):
+        with _model_args(self._known):  # the samplers' own rules, before the model loads
             self.gen_length = check_int("gen_length", kw.get("gen_length", 128), 1)  # the harness reserves it
             threshold = kw.get("threshold")
             steps = kw.get("steps", self.gen_length if threshold is None else None)
-            self.steps, self.threshold = check_schedule(steps, threshold)
-            self.kv_cache = check_kv_cache(kw.get("kv_cache"))
+            self.temperature = kw.get("temperature", 0.0)
+            self.block_length = kw.get("block_length", self.gen_length if self.family == "llada" else None)
+            schedule = {"steps": steps, "threshold": threshold, "block_length": self.block_length,
+                        "temperature": self.temperature, "kv_cache": kw.get("kv_cache")}  # fmt: skip
+            if self.family == "llada":
+                self.remasking = kw.get("remasking", "low_confidence")
+                checked = check_llada_arguments(gen_length=self.gen_length, remasking=self.remasking, **schedule)
+            else:
+                # Dream's own example decodes by entropy; threshold decoding compares the drawn
+                # token's probability, maskgit_plus's confidence.
+                self.alg = kw.get("alg", "entropy" if threshold is None else "maskgit_plus")
+                self.alg_temp, self.top_p, self.top_k = kw.get("alg_temp", 0.0), kw.get("top_p"), kw.get("top_k")
+                checked = check_dream_arguments(
+                    max_new_tokens=self.gen_length, alg=self.alg, alg_temp=self.alg_temp, top_p=self.top_p,
+                    top_k=self.top_k, **schedule,
+                )  # fmt: skip
+            self.steps, self.threshold, self.kv_cache = checked.steps, checked.threshold, checked.kv_cache
             check_cache_with_sparsed(self.kv_cache, self.sparsed)
-        self.temperature = kw.get("temperature", 0.0)
-        self.block_length = kw.get("block_length", self.gen_length if self.family == "llada" else None)
-        if self.family == "llada":
-            self.remasking = kw.get("remasking", "low_confidence")
-        else:
-            # Dream's own example decodes by entropy; threshold decoding compares the drawn
-            # token's probability, maskgit_plus's confidence.
-            self.alg = kw.get("alg", "entropy" if self.threshold is None else "maskgit_plus")
-            self.alg_temp, self.top_p, self.top_k = kw.get("alg_temp", 0.0), kw.get("top_p"), kw.get("top_k")
         self._parse_common(kw)
 
     def _parse_blockdiff(self, kw: dict, config_block: int | None) -> None:

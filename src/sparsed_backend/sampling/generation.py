@@ -25,9 +25,9 @@ changed. One transformers-internal sync remains: with padding, transformers' sdp
 builders call ``padding_mask.all()`` once per forward (to skip an all-ones mask). A batch
 without padding is detected once before the loop and runs with no mask at all.
 
-Over 400 lines on purpose: each sampler's loop stays whole, to be read side by side with its
-official counterpart. What both share lives in `_sampling` (validation, canvas, runner, output)
-and `_threshold` (threshold decoding).
+Each sampler's loop stays whole, to be read side by side with its official counterpart. What both
+share lives in `_shared` (canvas, runner, output), `arguments` (the argument rules, callable
+before a model loads) and `_threshold` (threshold decoding).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._validate import ArgumentValueError, check_float, check_int
 from ..attention._ranking import top_count
 from ..attention.config import SparseDConfig
 from ._shared import (
@@ -47,13 +46,17 @@ from ._shared import (
     runs_full_forward,
     start_generation,
 )
-from ._threshold import ThresholdClock, check_schedule, threshold_transfer
-from .kv_cache import check_kv_cache
+from ._threshold import ThresholdClock, threshold_transfer
+from .arguments import DREAM_ALGS, LLADA_REMASKING, check_dream_arguments, check_llada_arguments
 
-__all__ = ["DiffusionGenerationOutput", "check_cache_with_sparsed", "dream_generate", "llada_generate"]
-
-LLADA_REMASKING = ("low_confidence", "random")
-DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+__all__ = [
+    "DREAM_ALGS",
+    "LLADA_REMASKING",
+    "DiffusionGenerationOutput",
+    "check_cache_with_sparsed",
+    "dream_generate",
+    "llada_generate",
+]
 
 
 # ----------------------------------------------------------------------------------- LLaDA
@@ -141,34 +144,10 @@ def llada_generate(
     Returns:
         (B, P + gen_length) token ids, or a DiffusionGenerationOutput.
     """
-    steps, threshold = check_schedule(steps, threshold)
-    gen_length = check_int("gen_length", gen_length, 1)
-    block_length = gen_length if block_length is None else check_int("block_length", block_length, 1)
-    if gen_length % block_length != 0:
-        raise ArgumentValueError(
-            "gen_length",
-            f"gen_length must be divisible by block_length, got gen_length={gen_length}, block_length={block_length}",
-        )
-    num_blocks = gen_length // block_length
-    if steps is not None and steps % num_blocks != 0:
-        raise ArgumentValueError(
-            "steps",
-            f"steps must be divisible by the number of blocks gen_length/block_length = {num_blocks}, "
-            f"got steps={steps}",
-        )
-    temperature = check_float("temperature", temperature)
-    cfg_scale = check_float("cfg_scale", cfg_scale)
-    if remasking not in LLADA_REMASKING:
-        raise ArgumentValueError("remasking", f"remasking must be one of {LLADA_REMASKING}, got {remasking!r}")
-    if threshold is not None and remasking != "low_confidence":
-        raise ArgumentValueError(
-            "threshold", f"threshold needs remasking='low_confidence' (a confidence to compare), got {remasking!r}"
-        )
-    kv_cache = check_kv_cache(kv_cache)
-    if kv_cache is not None and cfg_scale > 0:
-        raise ArgumentValueError(
-            "kv_cache", f"kv_cache={kv_cache!r} does not support classifier-free guidance (cfg_scale={cfg_scale})"
-        )
+    steps, threshold, gen_length, block_length, num_blocks, temperature, cfg_scale, kv_cache = check_llada_arguments(
+        gen_length=gen_length, steps=steps, block_length=block_length, threshold=threshold,
+        temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, kv_cache=kv_cache,
+    )  # fmt: skip
     mask_id = resolve_mask_id(model, mask_id, "mask_id")
     x, prompt_index, sync, state, run = start_generation(
         model, input_ids, attention_mask, mask_id, gen_length, "gen_length",
@@ -343,48 +322,12 @@ def dream_generate(
     Returns:
         (B, P + max_new_tokens) token ids, or a DiffusionGenerationOutput.
     """
-    steps, threshold = check_schedule(steps, threshold)
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
-    if alg not in DREAM_ALGS:
-        raise ArgumentValueError("alg", f"alg must be one of {DREAM_ALGS}, got {alg!r}")
-    alg_temp = 0.0 if alg_temp is None else check_float("alg_temp", alg_temp)
-    if threshold is not None and (alg != "maskgit_plus" or alg_temp > 0):
-        raise ArgumentValueError(
-            "threshold",
-            "threshold needs alg='maskgit_plus' (the probability confidence) and alg_temp None or 0, "
-            f"got alg={alg!r}, alg_temp={alg_temp}",
-        )
-    temperature = check_float("temperature", temperature)
-    if top_p is not None:
-        top_p = check_float("top_p", top_p)
-        if not 0.0 < top_p <= 1.0:
-            raise ArgumentValueError("top_p", f"top_p must be in (0, 1], got {top_p!r}")
-    if top_k is not None:
-        top_k = check_int("top_k", top_k, 1)
-    eps = check_float("eps", eps)
-    if not 0.0 < eps < 1.0:
-        raise ArgumentValueError("eps", f"eps must be in (0, 1), got {eps!r}")
-    kv_cache = check_kv_cache(kv_cache)
-    if kv_cache is not None and block_length is None:
-        raise ArgumentValueError(
-            "kv_cache",
-            f"kv_cache={kv_cache!r} needs block_length: without blocks Dream decodes the whole generation at "
-            "once, so no block is finished and nothing can be cached",
-        )
-    block_length = max_new_tokens if block_length is None else check_int("block_length", block_length, 1)
-    if max_new_tokens % block_length != 0:
-        raise ArgumentValueError(
-            "max_new_tokens",
-            f"max_new_tokens must be divisible by block_length, got max_new_tokens={max_new_tokens}, "
-            f"block_length={block_length}",
-        )
-    num_blocks = max_new_tokens // block_length
-    if steps is not None and steps % num_blocks != 0:
-        raise ArgumentValueError(
-            "steps",
-            f"steps must be divisible by the number of blocks max_new_tokens/block_length = {num_blocks}, "
-            f"got steps={steps}",
-        )
+    a = check_dream_arguments(
+        max_new_tokens=max_new_tokens, steps=steps, block_length=block_length, threshold=threshold, alg=alg,
+        alg_temp=alg_temp, temperature=temperature, top_p=top_p, top_k=top_k, eps=eps, kv_cache=kv_cache,
+    )  # fmt: skip
+    steps, threshold, max_new_tokens, block_length, num_blocks = a[:5]
+    alg_temp, temperature, top_p, top_k, eps, kv_cache = a[5:]
     mask_token_id = resolve_mask_id(model, mask_token_id, "mask_token_id")
     x, _, sync, state, run = start_generation(
         model, input_ids, attention_mask, mask_token_id, max_new_tokens, "max_new_tokens",
