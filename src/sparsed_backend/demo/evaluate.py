@@ -87,25 +87,16 @@ def answer_prompts(
     """
     from ..sampling.generation import llada_generate
 
-    device = next(model.parameters()).device
-    ids = prompts.input_ids.to(device)
-    outs, states, forwards = [], [], 0
-    answer_len = prompts.answers.shape[1]
-    gen_length = generation_length(answer_len, block_length)
+    gen_length = generation_length(prompts.answers.shape[1], block_length)
     steps = None if threshold is not None else gen_length if steps is None else steps
-    for i in range(0, ids.shape[0], batch):
-        out = llada_generate(
-            model, ids[i : i + batch], steps=steps, gen_length=gen_length, block_length=block_length,
-            sparsed=sparsed, kv_cache=kv_cache, threshold=threshold, return_dict_in_generate=True,
+
+    def generate(ids: torch.Tensor):
+        return llada_generate(
+            model, ids, steps=steps, gen_length=gen_length, block_length=block_length, sparsed=sparsed,
+            kv_cache=kv_cache, threshold=threshold, return_dict_in_generate=True,
         )  # fmt: skip
-        forwards += out.num_forwards
-        outs.append(out.sequences[:, ids.shape[1] : ids.shape[1] + answer_len].cpu())
-        if out.sparsed_state is not None:
-            states.append(out.sparsed_state)
-        if on_batch is not None:
-            on_batch(outs[-1].shape[0])
-    generated = torch.cat(outs)
-    return Answers(generated, exact_match(generated, prompts.answers.cpu()), states, forwards)
+
+    return _answer_in_batches(model, prompts, batch, on_batch, generate)
 
 
 @torch.inference_mode()
@@ -132,15 +123,24 @@ def answer_blockdiff_prompts(
     from ..sampling.block_diffusion import blockdiff_generate
 
     block = check_int("model.config.block_size", getattr(model.config, "block_size", None), 1)
-    device = next(model.parameters()).device
-    ids = prompts.input_ids.to(device)
+
+    def generate(ids: torch.Tensor):
+        return blockdiff_generate(
+            model, ids, gen_length=prompts.answers.shape[1], block_length=block, denoising_steps=block,
+            mask_id=model.config.mask_token_id, sparsed=sparsed, return_dict_in_generate=True,
+        )  # fmt: skip
+
+    return _answer_in_batches(model, prompts, batch, on_batch, generate)
+
+
+def _answer_in_batches(model: nn.Module, prompts: RetrievalPrompts, batch: int, on_batch, generate) -> Answers:
+    """Run ``generate`` (ids -> DiffusionGenerationOutput) over ``batch`` prompts at a time and
+    score the first answer-length generated tokens."""
+    ids = prompts.input_ids.to(next(model.parameters()).device)
     answer_len = prompts.answers.shape[1]
     outs, states, forwards = [], [], 0
     for i in range(0, ids.shape[0], batch):
-        out = blockdiff_generate(
-            model, ids[i : i + batch], gen_length=answer_len, block_length=block, denoising_steps=block,
-            mask_id=model.config.mask_token_id, sparsed=sparsed, return_dict_in_generate=True,
-        )  # fmt: skip
+        out = generate(ids[i : i + batch])
         forwards += out.num_forwards
         outs.append(out.sequences[:, ids.shape[1] : ids.shape[1] + answer_len].cpu())
         if out.sparsed_state is not None:
