@@ -10,8 +10,11 @@ weights, YaRN (factor 4 over 32,768 positions) for prefixes past 32k. In one pro
   cached positions, on views of one preallocated cache (the layout `block_cache` serves):
   dense SDPA with the sampler's bool mask (``dense_mask``) and without a mask (``dense``, the
   fastest dense kernel when nothing is padded), the selecting step (``score``: exact attention
-  plus block masses and top-k) and the sparse step (``sparse_q``: one selection per query head,
-  ``sparse_kv``: per key-value head), each a median of `common.bench`;
+  plus block masses and top-k; unpadded, as the sampler runs it for rows of one length: cuDNN's
+  attention with log-sum-exp, then one scoring sweep) and the sparse step (``sparse_q``: one selection per query head,
+  ``sparse_kv``: per key-value head), the per-KV-head selection through compiled FlexAttention
+  (``sparse_flex``, with ``flex_build`` its BlockMask's construction and ``max_err`` its largest
+  difference from the gather), each a median of `common.bench`;
 - ``e2e``: `blockdiff_generate` end to end (prefill of P tokens in chunks, then --gen tokens),
   dense on the preallocated cache (``dense``), the same with a cache that concatenates like
   transformers' ``DynamicCache`` and SDAR's sampler (``concat``, reported separately: not the
@@ -55,10 +58,13 @@ def qwen3_config(small: bool, max_positions: int):
     else:  # Qwen3-8B / SDAR-8B
         shape = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, vocab_size=151936)  # fmt: skip
-    rope = {"rope_theta": 1e6, "rope_type": "default"}
+    rope, positions = {"rope_theta": 1e6, "rope_type": "default"}, 32768
     if max_positions > YARN["original_max_position_embeddings"]:  # the factor that spans max_positions
-        rope = {"rope_theta": 1e6, **YARN, "factor": max(YARN["factor"], max_positions / 32768)}
-    return Qwen3Config(**shape, max_position_embeddings=max(max_positions, 32768), rope_parameters=rope,
+        factor = max(YARN["factor"], max_positions / YARN["original_max_position_embeddings"])
+        rope = {"rope_theta": 1e6, **YARN, "factor": factor}
+        # transformers checks max_position_embeddings == factor x original (else it warns)
+        positions = math.ceil(factor * YARN["original_max_position_embeddings"])
+    return Qwen3Config(**shape, max_position_embeddings=positions, rope_parameters=rope,
                        tie_word_embeddings=False)  # fmt: skip
 
 
@@ -138,7 +144,7 @@ def attention_case(args, device, dtype, base: dict, rows: list[dict]) -> None:
     q = torch.randn(b, hq, bl, d, device=device, dtype=dtype, generator=g)
     mask = torch.ones(b, 1, bl, s, dtype=torch.bool, device=device)
     scale = d**-0.5
-    times = {}
+    times, first = {}, len(rows)
 
     def run(name, fn):
         ms, error = bench(fn, device)
@@ -149,7 +155,7 @@ def attention_case(args, device, dtype, base: dict, rows: list[dict]) -> None:
     run("dense", lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True))
     run("dense_mask", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True))
     for name, per_kv in (("sparse_q", False), ("sparse_kv", True)):
-        state = PrefixSparseState(sparse_config(args, per_kv))
+        state = PrefixSparseState(sparse_config(args, per_kv), padded=False)  # as the sampler sets it: no padding
 
         def score(state=state):
             state.begin_block()
@@ -159,9 +165,52 @@ def attention_case(args, device, dtype, base: dict, rows: list[dict]) -> None:
         state.mode = "sparse"
         run(name, lambda state=state: prefix_sparse_attention(q, k, v, mask, scale, state, 0))
         rows[-1]["density"] = state.layers[0].density
+    flex_case(q, k, v, mask, scale, state, run, rows)
     best = min(times["dense"], times["dense_mask"])
-    for row in rows[-len(times) :]:
-        row["vs_best_dense"] = best / row["ms"]
+    for row in rows[first:]:
+        if "ms" in row and row["variant"] != "flex_build":  # building a mask is no attention
+            row["vs_best_dense"] = best / row["ms"]
+
+
+def flex_case(q, k, v, mask, scale, state, run, rows) -> None:
+    """``sparse_flex``: the per-KV-head selection of ``state`` (after its sparse step) run by
+    compiled FlexAttention instead of gather + SDPA. The BlockMask comes from a token-level keep
+    table (the gathered positions) through ``create_block_mask``, so its mask_mod is never
+    trivial (a trivial one runs dense on torch 2.11 without a word) and key blocks with no kept
+    key are skipped. ``flex_build`` times that mask's construction (once per decoded block in a
+    sampler); ``max_err`` is the largest difference from the gather's output."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from sparsed_backend.attention.prefix_selection import _gather_positions
+
+    B, Hq, L, _ = q.shape
+    S = k.shape[2]
+    sel = state.layers[0]
+    pos, valid = _gather_positions(sel, L, mask[:, 0, -1])  # (B, Hkv, K)
+    keep = torch.zeros(B, sel.blocks.shape[1], S, dtype=torch.bool, device=q.device)
+    keep.scatter_(-1, pos, valid)
+    keep = keep.repeat_interleave(Hq // keep.shape[1], 1)  # (B, Hq, S)
+
+    def keep_mod(b, h, q_idx, kv_idx):
+        return keep[b, h, kv_idx]
+
+    def build():
+        return create_block_mask(keep_mod, B, Hq, L, S, device=q.device, BLOCK_SIZE=128)
+
+    block_mask = build()
+    flex = torch.compile(flex_attention, dynamic=False)
+    try:
+        out = flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+        want = prefix_sparse_attention(q, k, v, mask, scale, state, 0)
+        err = (out.float() - want.float()).abs().max().item()
+    except Exception as error:  # recorded: the row says why FlexAttention could not run this shape
+        base = {key: rows[-1][key] for key in ("kind", "prefix", "block", "batch")}
+        failure = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        rows.append(dict(base, variant="sparse_flex", error=failure))
+        return
+    run("flex_build", build)
+    run("sparse_flex", lambda: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True))
+    rows[-1]["density"], rows[-1]["max_err"] = sel.density, err
 
 
 def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
@@ -247,7 +296,7 @@ def main() -> None:
     if "e2e" in args.parts:
         e2e_rows(args, device, dtype, rows)
     cols = ["kind", "prefix", "block", "batch", "variant", "ms", "seconds", "tokens_per_s", "vs_best_dense",
-            "vs_dense", "density", "forwards", "peak_mib", "error"]  # fmt: skip
+            "vs_dense", "density", "max_err", "forwards", "peak_mib", "error"]  # fmt: skip
     table = markdown_table(rows, cols)
     write_results(args.name, env, rows, table, args.out)
     print(table)

@@ -16,11 +16,13 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
 from sparsed_backend._validate import ArgumentTypeError, ArgumentValueError
 from sparsed_backend.attention.prefix_selection import (
+    PrefixSelection,
     PrefixSparseConfig,
     PrefixSparseState,
     prefix_block_mass,
     prefix_sparse_attention,
 )
+from sparsed_backend.attention.switch_step import dense_with_lse
 from sparsed_backend.sampling.block_diffusion import blockdiff_generate
 
 REFERENCE_DIR = Path(__file__).parent / "fixtures" / "sdar_reference"
@@ -131,6 +133,54 @@ def test_selection_is_the_oracles_top_blocks_and_the_step_attends_only_to_them(s
     scores = (q.double() @ kk.transpose(-1, -2)) * 16**-0.5
     want = scores.masked_fill(~keep[:, :, None, :], float("-inf")).softmax(-1) @ vv
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_later_sparse_steps_reuse_the_gather_and_read_the_blocks_new_keys():
+    """A block's first sparse step builds the kept keys' index; its later steps reuse it (the
+    kept blocks and the mask do not change) and still read the block's own K/V as they change."""
+    q, k, v, mask = inputs(3, 2, 4, 2, 50, 4, 16, 3)
+    state = PrefixSparseState(PrefixSparseConfig(select=0.5, block_size=8, per_kv_head=True))
+    state.begin_block()
+    prefix_sparse_attention(q, k, v, mask, 0.25, state, 0)
+    state.mode = "sparse"
+    prefix_sparse_attention(q, k, v, mask, 0.25, state, 0)
+    sel = state.layers[0]
+    gather = sel.gather
+    assert gather is not None
+    q2, k2, v2 = q * 0.5, k.clone(), v.clone()
+    k2[:, :, -4:] += 1.0  # the block's own keys and values change between its steps
+    v2[:, :, -4:] -= 1.0
+    again = prefix_sparse_attention(q2, k2, v2, mask, 0.25, state, 0)
+    assert state.layers[0].gather is gather
+    fresh = PrefixSparseState(state.config, mode="sparse")
+    fresh.layers[0] = PrefixSelection(sel.blocks, sel.prefix_len, sel.front, sel.n_blocks, sel.block_size)
+    assert torch.equal(again, prefix_sparse_attention(q2, k2, v2, mask, 0.25, fresh, 0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN's attention with log-sum-exp)")
+@pytest.mark.parametrize("per_kv", [False, True])
+def test_an_unpadded_selecting_step_scores_with_cudnns_log_sum_exp(per_kv):
+    """padded=False (the sampler's rows share one length): the selecting step takes the rows'
+    log-sum-exp from cuDNN and sweeps the prefix once; its output, block masses and kept blocks
+    match the masked two-sweep step's (bf16, SDAR-8B heads)."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    q = torch.randn(2, 32, 4, 128, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(2, 8, 6004, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
+    mask = torch.ones(2, 1, 4, 6004, dtype=torch.bool, device="cuda")
+    outs, kept = {}, {}
+    for padded in (True, False):
+        state = PrefixSparseState(PrefixSparseConfig(select=0.2, block_size=128, per_kv_head=per_kv), padded=padded)
+        state.begin_block()
+        outs[padded] = prefix_sparse_attention(q, k, v, mask, 128**-0.5, state, 0)
+        kept[padded] = state.layers[0].blocks
+    torch.testing.assert_close(outs[False], outs[True], rtol=2e-2, atol=2e-2)
+    _, lse = dense_with_lse(q, k, v, 128**-0.5)
+    assert lse is not None, "cuDNN gave no log-sum-exp on this machine"
+    one, _ = prefix_block_mass(q, k, 128**-0.5, 128, mask[:, 0, -1], lse)
+    two, _ = prefix_block_mass(q, k, 128**-0.5, 128, mask[:, 0, -1])
+    torch.testing.assert_close(one, two, rtol=2e-2, atol=1e-5)
+    same = (kept[False][..., :, None] == kept[True][..., None, :]).any(-1).float().mean().item()
+    assert same > 0.95, f"only {same:.1%} of the kept blocks agree"
 
 
 def test_mass_covers_every_attendable_key_once():

@@ -154,8 +154,9 @@ def peak_mib(fn: Callable[[], Any], device: torch.device | str) -> float:
 class StepTimer:
     """Forward hooks that record every model forward as (SparseD step kind, query rows, seconds).
 
-    The step kind is the ``sparsed_state``'s ``mode`` ("dense", "switch", "sparse"), "dense"
-    without a state. On CUDA each forward is synchronised before and after, so the time is the
+    The step kind is the ``sparsed_state``'s ``mode`` ("dense", "switch", "sparse"), or a block-
+    diffusion forward's ``prefix_state`` mode ("dense", "score", "sparse"), "dense" without a
+    state. On CUDA each forward is synchronised before and after, so the time is the
     forward's own, not its launch's. ``sparsed demo`` reports the mean per kind;
     benchmarks/bench_cache.py groups the records by kind and query rows (a cached step runs
     fewer rows). Call `remove` when done.
@@ -180,6 +181,8 @@ class StepTimer:
 
     def _pre(self, module, args, kwargs) -> None:
         state = kwargs.get("sparsed_state")
+        if state is None:
+            state = kwargs.get("prefix_state")
         x = self._inputs(args, kwargs)
         self._key = ("dense" if state is None else state.mode, 0 if x is None else x.shape[1])
         self._x = x

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .._validate import ArgumentTypeError, ArgumentValueError, check_int, check_number
 from .scoring import key_block_counts
-from .switch_step import block_importance
+from .switch_step import _cudnn_lse_applies, block_importance, dense_with_lse
 
 __all__ = [
     "PrefixSparseConfig",
@@ -111,6 +111,10 @@ class PrefixSelection:
         front: absent positions before position 0 on the grid (the short first block).
         n_blocks: prefix grid blocks.
         block_size: prefix tokens per grid block.
+        gather: what the block's sparse steps read, built by the first of them and reused by
+            the rest (the kept blocks and the mask do not change between a block's steps):
+            (block length, the (batch, head, position) index of the kept keys, each
+            broadcasting to (B, H, K), and the (B, Hq, 1, K) bool mask of the attendable ones).
     """
 
     blocks: torch.Tensor
@@ -118,6 +122,7 @@ class PrefixSelection:
     front: int
     n_blocks: int
     block_size: int
+    gather: tuple[int, tuple[torch.Tensor, ...], torch.Tensor] | None = None
 
     @property
     def density(self) -> float:
@@ -134,10 +139,16 @@ class PrefixSparseState:
     cache holds the dense K/V), "score" for a block's first denoising step (exact attention plus
     selection; clears the old selections first via :meth:`begin_block`), "sparse" for its other
     steps.
+
+    ``padded`` says whether any key may be unattendable in a denoising step. The sampler sets it
+    False when no row is left padded; the selecting step then runs cuDNN's attention without
+    the mask, which also returns the rows' log-sum-exp, so the block scorer needs one sweep over
+    the prefix instead of two. True (the default) always applies the mask.
     """
 
     config: PrefixSparseConfig
     mode: PrefixMode = "dense"
+    padded: bool = True
     layers: dict[int, PrefixSelection] = field(default_factory=dict)
     selections: int = 0  # blocks selected so far
     densities: list[float] = field(default_factory=list)  # each selection's kept share (layer mean)
@@ -165,7 +176,12 @@ class PrefixSparseState:
 
 @torch.no_grad()
 def prefix_block_mass(
-    query: torch.Tensor, key: torch.Tensor, scaling: float, block_size: int, key_valid: torch.Tensor
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    block_size: int,
+    key_valid: torch.Tensor,
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Softmax probability mass the queries put on each prefix block, per query head.
 
@@ -175,6 +191,8 @@ def prefix_block_mass(
     Args:
         query: (B, Hq, L, D), the block being denoised; key: (B, Hkv, S, D), prefix then block.
         key_valid: (B, S) bool, True for attendable keys.
+        lse: (B, Hq, L) natural-log log-sum-exp of the rows over those keys (from the dense pass
+            that just ran), or None: the scorer computes it (one more sweep over the keys).
     Returns:
         ((B, Hq, n_blocks) float32 mass summed over the queries, front).
     """
@@ -185,7 +203,7 @@ def prefix_block_mass(
     n_blocks = (prefix + front) // block_size
     valid = F.pad(key_valid, (front, 0), value=False)  # (B, front + S): the front positions absent
     counts = key_block_counts(valid, S + front, block_size, B, query.device)  # (B, nKV)
-    importance = block_importance(query, key, scaling, block_size, valid, None, counts, 0, front)
+    importance = block_importance(query, key, scaling, block_size, valid, lse, counts, 0, front)
     n_q = importance.shape[2]
     rows = (L - torch.arange(n_q, device=query.device) * block_size).clamp(max=block_size).float()
     mass = importance.nan_to_num(neginf=0.0) * counts[:, None, None, :].float() * rows.view(1, 1, n_q, 1)
@@ -270,15 +288,21 @@ def prefix_sparse_attention(
             f"a sparse denoising step for layer {layer_idx}, but no selection for it: call begin_block() "
             "before a block's first denoising step"
         )
-    if mode in ("dense", "score"):
+    lse = None
+    if mode == "score" and not state.padded and _cudnn_lse_applies(query, None):
+        # Every key attendable (the sampler says no row is padded): the mask is all True.
+        out, lse = dense_with_lse(query, key, value, scaling)
+    elif mode in ("dense", "score"):
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=gqa)
-        if mode == "score":
-            key_valid = attention_mask[:, 0, -1]  # the block's queries all see the same keys
-            mass, front = prefix_block_mass(query, key, scaling, state.config.block_size, key_valid)
-            if state.config.pattern == "random" and state.generator is None:
-                state.generator = torch.Generator(device=query.device).manual_seed(state.config.seed)
-            blocks = select_prefix_blocks(mass, state.config, Hkv, state.generator)
-            state.layers[layer_idx] = PrefixSelection(blocks, S - L, front, mass.shape[-1], state.config.block_size)
+    if mode == "dense":
+        return out
+    if mode == "score":
+        key_valid = attention_mask[:, 0, -1]  # the block's queries all see the same keys
+        mass, front = prefix_block_mass(query, key, scaling, state.config.block_size, key_valid, lse)
+        if state.config.pattern == "random" and state.generator is None:
+            state.generator = torch.Generator(device=query.device).manual_seed(state.config.seed)
+        blocks = select_prefix_blocks(mass, state.config, Hkv, state.generator)
+        state.layers[layer_idx] = PrefixSelection(blocks, S - L, front, mass.shape[-1], state.config.block_size)
         return out
 
     sel = state.layers[layer_idx]
@@ -288,12 +312,14 @@ def prefix_sparse_attention(
             f"{S - L}; call begin_block() when a new block starts"
         )
     heads = sel.blocks.shape[1]  # query heads, or key/value heads with per_kv_head
-    pos, valid = _gather_positions(sel, L, attention_mask[:, 0, -1])  # (B, H, K)
-    kv_head = torch.arange(heads, device=query.device) // (heads // Hkv)  # the kv head each head reads
-    b_idx = torch.arange(B, device=query.device).view(B, 1, 1)
-    k_sel = key[b_idx, kv_head.view(1, heads, 1), pos]  # (B, H, K, D): one gather per step
-    v_sel = value[b_idx, kv_head.view(1, heads, 1), pos]
-    mask = valid[:, :, None, :]  # (B, H, 1, K)
-    if heads != Hq:  # per-kv-head selection: each group's query heads read their kv head's keys
-        mask = mask.repeat_interleave(Hq // heads, 1)
+    if sel.gather is None or sel.gather[0] != L:  # the block's first sparse step
+        pos, valid = _gather_positions(sel, L, attention_mask[:, 0, -1])  # (B, H, K)
+        kv_head = torch.arange(heads, device=query.device) // (heads // Hkv)  # the kv head each head reads
+        index = (torch.arange(B, device=query.device).view(B, 1, 1), kv_head.view(1, heads, 1), pos)
+        mask = valid[:, :, None, :]  # (B, H, 1, K)
+        if heads != Hq:  # per-kv-head selection: each group's query heads read their kv head's keys
+            mask = mask.repeat_interleave(Hq // heads, 1)
+        sel.gather = (L, index, mask)
+    _, index, mask = sel.gather
+    k_sel, v_sel = key[index], value[index]  # (B, H, K, D): one gather each per step
     return F.scaled_dot_product_attention(query, k_sel, v_sel, attn_mask=mask, scale=scaling, enable_gqa=heads != Hq)

@@ -342,7 +342,7 @@ def blockdiff_generate(
 
     dtype = next(model.parameters()).dtype
     cache = BlockDiffusionKVCache.for_model(model, batch, total)
-    state = None if sparsed is None else PrefixSparseState(sparsed)
+    state = None if sparsed is None else PrefixSparseState(sparsed, padded=len(set(full)) > 1)
     run = _BlockRunner(model, cache, dtype, state)
     schedule = llada_transfer_schedule(block_length, steps)
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)

@@ -137,8 +137,11 @@ def tile_prob_sums(
     out = torch.empty(B, Hq, n_qt, n_kt, device=query.device, dtype=torch.float32)
     valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else query  # dummy pointer
     args = (query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2))
-    common = dict(HEAD_DIM=D, BLOCK_M=tile, BLOCK_N=tile, HAS_VALID=key_valid is not None)
-    warps = 8 if tile >= 128 else 4
+    # A block-diffusion block (4-64 queries) fits one query tile: a 16-row (or next power of two)
+    # program there, not 128 rows of which all but a few are zero.
+    block_m = min(tile, max(16, triton.next_power_of_2(L)))
+    common = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=tile, HAS_VALID=key_valid is not None)
+    warps = 8 if tile >= 128 and block_m >= 64 else 4
     splits = key_splits(n_qt * B * Hq, n_kt, query.device) if splits is None else max(1, min(splits, n_kt))
     split_kt = triton.cdiv(n_kt, splits)  # key tiles per split; the last split may hold fewer
     splits = triton.cdiv(n_kt, split_kt)

@@ -1,0 +1,118 @@
+"""Where a block-diffusion forward's time goes: torch.profiler over the decoding forwards of
+`blockdiff_generate` on the SDAR-8B shape (Qwen3-8B, random bf16 weights).
+
+    python benchmarks/profile_blockdiff.py --prefix 32768 --variants dense dense_gqa sparse   # H200
+    python benchmarks/profile_blockdiff.py --prefix 300                                        # CPU smoke
+
+For each variant one generation of --gen tokens after a --prefix-token prompt runs with the
+profiler off for the prefill and on for every forward of --block queries (the denoising steps
+and the commits). Printed per variant: the wall time per decoding forward (device synchronised at
+the profiler's start and stop), the summed CUDA kernel time per forward (how busy the GPU is),
+and the kernels and CPU ops that take the most time; then, from a second generation with every
+forward synchronised (`timing.StepTimer`), the mean time per forward kind (prefill chunks, the
+selecting "score" step, "sparse" steps, dense denoising steps and commits). Variants as in
+``bench_blockdiff.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
+from bench_blockdiff import qwen3_config, sdpa_grouped_heads
+from sparsed_backend.attention.prefix_selection import PrefixSparseConfig
+from sparsed_backend.sampling.block_diffusion import blockdiff_generate
+from sparsed_backend.timing import StepTimer, sync
+
+
+class DecodeProfiler:
+    """Profiles the model's forwards whose input has ``block`` tokens (decoding, not prefill)."""
+
+    def __init__(self, model, block: int, device: torch.device) -> None:
+        self.block, self.forwards, self.wall, self.device = block, 0, 0.0, device
+        cuda = [ProfilerActivity.CUDA] if device.type == "cuda" else []
+        self.prof = profile(activities=[ProfilerActivity.CPU, *cuda])
+        self._started = None
+        self._hooks = [model.register_forward_pre_hook(self._pre, with_kwargs=True)]
+
+    def _pre(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] == self.block:
+            if self._started is None:
+                sync(self.device)
+                self.prof.start()
+                self._started = time.perf_counter()
+            self.forwards += 1
+
+    def finish(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        sync(self.device)
+        if self._started is not None:
+            self.wall = time.perf_counter() - self._started
+            self.prof.stop()
+
+
+@torch.inference_mode()
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prefix", type=int, default=32768)
+    p.add_argument("--block", type=int, default=4)
+    p.add_argument("--gen", type=int, default=16, help="generated tokens (gen / block blocks are profiled)")
+    p.add_argument("--select", type=float, default=0.1)
+    p.add_argument("--variants", nargs="+", choices=["dense", "dense_gqa", "sparse"], default=["dense", "sparse"])
+    p.add_argument("--rows", type=int, default=15)
+    args = p.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from transformers import Qwen3ForCausalLM
+
+    cfg = qwen3_config(dev.type == "cpu", args.prefix + args.gen + 64)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    with dev:
+        model = Qwen3ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval()
+    mask_id = cfg.vocab_size - 1
+    ids = torch.randint(0, mask_id, (1, args.prefix), device=dev, generator=torch.Generator(dev).manual_seed(1))
+    common = dict(block_length=args.block, denoising_steps=args.block, mask_id=mask_id)
+    for variant in args.variants:
+        model.set_attn_implementation("sparsed" if variant == "sparse" else "sdpa")
+        extra = {"sparsed": PrefixSparseConfig(select=args.select, per_kv_head=True)} if variant == "sparse" else {}
+        grouped = sdpa_grouped_heads() if variant == "dense_gqa" else contextlib.nullcontext()
+        with grouped:
+            blockdiff_generate(model, ids[:, : 4 * args.block], gen_length=2 * args.block, **common, **extra)
+            hook = DecodeProfiler(model, args.block, dev)
+            try:
+                blockdiff_generate(model, ids, gen_length=args.gen, **common, **extra)
+            finally:
+                hook.finish()
+            timer = StepTimer(model)  # a second run: each forward synchronised, by kind and rows
+            try:
+                blockdiff_generate(model, ids, gen_length=args.gen, **common, **extra)
+            finally:
+                timer.remove()
+        kinds: dict[tuple[str, int], list[float]] = {}
+        for kind, rows, seconds in timer.records:
+            kinds.setdefault((kind, rows), []).append(seconds)
+        events = hook.prof.key_averages()
+        # GPU busy time: the kernels' own events (an aten op's self device time repeats its kernels').
+        cuda_us = sum(e.self_device_time_total for e in hook.prof.events() if e.device_type == DeviceType.CUDA)
+        n = hook.forwards
+        print(f"\n## {variant}: prefix {args.prefix}, block {args.block}, {n} decoding forwards", flush=True)
+        print(f"wall {1e3 * hook.wall / n:.2f} ms per forward; CUDA kernels {cuda_us / 1e3 / n:.2f} ms per forward")
+        for (kind, rows), times in sorted(kinds.items()):
+            mean_ms = 1e3 * sum(times) / len(times)
+            print(f"synchronised forwards, {kind} x {rows} rows: {len(times)}, mean {mean_ms:.2f} ms")
+        try:
+            print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
+        except (AttributeError, KeyError, ValueError):  # older profilers name it after CUDA
+            print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
