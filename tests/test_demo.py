@@ -6,11 +6,12 @@ import re
 
 import pytest
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, AutoModelForCausalLM
 
 from sparsed_backend import SparseDConfig
-from sparsed_backend.demo import model_path
-from sparsed_backend.demo.evaluate import answer_prompts, generation_length, wilson_interval
+from sparsed_backend.attention.prefix_selection import PrefixSparseConfig
+from sparsed_backend.demo import blockdiff_model_path, model_path
+from sparsed_backend.demo.evaluate import answer_blockdiff_prompts, answer_prompts, generation_length, wilson_interval
 from sparsed_backend.demo.task import sample_prompts
 from sparsed_cli import main
 
@@ -52,6 +53,25 @@ def test_the_multi_key_model_answers_two_keys_where_the_single_key_model_cannot(
     assert answer_prompts(shipped, prompts, batch=4).n_correct == 0
     single = sample_prompts(1024, 4, seed=31337)
     assert answer_prompts(multikey, single, batch=4).n_correct == 4  # single-key retrieval is kept
+
+
+def test_the_shipped_block_diffusion_model_retrieves_and_top_k_keeps_its_answers():
+    """The shipped block-diffusion Qwen3 answers fresh 1,500-token prompts (a length off the
+    128-token prefix grid) with dense attention; top-k prefix selection at 0.3 per key-value head
+    keeps its answers, and the same number of blocks nearest the decoded block ("local") loses
+    most of them (benchmarks/results/fidelity_blockdiff_*.md: the same at 128 prompts on a GPU)."""
+    path = blockdiff_model_path()
+    dense = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
+    sparse = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sparsed", dtype=torch.float32).eval()
+    assert dense.config.block_size == 4 and dense.config.mask_token_id is not None
+    prompts = sample_prompts(1500, 8, seed=31337)
+    exact = answer_blockdiff_prompts(dense, prompts, batch=8)
+    assert exact.n_correct >= 7, exact.generated
+    keep = {"select": 0.3, "per_kv_head": True}
+    topk = answer_blockdiff_prompts(sparse, prompts, batch=8, sparsed=PrefixSparseConfig(**keep))
+    assert topk.n_correct >= exact.n_correct - 1
+    local = answer_blockdiff_prompts(sparse, prompts, batch=8, sparsed=PrefixSparseConfig(**keep, pattern="local"))
+    assert local.n_correct <= 3
 
 
 @pytest.mark.parametrize("keys", [0, 3, 1.0, True])
