@@ -118,6 +118,38 @@ def test_triton_importance_splits_the_key_tiles_without_changing_the_sums(q_len,
         torch.testing.assert_close(got.sum((2, 3)), torch.full((2, 8), float(L), device="cuda"))
 
 
+def _compiled_variants(kernel) -> int:
+    """How many variants of a Triton kernel are compiled, over all devices (Triton 3.x keeps one
+    (kernel cache, ...) entry per device in ``device_caches``)."""
+    caches = getattr(kernel, "device_caches", None)
+    if not caches or not all(isinstance(entry[0], dict) for entry in caches.values()):
+        pytest.skip("this Triton keeps its compiled kernels elsewhere than device_caches[device][0]")
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+@cuda
+def test_the_scorer_stops_compiling_while_a_block_diffusion_prefix_grows():
+    """Block by block a block-diffusion prefix grows by 4 keys, which moves the grid's front, the key
+    length and the number of key tiles. The scorer's kernels compile for the first blocks and
+    then no more: those integers are not specialised on (one compilation per combination of
+    their divisibility classes would keep compiling through a long generation)."""
+    from sparsed_backend.attention.kernels import importance
+    from sparsed_backend.attention.prefix_selection import prefix_block_mass
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    keys = torch.randn(1, 2, 2400, 64, device="cuda", generator=g).bfloat16()
+    q = torch.randn(1, 8, 4, 64, device="cuda", generator=g).bfloat16()
+    seen = []
+    for prefix in range(1000, 1000 + 4 * 64, 4):  # 64 blocks: every front 0..124, 2 more key tiles
+        valid = torch.ones(1, prefix + 4, dtype=torch.bool, device="cuda")
+        k = keys[:, :, : prefix + 4]
+        lse = torch.logsumexp((q.float() @ k.float().repeat_interleave(4, 1).transpose(-1, -2)) * 0.125, -1)
+        prefix_block_mass(q, k, 0.125, 128, valid)  # two sweeps: the lse kernel and the block sums
+        prefix_block_mass(q, k, 0.125, 128, valid, lse)  # one sweep with a given log-sum-exp
+        seen.append((_compiled_variants(importance._lse_kernel), _compiled_variants(importance._block_sum_kernel)))
+    assert seen[-1] == seen[1], seen
+
+
 @cuda
 @pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (28, 4)])
 def test_dense_pass_log_sum_exp_and_one_pass_scoring(hq, hkv):

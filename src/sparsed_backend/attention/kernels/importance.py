@@ -22,8 +22,16 @@ __all__ = ["tile_prob_sums"]
 
 _LOG2E = 1.4426950408889634
 
+# The integer arguments that change from call to call within one generation are not
+# specialised on. Triton compiles a new variant of a kernel for every new combination of its
+# integer arguments' classes (divisible by 16, equal to 1, other), and in block diffusion these
+# move with every decoded block: the prefix grows by a block, so the grid's front, the key
+# length and the number of key tiles change, and a long generation would keep compiling. None of
+# these is a stride, and none feeds the vectorised Q/K loads, whose alignment comes from the
+# strides. (tests/test_kernels.py counts the compiled variants over a growing prefix.)
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["L", "S", "Q_FRONT", "K_FRONT", "SPLIT_N"])
 def _lse_kernel(
     Q, K, VALID, M_PART, L_PART,
     sqb, sqh, sqm, skb, skh, skn, L, S, Q_FRONT, K_FRONT, HQ, GROUP, qk_scale, SPLIT_N,
@@ -61,7 +69,7 @@ def _lse_kernel(
     tl.store(L_PART + part, l_i, mask=offs_m < L)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "S", "Q_FRONT", "K_FRONT", "N_KT", "SPLIT_KT"])
 def _block_sum_kernel(
     Q, K, VALID, LSE, OUT,
     sqb, sqh, sqm, skb, skh, skn, L, S, Q_FRONT, K_FRONT, HQ, GROUP, qk_scale, N_KT, SPLIT_KT,
