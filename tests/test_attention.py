@@ -412,7 +412,7 @@ def test_cudnn_log_sum_exp_unavailable_warns_and_scores_without_it(monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("cuDNN Frontend error: no valid execution plans\nmore detail")
 
-    monkeypatch.setattr(switch_step, "_cudnn_lse_applies", lambda query, key_valid: True)
+    monkeypatch.setattr(switch_step, "cudnn_lse_applies", lambda query, key_valid: True)
     monkeypatch.setattr(_compat, "cudnn_attention_with_lse", refuse)
     monkeypatch.setattr(_warn, "_warned", set())
     with pytest.warns(RuntimeWarning, match=r"cuDNN attention with log-sum-exp is unavailable \(cuDNN Frontend"):
@@ -438,7 +438,7 @@ def test_switch_step_hands_grouped_kv_heads_to_cudnn_unrepeated(monkeypatch):
         lse = torch.logsumexp(query @ key.repeat_interleave(4, 1).transpose(-1, -2) * scaling, -1)
         return out, lse
 
-    monkeypatch.setattr(switch_step, "_cudnn_lse_applies", lambda query, key_valid: True)
+    monkeypatch.setattr(switch_step, "cudnn_lse_applies", lambda query, key_valid: True)
     monkeypatch.setattr(_compat, "cudnn_attention_with_lse", cudnn)
     out, lse = switch_step.dense_with_lse(q, k, v, 0.25)
     assert seen == [(2, 2, k.data_ptr(), v.data_ptr())]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .._validate import ArgumentTypeError, ArgumentValueError, check_int, check_number
 from .scoring import key_block_counts
-from .switch_step import _cudnn_lse_applies, block_importance, dense_with_lse
+from .switch_step import block_importance, cudnn_lse_applies, dense_with_lse
 
 __all__ = [
     "PrefixSparseConfig",
@@ -289,7 +289,7 @@ def prefix_sparse_attention(
             "before a block's first denoising step"
         )
     lse = None
-    if mode == "score" and not state.padded and _cudnn_lse_applies(query, None):
+    if mode == "score" and not state.padded and cudnn_lse_applies(query, None):
         # Every key attendable (the sampler says no row is padded): the mask is all True.
         out, lse = dense_with_lse(query, key, value, scaling)
     elif mode in ("dense", "score"):

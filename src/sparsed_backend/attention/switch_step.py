@@ -31,10 +31,10 @@ from .scoring import block_prob_sums, importance_from_sums, key_block_counts, nu
 from .selection import generation_start_block, select_blocks
 from .state import LayerSelection
 
-__all__ = ["block_importance", "dense_with_lse", "run_switch_step", "select_layer"]
+__all__ = ["block_importance", "cudnn_lse_applies", "dense_with_lse", "run_switch_step", "select_layer"]
 
 
-def _cudnn_lse_applies(query: torch.Tensor, key_valid: torch.Tensor | None) -> bool:
+def cudnn_lse_applies(query: torch.Tensor, key_valid: torch.Tensor | None) -> bool:
     """cuDNN gives the log-sum-exp for unpadded fp16/bf16 CUDA inputs."""
     return query.is_cuda and key_valid is None and query.dtype in (torch.float16, torch.bfloat16)
 
@@ -56,7 +56,7 @@ def dense_with_lse(
         ((B, Hq, L, D) output, (B, Hq, L) float32 natural-log log-sum-exp or None).
     """
     B, Hq, L, _ = query.shape
-    if _cudnn_lse_applies(query, key_valid):
+    if cudnn_lse_applies(query, key_valid):
         try:
             out, lse = _compat.cudnn_attention_with_lse(query, key, value, scaling)
             return out, lse.reshape(B, Hq, L).float()
