@@ -149,6 +149,9 @@ BAD_INPUTS = [
     (["generate", *BLOCKDIFF, "--threshold", "0.9", "--remasking", "sequential"],
      r"--threshold is only used by --remasking='low_confidence_dynamic', got --remasking='sequential'$"),
     (["generate", *BLOCKDIFF, "--denoising-steps", "0"], r"--denoising-steps must be >= 1, got 0$"),
+    (["generate", *BLOCKDIFF, "--cuda-graphs"], r"--cuda-graphs needs the model on a CUDA device, got it on cpu$"),
+    (["generate", *QUICK, "--cuda-graphs"],
+     r"^sparsed generate: error: --cuda-graphs applies only to block-diffusion "),
     (["generate", *BLOCKDIFF, "--prompt", "Hello, world"],
      r"--prompt must be text the model's tokenizer can encode, got 12 of 13 tokens unknown"),
     # bench

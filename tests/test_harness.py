@@ -284,6 +284,7 @@ def _make(harness_model, **kw):
         ({"device": "gpu0"}, r"model arg device: expected a torch device such as 'cpu' or 'cuda:0', got 'gpu0'"),
         ({"mc_samples": -1}, r"^model arg mc_samples: mc_samples must be >= 1, got -1$"),
         ({"stepz": 3}, r"unknown model args \['stepz'\]; sparsed-dlm takes pretrained and"),
+        ({"cuda_graphs": True}, r"^model arg cuda_graphs applies to block-diffusion \(Qwen3\) checkpoints only$"),
         ({"kv_cache": "full"}, r"^model arg kv_cache: kv_cache must be None, 'prefix' or 'dual', got 'full'$"),
         ({"attn": "sparsed", "prompt_end_offset": -1},
          r"^model arg prompt_end_offset: prompt_end_offset must be None, 'middle' or an int in \[0, block_size=128\), "
@@ -711,5 +712,10 @@ def test_a_block_diffusion_checkpoint_runs_blockdiff_generate(harness_model, tmp
         4, 4, "low_confidence_dynamic", 0.9,
     )  # fmt: skip
     assert kw["sparsed"] == PrefixSparseConfig(select=None, budget=8, block_size=4, per_kv_head=True)
+    assert kw["cuda_graphs"] is False
+    if not torch.cuda.is_available():  # the model arg reaches the sampler, which refuses it off CUDA
+        lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=8, cuda_graphs=True)
+        with pytest.raises(harness_model.ModelArgError, match=r"^model arg cuda_graphs: cuda_graphs needs the model"):
+            lm.generate_until([_instance("generate_until", ("\u4e00\u4e01?", {"until": []}))])
     with pytest.raises(NotImplementedError, match="loglikelihood is not implemented for block-diffusion"):
         lm.loglikelihood([_instance("loglikelihood", ("\u4e00", "\uac00"))])

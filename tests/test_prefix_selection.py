@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -157,12 +158,29 @@ def test_later_sparse_steps_reuse_the_gather_and_read_the_blocks_new_keys():
     assert torch.equal(again, prefix_sparse_attention(q2, k2, v2, mask, 0.25, fresh, 0))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlashAttention and cuDNN)")
+def test_flash_gives_cudnns_log_sum_exp_for_grouped_heads():
+    """dense_with_lse(kernel="flash") runs FlashAttention-2 on grouped K/V heads (no warning,
+    so no fall back to cuDNN) and returns cuDNN's output and log-sum-exp (bf16, SDAR-8B heads)."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(2, 32, 4, 128, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(2, 8, 6004, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, lse = dense_with_lse(q, k, v, 128**-0.5, kernel="flash")
+    want_out, want_lse = dense_with_lse(q, k, v, 128**-0.5, kernel="cudnn")
+    assert lse is not None and lse.shape == (2, 32, 4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(out, want_out, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN's attention with log-sum-exp)")
 @pytest.mark.parametrize("per_kv", [False, True])
 def test_an_unpadded_selecting_step_scores_with_cudnns_log_sum_exp(per_kv):
     """padded=False (the sampler's rows share one length): the selecting step takes the rows'
-    log-sum-exp from cuDNN and sweeps the prefix once; its output, block masses and kept blocks
-    match the masked two-sweep step's (bf16, SDAR-8B heads)."""
+    log-sum-exp from the fused attention (FlashAttention-2) and sweeps the prefix once; its
+    output, block masses and kept blocks match the masked two-sweep step's (bf16, SDAR-8B
+    heads)."""
     g = torch.Generator(device="cuda").manual_seed(4)
     q = torch.randn(2, 32, 4, 128, device="cuda", generator=g).bfloat16()
     k, v = (torch.randn(2, 8, 6004, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
@@ -281,3 +299,26 @@ def test_local_and_random_baselines_keep_the_same_number_of_blocks(per_kv):
     assert bool((first.diff(dim=-1) > 0).all()) and int(first.max()) < n  # distinct, ascending, in range
     with pytest.raises(ArgumentValueError, match="pattern must be one of"):
         PrefixSparseConfig(pattern="window")
+
+
+@pytest.mark.parametrize("per_kv", [False, True])
+def test_no_mask_means_every_key_is_attendable(per_kv):
+    """attention_mask=None (a block's forward in a batch with no padding) computes what an
+    all-True mask computes, in the dense, selecting and sparse modes, with the same selection."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 4, 16, generator=g)
+    k, v = (torch.randn(2, 2, 45, 16, generator=g) for _ in range(2))
+    full = torch.ones(2, 1, 4, 45, dtype=torch.bool)
+    results = []
+    for mask in (full, None):
+        state = PrefixSparseState(PrefixSparseConfig(select=0.4, block_size=8, per_kv_head=per_kv), padded=False)
+        outs = [prefix_sparse_attention(q, k, v, mask, 0.25, state, 0)]  # dense
+        state.begin_block()
+        outs.append(prefix_sparse_attention(q, k, v, mask, 0.25, state, 0))
+        state.mode = "sparse"
+        outs.append(prefix_sparse_attention(q, k, v, mask, 0.25, state, 0))
+        results.append((outs, state.layers[0].blocks))
+    (want, want_blocks), (got, got_blocks) = results
+    assert torch.equal(want_blocks, got_blocks)
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

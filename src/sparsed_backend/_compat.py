@@ -89,6 +89,26 @@ def cudnn_attention_with_lse(
     return out, lse
 
 
+def flash_attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention-2 (PyTorch's build) returning each row's log-sum-exp with the output.
+
+    torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal,
+    return_debug_mask, scale=) (2.11, 2.13). Unlike cuDNN's attention it builds no plan per
+    shape, so a key length that grows at every call costs nothing extra. Raises RuntimeError
+    where it cannot run these inputs (e.g. K/V heads fewer than the query's, if this build does
+    not group them).
+
+    Returns:
+        ((B, H, L, D) output, (B, H, >= L) float32 log-sum-exp, natural log).
+    """
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, False, False, scale=scaling)[
+        :2
+    ]
+    return out, lse
+
+
 # transformers.modeling_rope_utils (5.17, 5.25): ROPE_INIT_FUNCTIONS maps a scaling type to
 # fn(config, device, seq_len=None) -> (inv_freq (D/2,) fp32, attention_factor); dynamic_rope_update
 # decorates a rotary module's forward(x, position_ids) and recomputes its ``inv_freq`` buffer for

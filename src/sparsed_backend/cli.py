@@ -51,6 +51,7 @@ LIBRARY_FLAGS = {
     "denoising_steps": "--denoising-steps",
     "remasking": "--remasking",
     "budget": "--prefix-budget",
+    "cuda_graphs": "--cuda-graphs",
     # the demo's sample_prompts
     "seed": "--seed",
 }

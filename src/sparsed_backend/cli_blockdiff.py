@@ -26,13 +26,14 @@ BLOCKDIFF_FLAGS = {
     "denoising_steps": "--denoising-steps",
     "remasking": "--remasking",
     "prefix_budget": "--prefix-budget",
+    "cuda_graphs": "--cuda-graphs",
 }
 # Flags of the LLaDA / Dream samplers (and SparseD) that a block-diffusion checkpoint refuses.
 NOT_BLOCKDIFF_FLAGS = {"steps": "--steps", "kv_cache": "--kv-cache", "skip": "--skip",
                        "prompt_end_offset": "--prompt-end-offset", "rope_scaling": "--rope-scaling"}  # fmt: skip
 # blockdiff_generate's and PrefixSparseConfig's arguments that flags feed (keys of LIBRARY_FLAGS).
 FED = ("gen_length", "block_length", "denoising_steps", "remasking", "threshold", "temperature", "select", "budget",
-       "block_size")  # fmt: skip
+       "block_size", "cuda_graphs")  # fmt: skip
 
 
 def refuse_flags(args: argparse.Namespace, flags: dict[str, str], family: str, model_type: str) -> None:
@@ -88,7 +89,7 @@ def generate_blockdiff(args: argparse.Namespace, config, device: torch.device) -
         out = blockdiff_generate(
             model, ids, gen_length=args.gen_length, block_length=block_length,
             denoising_steps=getattr(args, "denoising_steps", block_length), remasking=remasking, threshold=threshold,
-            temperature=args.temperature, generator=g, sparsed=sparsed,
+            temperature=args.temperature, generator=g, sparsed=sparsed, cuda_graphs=hasattr(args, "cuda_graphs"),
         )  # fmt: skip
     print(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return 0

@@ -15,7 +15,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from .._compat import SDPA_HAS_PRIORITY
 from .config import SparseDConfig
 
-__all__ = ["dense_kernels", "flex_kernel_options", "min_sparse_len"]
+__all__ = ["decode_kernels", "dense_kernels", "flex_kernel_options", "min_sparse_len"]
 
 # Fastest first. On an H100 at 64k tokens (LLaDA shape, bf16) cuDNN took 123.1 ms and
 # FlashAttention-2 199.9 ms (benchmarks/results/bench_attention.md).
@@ -35,6 +35,27 @@ def dense_kernels(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | N
     """
     if query.is_cuda and SDPA_HAS_PRIORITY:
         return sdpa_kernel(_CUDA_ORDER, set_priority=True)
+    return contextlib.nullcontext()
+
+
+# A few query rows against a key length that changes at every block (block diffusion). On an
+# H200 (benchmarks/results/bench_sdpa_growing_keys.md: 4 queries, 32/8 heads, 32k keys, bf16):
+# FlashAttention-2 without a mask 0.12-0.13 ms per call; cuDNN 0.378 ms at a fixed length and
+# 8.2 ms per call when the length grows every 5 calls (its plan is rebuilt per length).
+_DECODE_ORDER = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def decode_kernels(query: torch.Tensor):
+    """Context that steers SDPA for block diffusion's denoising steps and commits: on CUDA
+    FlashAttention-2 first (it takes no mask; a masked call goes on to cuDNN), then cuDNN,
+    memory-efficient and math. On CPU SDPA's own choice is used."""
+    if query.is_cuda and SDPA_HAS_PRIORITY:
+        return sdpa_kernel(_DECODE_ORDER, set_priority=True)
     return contextlib.nullcontext()
 
 

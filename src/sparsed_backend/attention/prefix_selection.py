@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validate import ArgumentTypeError, ArgumentValueError, check_int, check_number
+from .policy import decode_kernels
 from .scoring import key_block_counts
 from .switch_step import block_importance, cudnn_lse_applies, dense_with_lse
 
@@ -41,8 +42,10 @@ __all__ = [
     "PrefixSparseState",
     "PrefixSelection",
     "prefix_block_mass",
+    "gathered_attention",
     "prefix_sparse_attention",
     "select_prefix_blocks",
+    "sparse_gather",
 ]
 
 PrefixMode = Literal["dense", "score", "sparse"]
@@ -268,14 +271,18 @@ def prefix_sparse_attention(
         query: (B, Hq, L, D); key, value: (B, Hkv, S, D) (the cache's views: prefix, then the L
             new positions).
         attention_mask: (B, 1, L, S) bool, True where a query attends (the sampler's block-causal
-            mask).
+            mask); None: every query attends every key (a forward of one block in a batch with
+            no padding), so the dense and selecting steps run FlashAttention-2 without a mask
+            (`policy.decode_kernels`).
     Returns:
         (B, Hq, L, D).
     """
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool or attention_mask.dim() != 4
+    ):
         raise TypeError(
             "prefix_state needs the block-causal mask as a 4D bool tensor (B, 1, L, S) (what blockdiff_generate "
-            f"passes), got {getattr(attention_mask, 'dtype', type(attention_mask).__name__)}"
+            f"passes) or None, got {getattr(attention_mask, 'dtype', type(attention_mask).__name__)}"
         )
     B, Hq, L, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
@@ -288,16 +295,22 @@ def prefix_sparse_attention(
             f"a sparse denoising step for layer {layer_idx}, but no selection for it: call begin_block() "
             "before a block's first denoising step"
         )
+    if attention_mask is None:
+        key_valid = torch.ones(B, S, dtype=torch.bool, device=query.device)
+    else:
+        key_valid = attention_mask[:, 0, -1]  # the block's queries all see the same keys
     lse = None
-    if mode == "score" and not state.padded and cudnn_lse_applies(query, None):
-        # Every key attendable (the sampler says no row is padded): the mask is all True.
-        out, lse = dense_with_lse(query, key, value, scaling)
+    unmasked = attention_mask is None or not state.padded  # the sampler says every key is attendable
+    if mode == "score" and unmasked and cudnn_lse_applies(query, None):
+        out, lse = dense_with_lse(query, key, value, scaling, kernel="flash")
     elif mode in ("dense", "score"):
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+        with decode_kernels(query):
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=gqa
+            )
     if mode == "dense":
         return out
     if mode == "score":
-        key_valid = attention_mask[:, 0, -1]  # the block's queries all see the same keys
         mass, front = prefix_block_mass(query, key, scaling, state.config.block_size, key_valid, lse)
         if state.config.pattern == "random" and state.generator is None:
             state.generator = torch.Generator(device=query.device).manual_seed(state.config.seed)
@@ -311,15 +324,44 @@ def prefix_sparse_attention(
             f"layer {layer_idx}: the selection covers a prefix of {sel.prefix_len} positions, this step has "
             f"{S - L}; call begin_block() when a new block starts"
         )
-    heads = sel.blocks.shape[1]  # query heads, or key/value heads with per_kv_head
-    if sel.gather is None or sel.gather[0] != L:  # the block's first sparse step
-        pos, valid = _gather_positions(sel, L, attention_mask[:, 0, -1])  # (B, H, K)
-        kv_head = torch.arange(heads, device=query.device) // (heads // Hkv)  # the kv head each head reads
-        index = (torch.arange(B, device=query.device).view(B, 1, 1), kv_head.view(1, heads, 1), pos)
+    _, index, mask = sparse_gather(sel, L, key_valid, Hq, Hkv)
+    return gathered_attention(query, key, value, index, mask, scaling)
+
+
+def sparse_gather(
+    sel: PrefixSelection, block_len: int, key_valid: torch.Tensor, num_heads: int, num_kv_heads: int
+) -> tuple[int, tuple[torch.Tensor, ...], torch.Tensor]:
+    """What a block's sparse steps read (``sel.gather``), built by the first of them.
+
+    Args:
+        key_valid: (B, S) bool, the keys the block's queries may attend.
+    Returns:
+        (block_len, the (batch, head, position) index of the kept keys, each broadcasting to
+        (B, H, K), the (B, Hq, 1, K) bool mask of the attendable ones).
+    """
+    if sel.gather is None or sel.gather[0] != block_len:  # the block's first sparse step
+        B, heads = sel.blocks.shape[:2]  # heads: query heads, or key/value heads with per_kv_head
+        device = sel.blocks.device
+        pos, valid = _gather_positions(sel, block_len, key_valid)  # (B, H, K)
+        kv_head = torch.arange(heads, device=device) // (heads // num_kv_heads)  # the kv head each head reads
+        index = (torch.arange(B, device=device).view(B, 1, 1), kv_head.view(1, heads, 1), pos)
         mask = valid[:, :, None, :]  # (B, H, 1, K)
-        if heads != Hq:  # per-kv-head selection: each group's query heads read their kv head's keys
-            mask = mask.repeat_interleave(Hq // heads, 1)
-        sel.gather = (L, index, mask)
-    _, index, mask = sel.gather
+        if heads != num_heads:  # per-kv-head selection: each group's query heads read their kv head's keys
+            mask = mask.repeat_interleave(num_heads // heads, 1)
+        sel.gather = (block_len, index, mask)
+    return sel.gather
+
+
+def gathered_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    index: tuple[torch.Tensor, ...],
+    mask: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """A sparse step's attention: gather the kept keys of ``key``/``value`` (B, Hkv, >= S, D) by
+    ``index`` (`sparse_gather`) and attend to them under ``mask``. Returns (B, Hq, L, D)."""
     k_sel, v_sel = key[index], value[index]  # (B, H, K, D): one gather each per step
-    return F.scaled_dot_product_attention(query, k_sel, v_sel, attn_mask=mask, scale=scaling, enable_gqa=heads != Hq)
+    gqa = k_sel.shape[1] != query.shape[1]
+    return F.scaled_dot_product_attention(query, k_sel, v_sel, attn_mask=mask, scale=scaling, enable_gqa=gqa)

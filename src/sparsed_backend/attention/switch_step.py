@@ -35,8 +35,12 @@ __all__ = ["block_importance", "cudnn_lse_applies", "dense_with_lse", "run_switc
 
 
 def cudnn_lse_applies(query: torch.Tensor, key_valid: torch.Tensor | None) -> bool:
-    """cuDNN gives the log-sum-exp for unpadded fp16/bf16 CUDA inputs."""
+    """A fused kernel (cuDNN's, or FlashAttention's) gives the log-sum-exp for unpadded
+    fp16/bf16 CUDA inputs."""
     return query.is_cuda and key_valid is None and query.dtype in (torch.float16, torch.bfloat16)
+
+
+LSE_KERNELS = ("cudnn", "flash")
 
 
 def dense_with_lse(
@@ -45,18 +49,35 @@ def dense_with_lse(
     value: torch.Tensor,
     scaling: float,
     key_valid: torch.Tensor | None = None,
+    kernel: str = "cudnn",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dense attention plus each query row's log-sum-exp, where the fast kernel gives it.
 
-    Without padding on CUDA in fp16/bf16 this calls cuDNN's attention with log-sum-exp, which
-    reads grouped K/V heads in place (GQA: no repetition). Elsewhere the log-sum-exp is None
-    and the scorer computes it itself. If cuDNN refuses the inputs, a warning says so once.
+    Without padding on CUDA in fp16/bf16 this calls a fused attention with log-sum-exp that
+    reads grouped K/V heads in place (GQA: no repetition): ``kernel`` "cudnn" (the switch step:
+    one key length per generation) or "flash" (FlashAttention-2: no per-shape plan, for callers
+    whose key length changes at every call, as block diffusion's prefix does; cuDNN rebuilds its
+    plan for each new length, ``benchmarks/results/bench_sdpa_growing_keys.md``). If "flash"
+    refuses the inputs it says so once and uses cuDNN. Elsewhere the log-sum-exp is None and the
+    scorer computes it itself. If cuDNN refuses the inputs, a warning says so once.
 
     Returns:
         ((B, Hq, L, D) output, (B, Hq, L) float32 natural-log log-sum-exp or None).
     """
+    if kernel not in LSE_KERNELS:
+        raise ValueError(f"kernel must be one of {LSE_KERNELS}, got {kernel!r}")
     B, Hq, L, _ = query.shape
     if cudnn_lse_applies(query, key_valid):
+        if kernel == "flash":
+            try:
+                out, lse = _compat.flash_attention_with_lse(query, key, value, scaling)
+                return out, lse[..., :L].float()
+            except RuntimeError as err:
+                warn_once(
+                    "flash-lse",
+                    f"sparsed: FlashAttention with log-sum-exp is unavailable ({str(err).splitlines()[0][:120]}); "
+                    "cuDNN's attention runs instead (it rebuilds its plan for every new key length)",
+                )
         try:
             out, lse = _compat.cudnn_attention_with_lse(query, key, value, scaling)
             return out, lse.reshape(B, Hq, L).float()

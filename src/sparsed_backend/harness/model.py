@@ -184,7 +184,8 @@ class DiffusionLM(LM):
     (``low_confidence_static``, ``low_confidence_dynamic`` with ``threshold``, ``sequential``),
     ``temperature``, ``top_k``, ``top_p``, and with ``attn=sparsed`` the sparse prefix selection's
     ``select`` (default 0.3) or ``prefix_budget`` (tokens), ``block_size`` (prefix tokens per block,
-    default 128), ``per_kv_head`` and ``pattern`` (`prefix_selection.PrefixSparseConfig`).
+    default 128), ``per_kv_head`` and ``pattern`` (`prefix_selection.PrefixSparseConfig`), and
+    ``cuda_graphs`` (True: the decoding forwards through CUDA graphs, CUDA only).
     """
 
     def __init__(self, pretrained: str | None = None, **kwargs) -> None:
@@ -196,7 +197,7 @@ class DiffusionLM(LM):
             "prompt_end_offset", "gen_length",
             "steps", "threshold", "block_length", "remasking", "alg", "alg_temp", "top_p", "top_k", "temperature",
             "mc_samples", "seed", "dtype", "device", "batch_size", "max_batch_size", "kv_cache", "rope_scaling",
-            "denoising_steps", "prefix_budget", "per_kv_head", "pattern",
+            "denoising_steps", "prefix_budget", "per_kv_head", "pattern", "cuda_graphs",
         }  # fmt: skip
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -242,6 +243,8 @@ class DiffusionLM(LM):
         """Model args of a LLaDA or Dream checkpoint, checked before the model loads by the code
         that owns each rule: SparseDConfig its fields, `check_llada_arguments` /
         `check_dream_arguments` the sampler's (the samplers run the same checks)."""
+        if "cuda_graphs" in kw:
+            raise ModelArgError("model arg cuda_graphs applies to block-diffusion (Qwen3) checkpoints only")
         self.attn = _choice("attn", kw.get("attn", "dense"), ATTN)
         sparse_keys = ("skip", "select", "block_size", "min_sparse_len", "keep_diagonal", "prompt_end_offset")
         self.sparsed = None
@@ -322,6 +325,7 @@ class DiffusionLM(LM):
         dynamic = self.threshold is not None  # SDAR's threshold rule
         self.remasking = kw.get("remasking", "low_confidence_dynamic" if dynamic else "low_confidence_static")
         self.temperature, self.top_k, self.top_p = kw.get("temperature", 0.0), kw.get("top_k", 0), kw.get("top_p", 1.0)
+        self.cuda_graphs = kw.get("cuda_graphs", False)  # blockdiff_generate checks it
         self._parse_common(kw)
 
     def _parse_common(self, kw: dict) -> None:
@@ -472,7 +476,7 @@ class DiffusionLM(LM):
                 self.model, ids, mask, gen_length=self.gen_length, block_length=self.block_length,
                 denoising_steps=self.denoising_steps, remasking=self.remasking, threshold=self.threshold,
                 temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, mask_id=self.mask_id,
-                generator=generator, sparsed=self.sparsed,
+                generator=generator, sparsed=self.sparsed, cuda_graphs=self.cuda_graphs,
             )  # fmt: skip
         elif self.family == "llada":
             out = llada_generate(

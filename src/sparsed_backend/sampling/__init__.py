@@ -6,7 +6,7 @@
   `check_llada_arguments`, `check_dream_arguments`);
 - `kv_cache`: `BlockKVCache`, the approximate prefix/dual cache of the LLaDA and Dream samplers;
 - `block_diffusion`: `blockdiff_generate`, block diffusion (SDAR) over an exact prefix cache,
-  `block_cache` (`BlockDiffusionKVCache`);
+  `block_cache` (`BlockDiffusionKVCache`), `decode_graphs` (its CUDA graphs, ``cuda_graphs=True``);
 - `tensor_parallel`: what the samplers need to run under a tensor-parallel plan.
 """
 

@@ -144,12 +144,20 @@ class BlockDiffusionKVCache:
         keys[:, :, start:stop] = key_states
         values[:, :, start:stop] = value_states
         if layer_idx == self.num_layers - 1:
-            if self._forward == "commit":
-                self.length, self.commits = stop, self.commits + 1
-            else:
-                self.denoises += 1
-            self._forward = None
+            self.written()
         return keys[:, :, :stop], values[:, :, :stop]
+
+    def written(self) -> None:
+        """Close the prepared forward, whose K/V are now at ``[length, length + n)``: a commit
+        advances ``length``. `update` calls it after the last layer; a captured CUDA graph that
+        wrote every layer itself (`decode_graphs`) calls it after its replay."""
+        if self._forward is None:
+            raise RuntimeError("BlockDiffusionKVCache.written before prepare(forward, new_positions)")
+        if self._forward == "commit":
+            self.length, self.commits = self.length + self._new, self.commits + 1
+        else:
+            self.denoises += 1
+        self._forward = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Committed positions (transformers' name)."""

@@ -63,6 +63,7 @@ from ..attention._ranking import top_count
 from ..attention.prefix_selection import PrefixSparseConfig, PrefixSparseState
 from ._shared import DiffusionGenerationOutput, check_length, prepare_canvas, resolve_mask_id
 from .block_cache import BlockDiffusionKVCache, cache_keyword
+from .decode_graphs import GraphedDecoder
 from .generation import llada_transfer_schedule
 
 __all__ = ["BLOCKDIFF_REMASKING", "blockdiff_generate", "block_causal_mask"]
@@ -96,30 +97,45 @@ def _implementation_mask(keep: torch.Tensor, implementation: str, dtype: torch.d
 
 
 class _BlockRunner:
-    """Calls the model on one stretch of the canvas, with the cache announced for it."""
+    """Calls the model on one stretch of the canvas, with the cache announced for it; forwards
+    of one block's length go through ``graphs`` (a `GraphedDecoder`) when given."""
 
     def __init__(
-        self, model: nn.Module, cache: BlockDiffusionKVCache, dtype: torch.dtype, state: PrefixSparseState | None
+        self,
+        model: nn.Module,
+        cache: BlockDiffusionKVCache,
+        dtype: torch.dtype,
+        state: PrefixSparseState | None,
+        graphs: GraphedDecoder | None = None,
+        padded: bool = True,
     ) -> None:
-        self.model, self.cache, self.dtype = model, cache, dtype
+        self.model, self.cache, self.dtype, self.graphs, self.state = model, cache, dtype, graphs, state
+        self.padded = padded  # any row left padded: some keys are never attended
         self.implementation = model.config._attn_implementation
-        # What every forward gets besides the inputs: the cache (under the name this
-        # transformers version uses) and the sparse prefix selection's state, if any.
-        self.kwargs = {cache_keyword(model): cache}
-        if state is not None:
-            self.kwargs["prefix_state"] = state
+        # What the attention gets besides Q/K/V and the mask: the sparse prefix selection's state.
+        self.attention_kwargs = {} if state is None else {"prefix_state": state}
 
-    def __call__(self, forward, ids, positions, keep, logits_to_keep) -> torch.Tensor:
-        """ids, positions (B, n); keep (B, 1, n, S) bool -> logits (B, logits_to_keep or n, V)."""
+    def __call__(self, forward, ids, positions, keep, logits: bool) -> torch.Tensor | None:
+        """ids, positions (B, n); keep (B, 1, n, S) bool -> logits (B, n, V), or None when
+        ``logits`` is False (a commit: only its K/V are wanted)."""
         self.cache.prepare(forward, ids.shape[1])
-        return self.model(
+        mask = _implementation_mask(keep, self.implementation, self.dtype)
+        if self.graphs is not None and ids.shape[1] == self.graphs.tokens:
+            if forward == "denoise" and self.state is not None and self.state.mode == "sparse":
+                return self.graphs.sparse_step(ids, positions, keep[:, 0, -1], self.cache, self.state)
+            # One block with no padding in the batch attends every key: no mask.
+            mask = mask if self.padded else None
+            return self.graphs(ids, positions, mask, self.cache, logits=logits, **self.attention_kwargs)
+        out = self.model(
             input_ids=ids,
             position_ids=positions,
-            attention_mask=_implementation_mask(keep, self.implementation, self.dtype),
-            logits_to_keep=logits_to_keep,
+            attention_mask=mask,
+            logits_to_keep=0 if logits else 1,
             use_cache=True,
-            **self.kwargs,
-        ).logits
+            **{cache_keyword(self.model): self.cache},
+            **self.attention_kwargs,
+        )
+        return out.logits if logits else None
 
 
 def sample_tokens(
@@ -255,6 +271,7 @@ def blockdiff_generate(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     sparsed: PrefixSparseConfig | None = None,
     prefill_chunk: int = 4096,
+    cuda_graphs: bool = False,
     return_dict_in_generate: bool = False,
 ) -> torch.LongTensor | DiffusionGenerationOutput:
     """SDAR's block-diffusion sampler on a Qwen3-layout model (see the module docstring).
@@ -286,6 +303,14 @@ def blockdiff_generate(
         prefill_chunk: prompt tokens per prefill forward (rounded down to whole blocks, at
             least one block); a long prompt is prefilled in several commits, each with a
             (B, 1, chunk, keys) mask instead of one (B, 1, P, P) mask.
+        cuda_graphs: run the denoising and commit forwards through CUDA graphs around the
+            eager attention (`decode_graphs.GraphedDecoder`, captured once per call), and with
+            ``sparsed`` each block's sparse steps as one whole-forward graph: the same
+            computation with a fraction of the launch time. When no row is padded, a block's
+            forwards attend without a mask (every key is attendable), so SDPA may take
+            FlashAttention-2 (same attention, different rounding from the masked call). Needs
+            a Qwen3-layout model on a CUDA device (else ArgumentValueError). The prefill runs
+            the model's forward.
         return_dict_in_generate: return a DiffusionGenerationOutput (``num_forwards``: prefill,
             denoising and commit forwards; ``block_steps``: denoising steps of each block;
             ``sparsed_state``: the PrefixSparseState, with the kept density, or None).
@@ -342,8 +367,12 @@ def blockdiff_generate(
 
     dtype = next(model.parameters()).dtype
     cache = BlockDiffusionKVCache.for_model(model, batch, total)
-    state = None if sparsed is None else PrefixSparseState(sparsed, padded=len(set(full)) > 1)
-    run = _BlockRunner(model, cache, dtype, state)
+    padded = len(set(full)) > 1  # some row is left padded (its prompt has fewer whole blocks)
+    state = None if sparsed is None else PrefixSparseState(sparsed, padded=padded)
+    if not isinstance(cuda_graphs, bool):
+        raise ArgumentTypeError("cuda_graphs", f"cuda_graphs must be a bool, got {cuda_graphs!r}")
+    graphs = GraphedDecoder(model, batch, block_length) if cuda_graphs else None
+    run = _BlockRunner(model, cache, dtype, state, graphs, padded)
     schedule = llada_transfer_schedule(block_length, steps)
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     generated = column >= ends[:, None]  # (B, T)
@@ -356,7 +385,7 @@ def blockdiff_generate(
     for start in range(0, prefill_blocks * block_length, chunk):
         stop = min(start + chunk, prefill_blocks * block_length)
         keep = block_causal_mask(valid, start, stop, block_length)
-        run("commit", x[:, start:stop], positions[:, start:stop], keep, 1)
+        run("commit", x[:, start:stop], positions[:, start:stop], keep, False)
 
     for b in range(prefill_blocks, prefill_blocks + decode_blocks):
         start, stop = b * block_length, (b + 1) * block_length
@@ -373,7 +402,7 @@ def blockdiff_generate(
                 state.begin_block()  # the block's first step selects
             elif state is not None:
                 state.mode = "sparse"  # its later steps read the kept prefix blocks
-            logits = run("denoise", block, positions[:, start:stop], keep, 0)  # (B, BL, V)
+            logits = run("denoise", block, positions[:, start:stop], keep, True)  # (B, BL, V)
             if past_schedule:  # only reached when the model wrote the mask token itself
                 logits[..., mask_id] = -torch.inf
             rows = [r for r in range(batch) if left[r] > 0]
@@ -386,7 +415,7 @@ def blockdiff_generate(
         x[:, start:stop] = block
         if state is not None:
             state.mode = "dense"  # the commit stores exact K/V
-        run("commit", block, positions[:, start:stop], keep, 1)
+        run("commit", block, positions[:, start:stop], keep, False)
         block_steps.append(step)
         if eos:
             hit = (torch.isin(x[:, :stop], eos_ids) & generated[:, :stop]).any(-1).tolist()

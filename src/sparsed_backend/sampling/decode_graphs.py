@@ -1,0 +1,302 @@
+"""CUDA-graph replay of a Qwen3-layout decoder's per-token work, with the attention left eager.
+
+A block-diffusion denoising step runs the whole model on a block of 4-64 tokens. On the
+SDAR-8B shape its GPU work at a 32k prefix is about 32 ms, but eager PyTorch takes about 58 ms
+to launch it (hundreds of small kernels per forward; ``benchmarks/profile_blockdiff.py``), so
+the sparse prefix selection's savings on the GPU never reach the wall clock.
+
+`GraphedDecoder` captures, for one (batch, tokens) shape, every decoder layer's work before the
+attention (input norm, Q/K/V projections, Q/K norms, rotary embedding) and after it (output
+projection, residuals, post-attention norm, MLP) as CUDA graphs, plus the embedding with the
+rotary tables and the final norm with the LM head. Between a layer's two graphs it runs, eagerly
+and unchanged, what depends on the prefix length: the cache write and the model's attention
+function (transformers' SDPA or eager attention, or "sparsed" with its prefix selection). So
+the attention shapes may change at every block while the graphs are captured once. (vLLM
+calls this piecewise capture; this is the project's own implementation.) A sparse denoising
+step, whose attention reads a fixed number of kept keys, is captured whole (`sparse_step`).
+
+The eager attention runs with FlashAttention-2 first in SDPA's order (`policy.decode_kernels`):
+cuDNN's attention rebuilds its plan for every new key length, which block diffusion gives it
+at every block.
+
+The graph pieces call the model's own modules and its module's ``apply_rotary_pos_emb`` in the
+order ``Qwen3DecoderLayer`` does, on buffers with the same layout, so a replay computes what the
+model's forward computes (checked on the CPU by running the same pieces without capture).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from .._validate import ArgumentValueError
+from ..attention.policy import decode_kernels
+from ..attention.prefix_selection import PrefixSparseState, gathered_attention, sparse_gather
+
+__all__ = ["GraphedDecoder"]
+
+_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "scaling")
+
+
+def _decoder_parts(model: nn.Module):
+    """(embedding, rotary, layers, final norm, LM head, apply_rotary_pos_emb) of a Qwen3-layout
+    causal LM; ArgumentValueError naming ``cuda_graphs`` for any other model."""
+    base = getattr(model, "model", None)
+    parts = [getattr(base, name, None) for name in ("embed_tokens", "rotary_emb", "layers", "norm")]
+    head = getattr(model, "lm_head", None)
+    layers = parts[2]
+    ok = all(p is not None for p in parts) and head is not None and len(layers) > 0
+    ok = ok and all(hasattr(layer, name) for layer in layers for name in _LAYER_PARTS)
+    ok = ok and all(hasattr(layer.self_attn, name) for layer in layers for name in _ATTENTION_PARTS)
+    module = sys.modules.get(type(layers[0].self_attn).__module__) if ok else None
+    rotate = getattr(module, "apply_rotary_pos_emb", None)
+    if not ok or rotate is None:
+        raise ArgumentValueError(
+            "cuda_graphs",
+            "cuda_graphs needs a Qwen3-layout causal LM (model.model.embed_tokens / rotary_emb / layers / norm, "
+            "model.lm_head, and attention modules with q_proj, k_proj, v_proj, o_proj, q_norm, k_norm), "
+            f"got {type(model).__name__}",
+        )
+    return (*parts, head, rotate)
+
+
+class GraphedDecoder:
+    """One (batch, tokens) forward shape of a Qwen3-layout model: graphs around eager attention.
+
+    Args:
+        model: a Qwen3-layout causal LM (``Qwen3ForCausalLM``), in eval mode.
+        batch, tokens: the shape of every forward this decoder runs.
+        capture: capture the CUDA graphs (the model must be on a CUDA device); False runs the
+            same pieces eagerly (what the CPU tests compare with the model's forward).
+
+    Calling it runs one forward (`__call__`). Its outputs live in buffers the next call
+    overwrites, so the logits are returned as a copy.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, tokens: int, *, capture: bool = True) -> None:
+        self.embed, self.rotary, self.layers, self.norm, self.head, self.rotate = _decoder_parts(model)
+        self.model = model
+        param = next(model.parameters())
+        if capture and param.device.type != "cuda":
+            raise ArgumentValueError(
+                "cuda_graphs", f"cuda_graphs needs the model on a CUDA device, got it on {param.device.type}"
+            )
+        config = model.config
+        attn = self.layers[0].self_attn
+        head_dim = attn.head_dim
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        device, dtype = param.device, param.dtype
+        self.batch, self.tokens = batch, tokens
+
+        def heads_buffer(n: int) -> torch.Tensor:  # (B, n, L, D) with the layout of a transposed projection
+            return torch.zeros(batch, tokens, n, head_dim, dtype=dtype, device=device).transpose(1, 2)
+
+        self.ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, tokens, dtype=torch.long, device=device)
+        self.hidden = torch.zeros(batch, tokens, config.hidden_size, dtype=dtype, device=device)
+        cos, sin = self.rotary(self.hidden, self.positions)
+        self.cos, self.sin = torch.zeros_like(cos), torch.zeros_like(sin)
+        self.q, self.k, self.v = heads_buffer(heads), heads_buffer(kv_heads), heads_buffer(kv_heads)
+        self.attn_out = torch.zeros(batch, tokens, heads * head_dim, dtype=dtype, device=device)
+        self.logits = torch.zeros(batch, tokens, config.vocab_size, dtype=dtype, device=device)
+
+        self.n_pieces = 2 * len(self.layers) + 2  # embedding, (before, after) per layer, logits
+        self.capture = capture
+        self.graphs: list[torch.cuda.CUDAGraph] | None = self._capture() if capture else None
+        # The sparse step's whole-forward graph and what it reads (`sparse_step`).
+        self.write_positions = torch.zeros(tokens, dtype=torch.long, device=device)
+        self._sparse_graph: torch.cuda.CUDAGraph | None = None
+        self._sparse_key: tuple | None = None
+        self._sparse_selections = -1  # the state's block whose gathers the buffers hold
+        self._gather: tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._cache = None
+
+    def _piece(self, index: int) -> None:
+        """Runs piece ``index`` eagerly. (Dispatched by index: a list of bound methods on the
+        decoder would make a reference cycle, freed by the garbage collector at any time, even
+        while a later decoder captures, which a capture does not allow.)"""
+        if index == 0:
+            self._embed()
+        elif index == self.n_pieces - 1:
+            self._logits()
+        elif index % 2:
+            self._before_attention(index // 2)
+        else:
+            self._after_attention(index // 2 - 1)
+
+    # The pieces: each reads and writes only this decoder's buffers (fixed addresses).
+    def _embed(self) -> None:
+        self.hidden.copy_(self.embed(self.ids))
+        cos, sin = self.rotary(self.hidden, self.positions)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def _before_attention(self, i: int) -> None:
+        layer = self.layers[i]
+        attn = layer.self_attn
+        x = layer.input_layernorm(self.hidden)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        q = attn.q_norm(attn.q_proj(x).view(shape)).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(x).view(shape)).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k = self.rotate(q, k, self.cos, self.sin)
+        self.q.copy_(q)
+        self.k.copy_(k)
+        self.v.copy_(v)
+
+    def _after_attention(self, i: int) -> None:
+        layer = self.layers[i]
+        hidden = self.hidden + layer.self_attn.o_proj(self.attn_out)
+        self.hidden.copy_(hidden + layer.mlp(layer.post_attention_layernorm(hidden)))
+
+    def _logits(self) -> None:
+        self.logits.copy_(self.head(self.norm(self.hidden)))
+
+    def _capture(self) -> list[torch.cuda.CUDAGraph]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture (cuBLAS handles, workspaces)
+            for index in range(self.n_pieces):
+                self._piece(index)
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()  # one pool: the graphs replay in capture order
+        graphs = []
+        for index in range(self.n_pieces):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                self._piece(index)
+            graphs.append(graph)
+        return graphs
+
+    def _sparse_forward(self) -> None:
+        """A whole sparse denoising step on the buffers: every layer writes its K/V at
+        ``write_positions`` and attends to its gathered keys (what `prefix_sparse_attention`'s
+        sparse mode computes from the cache's views)."""
+        (batch_index, head_index), positions, masks = self._gather
+        cache = self._cache
+        self._embed()
+        for i, layer in enumerate(self.layers):
+            self._before_attention(i)
+            keys, values = cache.keys[i], cache.values[i]  # (B, Hkv, T, D), the whole storage
+            keys.index_copy_(2, self.write_positions, self.k)
+            values.index_copy_(2, self.write_positions, self.v)
+            index = (batch_index, head_index, positions[i])
+            out = gathered_attention(self.q, keys, values, index, masks[i], layer.self_attn.scaling)
+            self.attn_out.copy_(out.transpose(1, 2).reshape(self.attn_out.shape))
+            self._after_attention(i)
+        self._logits()
+
+    def sparse_step(
+        self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache, state: PrefixSparseState
+    ) -> torch.Tensor:
+        """A block's later denoising step (``state.mode == "sparse"``) as one captured graph.
+
+        Every layer's cache write, gather of its kept keys and attention run inside the graph,
+        so the step launches nothing eagerly. What the graph reads is fixed in shape while the
+        number of kept keys K is (kept blocks x block size, plus the block): the kept positions
+        and masks are copied into its buffers once per block, and a new K captures anew (a few
+        times per generation, as the prefix grows).
+
+        Args:
+            key_valid: (B, S) bool, the keys the block's queries may attend.
+            cache: the prepared `BlockDiffusionKVCache` (``prepare("denoise", tokens)``).
+        Returns:
+            (B, tokens, V) logits.
+        """
+        if tuple(ids.shape) != (self.batch, self.tokens):
+            raise ValueError(f"this decoder runs ({self.batch}, {self.tokens}) tokens, got {tuple(ids.shape)}")
+        heads, kv_heads = self.q.shape[1], self.k.shape[1]
+        gathers = [
+            sparse_gather(state.layers[i], self.tokens, key_valid, heads, kv_heads) for i in range(len(self.layers))
+        ]
+        index, mask = gathers[0][1], gathers[0][2]
+        key = (tuple(index[2].shape), tuple(mask.shape))
+        fresh = key != self._sparse_key or cache is not self._cache  # the graph holds the cache's storage
+        if fresh:  # buffers of this shape (and a capture below)
+            self._sparse_key, self._cache, self._sparse_graph = key, cache, None
+            self._gather = (index[:2], [g[1][2].clone() for g in gathers], [g[2].clone() for g in gathers])
+        elif state.selections != self._sparse_selections:  # a new block: its kept positions
+            for i, g in enumerate(gathers):
+                self._gather[1][i].copy_(g[1][2])
+                self._gather[2][i].copy_(g[2])
+        self._sparse_selections = state.selections
+        self.write_positions.copy_(torch.arange(cache.length, cache.length + self.tokens, device=ids.device))
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        if not self.capture:
+            self._sparse_forward()
+        else:
+            if fresh:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up: this step's own computation
+                    self._sparse_forward()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self._sparse_forward()
+                self._sparse_graph = graph
+            self._sparse_graph.replay()
+        cache.written()
+        return self.logits.clone()
+
+    def _run(self, index: int) -> None:
+        if self.graphs is None:
+            self._piece(index)
+        else:
+            self.graphs[index].replay()
+
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache,
+        *,
+        logits: bool = True,
+        **attention_kwargs,
+    ) -> torch.Tensor | None:
+        """One forward: ids, positions (B, tokens); ``attention_mask`` as the model's attention
+        function takes it, or None when every query attends every key (the attention then runs
+        unmasked, which lets SDPA take FlashAttention-2: `policy.decode_kernels`); ``cache``
+        with ``update(k, v, layer_idx)`` (a prepared `BlockDiffusionKVCache`).
+        ``attention_kwargs`` reach the attention function (e.g. ``prefix_state``). Returns the
+        (B, tokens, V) logits, or None with ``logits=False``."""
+        if tuple(ids.shape) != (self.batch, self.tokens):
+            raise ValueError(f"this decoder runs ({self.batch}, {self.tokens}) tokens, got {tuple(ids.shape)}")
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        implementation = self.model.config._attn_implementation
+        eager = sys.modules[type(self.layers[0].self_attn).__module__].eager_attention_forward
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)  # as the model's attention asks
+        # No mask: every query attends every key; transformers' SDPA would otherwise go causal.
+        unmasked = {"is_causal": False} if attention_mask is None else {}
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self._run(0)
+        for i, layer in enumerate(self.layers):
+            self._run(1 + 2 * i)
+            attn = layer.self_attn
+            key, value = cache.update(self.k, self.v, attn.layer_idx)
+            with decode_kernels(self.q):
+                out, _ = attention(
+                    attn,
+                    self.q,
+                    key,
+                    value,
+                    attention_mask,
+                    dropout=0.0,
+                    scaling=attn.scaling,
+                    sliding_window=getattr(attn, "sliding_window", None),
+                    **unmasked,
+                    **attention_kwargs,
+                )
+            self.attn_out.copy_(out.reshape(self.attn_out.shape))
+            self._run(2 + 2 * i)
+        if not logits:
+            return None
+        self._run(self.n_pieces - 1)
+        return self.logits.clone()

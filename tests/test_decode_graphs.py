@@ -1,0 +1,183 @@
+"""GraphedDecoder: CUDA graphs around eager attention compute what the model's forward computes.
+
+On the CPU the decoder runs its pieces without capture (what a capture records); the CUDA test
+captures them and compares whole generations."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from sparsed_backend._validate import ArgumentTypeError, ArgumentValueError
+from sparsed_backend.attention.prefix_selection import PrefixSparseConfig, PrefixSparseState
+from sparsed_backend.sampling import block_diffusion
+from sparsed_backend.sampling.block_cache import BlockDiffusionKVCache, cache_keyword
+from sparsed_backend.sampling.block_diffusion import block_causal_mask, blockdiff_generate
+from sparsed_backend.sampling.decode_graphs import GraphedDecoder
+
+REFERENCE_DIR = Path(__file__).parent / "fixtures" / "sdar_reference"
+MASK_ID = 99
+
+
+def sdar_model(implementation: str, device="cpu", dtype=torch.float32) -> Qwen3ForCausalLM:
+    """The tiny SDAR weights of the parity fixture (2 layers, 4 query / 2 kv heads, head_dim 16)."""
+    fields = json.loads((REFERENCE_DIR / "config.json").read_text())
+    fields = {k: v for k, v in fields.items() if k not in ("architectures", "model_type")}
+    model = Qwen3ForCausalLM(Qwen3Config(**fields, attn_implementation=implementation)).eval()
+    model.load_state_dict(load_file(REFERENCE_DIR / "model.safetensors"), strict=True)
+    return model.to(device=device, dtype=dtype)
+
+
+def prefilled(model, ids, block, **extra):
+    """A cache holding the block-causal prefill of ``ids`` (B, P), P a multiple of ``block``."""
+    cache = BlockDiffusionKVCache.for_model(model, ids.shape[0], ids.shape[1] + block)
+    valid = torch.ones(ids.shape[0], ids.shape[1] + block, dtype=torch.bool)
+    cache.prepare("commit", ids.shape[1])
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    mask = block_causal_mask(valid, 0, ids.shape[1], block)
+    model(input_ids=ids, position_ids=positions, attention_mask=mask, **{cache_keyword(model): cache}, **extra)
+    return cache, valid
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "sparsed"])
+def test_the_pieces_compute_the_models_forward(implementation):
+    """A denoising forward through the decoder's pieces (uncaptured) equals the model's forward
+    bit for bit, with the same cache writes; with the "sparsed" attention through a selecting
+    step and a sparse step, whose selections are equal too."""
+    model = sdar_model(implementation)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, MASK_ID, (2, 24), generator=g)
+    block = torch.randint(2, MASK_ID, (2, 4), generator=g)
+    positions = torch.arange(24, 28).expand(2, 4)
+    results = []
+    for graphed in (False, True):
+        state = PrefixSparseState(PrefixSparseConfig(select=0.5, block_size=4), padded=False)
+        extra = {"prefix_state": state} if implementation == "sparsed" else {}
+        cache, valid = prefilled(model, ids, 4, **extra)  # state.mode "dense": exact
+        decoder = GraphedDecoder(model, 2, 4, capture=False)
+        mask = block_causal_mask(valid, 24, 28, 4)
+        logits = []
+        for mode in ("score", "sparse"):
+            if mode == "score":
+                state.begin_block()
+            state.mode = mode
+            cache.prepare("denoise", 4)
+            if graphed:
+                logits.append(decoder(block, positions, mask, cache, **extra))
+            else:
+                kwargs = {cache_keyword(model): cache, **extra}
+                logits.append(model(input_ids=block, position_ids=positions, attention_mask=mask, **kwargs).logits)
+        results.append((logits, cache, state))
+    (want, want_cache, want_state), (got, got_cache, got_state) = results
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(want_cache.keys, got_cache.keys) and torch.equal(want_cache.values, got_cache.values)
+    if implementation == "sparsed":
+        for i, sel in want_state.layers.items():
+            assert torch.equal(sel.blocks, got_state.layers[i].blocks)
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+@pytest.mark.parametrize(
+    "sparsed", [None, PrefixSparseConfig(select=0.3, block_size=4, per_kv_head=True)], ids=["dense", "sparse"]
+)
+def test_the_sampler_with_the_decoder_decodes_the_same_tokens(monkeypatch, sparsed, padded):
+    """blockdiff_generate(cuda_graphs=True) with the decoder's pieces run uncaptured decodes
+    what the model's own forward decodes; the commits go through the decoder too (forwards of
+    one block's length). A left-padded batch passes the block-causal mask; a batch with no
+    padding passes none (every key is attendable). The kept blocks grow from 3 to 4 on the way,
+    so the sparse step's buffers are rebuilt once."""
+    implementation = "sdpa" if sparsed is None else "sparsed"
+    model = sdar_model(implementation)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(2, MASK_ID, (2, 30), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :7] = 0
+    masks = []
+    args = {"gen_length": 24, "block_length": 4, "denoising_steps": 2, "mask_id": MASK_ID, "sparsed": sparsed}
+    want = blockdiff_generate(model, ids, mask, **args)
+    calls = []
+
+    class Uncaptured(GraphedDecoder):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k, capture=False)
+
+        def __call__(self, *a, **k):
+            calls.append("step" if k.get("logits", True) else "commit")
+            masks.append(a[2] is None)
+            return super().__call__(*a, **k)
+
+        def sparse_step(self, *a, **k):
+            calls.append("sparse")
+            return super().sparse_step(*a, **k)
+
+    monkeypatch.setattr(block_diffusion, "GraphedDecoder", Uncaptured)
+    got = blockdiff_generate(model, ids, mask, cuda_graphs=True, return_dict_in_generate=True, **args)
+    assert torch.equal(got.sequences, want)
+    # Every block's denoising steps and its commit went through the decoder; with sparsed, each
+    # block's steps after the first through the whole-forward sparse step.
+    blocks = len(got.block_steps)
+    assert calls.count("commit") == blocks == 7
+    sparse = sum(steps - 1 for steps in got.block_steps) if sparsed is not None else 0
+    assert sparse > 0 or sparsed is None
+    assert set(masks) == {not padded}
+    assert calls.count("sparse") == sparse and calls.count("step") == sum(got.block_steps) - sparse
+
+
+def test_cuda_graphs_refuses_what_it_cannot_run():
+    """Asking for CUDA graphs off a CUDA device, for a model of another layout, or with a
+    non-bool names the argument."""
+    model = sdar_model("sdpa")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    args = {"gen_length": 4, "block_length": 4, "denoising_steps": 4, "mask_id": MASK_ID}
+    if not torch.cuda.is_available():
+        with pytest.raises(ArgumentValueError, match="CUDA device, got it on cpu") as info:
+            blockdiff_generate(model, ids, cuda_graphs=True, **args)
+        assert info.value.argument == "cuda_graphs"
+    with pytest.raises(ArgumentTypeError, match="cuda_graphs must be a bool") as info:
+        blockdiff_generate(model, ids, cuda_graphs="yes", **args)
+    assert info.value.argument == "cuda_graphs"
+    del model.model.layers[0].self_attn.q_norm
+    with pytest.raises(ArgumentValueError, match="Qwen3-layout") as info:
+        GraphedDecoder(model, 1, 4, capture=False)
+    assert info.value.argument == "cuda_graphs"
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs CUDA (captures CUDA graphs)")
+@pytest.mark.parametrize("implementation", ["sdpa", "sparsed"])
+def test_captured_graphs_decode_what_the_eager_forward_decodes(implementation):
+    """On CUDA, bf16: a generation with captured graphs (a left-padded batch, several blocks)
+    decodes the eager forward's tokens, greedy and sampled with per-row generators."""
+    model = sdar_model(implementation, "cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(2, MASK_ID, (3, 37), generator=g).cuda()
+    mask = torch.ones_like(ids)
+    mask[2, :10] = 0
+    sparsed = PrefixSparseConfig(select=0.3, block_size=4, per_kv_head=True) if implementation == "sparsed" else None
+    for temperature in (0.0, 1.0):
+        args = {"gen_length": 16, "block_length": 4, "denoising_steps": 4, "mask_id": MASK_ID, "sparsed": sparsed,
+                "temperature": temperature}  # fmt: skip
+        runs = [
+            blockdiff_generate(
+                model,
+                ids,
+                mask,
+                cuda_graphs=graphs,
+                generator=[torch.Generator("cuda").manual_seed(s) for s in (1, 2, 3)],
+                **args,
+            )  # fmt: skip
+            for graphs in (False, True)
+        ]
+        assert torch.equal(runs[0], runs[1]), f"temperature {temperature}"
