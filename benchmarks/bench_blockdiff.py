@@ -8,8 +8,10 @@ weights, YaRN (factor 4 over 32,768 positions) for prefixes past 32k. In one pro
 
 - ``attention``: one layer's attention of a block of B x block queries against a prefix of P
   cached positions, on views of one preallocated cache (the layout `block_cache` serves):
-  dense SDPA with the sampler's bool mask (``dense_mask``) and without a mask (``dense``, the
-  fastest dense kernel when nothing is padded), the selecting step (``score``: exact attention
+  dense SDPA with the sampler's bool mask (``dense_mask``), without a mask (``dense``: SDPA's
+  default order, cuDNN first on an H200) and without a mask with FlashAttention-2 first
+  (``dense_flash``, `policy.decode_kernels`, what the graphed sampler runs when nothing is
+  padded); ``vs_best_dense`` is against the fastest of the three; the selecting step (``score``: exact attention
   plus block masses and top-k; unpadded, as the sampler runs it for rows of one length: cuDNN's
   attention with log-sum-exp, then one scoring sweep) and the sparse step (``sparse_q``: one selection per query head,
   ``sparse_kv``: per key-value head), the per-KV-head selection through compiled FlexAttention
@@ -22,7 +24,10 @@ weights, YaRN (factor 4 over 32,768 positions) for prefixes past 32k. In one pro
   SDPA (``dense_gqa``: with a mask, transformers copies K/V to every query head, ``repeat_kv``,
   4x the cache per layer per step on this shape), and sparse prefix selection (``sparse``); one
   run timed by `timing.synced_seconds` (peak memory above the weights), after a short warm-up
-  generation. ``vs_dense`` is against the faster of ``dense`` and ``dense_gqa``.
+  generation. A ``_graphs`` suffix (``dense_graphs``, ``dense_gqa_graphs``, ``sparse_graphs``)
+  runs the same with ``cuda_graphs=True`` (`decode_graphs`: CUDA graphs around the eager
+  attention, captured inside the timed call). ``vs_dense`` is against the fastest dense
+  variant run (``dense``, ``dense_gqa`` or their ``_graphs``).
 
 A configuration that fails (e.g. out of memory) is recorded with its error.
 """
@@ -34,12 +39,14 @@ import contextlib
 import functools
 import json
 import math
+import traceback
 
 import torch
 import torch.nn.functional as F
 
 import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
 from common import bench, environment, markdown_table, write_results
+from sparsed_backend.attention.policy import decode_kernels
 from sparsed_backend.attention.prefix_selection import PrefixSparseConfig, PrefixSparseState, prefix_sparse_attention
 from sparsed_backend.sampling import block_diffusion
 from sparsed_backend.sampling.block_diffusion import blockdiff_generate
@@ -116,6 +123,10 @@ class ConcatCache:
         return self.length
 
 
+VARIANTS = ("dense", "dense_gqa", "concat", "sparse")
+DENSE_VARIANTS = ("dense", "dense_gqa", "dense_graphs", "dense_gqa_graphs")  # the baseline: the fastest of them
+
+
 def sparse_config(args, per_kv_head: bool) -> PrefixSparseConfig:
     """The prefix selection the flags ask for: a --budget of tokens, else a --select share."""
     keep = {"select": None, "budget": args.budget} if args.budget is not None else {"select": args.select}
@@ -154,6 +165,12 @@ def attention_case(args, device, dtype, base: dict, rows: list[dict]) -> None:
 
     run("dense", lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True))
     run("dense_mask", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True))
+
+    def flash():
+        with decode_kernels(q):  # FlashAttention-2 first: what the sampler's graphed forwards use
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+    run("dense_flash", flash)
     for name, per_kv in (("sparse_q", False), ("sparse_kv", True)):
         state = PrefixSparseState(sparse_config(args, per_kv), padded=False)  # as the sampler sets it: no padding
 
@@ -166,7 +183,7 @@ def attention_case(args, device, dtype, base: dict, rows: list[dict]) -> None:
         run(name, lambda state=state: prefix_sparse_attention(q, k, v, mask, scale, state, 0))
         rows[-1]["density"] = state.layers[0].density
     flex_case(q, k, v, mask, scale, state, run, rows)
-    best = min(times["dense"], times["dense_mask"])
+    best = min(times["dense"], times["dense_mask"], times["dense_flash"])
     for row in rows[first:]:
         if "ms" in row and row["variant"] != "flex_build":  # building a mask is no attention
             row["vs_best_dense"] = best / row["ms"]
@@ -230,11 +247,14 @@ def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
         common = dict(gen_length=args.gen, block_length=bl, denoising_steps=min(args.steps, bl), mask_id=mask_id,
                       return_dict_in_generate=True)  # fmt: skip
         for variant in args.variants:
-            attn = "sparsed" if variant == "sparse" else "sdpa"
+            name, graphs = variant.removesuffix("_graphs"), variant.endswith("_graphs")
+            attn = "sparsed" if name == "sparse" else "sdpa"
             model.set_attn_implementation(attn)
-            extra = {"sparsed": sparse_cfg} if variant == "sparse" else {}
-            block_diffusion.BlockDiffusionKVCache = ConcatCache if variant == "concat" else real_cache
-            grouped = sdpa_grouped_heads() if variant == "dense_gqa" else contextlib.nullcontext()
+            extra = {"sparsed": sparse_cfg} if name == "sparse" else {}
+            if graphs:
+                extra["cuda_graphs"] = True
+            block_diffusion.BlockDiffusionKVCache = ConcatCache if name == "concat" else real_cache
+            grouped = sdpa_grouped_heads() if name == "dense_gqa" else contextlib.nullcontext()
             try:
                 with grouped:
                     blockdiff_generate(model, ids[:, : min(p, 4 * bl)], **{**common, "gen_length": 2 * bl}, **extra)
@@ -247,6 +267,7 @@ def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
                     row["density"] = out.sparsed_state.density()
                 del out
             except Exception as err:  # recorded: the table shows which configurations fail and why
+                traceback.print_exc()
                 row = dict(
                     base, variant=variant, error=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
                 )
@@ -258,7 +279,7 @@ def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         done = [r for r in rows[-len(args.variants) :] if "seconds" in r]
-        dense = min((r["seconds"] for r in done if r["variant"] in ("dense", "dense_gqa")), default=math.nan)
+        dense = min((r["seconds"] for r in done if r["variant"] in DENSE_VARIANTS), default=math.nan)
         for r in done:
             r["vs_dense"] = dense / r["seconds"]
 
@@ -279,7 +300,7 @@ def main() -> None:
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=["dense", "dense_gqa", "concat", "sparse"],
+        choices=[*VARIANTS, *(v + "_graphs" for v in VARIANTS if v != "concat")],
         default=["dense", "dense_gqa", "concat", "sparse"],
     )
     p.add_argument("--name", default="bench_blockdiff" if cuda else "bench_blockdiff_cpu_smoke")

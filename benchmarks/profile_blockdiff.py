@@ -10,8 +10,8 @@ and the commits). Printed per variant: the wall time per decoding forward (devic
 the profiler's start and stop), the summed CUDA kernel time per forward (how busy the GPU is),
 and the kernels and CPU ops that take the most time; then, from a second generation with every
 forward synchronised (`timing.StepTimer`), the mean time per forward kind (prefill chunks, the
-selecting "score" step, "sparse" steps, dense denoising steps and commits). Variants as in
-``bench_blockdiff.py``.
+selecting "score" step, "sparse" steps, dense denoising steps and commits; with CUDA graphs only
+the prefill runs the model's forward, so only it is listed). Variants as in ``bench_blockdiff.py``.
 """
 
 from __future__ import annotations
@@ -27,32 +27,37 @@ from torch.profiler import ProfilerActivity, profile
 import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
 from bench_blockdiff import qwen3_config, sdpa_grouped_heads
 from sparsed_backend.attention.prefix_selection import PrefixSparseConfig
+from sparsed_backend.sampling import block_diffusion
 from sparsed_backend.sampling.block_diffusion import blockdiff_generate
 from sparsed_backend.timing import StepTimer, sync
 
 
 class DecodeProfiler:
-    """Profiles the model's forwards whose input has ``block`` tokens (decoding, not prefill)."""
+    """Profiles the sampler's forwards of ``block`` tokens (decoding and commits, not the
+    prefill), whether they run the model's forward or CUDA graphs (``cuda_graphs``): it wraps
+    the sampler's per-forward call."""
 
-    def __init__(self, model, block: int, device: torch.device) -> None:
+    def __init__(self, block: int, device: torch.device) -> None:
         self.block, self.forwards, self.wall, self.device = block, 0, 0.0, device
         cuda = [ProfilerActivity.CUDA] if device.type == "cuda" else []
         self.prof = profile(activities=[ProfilerActivity.CPU, *cuda])
         self._started = None
-        self._hooks = [model.register_forward_pre_hook(self._pre, with_kwargs=True)]
+        self._call = block_diffusion._BlockRunner.__call__
+        profiler = self
 
-    def _pre(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None and ids.shape[1] == self.block:
-            if self._started is None:
-                sync(self.device)
-                self.prof.start()
-                self._started = time.perf_counter()
-            self.forwards += 1
+        def call(runner, forward, ids, *args, **kwargs):
+            if ids.shape[1] == profiler.block:
+                if profiler._started is None:
+                    sync(profiler.device)
+                    profiler.prof.start()
+                    profiler._started = time.perf_counter()
+                profiler.forwards += 1
+            return profiler._call(runner, forward, ids, *args, **kwargs)
+
+        block_diffusion._BlockRunner.__call__ = call
 
     def finish(self) -> None:
-        for h in self._hooks:
-            h.remove()
+        block_diffusion._BlockRunner.__call__ = self._call
         sync(self.device)
         if self._started is not None:
             self.wall = time.perf_counter() - self._started
@@ -66,7 +71,13 @@ def main() -> None:
     p.add_argument("--block", type=int, default=4)
     p.add_argument("--gen", type=int, default=16, help="generated tokens (gen / block blocks are profiled)")
     p.add_argument("--select", type=float, default=0.1)
-    p.add_argument("--variants", nargs="+", choices=["dense", "dense_gqa", "sparse"], default=["dense", "sparse"])
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["dense", "dense_gqa", "sparse", "dense_graphs", "dense_gqa_graphs", "sparse_graphs"],
+        default=["dense", "sparse"],
+        help="a _graphs suffix runs with cuda_graphs=True",
+    )
     p.add_argument("--rows", type=int, default=15)
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,12 +91,14 @@ def main() -> None:
     ids = torch.randint(0, mask_id, (1, args.prefix), device=dev, generator=torch.Generator(dev).manual_seed(1))
     common = dict(block_length=args.block, denoising_steps=args.block, mask_id=mask_id)
     for variant in args.variants:
-        model.set_attn_implementation("sparsed" if variant == "sparse" else "sdpa")
-        extra = {"sparsed": PrefixSparseConfig(select=args.select, per_kv_head=True)} if variant == "sparse" else {}
-        grouped = sdpa_grouped_heads() if variant == "dense_gqa" else contextlib.nullcontext()
+        name = variant.removesuffix("_graphs")
+        model.set_attn_implementation("sparsed" if name == "sparse" else "sdpa")
+        extra = {"sparsed": PrefixSparseConfig(select=args.select, per_kv_head=True)} if name == "sparse" else {}
+        extra["cuda_graphs"] = variant.endswith("_graphs")
+        grouped = sdpa_grouped_heads() if name == "dense_gqa" else contextlib.nullcontext()
         with grouped:
             blockdiff_generate(model, ids[:, : 4 * args.block], gen_length=2 * args.block, **common, **extra)
-            hook = DecodeProfiler(model, args.block, dev)
+            hook = DecodeProfiler(args.block, dev)
             try:
                 blockdiff_generate(model, ids, gen_length=args.gen, **common, **extra)
             finally:
