@@ -16,7 +16,9 @@ weights, YaRN (factor 4 over 32,768 positions) for prefixes past 32k. In one pro
   attention with log-sum-exp, then one scoring sweep) and the sparse step (``sparse_q``: one selection per query head,
   ``sparse_kv``: per key-value head), the per-KV-head selection through compiled FlexAttention
   (``sparse_flex``, with ``flex_build`` its BlockMask's construction and ``max_err`` its largest
-  difference from the gather), each a median of `common.bench`;
+  difference from the gather), the block-sparse decode kernel reading the kept blocks in place
+  (``sparse_triton``, `kernels.sparse_decode`, CUDA only, with its ``max_err``), each a median
+  of `common.bench`;
 - ``e2e``: `blockdiff_generate` end to end (prefill of P tokens in chunks, then --gen tokens),
   dense on the preallocated cache (``dense``), the same with a cache that concatenates like
   transformers' ``DynamicCache`` and SDAR's sampler (``concat``, reported separately: not the
@@ -183,6 +185,7 @@ def attention_case(args, device, dtype, base: dict, rows: list[dict]) -> None:
         run(name, lambda state=state: prefix_sparse_attention(q, k, v, mask, scale, state, 0))
         rows[-1]["density"] = state.layers[0].density
     flex_case(q, k, v, mask, scale, state, run, rows)
+    triton_case(q, k, v, mask, scale, state, run, rows)
     best = min(times["dense"], times["dense_mask"], times["dense_flash"])
     for row in rows[first:]:
         if "ms" in row and row["variant"] != "flex_build":  # building a mask is no attention
@@ -227,6 +230,31 @@ def flex_case(q, k, v, mask, scale, state, run, rows) -> None:
         return
     run("flex_build", build)
     run("sparse_flex", lambda: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True))
+    rows[-1]["density"], rows[-1]["max_err"] = sel.density, err
+
+
+def triton_case(q, k, v, mask, scale, state, run, rows) -> None:
+    """``sparse_triton``: the per-KV-head selection of ``state`` read in place by the block-sparse
+    decode kernel (`kernels.sparse_decode`: a GQA group's heads per program, kept blocks split
+    over programs), with ``max_err`` its largest difference from the gather. CUDA only."""
+    base = {key: rows[-1][key] for key in ("kind", "prefix", "block", "batch")}
+    if not q.is_cuda:
+        rows.append(dict(base, variant="sparse_triton", error="needs CUDA (Triton)"))
+        return
+    from sparsed_backend.attention.kernels.sparse_decode import sparse_decode_attention
+
+    sel = state.layers[0]
+
+    def sparse_triton():
+        return sparse_decode_attention(q, k, v, sel.blocks, sel.prefix_len, sel.front, sel.block_size, scale)
+
+    try:
+        want = prefix_sparse_attention(q, k, v, mask, scale, state, 0)
+        err = (sparse_triton().float() - want.float()).abs().max().item()
+    except Exception as error:  # recorded: the row says why the kernel could not run this shape
+        rows.append(dict(base, variant="sparse_triton", error=f"{type(error).__name__}: {str(error)[:160]}"))
+        return
+    run("sparse_triton", sparse_triton)
     rows[-1]["density"], rows[-1]["max_err"] = sel.density, err
 
 

@@ -190,3 +190,41 @@ def test_scoring_past_two_to_the_31_elements():
     torch.testing.assert_close(got[-1:, -8:], want, rtol=2e-2, atol=1e-6)
     del q, k
     torch.cuda.empty_cache()
+
+
+@cuda
+@pytest.mark.parametrize("per_kv", [True, False])
+@pytest.mark.parametrize(("q_len", "prefix", "pad", "splits"), [(4, 8187, False, None), (32, 5000, True, None),
+                                                                 (4, 300, True, 1), (7, 0, False, None)])  # fmt: skip
+def test_sparse_decode_kernel_equals_the_gather(per_kv, q_len, prefix, pad, splits):
+    """The block-sparse decode kernel (kept blocks read in place, split over programs) gives
+    the gather + SDPA step's output (bf16, SDAR-8B heads, prefix grids with a short first
+    block, left padding, the whole cache storage passed as K/V)."""
+    from sparsed_backend.attention.kernels.sparse_decode import sparse_decode_attention
+    from sparsed_backend.attention.prefix_selection import (
+        PrefixSelection,
+        PrefixSparseConfig,
+        gathered_attention,
+        select_prefix_blocks,
+        sparse_gather,
+    )  # fmt: skip
+
+    g = torch.Generator(device="cuda").manual_seed(q_len + prefix)
+    b, hq, hkv, d, bs = 2, 32, 8, 128, 128
+    s = prefix + q_len
+    q = torch.randn(b, hq, q_len, d, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(b, hkv, s + 100, d, device="cuda", generator=g).bfloat16() for _ in range(2))
+    valid = torch.ones(b, s, dtype=torch.bool, device="cuda")
+    if pad:
+        valid[1, : prefix // 3] = False
+    front = (-prefix) % bs
+    n = (prefix + front) // bs
+    cfg = PrefixSparseConfig(select=0.3, block_size=bs, per_kv_head=per_kv)
+    mass = torch.rand(b, hq, n, device="cuda", generator=g)
+    blocks = select_prefix_blocks(mass, cfg, hkv) if n else torch.zeros(b, hkv if per_kv else hq, 0, device="cuda",
+                                                                          dtype=torch.long)  # fmt: skip
+    sel = PrefixSelection(blocks, prefix, front, n, bs)
+    _, index, mask = sparse_gather(sel, q_len, valid, hq, hkv)
+    want = gathered_attention(q, k[:, :, :s], v[:, :, :s], index, mask, d**-0.5)
+    got = sparse_decode_attention(q, k, v, blocks, prefix, front, bs, d**-0.5, valid if pad else None, splits)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -63,6 +63,20 @@ def _decoder_parts(model: nn.Module):
     return (*parts, head, rotate)
 
 
+def _captured(run, pool=None) -> torch.cuda.CUDAGraph:
+    """``run`` once on a side stream (warm-up outside capture: cuBLAS handles, workspaces), then
+    captured as a CUDA graph (in ``pool`` if given). Only errors of this thread break a capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        run()
+    return graph
+
+
 class GraphedDecoder:
     """One (batch, tokens) forward shape of a Qwen3-layout model: graphs around eager attention.
 
@@ -156,20 +170,8 @@ class GraphedDecoder:
         self.logits.copy_(self.head(self.norm(self.hidden)))
 
     def _capture(self) -> list[torch.cuda.CUDAGraph]:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside capture (cuBLAS handles, workspaces)
-            for index in range(self.n_pieces):
-                self._piece(index)
-        torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()  # one pool: the graphs replay in capture order
-        graphs = []
-        for index in range(self.n_pieces):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                self._piece(index)
-            graphs.append(graph)
-        return graphs
+        return [_captured(lambda index=index: self._piece(index), pool) for index in range(self.n_pieces)]
 
     def _sparse_forward(self) -> None:
         """A whole sparse denoising step on the buffers: every layer writes its K/V at
@@ -229,16 +231,8 @@ class GraphedDecoder:
         if not self.capture:
             self._sparse_forward()
         else:
-            if fresh:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up: this step's own computation
-                    self._sparse_forward()
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    self._sparse_forward()
-                self._sparse_graph = graph
+            if fresh:  # the warm-up run is this step's own computation; the replay redoes it
+                self._sparse_graph = _captured(self._sparse_forward)
             self._sparse_graph.replay()
         cache.written()
         return self.logits.clone()

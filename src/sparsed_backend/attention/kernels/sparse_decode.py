@@ -1,0 +1,159 @@
+"""Block-sparse attention for a few query rows, reading the kept prefix blocks in place.
+
+A block-diffusion sparse step attends 4-64 queries to each head's kept prefix blocks plus the
+block itself. `prefix_selection.gathered_attention` copies those keys out of the cache (a
+gather per step) and calls SDPA; for so few rows SDPA parallelises over heads only, so a single
+GPU wave does little work. This kernel instead:
+
+- packs a selection head's query heads into one program (per KV head selection: the GQA group's
+  4 heads x L rows share every K/V tile, which is read once);
+- splits the kept blocks over programs (split-KV, as flash-decoding does), each writing a partial
+  (output, max, sum) that PyTorch combines;
+- reads each kept block where the cache holds it (the grid's short first block starts ``front``
+  positions before position 0; those positions are skipped), and the block's own keys after the
+  prefix.
+
+Not yet wired into the sampler: it has been checked against the gather under Triton's CPU
+interpreter only; the GPU test and timing come first (``tests/test_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["sparse_decode_attention"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit(do_not_specialize=["L", "S", "VS", "PREFIX", "FRONT", "N_KEPT", "PER_SPLIT"])
+def _sparse_decode_kernel(
+    Q, K, V, BLOCKS, VALID, O_PART, M_PART, L_PART,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    L, S, VS, PREFIX, FRONT, N_KEPT, PER_SPLIT, H, GQ, GROUP, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRID: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    b = pid_bh // H
+    h = pid_bh % H  # selection head: its query heads h * GQ .. h * GQ + GQ - 1
+    kv = (h * GQ) // GROUP  # the key/value head they read
+    rows = tl.arange(0, BLOCK_M)  # row r: query head h * GQ + r // L, query r % L
+    live_row = rows < GQ * L
+    q_head = h * GQ + rows // L
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        Q + b * sqb + q_head[:, None] * sqh + (rows % L)[:, None] * sqm + offs_d[None, :],
+        mask=live_row[:, None], other=0.0,
+    )  # fmt: skip
+    k_base = K + b * skb + kv * skh
+    v_base = V + b * svb + kv * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Work items: the kept blocks of this head, then (in the last split) the block's own keys.
+    first = split * PER_SPLIT
+    last = tl.minimum(N_KEPT, first + PER_SPLIT)
+    own = split == n_splits - 1
+    for j in range(first, last + own.to(tl.int32)):
+        if j < last:
+            grid_block = tl.load(BLOCKS + pid_bh * N_KEPT + j)
+            start = grid_block * GRID - FRONT
+            stop = start + GRID
+        else:
+            start = PREFIX
+            stop = PREFIX + L
+        for c in range(0, stop - start, BLOCK_N):
+            offs_n = start + c + tl.arange(0, BLOCK_N)
+            live = (offs_n >= 0) & (offs_n < stop) & (offs_n < S)
+            if HAS_VALID:
+                live = live & (offs_n < VS)
+                live = live & (tl.load(VALID + b * VS + offs_n, mask=live, other=0) != 0)
+            k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=live[None, :], other=0.0)
+            s = tl.dot(q, k) * qk_scale  # log2 domain
+            s = tl.where(live[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no live key yet
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=live[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+    part = (pid_bh * n_splits + split) * BLOCK_M + rows
+    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc)
+    tl.store(M_PART + part, m_i)
+    tl.store(L_PART + part, l_i)
+
+
+def decode_splits(programs: int, kept: int, device: torch.device) -> int:
+    """Kept-block splits per head: about two programs per SM in all, at least one block each."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(kept, triton.cdiv(2 * sms, max(1, programs))))
+
+
+def sparse_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    blocks: torch.Tensor,
+    prefix_len: int,
+    front: int,
+    block_size: int,
+    scaling: float,
+    key_valid: torch.Tensor | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of ``query`` to each head's kept prefix blocks and the block's own keys.
+
+    What `prefix_selection.gathered_attention` computes from `sparse_gather`'s index, without
+    copying keys.
+
+    Args:
+        query: (B, Hq, L, D), D a power of 2 >= 16; the block's L queries.
+        key, value: (B, Hkv, S, D), S >= prefix_len + L (the cache's views or whole storage):
+            the committed prefix, then the block's own L keys at ``prefix_len``.
+        blocks: (B, H, k) int64 kept grid blocks per selection head, H = Hq (per query head)
+            or Hkv (per KV head); grid block g covers positions [g * block_size - front,
+            (g + 1) * block_size - front) (the short first block starts before 0).
+        key_valid: (B, S') bool or None: keys a query may attend (left padding); keys at
+            S' or after are not attended.
+        splits: kept-block splits per head; None: `decode_splits`.
+    Returns:
+        (B, Hq, L, D) in the query's dtype.
+    """
+    B, Hq, L, D = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    H, n_kept = blocks.shape[1], blocks.shape[2]
+    gq = Hq // H  # query heads per selection head
+    block_m = max(16, triton.next_power_of_2(gq * L))
+    block_n = min(block_size, 64)
+    if block_size % block_n:
+        raise ValueError(f"block_size must be a multiple of {block_n} or at most 64, got {block_size}")
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    value = value if value.stride(-1) == 1 else value.contiguous()
+    blocks = blocks.contiguous()
+    splits = decode_splits(B * H, max(1, n_kept), query.device) if splits is None else max(1, splits)
+    per_split = max(1, triton.cdiv(n_kept, splits))
+    splits = max(1, triton.cdiv(n_kept, per_split))
+    o_part = torch.empty(B * H, splits, block_m, D, device=query.device, dtype=torch.float32)
+    m_part = torch.empty(B * H, splits, block_m, device=query.device, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else blocks  # dummy pointer
+    strides = (*query.stride()[:3], *key.stride()[:3], *value.stride()[:3])
+    _sparse_decode_kernel[(B * H, splits)](
+        query, key, value, blocks, valid, o_part, m_part, l_part, *strides,
+        L, S, valid.shape[-1], prefix_len, front, n_kept, per_split, H, gq, Hq // Hkv, scaling * _LOG2E,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, GRID=block_size, HAS_VALID=key_valid is not None,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    m = m_part.amax(1, keepdim=True)
+    w = torch.exp2(m_part - m.where(m > float("-inf"), 0.0))  # (BH, splits, M)
+    out = (o_part * w[..., None]).sum(1) / (l_part * w).sum(1).clamp_min(1e-30)[..., None]  # (BH, M, D)
+    out = out[:, : gq * L].view(B, H, gq, L, D).reshape(B, Hq, L, D)
+    return out.to(query.dtype)
