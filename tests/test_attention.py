@@ -421,6 +421,37 @@ def test_cudnn_log_sum_exp_unavailable_warns_and_scores_without_it(monkeypatch):
     assert torch.equal(sel.table, plain.table)
 
 
+def test_flash_log_sum_exp_is_cut_to_the_rows_and_its_refusal_warns(monkeypatch):
+    """dense_with_lse(kernel="flash") takes FlashAttention's output and log-sum-exp (cut to the
+    query rows, whatever padding it carries); where FlashAttention refuses, one warning, then
+    cuDNN's."""
+    from sparsed_backend import _compat, _warn
+    from sparsed_backend.attention import switch_step
+
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(1, 8, 5, 16, generator=g)
+    k, v = torch.randn(1, 2, 64, 16, generator=g), torch.randn(1, 2, 64, 16, generator=g)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True)
+    lse = torch.logsumexp(q @ k.repeat_interleave(4, 1).transpose(-1, -2) * 0.25, -1)
+    padded = torch.cat([lse, torch.full((1, 8, 3), 99.0)], -1)  # rows past L: whatever the kernel left
+    monkeypatch.setattr(switch_step, "cudnn_lse_applies", lambda query, key_valid: True)
+    monkeypatch.setattr(_compat, "flash_attention_with_lse", lambda *a: (out, padded))
+    monkeypatch.setattr(_compat, "cudnn_attention_with_lse", lambda *a: (out, lse))
+    got_out, got_lse = switch_step.dense_with_lse(q, k, v, 0.25, kernel="flash")
+    assert got_out is out and torch.equal(got_lse, lse)
+
+    def refuse(*args):
+        raise RuntimeError("No available kernel\nmore detail")
+
+    monkeypatch.setattr(_compat, "flash_attention_with_lse", refuse)
+    monkeypatch.setattr(_warn, "_warned", set())
+    with pytest.warns(RuntimeWarning, match=r"FlashAttention with log-sum-exp is unavailable \(No available kernel\)"):
+        got_out, got_lse = switch_step.dense_with_lse(q, k, v, 0.25, kernel="flash")
+    assert got_out is out and torch.equal(got_lse, lse)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        switch_step.dense_with_lse(q, k, v, 0.25, kernel="fast")
+
+
 def test_switch_step_hands_grouped_kv_heads_to_cudnn_unrepeated(monkeypatch):
     """GQA: cuDNN's attention with log-sum-exp gets K/V with their own head count (no repeat,
     7x less K/V memory for Dream's 28 / 4 heads); H200: bit-equal to the repeated call."""

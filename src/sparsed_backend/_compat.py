@@ -95,7 +95,9 @@ def flash_attention_with_lse(
     """FlashAttention-2 (PyTorch's build) returning each row's log-sum-exp with the output.
 
     torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal,
-    return_debug_mask, scale=) (2.11, 2.13). Unlike cuDNN's attention it builds no plan per
+    return_debug_mask, scale=) (schema read on 2.13; on 2.11 only SDPA's FlashAttention with
+    grouped K/V heads has run, through ``F.scaled_dot_product_attention``, not this call). Unlike
+    cuDNN's attention it builds no plan per
     shape, so a key length that grows at every call costs nothing extra. Raises RuntimeError
     where it cannot run these inputs (e.g. K/V heads fewer than the query's, if this build does
     not group them).

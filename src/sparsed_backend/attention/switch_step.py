@@ -72,7 +72,7 @@ def dense_with_lse(
             try:
                 out, lse = _compat.flash_attention_with_lse(query, key, value, scaling)
                 return out, lse[..., :L].float()
-            except RuntimeError as err:
+            except (RuntimeError, TypeError) as err:  # refused inputs, or a private API that moved
                 warn_once(
                     "flash-lse",
                     f"sparsed: FlashAttention with log-sum-exp is unavailable ({str(err).splitlines()[0][:120]}); "
