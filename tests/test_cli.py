@@ -111,6 +111,12 @@ BAD_INPUTS = [
     (["generate", *QUICK, "--threshold", "0.5"],
      r"--steps and --threshold exclude each other: .* got --steps 2 and --threshold 0.5$"),
     (["generate", *QUICK_THRESHOLD, "0"], r"--threshold must be in \(0, 1\], got 0.0$"),
+    (["generate", *QUICK, "--factor", "1"],
+     r"--steps and --factor exclude each other: factor decoding takes as many steps as each block needs, got "
+     r"--steps 2 and --factor 1.0$"),
+    (["generate", *QUICK_THRESHOLD, "0.5", "--factor", "1"],
+     r"--threshold and --factor are two parallel decoding rules: give one, got --threshold 0.5 and --factor 1.0$"),
+    (["generate", *QUICK_THRESHOLD[:-1], "--factor", "0"], r"--factor must be > 0, got 0.0$"),
     (["generate", *QUICK_THRESHOLD, "0.5", "--kv-cache", "dual", "--attn", "flex_attention"],
      r"--kv-cache dual runs with --attn sparsed, sdpa or eager, got --attn 'flex_attention'$"),
     (["generate", "--model", "{dream}", "--prompt", "hi", "--kv-cache", "prefix"],
@@ -133,6 +139,7 @@ BAD_INPUTS = [
      r"^sparsed generate: error: --steps applies only to LLaDA and Dream checkpoints, got --steps 4 with a 'qwen3' "
      r"checkpoint$"),
     (["generate", *BLOCKDIFF, "--kv-cache", "dual"], r"--kv-cache applies only to LLaDA and Dream checkpoints"),
+    (["generate", *BLOCKDIFF, "--factor", "1"], r"--factor applies only to LLaDA and Dream checkpoints"),
     (["generate", *BLOCKDIFF, "--skip", "0.5"], r"--skip applies only to LLaDA and Dream checkpoints"),
     (["generate", *BLOCKDIFF, "--prompt-end-offset", "none"], r"--prompt-end-offset applies only to LLaDA and Dream"),
     (["generate", *BLOCKDIFF, "--rope-scaling", "yarn:2"], r"--rope-scaling applies only to LLaDA and Dream"),
@@ -385,15 +392,25 @@ def test_generate_prints_the_answer_and_progress_can_be_turned_off(monkeypatch, 
         assert outputs[name] == (out, ""), name
 
 
-def test_generate_with_threshold_decoding_and_a_cache(capsys):
-    """The shipped LLaDA model: threshold decoding with each cache and sparsed runs and prints one
-    line (the sampler is tested in test_threshold.py; this checks the flags reach it)."""
-    for cache in ("none", "dual"):
+def test_generate_with_threshold_decoding_and_a_cache(capsys, monkeypatch):
+    """The shipped LLaDA model: threshold decoding, and the factor rule, with each cache run and
+    print one line (the samplers are tested in test_threshold.py; this checks the flags reach
+    them)."""
+    from sparsed_backend.sampling import generation
+
+    seen = []
+    real = generation.llada_generate
+    monkeypatch.setattr(generation, "llada_generate", lambda *a, **k: seen.append(k) or real(*a, **k))
+    for cache, rule in (
+        ("none", ["--threshold", "0.9"]),
+        ("dual", ["--threshold", "0.9"]),
+        ("dual", ["--factor", "1"]),
+    ):
         argv = ["generate", "--model", SHIPPED, "--prompt", "\u4e00\u4e01?", "--gen-length", "8", "--block-length", "4",
-                "--threshold", "0.9", "--kv-cache", cache, "--dtype", "float32", "--device", "cpu",
-                "--no-progress"]  # fmt: skip
+                *rule, "--kv-cache", cache, "--dtype", "float32", "--device", "cpu", "--no-progress"]  # fmt: skip
         assert main(argv) == 0
         assert len(capsys.readouterr().out.splitlines()) == 1
+    assert [(k["threshold"], k["factor"], k["steps"]) for k in seen] == [(0.9, None, None)] * 2 + [(None, 1.0, None)]
 
 
 def test_block_divisibility_is_the_samplers_rule_reported_by_flag_before_loading(monkeypatch, capsys):

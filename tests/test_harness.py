@@ -473,6 +473,24 @@ def test_threshold_reaches_the_sampler_in_place_of_steps(harness_model, monkeypa
         _make(harness_model, threshold=0, gen_length=5)
 
 
+def test_the_factor_rule_reaches_the_sampler_in_place_of_steps(harness_model, monkeypatch):
+    lm = _make(harness_model, factor=1.5, gen_length=5)
+    assert (lm.factor, lm.threshold, lm.steps) == (1.5, None, None)
+    seen = {}
+
+    def fake_generate(model, ids, mask, **kw):
+        seen.update(kw)
+        return torch.cat([ids, torch.zeros(ids.shape[0], 5, dtype=ids.dtype)], 1)
+
+    monkeypatch.setattr(harness_model, "llada_generate", fake_generate)
+    lm.generate_until([_instance("generate_until", ("\u4e00" * 3, {"until": [], "max_gen_toks": 5}))])
+    assert (seen["factor"], seen["threshold"], seen["steps"]) == (1.5, None, None)
+    with pytest.raises(ValueError, match=r"^model arg factor: factor=1.5 and threshold=0.9 are two parallel"):
+        _make(harness_model, factor=1.5, threshold=0.9, gen_length=5)
+    with pytest.raises(ValueError, match=r"^model arg factor: factor must be > 0, got -1.0$"):
+        _make(harness_model, factor=-1, gen_length=5)
+
+
 def test_generation_kwargs_the_model_cannot_apply_warn(harness_model):
     lm = _make(harness_model, steps=5, gen_length=5)
     _warn._warned.discard("harness-max-gen-64")

@@ -1,4 +1,5 @@
-"""Confidence-threshold parallel decoding (``threshold=``) in both samplers, on the tiny models."""
+"""Confidence-based parallel decoding (``threshold=`` and Fast-dLLM's ``factor=``) in both
+samplers, on the tiny models."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
 from sparsed_backend import SparseDConfig, SparseDState
+from sparsed_backend.sampling._threshold import factor_transfer
 from sparsed_backend.sampling.generation import dream_generate, llada_generate
 from tiny_models import MASK_ID, never_predicting_mask, padded_pair, tiny_model
 
@@ -15,6 +17,8 @@ GENERATE = {"llada": llada_generate, "dream": dream_generate}
 # Thresholds that make the tiny random models unmask several tokens in some steps and one in
 # others (measured: LLaDA at 0.4 takes 6 and 2 steps for its two blocks, Dream at 0.2 5 and 7).
 THRESHOLD = {"llada": 0.4, "dream": 0.2}
+# Factors that do the same (measured: LLaDA at 2.5 takes 7 and 6 steps, Dream 8 and 8).
+FACTOR = {"llada": 2.5, "dream": 2.5}
 
 
 def prompts(seed: int = 0):
@@ -27,10 +31,38 @@ def args(kind: str, **overrides) -> dict:
     return {**base, "block_length": BL, "threshold": THRESHOLD[kind], **overrides}
 
 
-def reference_threshold_decoding(model, ids, mask, kind: str, threshold: float) -> torch.Tensor:
-    """The rule written plainly: full forwards of the whole canvas, row by row in Python; every
-    masked position of the block whose top probability reaches the threshold, and the row's most
-    confident masked position, take their argmax token; a block ends when it holds no mask."""
+def threshold_choice(threshold: float):
+    """The threshold rule on one row's masked positions {j: confidence}: those at least
+    ``threshold`` confident, and the most confident one."""
+
+    def choose(conf: dict[int, float]) -> set[int]:
+        best = max(conf, key=conf.get)
+        return {j for j, c in conf.items() if c >= threshold} | {best}
+
+    return choose
+
+
+def factor_choice(factor: float):
+    """The factor rule on one row's masked positions, as Fast-dLLM states it: sorted from the most
+    confident, the first n for the largest n with (n + 1)(1 - c_n) <= factor for every n' <= n;
+    at least one."""
+
+    def choose(conf: dict[int, float]) -> set[int]:
+        order = sorted(conf, key=lambda j: -conf[j])
+        n = 1
+        while n < len(order) and (n + 2) * (1 - conf[order[n]]) <= factor:
+            n += 1
+        return set(order[:n])
+
+    return choose
+
+
+def reference_threshold_decoding(model, ids, mask, kind: str, threshold) -> torch.Tensor:
+    """The rule written plainly: full forwards of the whole canvas, row by row in Python; the
+    masked positions the rule chooses (``threshold``: a float, the threshold rule, or a choice
+    function of ``{position: confidence}``) take their argmax token; a block ends when it holds
+    no mask."""
+    choose = threshold_choice(threshold) if isinstance(threshold, float) else threshold
     x = torch.cat([ids, torch.full((ids.shape[0], G), MASK_ID)], 1)
     full = torch.cat([mask, torch.ones(ids.shape[0], G, dtype=torch.long)], 1)
     pos = (full.cumsum(-1) - 1).clamp_min(0)
@@ -42,13 +74,9 @@ def reference_threshold_decoding(model, ids, mask, kind: str, threshold: float) 
                 logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
             conf, tok = torch.softmax(logits[:, start : start + BL], -1).max(-1)
             for r in range(x.shape[0]):
-                masked = [j for j in range(BL) if x[r, start + j] == MASK_ID]
-                if not masked:
-                    continue
-                best = max(masked, key=lambda j: conf[r, j].item())
-                for j in masked:
-                    if j == best or conf[r, j] >= threshold:
-                        x[r, start + j] = tok[r, j]
+                masked = {j: conf[r, j].item() for j in range(BL) if x[r, start + j] == MASK_ID}
+                for j in choose(masked) if masked else ():
+                    x[r, start + j] = tok[r, j]
             if not (x[:, start : start + BL] == MASK_ID).any():
                 break
     return x
@@ -66,6 +94,32 @@ def test_threshold_decoding_equals_the_rule_written_plainly(kind):
     assert out.num_forwards == sum(out.block_steps)
 
 
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_factor_decoding_equals_the_rule_written_plainly(kind):
+    model = tiny_model(kind)
+    ids, mask = prompts(2)
+    out = GENERATE[kind](model, ids, mask, return_dict_in_generate=True, **args(kind, threshold=None,
+                                                                                  factor=FACTOR[kind]))  # fmt: skip
+    expected = reference_threshold_decoding(model, ids, mask, kind, factor_choice(FACTOR[kind]))
+    assert torch.equal(out.sequences, expected)
+    assert all(1 < s < BL for s in out.block_steps), out.block_steps
+    assert out.num_forwards == sum(out.block_steps)
+
+
+def test_factor_rule_keeps_the_leading_run_under_the_rising_bar():
+    """Sorted masked confidences 0.99, 0.95, 0.9, 0.5: (n + 1)(1 - c_n) = 0.02, 0.15, 0.4, 2.5, so
+    factor 1 keeps three, 0.1 one (the first always), 3 all four; unmasked positions never count,
+    and a row with nothing masked keeps nothing."""
+    conf = torch.tensor([[0.9, 0.5, 0.99, 0.999, 0.95], [0.9, 0.9, 0.9, 0.9, 0.9]])
+    masked = torch.tensor([[True, True, True, False, True], [False] * 5])
+    want = {1.0: [True, False, True, False, True], 0.1: [False, False, True, False, False], 3.0: [True, True, True,
+            False, True]}  # fmt: skip
+    for factor, row in want.items():
+        got = factor_transfer(conf, masked, factor)
+        assert got[0].tolist() == row, factor
+        assert not got[1].any()
+
+
 def test_threshold_one_unmasks_one_token_per_step_as_the_fixed_schedule_does():
     """No probability of the tiny model reaches 1.0, so each step unmasks exactly the most
     confident masked token: LLaDA's fixed schedule with one step per token."""
@@ -76,12 +130,14 @@ def test_threshold_one_unmasks_one_token_per_step_as_the_fixed_schedule_does():
     assert torch.equal(out.sequences, fixed) and out.block_steps == (BL, BL)
 
 
+@pytest.mark.parametrize("rule", ["threshold", "factor"])
 @pytest.mark.parametrize("cache", [None, "prefix", "dual"])
 @pytest.mark.parametrize("kind", ["llada", "dream"])
-def test_threshold_composes_with_sparsed_caches_and_padded_batches(kind, cache):
-    """With sparsed (default grid) and each cache: everything is decoded, the switch lands on a
-    block's first step (a refresh the cache needs anyway: no extra full forward), and the
-    padded row's tokens do not depend on its batch-mate."""
+def test_threshold_composes_with_sparsed_caches_and_padded_batches(kind, cache, rule):
+    """With sparsed (default grid) and each cache, for either rule: everything is decoded, the
+    switch lands on a block's first step (a refresh the cache needs anyway: no extra full
+    forward), and the padded row's tokens do not depend on its batch-mate."""
+    chosen = {} if rule == "threshold" else {"threshold": None, "factor": FACTOR[kind]}
     model = tiny_model(kind)
     model.set_attn_implementation("sparsed")
     cfg = SparseDConfig(skip=0.2, select=0.5, block_size=16, min_sparse_len=0)
@@ -89,7 +145,7 @@ def test_threshold_composes_with_sparsed_caches_and_padded_batches(kind, cache):
     other, other_mask = prompts(4)
 
     run = lambda i, m: GENERATE[kind](  # noqa: E731
-        model, i, m, sparsed=cfg, kv_cache=cache, return_dict_in_generate=True, **args(kind)
+        model, i, m, sparsed=cfg, kv_cache=cache, return_dict_in_generate=True, **args(kind, **chosen)
     )
     try:
         with never_predicting_mask(model):  # a mask left in the output = an undecoded position
@@ -156,6 +212,17 @@ BAD = [
     ("llada", {"remasking": "random"}, ValueError, r"threshold needs remasking='low_confidence'"),
     ("dream", {"alg": "entropy"}, ValueError, r"threshold needs alg='maskgit_plus' .* got alg='entropy'"),
     ("dream", {"alg_temp": 0.5}, ValueError, r"threshold needs alg='maskgit_plus' .* alg_temp=0.5"),
+    ("llada", {"factor": 1.0}, ValueError, r"factor=1.0 and threshold=0.4 are two parallel decoding rules: give one"),
+    ("llada", {"threshold": None, "factor": 0.0}, ValueError, r"factor must be > 0, got 0.0"),
+    ("dream", {"threshold": None, "factor": float("inf")}, ValueError, r"factor must be finite, got inf"),
+    ("llada", {"threshold": None, "factor": 1.0, "steps": 8}, ValueError, r"steps=8 and factor=1.0 exclude each other"),
+    (
+        "llada",
+        {"threshold": None, "factor": 1.0, "remasking": "random"},
+        ValueError,
+        r"factor needs remasking='low_confidence'",
+    ),
+    ("dream", {"threshold": None, "factor": 1.0, "alg": "entropy"}, ValueError, r"factor needs alg='maskgit_plus'"),
 ]
 
 

@@ -42,6 +42,7 @@ LIBRARY_FLAGS = {
     # llada_generate / dream_generate
     "steps": "--steps",
     "threshold": "--threshold",
+    "factor": "--factor",
     "gen_length": "--gen-length",
     "max_new_tokens": "--gen-length",
     "block_length": "--block-length",
@@ -321,20 +322,32 @@ def generate(args: argparse.Namespace) -> int:
     config = _rope_scaling(config, getattr(args, "rope_scaling", None))
     dream = config.model_type == "Dream"
     steps = getattr(args, "steps", None)
+    factor = getattr(args, "factor", None)
     if args.threshold is not None and steps is not None:
         raise UsageError(
             f"--steps and --threshold exclude each other: threshold decoding takes as many steps as each block "
             f"needs, got --steps {steps} and --threshold {args.threshold}"
         )
-    if args.threshold is None and steps is None:
+    if factor is not None and steps is not None:
+        raise UsageError(
+            f"--steps and --factor exclude each other: factor decoding takes as many steps as each block needs, "
+            f"got --steps {steps} and --factor {factor}"
+        )
+    if factor is not None and args.threshold is not None:
+        raise UsageError(
+            f"--threshold and --factor are two parallel decoding rules: give one, got --threshold {args.threshold} "
+            f"and --factor {factor}"
+        )
+    if args.threshold is None and factor is None and steps is None:
         steps = DEFAULT_STEPS
     kv_cache = None if getattr(args, "kv_cache", "none") == "none" else args.kv_cache
     if kv_cache is not None and args.attn not in ("sparsed", "sdpa", "eager"):
         raise UsageError(f"--kv-cache {kv_cache} runs with --attn sparsed, sdpa or eager, got --attn {args.attn!r}")
-    fed = ("steps", "temperature", "threshold", "block_length", "kv_cache", *SPARSED_ARGUMENTS,
+    fed = ("steps", "temperature", "threshold", "factor", "block_length", "kv_cache", *SPARSED_ARGUMENTS,
            "max_new_tokens" if dream else "gen_length")  # fmt: skip
-    alg = {"alg": "maskgit_plus"} if dream and args.threshold is not None else {}  # the probability confidence
-    schedule = {"steps": steps, "block_length": args.block_length, "threshold": args.threshold,
+    dynamic = args.threshold is not None or factor is not None
+    alg = {"alg": "maskgit_plus"} if dream and dynamic else {}  # the probability confidence
+    schedule = {"steps": steps, "block_length": args.block_length, "threshold": args.threshold, "factor": factor,
                 "temperature": args.temperature, "kv_cache": kv_cache}  # fmt: skip
     with _flags(*fed):  # the samplers' own rules, before the tokenizer and the weights load
         if dream:
@@ -360,7 +373,7 @@ def generate(args: argparse.Namespace) -> int:
         try:
             common = {"steps": steps, "block_length": args.block_length, "temperature": args.temperature,
                       "generator": g, "sparsed": sparsed, "kv_cache": kv_cache,
-                      "threshold": args.threshold}  # fmt: skip
+                      "threshold": args.threshold, "factor": factor}  # fmt: skip
             if dream:
                 out = dream_generate(model, ids, max_new_tokens=args.gen_length, **alg, **common)
             else:

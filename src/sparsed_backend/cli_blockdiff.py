@@ -30,7 +30,8 @@ BLOCKDIFF_FLAGS = {
 }
 # Flags of the LLaDA / Dream samplers (and SparseD) that a block-diffusion checkpoint refuses.
 NOT_BLOCKDIFF_FLAGS = {"steps": "--steps", "kv_cache": "--kv-cache", "skip": "--skip",
-                       "prompt_end_offset": "--prompt-end-offset", "rope_scaling": "--rope-scaling"}  # fmt: skip
+                       "prompt_end_offset": "--prompt-end-offset", "rope_scaling": "--rope-scaling",
+                       "factor": "--factor"}  # fmt: skip
 # blockdiff_generate's and PrefixSparseConfig's arguments that flags feed (keys of LIBRARY_FLAGS).
 FED = ("gen_length", "block_length", "denoising_steps", "remasking", "threshold", "temperature", "select", "budget",
        "block_size", "cuda_graphs")  # fmt: skip

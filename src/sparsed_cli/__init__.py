@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="confidence-threshold decoding: each step unmasks every token at least this confident "
                         "(and at least one), instead of --steps (block diffusion: with --remasking "
                         "low_confidence_dynamic, its default then)")  # fmt: skip
+    g.add_argument("--factor", type=Float(0, open_low=True), default=SUPPRESS,
+                   help="LLaDA / Dream: Fast-dLLM's factor rule instead of --steps or --threshold: each "
+                        "step unmasks the n most confident tokens, n the largest with (n + 1)(1 - c_n) <= "
+                        "factor")  # fmt: skip
     g.add_argument("--gen-length", type=Int(1), default=128, help="tokens to generate")
     g.add_argument("--block-length", type=Int(1), default=None,
                    help="tokens per semi-autoregressive block (default: --gen-length; block diffusion: the "

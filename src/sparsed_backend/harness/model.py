@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 FAMILIES = {"llada": "llada", "Dream": "dream", "qwen3": "blockdiff"}  # config.model_type -> sampler family
 # Model args of the LLaDA / Dream samplers that a block-diffusion checkpoint (blockdiff_generate) refuses.
 NOT_BLOCKDIFF = ("skip", "min_sparse_len", "keep_diagonal", "prompt_end_offset", "steps", "alg", "alg_temp",
-                 "kv_cache", "rope_scaling")  # fmt: skip
+                 "kv_cache", "rope_scaling", "factor")  # fmt: skip
 BLOCKDIFF_SPARSE = ("select", "prefix_budget", "block_size", "per_kv_head", "pattern")
 ATTN = ("dense", "sparsed")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -162,6 +162,7 @@ class DiffusionLM(LM):
         steps: denoising steps (default ``gen_length``); not with ``threshold``.
         threshold: confidence-threshold decoding instead of a fixed step count (the samplers'
             ``threshold``); Dream's ``alg`` then defaults to ``maskgit_plus``.
+        factor: Fast-dLLM's factor rule instead (the samplers' ``factor``), the same way.
         block_length: semi-autoregressive block; LLaDA default ``gen_length``, Dream default
             none (Dream's own sampler, no blocks).
         kv_cache: ``none`` (default), ``prefix`` or ``dual``: the samplers' block-wise K/V cache
@@ -197,7 +198,7 @@ class DiffusionLM(LM):
             "prompt_end_offset", "gen_length",
             "steps", "threshold", "block_length", "remasking", "alg", "alg_temp", "top_p", "top_k", "temperature",
             "mc_samples", "seed", "dtype", "device", "batch_size", "max_batch_size", "kv_cache", "rope_scaling",
-            "denoising_steps", "prefix_budget", "per_kv_head", "pattern", "cuda_graphs",
+            "denoising_steps", "prefix_budget", "per_kv_head", "pattern", "cuda_graphs", "factor",
         }  # fmt: skip
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -270,11 +271,12 @@ class DiffusionLM(LM):
             raise ModelArgError(f"model args {wrong} belong to the {other} sampler; this checkpoint is {self.family}")
         with _model_args(self._known):  # the samplers' own rules, before the model loads
             self.gen_length = check_int("gen_length", kw.get("gen_length", 128), 1)  # the harness reserves it
-            threshold = kw.get("threshold")
-            steps = kw.get("steps", self.gen_length if threshold is None else None)
+            threshold, factor = kw.get("threshold"), kw.get("factor")
+            dynamic = threshold is not None or factor is not None  # a confidence rule, not a step count
+            steps = kw.get("steps", None if dynamic else self.gen_length)
             self.temperature = kw.get("temperature", 0.0)
             self.block_length = kw.get("block_length", self.gen_length if self.family == "llada" else None)
-            schedule = {"steps": steps, "threshold": threshold, "block_length": self.block_length,
+            schedule = {"steps": steps, "threshold": threshold, "factor": factor, "block_length": self.block_length,
                         "temperature": self.temperature, "kv_cache": kw.get("kv_cache")}  # fmt: skip
             if self.family == "llada":
                 self.remasking = kw.get("remasking", "low_confidence")
@@ -282,13 +284,14 @@ class DiffusionLM(LM):
             else:
                 # Dream's own example decodes by entropy; threshold decoding compares the drawn
                 # token's probability, maskgit_plus's confidence.
-                self.alg = kw.get("alg", "entropy" if threshold is None else "maskgit_plus")
+                self.alg = kw.get("alg", "maskgit_plus" if dynamic else "entropy")
                 self.alg_temp, self.top_p, self.top_k = kw.get("alg_temp", 0.0), kw.get("top_p"), kw.get("top_k")
                 checked = check_dream_arguments(
                     max_new_tokens=self.gen_length, alg=self.alg, alg_temp=self.alg_temp, top_p=self.top_p,
                     top_k=self.top_k, **schedule,
                 )  # fmt: skip
             self.steps, self.threshold, self.kv_cache = checked.steps, checked.threshold, checked.kv_cache
+            self.factor = checked.factor
             check_cache_with_sparsed(self.kv_cache, self.sparsed)
         self._parse_common(kw)
 
@@ -483,14 +486,14 @@ class DiffusionLM(LM):
                 self.model, ids, mask, steps=self.steps, gen_length=self.gen_length,
                 block_length=self.block_length, temperature=self.temperature, remasking=self.remasking,
                 mask_id=self.mask_id, generator=generator, sparsed=self.sparsed, kv_cache=self.kv_cache,
-                threshold=self.threshold,
+                threshold=self.threshold, factor=self.factor,
             )  # fmt: skip
         else:
             out = dream_generate(
                 self.model, ids, mask, steps=self.steps, max_new_tokens=self.gen_length, alg=self.alg,
                 alg_temp=self.alg_temp, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                 mask_token_id=self.mask_id, generator=generator, sparsed=self.sparsed,
-                block_length=self.block_length, kv_cache=self.kv_cache, threshold=self.threshold,
+                block_length=self.block_length, kv_cache=self.kv_cache, threshold=self.threshold, factor=self.factor,
             )  # fmt: skip
         return out
 

@@ -1,12 +1,41 @@
-"""Confidence-threshold parallel decoding (the samplers' ``threshold=``): the rule, its
-arguments, and the host bookkeeping that ends a block and places SparseD's switch."""
+"""Confidence-based parallel decoding (the samplers' ``threshold=`` and ``factor=``): the two
+rules, their arguments, and the host bookkeeping that ends a block and places SparseD's switch.
+
+Both rules are Fast-dLLM's (arXiv 2505.22618): the threshold rule unmasks every token at least
+``threshold`` confident; the factor rule unmasks the n most confident tokens for the largest n
+whose n-th confidence c_n satisfies (n + 1)(1 - c_n) <= ``factor`` (with all better ones doing
+the same), so the bar rises with the number of tokens decoded at once."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from .._validate import ArgumentValueError, check_int, check_number
+from ..attention._ranking import top_count
 from ..attention.state import SparseDState
+
+
+def check_factor(steps: int | None, threshold: float | None, factor: float | None) -> float | None:
+    """``factor`` (the factor rule) checked: a finite number > 0, without ``steps`` or ``threshold``."""
+    if factor is None:
+        return None
+    check_number("factor", factor)
+    factor = float(factor)
+    if not factor > 0.0:
+        raise ArgumentValueError("factor", f"factor must be > 0, got {factor!r}")
+    if threshold is not None:
+        raise ArgumentValueError(
+            "factor", f"factor={factor} and threshold={threshold} are two parallel decoding rules: give one"
+        )
+    if steps is not None:
+        raise ArgumentValueError(
+            "steps",
+            f"steps={steps} and factor={factor} exclude each other: factor decoding takes as many steps as each "
+            "block needs (at most its length); pass steps=None",
+        )
+    return factor
 
 
 def check_schedule(steps: int | None, threshold: float | None) -> tuple[int | None, float | None]:
@@ -34,6 +63,30 @@ def threshold_transfer(confidence: torch.Tensor, is_masked: torch.Tensor, thresh
     score = torch.where(is_masked, confidence.float(), -torch.inf)
     best = torch.zeros_like(is_masked).scatter_(-1, score.argmax(-1, keepdim=True), True)
     return is_masked & ((score >= threshold) | best)
+
+
+def factor_transfer(confidence: torch.Tensor, is_masked: torch.Tensor, factor: float) -> torch.Tensor:
+    """(B, L) bool: the factor rule's choice. Per row, the masked positions' confidences sorted
+    from the highest, c_1 >= c_2 >= ...: the n most confident, n the length of the leading run
+    with (n + 1)(1 - c_n) <= ``factor``; at least the most confident one in every row that still
+    has a masked position."""
+    score = torch.where(is_masked, confidence.float(), -torch.inf)
+    ordered = score.sort(-1, descending=True).values  # (B, L)
+    n = torch.arange(1, score.shape[-1] + 1, device=score.device, dtype=torch.float32)
+    ok = ((n + 1) * (1.0 - ordered) <= factor) & (ordered > -torch.inf)
+    ok[..., 0] = True  # the most confident always
+    count = ok.long().cumprod(-1).sum(-1, keepdim=True)  # (B, 1): the leading run
+    return top_count(score, count) & is_masked
+
+
+def parallel_rule(threshold: float | None, factor: float | None):
+    """The confidence rule the (checked) arguments ask for, as ``rule(confidence, is_masked)`` ->
+    (B, L) bool; None for a fixed schedule."""
+    if threshold is not None:
+        return functools.partial(threshold_transfer, threshold=threshold)
+    if factor is not None:
+        return functools.partial(factor_transfer, factor=factor)
+    return None
 
 
 class ThresholdClock:

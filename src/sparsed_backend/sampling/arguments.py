@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .._validate import ArgumentValueError, check_float, check_int
-from ._threshold import check_schedule
+from ._threshold import check_factor, check_schedule
 from .kv_cache import check_kv_cache
 
 __all__ = [
@@ -39,6 +39,7 @@ class LLaDAArguments(NamedTuple):
     temperature: float
     cfg_scale: float
     kv_cache: str | None
+    factor: float | None = None
 
 
 class DreamArguments(NamedTuple):
@@ -55,6 +56,7 @@ class DreamArguments(NamedTuple):
     top_k: int | None
     eps: float
     kv_cache: str | None
+    factor: float | None = None
 
 
 def _check_blocks(length_name: str, length: int, block_length: int, steps: int | None) -> int:
@@ -85,9 +87,12 @@ def check_llada_arguments(
     cfg_scale: float = 0.0,
     remasking: str = "low_confidence",
     kv_cache: str | None = None,
+    factor: float | None = None,
 ) -> LLaDAArguments:
     """Every rule of `llada_generate`'s arguments that needs no model (see its docstring)."""
-    steps, threshold = check_schedule(steps, threshold)
+    factor = check_factor(steps, threshold, factor)
+    if factor is None:
+        steps, threshold = check_schedule(steps, threshold)
     gen_length = check_int("gen_length", gen_length, 1)
     block_length = gen_length if block_length is None else check_int("block_length", block_length, 1)
     num_blocks = _check_blocks("gen_length", gen_length, block_length, steps)
@@ -95,16 +100,19 @@ def check_llada_arguments(
     cfg_scale = check_float("cfg_scale", cfg_scale)
     if remasking not in LLADA_REMASKING:
         raise ArgumentValueError("remasking", f"remasking must be one of {LLADA_REMASKING}, got {remasking!r}")
-    if threshold is not None and remasking != "low_confidence":
+    rule = "threshold" if threshold is not None else "factor" if factor is not None else None
+    if rule is not None and remasking != "low_confidence":
         raise ArgumentValueError(
-            "threshold", f"threshold needs remasking='low_confidence' (a confidence to compare), got {remasking!r}"
+            rule, f"{rule} needs remasking='low_confidence' (a confidence to compare), got {remasking!r}"
         )
     kv_cache = check_kv_cache(kv_cache)
     if kv_cache is not None and cfg_scale > 0:
         raise ArgumentValueError(
             "kv_cache", f"kv_cache={kv_cache!r} does not support classifier-free guidance (cfg_scale={cfg_scale})"
         )
-    return LLaDAArguments(steps, threshold, gen_length, block_length, num_blocks, temperature, cfg_scale, kv_cache)
+    return LLaDAArguments(
+        steps, threshold, gen_length, block_length, num_blocks, temperature, cfg_scale, kv_cache, factor
+    )
 
 
 def check_dream_arguments(
@@ -120,17 +128,21 @@ def check_dream_arguments(
     top_k: int | None = None,
     eps: float = 1e-3,
     kv_cache: str | None = None,
+    factor: float | None = None,
 ) -> DreamArguments:
     """Every rule of `dream_generate`'s arguments that needs no model (see its docstring)."""
-    steps, threshold = check_schedule(steps, threshold)
+    factor = check_factor(steps, threshold, factor)
+    if factor is None:
+        steps, threshold = check_schedule(steps, threshold)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     if alg not in DREAM_ALGS:
         raise ArgumentValueError("alg", f"alg must be one of {DREAM_ALGS}, got {alg!r}")
     alg_temp = 0.0 if alg_temp is None else check_float("alg_temp", alg_temp)
-    if threshold is not None and (alg != "maskgit_plus" or alg_temp > 0):
+    rule = "threshold" if threshold is not None else "factor" if factor is not None else None
+    if rule is not None and (alg != "maskgit_plus" or alg_temp > 0):
         raise ArgumentValueError(
-            "threshold",
-            "threshold needs alg='maskgit_plus' (the probability confidence) and alg_temp None or 0, "
+            rule,
+            f"{rule} needs alg='maskgit_plus' (the probability confidence) and alg_temp None or 0, "
             f"got alg={alg!r}, alg_temp={alg_temp}",
         )
     temperature = check_float("temperature", temperature)
@@ -153,5 +165,16 @@ def check_dream_arguments(
     block_length = max_new_tokens if block_length is None else check_int("block_length", block_length, 1)
     num_blocks = _check_blocks("max_new_tokens", max_new_tokens, block_length, steps)
     return DreamArguments(
-        steps, threshold, max_new_tokens, block_length, num_blocks, alg_temp, temperature, top_p, top_k, eps, kv_cache
+        steps,
+        threshold,
+        max_new_tokens,
+        block_length,
+        num_blocks,
+        alg_temp,
+        temperature,
+        top_p,
+        top_k,
+        eps,
+        kv_cache,
+        factor,
     )

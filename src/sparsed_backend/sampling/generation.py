@@ -46,7 +46,7 @@ from ._shared import (
     runs_full_forward,
     start_generation,
 )
-from ._threshold import ThresholdClock, threshold_transfer
+from ._threshold import ThresholdClock, parallel_rule
 from .arguments import DREAM_ALGS, LLADA_REMASKING, check_dream_arguments, check_llada_arguments
 
 __all__ = [
@@ -98,6 +98,7 @@ def llada_generate(
     sparsed: SparseDConfig | None = None,
     kv_cache: str | None = None,
     threshold: float | None = None,
+    factor: float | None = None,
     output_history: bool = False,
     return_dict_in_generate: bool = False,
 ) -> torch.LongTensor | DiffusionGenerationOutput:
@@ -114,7 +115,7 @@ def llada_generate(
         input_ids: (B, P) prompt token ids, LEFT padded.
         attention_mask: (B, P) 1 for real tokens, 0 for left padding; None: no padding.
         steps: denoising steps (= model forwards) in total; a multiple of the block count.
-            None with ``threshold``.
+            None with ``threshold`` or ``factor``.
         gen_length: tokens to generate; a multiple of ``block_length``.
         block_length: tokens per semi-autoregressive block; None: ``gen_length`` (one block).
         temperature: Gumbel-max noise scale (float64); 0 is greedy.
@@ -139,15 +140,21 @@ def llada_generate(
             steps). Rows of a padded batch finish at different steps; a finished row stays as
             it is. Reads back one small tensor per step (to end the block). With ``sparsed``
             the switch follows `ThresholdClock`.
+        factor: Fast-dLLM's factor rule instead of ``threshold`` (same steps, same bookkeeping):
+            with the masked confidences sorted from the highest, each step unmasks the n most
+            confident for the largest n whose n-th confidence c_n (and every one before it)
+            has (n + 1)(1 - c_n) <= ``factor``, at least one per row (`_threshold.factor_transfer`).
         output_history / return_dict_in_generate: see :class:`DiffusionGenerationOutput`.
 
     Returns:
         (B, P + gen_length) token ids, or a DiffusionGenerationOutput.
     """
-    steps, threshold, gen_length, block_length, num_blocks, temperature, cfg_scale, kv_cache = check_llada_arguments(
+    a = check_llada_arguments(
         gen_length=gen_length, steps=steps, block_length=block_length, threshold=threshold,
-        temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, kv_cache=kv_cache,
+        temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, kv_cache=kv_cache, factor=factor,
     )  # fmt: skip
+    steps, threshold, gen_length, block_length, num_blocks, temperature, cfg_scale, kv_cache = a[:8]
+    rule = parallel_rule(threshold, a.factor)
     mask_id = resolve_mask_id(model, mask_id, "mask_id")
     x, prompt_index, sync, state, run = start_generation(
         model, input_ids, attention_mask, mask_id, gen_length, "gen_length",
@@ -157,7 +164,7 @@ def llada_generate(
     # Every block starts fully masked (the prompt holds no mask token), so a fixed schedule is
     # the same for all rows and all blocks, and known here on the host.
     schedule = None if steps is None else llada_transfer_schedule(block_length, steps // num_blocks)
-    clock = None if threshold is None else ThresholdClock(state, mask_id, prompt_len, kv_cache is not None)
+    clock = None if rule is None else ThresholdClock(state, mask_id, prompt_len, kv_cache is not None)
     history = [] if output_history else None
     block_steps = []
 
@@ -190,7 +197,7 @@ def llada_generate(
                 score = torch.rand(x0.shape, device=x0.device, generator=generator)
             is_masked = block == mask_id
             if k is None:
-                transfer = threshold_transfer(score, is_masked, threshold)
+                transfer = rule(score, is_masked)
             else:
                 score = torch.where(is_masked, score, -torch.inf)
                 chosen = torch.topk(score, k, dim=-1).indices  # k <= masked count: only masked picked
@@ -281,6 +288,7 @@ def dream_generate(
     block_length: int | None = None,
     kv_cache: str | None = None,
     threshold: float | None = None,
+    factor: float | None = None,
     output_history: bool = False,
     return_dict_in_generate: bool = False,
 ) -> torch.LongTensor | DiffusionGenerationOutput:
@@ -297,7 +305,7 @@ def dream_generate(
         model: a bidirectional LM whose forward takes ``logits_to_keep`` (e.g. DreamModel).
         input_ids: (B, P) prompt token ids, LEFT padded.
         attention_mask: (B, P) 1 for real tokens, 0 for left padding; None: no padding.
-        steps: denoising steps (= model forwards). None with ``threshold``.
+        steps: denoising steps (= model forwards). None with ``threshold`` or ``factor``.
         max_new_tokens: tokens to generate.
         alg: "origin", "maskgit_plus", "topk_margin" or "entropy".
         alg_temp: temperature of the position sampling (confidence algorithms); None/0: top-k.
@@ -317,6 +325,8 @@ def dream_generate(
             generation without ``block_length``) whose probability reaches ``threshold``, and at
             least the most confident one per row, until none is left. Needs
             ``alg="maskgit_plus"`` (the probability confidence) and no ``alg_temp``.
+        factor: Fast-dLLM's factor rule instead of ``threshold``, as in :func:`llada_generate`
+            (the same needs).
         output_history / return_dict_in_generate: see :class:`DiffusionGenerationOutput`.
 
     Returns:
@@ -325,16 +335,18 @@ def dream_generate(
     a = check_dream_arguments(
         max_new_tokens=max_new_tokens, steps=steps, block_length=block_length, threshold=threshold, alg=alg,
         alg_temp=alg_temp, temperature=temperature, top_p=top_p, top_k=top_k, eps=eps, kv_cache=kv_cache,
+        factor=factor,
     )  # fmt: skip
     steps, threshold, max_new_tokens, block_length, num_blocks = a[:5]
-    alg_temp, temperature, top_p, top_k, eps, kv_cache = a[5:]
+    alg_temp, temperature, top_p, top_k, eps, kv_cache = a[5:11]
+    rule = parallel_rule(threshold, a.factor)
     mask_token_id = resolve_mask_id(model, mask_token_id, "mask_token_id")
     x, _, sync, state, run = start_generation(
         model, input_ids, attention_mask, mask_token_id, max_new_tokens, "max_new_tokens",
         sparsed=sparsed, steps=steps, kv_cache=kv_cache, num_blocks=num_blocks,
     )  # fmt: skip
     prompt_len = input_ids.shape[1]
-    clock = None if threshold is None else ThresholdClock(state, mask_token_id, prompt_len, kv_cache is not None)
+    clock = None if rule is None else ThresholdClock(state, mask_token_id, prompt_len, kv_cache is not None)
     # Threshold decoding's budget is block_length steps per block; a fixed schedule's grid stays
     # on the host: each step's ratio is a Python float (exactly the float32 value the official
     # sampler computes on the device), so nothing is read back.
@@ -362,7 +374,7 @@ def dream_generate(
             ratio = float(1 - timesteps[i + 1] / timesteps[i]) if not last else 1.0
             if clock is not None:
                 confidence, x0 = _sample_tokens(logits, temperature, top_p, top_k, generator, kind)
-                region = torch.where(threshold_transfer(confidence, is_masked, threshold), x0, region)
+                region = torch.where(rule(confidence, is_masked), x0, region)
             elif alg == "origin":
                 _, x0 = _sample_tokens(logits, temperature, top_p, top_k, generator)
                 draw = torch.rand(is_masked.shape, device=x.device, generator=generator)
