@@ -22,7 +22,7 @@ head), and per layer in at least one head.
 Multi-key questions (``--keys M``, `sample_prompts(n_keys=M)`): ``? k1 .. kM``, the answer the M
 values in order, 5M tokens, generated in blocks of ``--block-length`` (default 5: one block per
 key; otherwise 5M is rounded up to whole blocks and the tokens past the answer are not scored),
-with one step per generated token, or ``--threshold`` decoding. Prompts of M > 1 keys use seeds
+with one step per generated token, or ``--threshold`` or ``--factor`` decoding. Prompts of M > 1 keys use seeds
 110000 + length by default, used nowhere else: training drew its data from generators seeded
 (seed * 1,000,003 + step) and (2^40 + ...) for the fine-tune, its gates 1,000,000 + seed, its
 final evaluation 5000 + n; the benchmarks use 9000 + n (this one, single key), 20000 + n and
@@ -138,6 +138,9 @@ def main() -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="add rows with confidence-threshold decoding at this threshold: dense and sparsed, "
                         "without a cache and with each of --caches")  # fmt: skip
+    p.add_argument("--factor", type=float, default=None,
+                   help="add rows with Fast-dLLM's factor rule at this factor: dense and sparsed, without a cache "
+                        "and with each of --caches")  # fmt: skip
     p.add_argument("--keys", type=int, default=1, help="keys per question (answer: 5 tokens per key)")
     p.add_argument("--block-length", type=int, default=VALUE_LEN,
                    help="decoding block; the generation is 5 * --keys tokens rounded up to whole blocks")  # fmt: skip
@@ -175,32 +178,35 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     partial.write_text("")
 
-    cells = [("dense", 1.0, None, None, None)]
+    cells = [("dense", 1.0, None, None, {})]
     for method in args.methods:
         for select in args.selects:
             if select == 1.0 and method != "sparsed":
                 continue  # select 1.0 keeps every block whatever the rule
             cfg = SparseDConfig(skip=args.skip, select=select, block_size=args.block_size, min_sparse_len=0,
                                 **METHODS[method])  # fmt: skip
-            cells.append((method, select, cfg, None, None))
-    thresholds = [None] if args.threshold is None else [None, args.threshold]
-    for threshold in thresholds:  # the K/V cache and threshold rows: dense and SparseD, each with them
-        for cache in [c for c in (None, *args.caches) if c is not None or threshold is not None]:
-            suffix = "".join([f"+{cache}" if cache else "", f"+thr{threshold}" if threshold else ""])
-            cells.append((f"dense{suffix}", 1.0, None, cache, threshold))
+            cells.append((method, select, cfg, None, {}))
+    # The decoding rules: the fixed schedule ({}), then --threshold and --factor if given.
+    rules = [{}, *({name: value} for name, value in (("threshold", args.threshold), ("factor", args.factor))
+                   if value is not None)]  # fmt: skip
+    for rule in rules:  # the K/V cache and decoding-rule rows: dense and SparseD, each with them
+        for cache in [c for c in (None, *args.caches) if c is not None or rule]:
+            tags = {"threshold": "thr", "factor": "fac"}
+            suffix = "".join([f"+{cache}" if cache else "", *(f"+{tags[k]}{v}" for k, v in rule.items())])
+            cells.append((f"dense{suffix}", 1.0, None, cache, rule))
             for select in args.selects:
                 cfg = SparseDConfig(skip=args.skip, select=select, block_size=args.block_size, min_sparse_len=0)
-                cells.append((f"sparsed{suffix}", select, cfg, cache, threshold))
+                cells.append((f"sparsed{suffix}", select, cfg, cache, rule))
     rows: list[dict] = []
     bar = progress(len(args.lengths) * len(cells) * args.prompts, "answering", "prompt", not args.no_progress)
     for n in args.lengths:
         prompts = sample_prompts(n, args.prompts, n_keys=args.keys, seed=args.seed + n)
         reference = None  # the dense no-cache fixed-step answers (the first cell)
-        for method, select, cfg, cache, threshold in cells:
+        for method, select, cfg, cache, rule in cells:
             torch.manual_seed(0)  # the random pattern
             t0 = time.perf_counter()
             ans = answer_prompts(model, prompts, sparsed=cfg, batch=args.batch, block_length=args.block_length,
-                                 kv_cache=cache, threshold=threshold, on_batch=bar.update)  # fmt: skip
+                                 kv_cache=cache, **rule, on_batch=bar.update)  # fmt: skip
             reference = ans.generated if reference is None else reference
             k = ans.n_correct
             lo, hi = wilson_interval(k, args.prompts)

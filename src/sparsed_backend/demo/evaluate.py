@@ -64,6 +64,7 @@ def answer_prompts(
     block_length: int = VALUE_LEN,
     kv_cache: str | None = None,
     threshold: float | None = None,
+    factor: float | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Answers:
     """Greedy low-confidence decoding of every prompt's answer.
@@ -83,17 +84,18 @@ def answer_prompts(
         kv_cache: None, "prefix" or "dual" (see `llada_generate`).
         threshold: confidence-threshold decoding in place of ``steps`` (see `llada_generate`);
             ``Answers.forwards`` then counts the steps taken.
+        factor: the factor rule in place of ``steps`` (see `llada_generate`), the same way.
         on_batch: called with the number of prompts done after each call (progress bars).
     """
     from ..sampling.generation import llada_generate
 
     gen_length = generation_length(prompts.answers.shape[1], block_length)
-    steps = None if threshold is not None else gen_length if steps is None else steps
+    steps = None if threshold is not None or factor is not None else gen_length if steps is None else steps
 
     def generate(ids: torch.Tensor):
         return llada_generate(
             model, ids, steps=steps, gen_length=gen_length, block_length=block_length, sparsed=sparsed,
-            kv_cache=kv_cache, threshold=threshold, return_dict_in_generate=True,
+            kv_cache=kv_cache, threshold=threshold, factor=factor, return_dict_in_generate=True,
         )  # fmt: skip
 
     return _answer_in_batches(model, prompts, batch, on_batch, generate)
