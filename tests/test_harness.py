@@ -455,9 +455,8 @@ def test_generate_until_batches_and_passes_the_sampler_settings(harness_model, m
     assert out[2] == sym(5, 2)  # max_gen_toks 3, then cut at the stop string (symbol 7)
 
 
-def test_threshold_reaches_the_sampler_in_place_of_steps(harness_model, monkeypatch):
-    lm = _make(harness_model, attn="sparsed", threshold=0.9, gen_length=5, kv_cache="dual")
-    assert (lm.threshold, lm.steps) == (0.9, None)
+def _llada_kwargs(harness_model, monkeypatch, lm) -> dict:
+    """One generate_until request of 5 tokens with llada_generate replaced: the kwargs it got."""
     seen = {}
 
     def fake_generate(model, ids, mask, **kw):
@@ -466,6 +465,13 @@ def test_threshold_reaches_the_sampler_in_place_of_steps(harness_model, monkeypa
 
     monkeypatch.setattr(harness_model, "llada_generate", fake_generate)
     lm.generate_until([_instance("generate_until", ("\u4e00" * 3, {"until": [], "max_gen_toks": 5}))])
+    return seen
+
+
+def test_threshold_reaches_the_sampler_in_place_of_steps(harness_model, monkeypatch):
+    lm = _make(harness_model, attn="sparsed", threshold=0.9, gen_length=5, kv_cache="dual")
+    assert (lm.threshold, lm.steps) == (0.9, None)
+    seen = _llada_kwargs(harness_model, monkeypatch, lm)
     assert (seen["threshold"], seen["steps"], seen["kv_cache"]) == (0.9, None, "dual")
     with pytest.raises(ValueError, match=r"^model arg steps: steps=5 and threshold=0.9 exclude each other"):
         _make(harness_model, threshold=0.9, steps=5, gen_length=5)
@@ -476,14 +482,7 @@ def test_threshold_reaches_the_sampler_in_place_of_steps(harness_model, monkeypa
 def test_the_factor_rule_reaches_the_sampler_in_place_of_steps(harness_model, monkeypatch):
     lm = _make(harness_model, factor=1.5, gen_length=5)
     assert (lm.factor, lm.threshold, lm.steps) == (1.5, None, None)
-    seen = {}
-
-    def fake_generate(model, ids, mask, **kw):
-        seen.update(kw)
-        return torch.cat([ids, torch.zeros(ids.shape[0], 5, dtype=ids.dtype)], 1)
-
-    monkeypatch.setattr(harness_model, "llada_generate", fake_generate)
-    lm.generate_until([_instance("generate_until", ("\u4e00" * 3, {"until": [], "max_gen_toks": 5}))])
+    seen = _llada_kwargs(harness_model, monkeypatch, lm)
     assert (seen["factor"], seen["threshold"], seen["steps"]) == (1.5, None, None)
     with pytest.raises(ValueError, match=r"^model arg factor: factor=1.5 and threshold=0.9 are two parallel"):
         _make(harness_model, factor=1.5, threshold=0.9, gen_length=5)
