@@ -12,8 +12,9 @@ weights, YaRN (factor 4 over 32,768 positions) for prefixes past 32k. In one pro
   default order, cuDNN first on an H200) and without a mask with FlashAttention-2 first
   (``dense_flash``, `policy.decode_kernels`, what the graphed sampler runs when nothing is
   padded); ``vs_best_dense`` is against the fastest of the three; the selecting step (``score``: exact attention
-  plus block masses and top-k; unpadded, as the sampler runs it for rows of one length: cuDNN's
-  attention with log-sum-exp, then one scoring sweep) and the sparse step (``sparse_q``: one selection per query head,
+  plus block masses and top-k; unpadded, as the sampler runs it for rows of one length: a fused
+  attention with log-sum-exp, FlashAttention-2's since session 10 (cuDNN's before), then one
+  scoring sweep) and the sparse step (``sparse_q``: one selection per query head,
   ``sparse_kv``: per key-value head), the per-KV-head selection through compiled FlexAttention
   (``sparse_flex``, with ``flex_build`` its BlockMask's construction and ``max_err`` its largest
   difference from the gather), the block-sparse decode kernel reading the kept blocks in place
