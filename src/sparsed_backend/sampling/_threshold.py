@@ -17,33 +17,31 @@ from ..attention._ranking import top_count
 from ..attention.state import SparseDState
 
 
-def check_factor(steps: int | None, threshold: float | None, factor: float | None) -> float | None:
-    """``factor`` (the factor rule) checked: a finite number > 0, without ``steps`` or ``threshold``."""
-    if factor is None:
-        return None
-    check_number("factor", factor)
-    factor = float(factor)
-    if not factor > 0.0:
-        raise ArgumentValueError("factor", f"factor must be > 0, got {factor!r}")
-    if threshold is not None:
-        raise ArgumentValueError(
-            "factor", f"factor={factor} and threshold={threshold} are two parallel decoding rules: give one"
-        )
-    if steps is not None:
-        raise ArgumentValueError(
-            "steps",
-            f"steps={steps} and factor={factor} exclude each other: factor decoding takes as many steps as each "
-            "block needs (at most its length); pass steps=None",
-        )
-    return factor
-
-
-def check_schedule(steps: int | None, threshold: float | None) -> tuple[int | None, float | None]:
-    """A fixed schedule (``steps``) or confidence-threshold decoding (``threshold``), not both."""
+def check_schedule(
+    steps: int | None, threshold: float | None, factor: float | None = None
+) -> tuple[int | None, float | None, float | None]:
+    """A fixed schedule (``steps``), confidence-threshold decoding (``threshold``) or the factor
+    rule (``factor``): exactly one. Returns the three, checked."""
+    if factor is not None:
+        check_number("factor", factor)
+        factor = float(factor)
+        if not factor > 0.0:
+            raise ArgumentValueError("factor", f"factor must be > 0, got {factor!r}")
+        if threshold is not None:
+            raise ArgumentValueError(
+                "factor", f"factor={factor} and threshold={threshold} are two parallel decoding rules: give one"
+            )
+        if steps is not None:
+            raise ArgumentValueError(
+                "steps",
+                f"steps={steps} and factor={factor} exclude each other: factor decoding takes as many steps as "
+                "each block needs (at most its length); pass steps=None",
+            )
+        return None, None, factor
     if threshold is None:
         if steps is None:
             raise ArgumentValueError("steps", "steps is required (a fixed schedule), unless threshold is given")
-        return check_int("steps", steps, 1), None
+        return check_int("steps", steps, 1), None, None
     check_number("threshold", threshold)  # a finite real number
     threshold = float(threshold)
     if not 0.0 < threshold <= 1.0:
@@ -54,7 +52,13 @@ def check_schedule(steps: int | None, threshold: float | None) -> tuple[int | No
             f"steps={steps} and threshold={threshold} exclude each other: threshold decoding takes as many "
             "steps as each block needs (at most its length); pass steps=None",
         )
-    return None, threshold
+    return None, threshold, None
+
+
+def confidence_rule(threshold: float | None, factor: float | None) -> str | None:
+    """The name of the confidence rule the (checked) arguments choose: "threshold", "factor" or
+    None (a fixed schedule)."""
+    return "threshold" if threshold is not None else "factor" if factor is not None else None
 
 
 def threshold_transfer(confidence: torch.Tensor, is_masked: torch.Tensor, threshold: float) -> torch.Tensor:

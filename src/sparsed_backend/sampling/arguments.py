@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .._validate import ArgumentValueError, check_float, check_int
-from ._threshold import check_factor, check_schedule
+from ._threshold import check_schedule, confidence_rule
 from .kv_cache import check_kv_cache
 
 __all__ = [
@@ -90,9 +90,7 @@ def check_llada_arguments(
     factor: float | None = None,
 ) -> LLaDAArguments:
     """Every rule of `llada_generate`'s arguments that needs no model (see its docstring)."""
-    factor = check_factor(steps, threshold, factor)
-    if factor is None:
-        steps, threshold = check_schedule(steps, threshold)
+    steps, threshold, factor = check_schedule(steps, threshold, factor)
     gen_length = check_int("gen_length", gen_length, 1)
     block_length = gen_length if block_length is None else check_int("block_length", block_length, 1)
     num_blocks = _check_blocks("gen_length", gen_length, block_length, steps)
@@ -100,7 +98,7 @@ def check_llada_arguments(
     cfg_scale = check_float("cfg_scale", cfg_scale)
     if remasking not in LLADA_REMASKING:
         raise ArgumentValueError("remasking", f"remasking must be one of {LLADA_REMASKING}, got {remasking!r}")
-    rule = "threshold" if threshold is not None else "factor" if factor is not None else None
+    rule = confidence_rule(threshold, factor)
     if rule is not None and remasking != "low_confidence":
         raise ArgumentValueError(
             rule, f"{rule} needs remasking='low_confidence' (a confidence to compare), got {remasking!r}"
@@ -131,14 +129,12 @@ def check_dream_arguments(
     factor: float | None = None,
 ) -> DreamArguments:
     """Every rule of `dream_generate`'s arguments that needs no model (see its docstring)."""
-    factor = check_factor(steps, threshold, factor)
-    if factor is None:
-        steps, threshold = check_schedule(steps, threshold)
+    steps, threshold, factor = check_schedule(steps, threshold, factor)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     if alg not in DREAM_ALGS:
         raise ArgumentValueError("alg", f"alg must be one of {DREAM_ALGS}, got {alg!r}")
     alg_temp = 0.0 if alg_temp is None else check_float("alg_temp", alg_temp)
-    rule = "threshold" if threshold is not None else "factor" if factor is not None else None
+    rule = confidence_rule(threshold, factor)
     if rule is not None and (alg != "maskgit_plus" or alg_temp > 0):
         raise ArgumentValueError(
             rule,
