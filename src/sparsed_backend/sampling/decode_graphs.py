@@ -118,7 +118,6 @@ class GraphedDecoder:
         self.logits = torch.zeros(batch, tokens, config.vocab_size, dtype=dtype, device=device)
 
         self.n_pieces = 2 * len(self.layers) + 2  # embedding, (before, after) per layer, logits
-        self.capture = capture
         self.graphs: list[torch.cuda.CUDAGraph] | None = self._capture() if capture else None
         # The sparse step's whole-forward graph and what it reads (`sparse_step`).
         self.write_positions = torch.zeros(tokens, dtype=torch.long, device=device)
@@ -127,6 +126,13 @@ class GraphedDecoder:
         self._sparse_selections = -1  # the state's block whose gathers the buffers hold
         self._gather: tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
         self._cache = None
+
+    def _set_inputs(self, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """Copy one forward's (B, tokens) ids and positions into the buffers the graphs read."""
+        if tuple(ids.shape) != (self.batch, self.tokens):
+            raise ValueError(f"this decoder runs ({self.batch}, {self.tokens}) tokens, got {tuple(ids.shape)}")
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
 
     def _piece(self, index: int) -> None:
         """Runs piece ``index`` eagerly. (Dispatched by index: a list of bound methods on the
@@ -208,8 +214,7 @@ class GraphedDecoder:
         Returns:
             (B, tokens, V) logits.
         """
-        if tuple(ids.shape) != (self.batch, self.tokens):
-            raise ValueError(f"this decoder runs ({self.batch}, {self.tokens}) tokens, got {tuple(ids.shape)}")
+        self._set_inputs(ids, positions)
         heads, kv_heads = self.q.shape[1], self.k.shape[1]
         gathers = [
             sparse_gather(state.layers[i], self.tokens, key_valid, heads, kv_heads) for i in range(len(self.layers))
@@ -226,9 +231,7 @@ class GraphedDecoder:
                 self._gather[2][i].copy_(g[2])
         self._sparse_selections = state.selections
         self.write_positions.copy_(torch.arange(cache.length, cache.length + self.tokens, device=ids.device))
-        self.ids.copy_(ids)
-        self.positions.copy_(positions)
-        if not self.capture:
+        if self.graphs is None:  # not captured: the same computation, eagerly
             self._sparse_forward()
         else:
             if fresh:  # the warm-up run is this step's own computation; the replay redoes it
@@ -259,8 +262,6 @@ class GraphedDecoder:
         with ``update(k, v, layer_idx)`` (a prepared `BlockDiffusionKVCache`).
         ``attention_kwargs`` reach the attention function (e.g. ``prefix_state``). Returns the
         (B, tokens, V) logits, or None with ``logits=False``."""
-        if tuple(ids.shape) != (self.batch, self.tokens):
-            raise ValueError(f"this decoder runs ({self.batch}, {self.tokens}) tokens, got {tuple(ids.shape)}")
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         implementation = self.model.config._attn_implementation
@@ -268,8 +269,7 @@ class GraphedDecoder:
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)  # as the model's attention asks
         # No mask: every query attends every key; transformers' SDPA would otherwise go causal.
         unmasked = {"is_causal": False} if attention_mask is None else {}
-        self.ids.copy_(ids)
-        self.positions.copy_(positions)
+        self._set_inputs(ids, positions)
         self._run(0)
         for i, layer in enumerate(self.layers):
             self._run(1 + 2 * i)
