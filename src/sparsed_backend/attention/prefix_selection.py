@@ -295,10 +295,6 @@ def prefix_sparse_attention(
             f"a sparse denoising step for layer {layer_idx}, but no selection for it: call begin_block() "
             "before a block's first denoising step"
         )
-    if attention_mask is None:
-        key_valid = torch.ones(B, S, dtype=torch.bool, device=query.device)
-    else:
-        key_valid = attention_mask[:, 0, -1]  # the block's queries all see the same keys
     lse = None
     unmasked = attention_mask is None or not state.padded  # the sampler says every key is attendable
     if mode == "score" and unmasked and cudnn_lse_applies(query, None):
@@ -310,6 +306,10 @@ def prefix_sparse_attention(
             )
     if mode == "dense":
         return out
+    if attention_mask is None:
+        key_valid = torch.ones(B, S, dtype=torch.bool, device=query.device)
+    else:
+        key_valid = attention_mask[:, 0, -1]  # the block's queries all see the same keys
     if mode == "score":
         mass, front = prefix_block_mass(query, key, scaling, state.config.block_size, key_valid, lse)
         if state.config.pattern == "random" and state.generator is None:
