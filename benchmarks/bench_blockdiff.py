@@ -29,8 +29,13 @@ weights, YaRN (factor 4 over 32,768 positions) for prefixes past 32k. In one pro
   run timed by `timing.synced_seconds` (peak memory above the weights), after a short warm-up
   generation. A ``_graphs`` suffix (``dense_graphs``, ``dense_gqa_graphs``, ``sparse_graphs``)
   runs the same with ``cuda_graphs=True`` (`decode_graphs`: CUDA graphs around the eager
-  attention, captured inside the timed call). ``vs_dense`` is against the fastest dense
-  variant run (``dense``, ``dense_gqa`` or their ``_graphs``).
+  attention, captured inside the timed call; graphed sparse steps read the kept blocks with the
+  block-sparse decode kernel). Two more run with graphs only: ``sparse_gather_graphs`` (the
+  graphed sparse steps gather the kept keys and call SDPA instead of the kernel) and
+  ``dense_cudnn_graphs`` (``dense_gqa_graphs`` with SDPA's own kernel order, cuDNN first on an
+  H200, instead of FlashAttention-2 first: cuDNN is faster per call at batch 8 but rebuilds its
+  plan for every new key length). ``vs_dense`` is against the fastest dense variant run
+  (``dense``, ``dense_gqa``, ``dense_graphs``, ``dense_gqa_graphs``, ``dense_cudnn_graphs``).
 
 A configuration that fails (e.g. out of memory) is recorded with its error.
 """
@@ -127,7 +132,36 @@ class ConcatCache:
 
 
 VARIANTS = ("dense", "dense_gqa", "concat", "sparse")
-DENSE_VARIANTS = ("dense", "dense_gqa", "dense_graphs", "dense_gqa_graphs")  # the baseline: the fastest of them
+GRAPHED_ONLY = ("dense_cudnn_graphs", "sparse_gather_graphs")
+# the baseline: the fastest of them
+DENSE_VARIANTS = ("dense", "dense_gqa", "dense_graphs", "dense_gqa_graphs", "dense_cudnn_graphs")
+
+
+@contextlib.contextmanager
+def patched(module, name: str, value):
+    """``module.name`` replaced by ``value`` inside the block (a benchmark's variant switch)."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def variant_context(name: str):
+    """What a variant changes around the sampler: grouped K/V heads for transformers' SDPA; SDPA's
+    own kernel order in the graphed forwards (``dense_cudnn``); the gather in graphed sparse steps
+    (``sparse_gather``)."""
+    from sparsed_backend.sampling import decode_graphs
+
+    stack = contextlib.ExitStack()
+    if name in ("dense_gqa", "dense_cudnn"):
+        stack.enter_context(sdpa_grouped_heads())
+    if name == "dense_cudnn":
+        stack.enter_context(patched(decode_graphs, "decode_kernels", lambda query: contextlib.nullcontext()))
+    if name == "sparse_gather":
+        stack.enter_context(patched(decode_graphs, "_kernel_refusal", lambda query, block_size: "the gather variant"))
+    return stack
 
 
 def sparse_config(args, per_kv_head: bool) -> PrefixSparseConfig:
@@ -242,12 +276,13 @@ def triton_case(q, k, v, mask, scale, state, run, rows) -> None:
     if not q.is_cuda:
         rows.append(dict(base, variant="sparse_triton", error="needs CUDA (Triton)"))
         return
-    from sparsed_backend.attention.kernels.sparse_decode import sparse_decode_attention
+    from sparsed_backend.attention.kernels.sparse_decode import decode_offsets, sparse_decode_attention
 
     sel = state.layers[0]
+    offsets = decode_offsets(sel.prefix_len, sel.front, q.device)
 
     def sparse_triton():
-        return sparse_decode_attention(q, k, v, sel.blocks, sel.prefix_len, sel.front, sel.block_size, scale)
+        return sparse_decode_attention(q, k, v, sel.blocks, offsets, sel.block_size, scale)
 
     try:
         want = prefix_sparse_attention(q, k, v, mask, scale, state, 0)
@@ -277,15 +312,14 @@ def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
                       return_dict_in_generate=True)  # fmt: skip
         for variant in args.variants:
             name, graphs = variant.removesuffix("_graphs"), variant.endswith("_graphs")
-            attn = "sparsed" if name == "sparse" else "sdpa"
-            model.set_attn_implementation(attn)
-            extra = {"sparsed": sparse_cfg} if name == "sparse" else {}
+            sparse = name in ("sparse", "sparse_gather")
+            model.set_attn_implementation("sparsed" if sparse else "sdpa")
+            extra = {"sparsed": sparse_cfg} if sparse else {}
             if graphs:
                 extra["cuda_graphs"] = True
             block_diffusion.BlockDiffusionKVCache = ConcatCache if name == "concat" else real_cache
-            grouped = sdpa_grouped_heads() if name == "dense_gqa" else contextlib.nullcontext()
             try:
-                with grouped:
+                with variant_context(name):
                     blockdiff_generate(model, ids[:, : min(p, 4 * bl)], **{**common, "gen_length": 2 * bl}, **extra)
                     with PeakMemory(device) as peak:
                         run = functools.partial(blockdiff_generate, model, ids, **common, **extra)
@@ -329,7 +363,7 @@ def main() -> None:
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=[*VARIANTS, *(v + "_graphs" for v in VARIANTS if v != "concat")],
+        choices=[*VARIANTS, *(v + "_graphs" for v in VARIANTS if v != "concat"), *GRAPHED_ONLY],
         default=["dense", "dense_gqa", "concat", "sparse"],
     )
     p.add_argument("--name", default="bench_blockdiff" if cuda else "bench_blockdiff_cpu_smoke")

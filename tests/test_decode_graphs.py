@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -156,17 +157,37 @@ def _cuda_available() -> bool:
 
 
 @pytest.mark.skipif(not _cuda_available(), reason="needs CUDA (captures CUDA graphs)")
-@pytest.mark.parametrize("implementation", ["sdpa", "sparsed"])
-def test_captured_graphs_decode_what_the_eager_forward_decodes(implementation):
+@pytest.mark.parametrize(("implementation", "block_size"), [("sdpa", None), ("sparsed", 4), ("sparsed", 16)])
+def test_captured_graphs_decode_what_the_eager_forward_decodes(monkeypatch, implementation, block_size):
     """On CUDA, bf16: a generation with captured graphs (a left-padded batch, several blocks)
-    decodes the eager forward's tokens, greedy and sampled with per-row generators."""
+    decodes the eager forward's tokens, greedy and sampled with per-row generators. Sparse steps
+    of 16-token prefix blocks run the block-sparse decode kernel in the graph; 4-token blocks
+    are refused by it (said once) and gather the kept keys, as the eager steps do, so their
+    tokens are equal. The kernel sums in another order than SDPA, so in bf16 a near tie can
+    flip a greedy token and every later one of that row: its run must agree on 80% of the
+    greedy tokens (the H200 run agreed on all but 2 of 48; a wrong kernel agrees by chance
+    only), and its outputs are checked against the gather in `test_kernels.py`."""
+    from sparsed_backend import _warn
+
+    monkeypatch.setattr(_warn, "_warned", set())
     model = sdar_model(implementation, "cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(9)
     ids = torch.randint(2, MASK_ID, (3, 37), generator=g).cuda()
     mask = torch.ones_like(ids)
     mask[2, :10] = 0
-    sparsed = PrefixSparseConfig(select=0.3, block_size=4, per_kv_head=True) if implementation == "sparsed" else None
-    for temperature in (0.0, 1.0):
+    sparsed = None
+    if implementation == "sparsed":
+        sparsed = PrefixSparseConfig(select=0.3, block_size=block_size, per_kv_head=True)
+    refused = "block-sparse decode kernel cannot run these sparse steps (block_size 4 is neither"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _decode_both_ways(model, ids, mask, sparsed, exact=block_size != 16)
+    said = [str(w.message) for w in caught if "block-sparse decode kernel" in str(w.message)]
+    assert (len(said) == 1 and refused in said[0]) if block_size == 4 else not said
+
+
+def _decode_both_ways(model, ids, mask, sparsed, exact: bool) -> None:
+    for temperature in (0.0, 1.0) if exact else (0.0,):
         args = {"gen_length": 16, "block_length": 4, "denoising_steps": 4, "mask_id": MASK_ID, "sparsed": sparsed,
                 "temperature": temperature}  # fmt: skip
         runs = [
@@ -180,4 +201,9 @@ def test_captured_graphs_decode_what_the_eager_forward_decodes(implementation):
             )  # fmt: skip
             for graphs in (False, True)
         ]
-        assert torch.equal(runs[0], runs[1]), f"temperature {temperature}"
+        if exact:
+            assert torch.equal(runs[0], runs[1]), f"temperature {temperature}"
+        else:
+            generated = slice(ids.shape[1], None)
+            agree = (runs[0][:, generated] == runs[1][:, generated]).float().mean().item()
+            assert agree >= 0.8, f"graphed kernel steps agree with eager on {agree:.0%} of the greedy tokens"

@@ -200,7 +200,7 @@ def test_sparse_decode_kernel_equals_the_gather(per_kv, q_len, prefix, pad, spli
     """The block-sparse decode kernel (kept blocks read in place, split over programs) gives
     the gather + SDPA step's output (bf16, SDAR-8B heads, prefix grids with a short first
     block, left padding, the whole cache storage passed as K/V)."""
-    from sparsed_backend.attention.kernels.sparse_decode import sparse_decode_attention
+    from sparsed_backend.attention.kernels.sparse_decode import decode_offsets, sparse_decode_attention
     from sparsed_backend.attention.prefix_selection import (
         PrefixSelection,
         PrefixSparseConfig,
@@ -226,5 +226,6 @@ def test_sparse_decode_kernel_equals_the_gather(per_kv, q_len, prefix, pad, spli
     sel = PrefixSelection(blocks, prefix, front, n, bs)
     _, index, mask = sparse_gather(sel, q_len, valid, hq, hkv)
     want = gathered_attention(q, k[:, :, :s], v[:, :, :s], index, mask, d**-0.5)
-    got = sparse_decode_attention(q, k, v, blocks, prefix, front, bs, d**-0.5, valid if pad else None, splits)
+    offsets = decode_offsets(prefix, front, q.device)
+    got = sparse_decode_attention(q, k, v, blocks, offsets, bs, d**-0.5, valid if pad else None, splits)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

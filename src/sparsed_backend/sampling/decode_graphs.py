@@ -13,7 +13,8 @@ and unchanged, what depends on the prefix length: the cache write and the model'
 function (transformers' SDPA or eager attention, or "sparsed" with its prefix selection). So
 the attention shapes may change at every block while the graphs are captured once. (vLLM
 calls this piecewise capture; this is the project's own implementation.) A sparse denoising
-step, whose attention reads a fixed number of kept keys, is captured whole (`sparse_step`).
+step, whose attention reads a fixed number of kept blocks, is captured whole (`sparse_step`),
+with the block-sparse decode kernel reading those blocks in place where it applies.
 
 The eager attention runs with FlashAttention-2 first in SDPA's order (`policy.decode_kernels`):
 cuDNN's attention rebuilds its plan for every new key length, which block diffusion gives it
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from .._validate import ArgumentValueError
+from .._warn import warn_once
 from ..attention.policy import decode_kernels
 from ..attention.prefix_selection import PrefixSparseState, gathered_attention, sparse_gather
 
@@ -61,6 +63,22 @@ def _decoder_parts(model: nn.Module):
             f"got {type(model).__name__}",
         )
     return (*parts, head, rotate)
+
+
+def _kernel_refusal(query: torch.Tensor, block_size: int) -> str | None:
+    """Why the block-sparse decode kernel (`kernels.sparse_decode`) cannot run a sparse step of
+    ``query`` on prefix blocks of ``block_size`` tokens; None when it can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed"
+    d = query.shape[-1]
+    if d < 16 or d & (d - 1):
+        return f"head_dim {d} is not a power of two >= 16"
+    tile = min(block_size, 64)
+    if tile < 16 or tile & (tile - 1) or block_size % tile:
+        return f"block_size {block_size} is neither a multiple of 64 nor 16 or 32"
+    return None
 
 
 def _captured(run, pool=None) -> torch.cuda.CUDAGraph:
@@ -123,8 +141,11 @@ class GraphedDecoder:
         self.write_positions = torch.zeros(tokens, dtype=torch.long, device=device)
         self._sparse_graph: torch.cuda.CUDAGraph | None = None
         self._sparse_key: tuple | None = None
-        self._sparse_selections = -1  # the state's block whose gathers the buffers hold
+        self._sparse_selections = -1  # the state's block whose kept keys the buffers hold
         self._gather: tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
+        # With the block-sparse decode kernel: each layer's kept blocks, (prefix_len, front), and
+        # the attendable keys over the whole storage (None when no row is padded).
+        self._kept: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None, int] | None = None
         self._cache = None
 
     def _set_inputs(self, ids: torch.Tensor, positions: torch.Tensor) -> None:
@@ -181,9 +202,9 @@ class GraphedDecoder:
 
     def _sparse_forward(self) -> None:
         """A whole sparse denoising step on the buffers: every layer writes its K/V at
-        ``write_positions`` and attends to its gathered keys (what `prefix_sparse_attention`'s
-        sparse mode computes from the cache's views)."""
-        (batch_index, head_index), positions, masks = self._gather
+        ``write_positions`` and attends to its kept keys (what `prefix_sparse_attention`'s
+        sparse mode computes from the cache's views): read in place by the block-sparse decode
+        kernel when ``self._kept`` is set, else gathered."""
         cache = self._cache
         self._embed()
         for i, layer in enumerate(self.layers):
@@ -191,22 +212,78 @@ class GraphedDecoder:
             keys, values = cache.keys[i], cache.values[i]  # (B, Hkv, T, D), the whole storage
             keys.index_copy_(2, self.write_positions, self.k)
             values.index_copy_(2, self.write_positions, self.v)
-            index = (batch_index, head_index, positions[i])
-            out = gathered_attention(self.q, keys, values, index, masks[i], layer.self_attn.scaling)
+            scaling = layer.self_attn.scaling
+            if self._kept is not None:
+                from ..attention.kernels.sparse_decode import sparse_decode_attention
+
+                blocks, offsets, valid, block_size = self._kept
+                out = sparse_decode_attention(self.q, keys, values, blocks[i], offsets, block_size, scaling, valid)
+            else:
+                (batch_index, head_index), positions, masks = self._gather
+                index = (batch_index, head_index, positions[i])
+                out = gathered_attention(self.q, keys, values, index, masks[i], scaling)
             self.attn_out.copy_(out.transpose(1, 2).reshape(self.attn_out.shape))
             self._after_attention(i)
         self._logits()
+
+    def _load_gathers(self, key_valid: torch.Tensor, state: PrefixSparseState, fresh_cache: bool) -> bool:
+        """Each layer's gather index and mask into the graph's buffers; True when their shape is
+        new (the graph must be captured anew)."""
+        heads, kv_heads = self.q.shape[1], self.k.shape[1]
+        gathers = [
+            sparse_gather(state.layers[i], self.tokens, key_valid, heads, kv_heads) for i in range(len(self.layers))
+        ]
+        index, mask = gathers[0][1], gathers[0][2]
+        key = ("gather", tuple(index[2].shape), tuple(mask.shape))
+        fresh = key != self._sparse_key or fresh_cache
+        if fresh:
+            self._sparse_key, self._kept = key, None
+            self._gather = (index[:2], [g[1][2].clone() for g in gathers], [g[2].clone() for g in gathers])
+        elif state.selections != self._sparse_selections:  # a new block: its kept positions
+            for i, g in enumerate(gathers):
+                self._gather[1][i].copy_(g[1][2])
+                self._gather[2][i].copy_(g[2])
+        return fresh
+
+    def _load_kept(self, key_valid: torch.Tensor, cache, state: PrefixSparseState, fresh_cache: bool) -> bool:
+        """Each layer's kept blocks, the (prefix_len, front) offsets and the attendable keys into
+        the decode kernel's buffers; True when their shape is new (capture anew)."""
+        sels = [state.layers[i] for i in range(len(self.layers))]
+        first = sels[0]
+        padded = state.padded
+        key = ("kernel", tuple(first.blocks.shape), first.block_size, padded)
+        fresh = key != self._sparse_key or fresh_cache
+        if fresh:
+            self._sparse_key, self._gather = key, None
+            storage = cache.keys[0].shape[2]
+            valid = torch.zeros(self.batch, storage, dtype=torch.bool, device=self.q.device) if padded else None
+            offsets = torch.zeros(2, dtype=torch.int32, device=self.q.device)
+            self._kept = ([s.blocks.clone() for s in sels], offsets, valid, first.block_size)
+        blocks, offsets, valid, _ = self._kept
+        if fresh or state.selections != self._sparse_selections:  # a new block: its kept blocks
+            if not fresh:
+                for buffer, sel in zip(blocks, sels, strict=True):
+                    buffer.copy_(sel.blocks)
+            offsets[0].fill_(first.prefix_len)
+            offsets[1].fill_(first.front)
+            if valid is not None:
+                valid.zero_()
+                valid[:, : key_valid.shape[1]].copy_(key_valid)
+        return fresh
 
     def sparse_step(
         self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache, state: PrefixSparseState
     ) -> torch.Tensor:
         """A block's later denoising step (``state.mode == "sparse"``) as one captured graph.
 
-        Every layer's cache write, gather of its kept keys and attention run inside the graph,
-        so the step launches nothing eagerly. What the graph reads is fixed in shape while the
-        number of kept keys K is (kept blocks x block size, plus the block): the kept positions
-        and masks are copied into its buffers once per block, and a new K captures anew (a few
-        times per generation, as the prefix grows).
+        Every layer's cache write and attention to its kept keys run inside the graph, so the
+        step launches nothing eagerly. On CUDA with Triton the attention is the block-sparse
+        decode kernel (`kernels.sparse_decode`), which reads the kept blocks in place and the
+        prefix length from a device buffer; where it cannot run (the reason is said once) the
+        graph gathers the kept keys and calls SDPA. What the graph reads is fixed in shape while
+        the number of kept blocks is: the kept blocks (or gathered positions and masks) are
+        copied into its buffers once per block, and a new count captures anew (a few times per
+        generation, as the prefix grows).
 
         Args:
             key_valid: (B, S) bool, the keys the block's queries may attend.
@@ -215,20 +292,21 @@ class GraphedDecoder:
             (B, tokens, V) logits.
         """
         self._set_inputs(ids, positions)
-        heads, kv_heads = self.q.shape[1], self.k.shape[1]
-        gathers = [
-            sparse_gather(state.layers[i], self.tokens, key_valid, heads, kv_heads) for i in range(len(self.layers))
-        ]
-        index, mask = gathers[0][1], gathers[0][2]
-        key = (tuple(index[2].shape), tuple(mask.shape))
-        fresh = key != self._sparse_key or cache is not self._cache  # the graph holds the cache's storage
-        if fresh:  # buffers of this shape (and a capture below)
-            self._sparse_key, self._cache, self._sparse_graph = key, cache, None
-            self._gather = (index[:2], [g[1][2].clone() for g in gathers], [g[2].clone() for g in gathers])
-        elif state.selections != self._sparse_selections:  # a new block: its kept positions
-            for i, g in enumerate(gathers):
-                self._gather[1][i].copy_(g[1][2])
-                self._gather[2][i].copy_(g[2])
+        fresh_cache = cache is not self._cache  # the graph holds the cache's storage
+        self._cache = cache
+        refusal = _kernel_refusal(self.q, state.config.block_size) if self.graphs is not None else "no CUDA graphs"
+        if refusal is None:
+            fresh = self._load_kept(key_valid, cache, state, fresh_cache)
+        else:
+            if self.graphs is not None:
+                warn_once(
+                    "sparse-decode-kernel",
+                    f"sparsed: the block-sparse decode kernel cannot run these sparse steps ({refusal}); "
+                    "they gather the kept keys and call SDPA instead (slower)",
+                )
+            fresh = self._load_gathers(key_valid, state, fresh_cache)
+        if fresh:
+            self._sparse_graph = None
         self._sparse_selections = state.selections
         self.write_positions.copy_(torch.arange(cache.length, cache.length + self.tokens, device=ids.device))
         if self.graphs is None:  # not captured: the same computation, eagerly

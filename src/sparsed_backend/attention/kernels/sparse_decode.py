@@ -13,8 +13,10 @@ GPU wave does little work. This kernel instead:
   positions before position 0; those positions are skipped), and the block's own keys after the
   prefix.
 
-Not yet wired into the sampler: it has been checked against the gather under Triton's CPU
-interpreter only; the GPU test and timing come first (``tests/test_kernels.py``).
+The prefix length and the grid's front are read from a device tensor (``offsets``), so a CUDA
+graph captured once replays every block with the same number of kept blocks: the graphed
+sparse steps of `decode_graphs.GraphedDecoder` use it. Checked against the gather on the GPU
+(bf16, ``tests/test_kernels.py``) and under Triton's CPU interpreter (fp32/fp16).
 """
 
 from __future__ import annotations
@@ -23,16 +25,16 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["sparse_decode_attention"]
+__all__ = ["decode_offsets", "sparse_decode_attention"]
 
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit(do_not_specialize=["L", "S", "VS", "PREFIX", "FRONT", "N_KEPT", "PER_SPLIT"])
+@triton.jit(do_not_specialize=["L", "S", "VS", "N_KEPT", "PER_SPLIT"])
 def _sparse_decode_kernel(
-    Q, K, V, BLOCKS, VALID, O_PART, M_PART, L_PART,
+    Q, K, V, BLOCKS, OFFSETS, VALID, O_PART, M_PART, L_PART,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-    L, S, VS, PREFIX, FRONT, N_KEPT, PER_SPLIT, H, GQ, GROUP, qk_scale,
+    L, S, VS, N_KEPT, PER_SPLIT, H, GQ, GROUP, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRID: tl.constexpr,
     HAS_VALID: tl.constexpr,
 ):  # fmt: skip
@@ -52,6 +54,8 @@ def _sparse_decode_kernel(
     )  # fmt: skip
     k_base = K + b * skb + kv * skh
     v_base = V + b * svb + kv * svh
+    PREFIX = tl.load(OFFSETS).to(tl.int32)  # read on the device: a captured graph replays any block
+    FRONT = tl.load(OFFSETS + 1).to(tl.int32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -61,7 +65,7 @@ def _sparse_decode_kernel(
     own = split == n_splits - 1
     for j in range(first, last + own.to(tl.int32)):
         if j < last:
-            grid_block = tl.load(BLOCKS + pid_bh * N_KEPT + j)
+            grid_block = tl.load(BLOCKS + pid_bh * N_KEPT + j).to(tl.int32)  # both branches' bounds are int32
             start = grid_block * GRID - FRONT
             stop = start + GRID
         else:
@@ -96,13 +100,17 @@ def decode_splits(programs: int, kept: int, device: torch.device) -> int:
     return max(1, min(kept, triton.cdiv(2 * sms, max(1, programs))))
 
 
+def decode_offsets(prefix_len: int, front: int, device: torch.device) -> torch.Tensor:
+    """The ``offsets`` tensor `sparse_decode_attention` reads: (2,) int32 (prefix_len, front)."""
+    return torch.tensor([prefix_len, front], dtype=torch.int32, device=device)
+
+
 def sparse_decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     blocks: torch.Tensor,
-    prefix_len: int,
-    front: int,
+    offsets: torch.Tensor,
     block_size: int,
     scaling: float,
     key_valid: torch.Tensor | None = None,
@@ -120,6 +128,9 @@ def sparse_decode_attention(
         blocks: (B, H, k) int64 kept grid blocks per selection head, H = Hq (per query head)
             or Hkv (per KV head); grid block g covers positions [g * block_size - front,
             (g + 1) * block_size - front) (the short first block starts before 0).
+        offsets: (2,) int32 on the query's device, (prefix_len, front) (`decode_offsets`):
+            read by the kernel, so a CUDA graph captured once replays every block whose
+            shapes match (the block's own keys start at prefix_len).
         key_valid: (B, S') bool or None: keys a query may attend (left padding); keys at
             S' or after are not attended.
         splits: kept-block splits per head; None: `decode_splits`.
@@ -147,8 +158,8 @@ def sparse_decode_attention(
     valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else blocks  # dummy pointer
     strides = (*query.stride()[:3], *key.stride()[:3], *value.stride()[:3])
     _sparse_decode_kernel[(B * H, splits)](
-        query, key, value, blocks, valid, o_part, m_part, l_part, *strides,
-        L, S, valid.shape[-1], prefix_len, front, n_kept, per_split, H, gq, Hq // Hkv, scaling * _LOG2E,
+        query, key, value, blocks, offsets, valid, o_part, m_part, l_part, *strides,
+        L, S, valid.shape[-1], n_kept, per_split, H, gq, Hq // Hkv, scaling * _LOG2E,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, GRID=block_size, HAS_VALID=key_valid is not None,
         num_warps=4, num_stages=2,
     )  # fmt: skip
