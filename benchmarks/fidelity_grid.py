@@ -26,8 +26,11 @@ step 1). All prompts of a cell have one length, so a batch needs no padding. Met
 - ``offset64``: the same grid move as the backend option ``SparseDConfig(prompt_end_offset=64)``
   (the model runs unpadded; only the selection and the sparse calls see the moved grid, so 4k
   cells fit the model's positions);
-- ``default``: ``SparseDConfig()``'s own grid (``prompt_end_offset="middle"``, block_size // 2:
-  the same as ``offset64`` at block 128).
+- ``middle``: the moved grid of ``SparseDConfig(prompt_end_offset="middle")`` at ``--block-size``
+  (the prompt ends block_size // 2 tokens into a block: the same as ``offset64`` at block 128);
+- ``default``: ``SparseDConfig()``'s own defaults: the ``middle`` grid with ``block_size="auto"``
+  (32-128 tokens by sequence length; ``--block-size`` then only sets the residues' grid). Results
+  files written before block_size="auto" existed label the ``middle`` method "default".
 
 Each row reports exact match with its 95% Wilson interval and the mean kept share of attendable
 key blocks (``density``; SparseD counts every kept block, forced ones included). The summary gives,
@@ -74,7 +77,8 @@ METHODS: dict[str, dict | None] = {
     "prompt_end+diag": {"rule": "prompt_end", "keep_diagonal": True, "prompt_end_offset": None},
     "shift": {"rule": "paper", "prompt_end_offset": None},
     "offset64": {"prompt_end_offset": 64},
-    "default": {},
+    "middle": {"prompt_end_offset": "middle"},
+    "default": {"block_size": "auto"},
 }
 DEFAULT_RESIDUES = "0,1-8,60-68,120-127"
 
@@ -264,8 +268,8 @@ def main() -> None:
             fields = METHODS[method]
             cfg = None
             if fields is not None:
-                cfg = SparseDConfig(skip=args.skip, select=args.select, block_size=args.block_size, min_sparse_len=0,
-                                    **fields)  # fmt: skip
+                cfg = SparseDConfig(**{"skip": args.skip, "select": args.select, "block_size": args.block_size,
+                                       "min_sparse_len": 0, **fields})  # fmt: skip
             t0 = time.perf_counter()
             if method == "shift":
                 ans = answer_shifted(model, prompts, cfg, args.batch, args.shift_to)

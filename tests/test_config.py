@@ -1,6 +1,7 @@
 import pytest
 
 from sparsed_backend import SparseDConfig, SparseDState
+from sparsed_backend.attention.config import auto_block_size
 
 OFFSET = r"prompt_end_offset must be None, 'middle' or an int in \[0, block_size=128\), "
 
@@ -15,8 +16,9 @@ OFFSET = r"prompt_end_offset must be None, 'middle' or an int in \[0, block_size
         ({"select": 1.01}, ValueError, r"select must be in \(0, 1\], got 1.01"),
         ({"select": float("nan")}, ValueError, r"select must be finite, got nan"),
         ({"select": True}, TypeError, r"select must be a float, got bool"),
-        ({"block_size": 24}, ValueError, r"block_size must be a positive multiple of 16, got 24"),
-        ({"block_size": 0}, ValueError, r"block_size must be a positive multiple of 16, got 0"),
+        ({"block_size": 24}, ValueError, r"block_size must be 'auto' or a positive multiple of 16, got 24"),
+        ({"block_size": 0}, ValueError, r"block_size must be 'auto' or a positive multiple of 16, got 0"),
+        ({"block_size": "big"}, ValueError, r"block_size must be 'auto' or a positive multiple of 16, got 'big'"),
         ({"block_size": 64.0}, TypeError, r"block_size must be an int, got float"),
         ({"pattern": "rand"}, ValueError, r"pattern must be 'topk', 'local' or 'random', got 'rand'"),
         ({"keep_diagonal": 1}, TypeError, r"keep_diagonal must be a bool, got int"),
@@ -25,9 +27,10 @@ OFFSET = r"prompt_end_offset must be None, 'middle' or an int in \[0, block_size
         ({"reselect": "yes"}, TypeError, r"reselect must be a bool, got str"),
         ({"rule": "anchor"}, ValueError, r"rule must be one of 'paper', .*, 'sink', got 'anchor'"),
         ({"rule": None}, ValueError, r"rule must be one of 'paper', 'prompt_end', 'prompt_end_gen', 'sink', got None"),
-        ({"prompt_end_offset": 128}, ValueError, OFFSET + r"got 128"),
-        ({"prompt_end_offset": -1}, ValueError, OFFSET + r"got -1"),
-        ({"prompt_end_offset": "half"}, ValueError, OFFSET + r"got 'half'"),
+        ({"prompt_end_offset": 128, "block_size": 128}, ValueError, OFFSET + r"got 128"),
+        ({"prompt_end_offset": -1, "block_size": 128}, ValueError, OFFSET + r"got -1"),
+        ({"prompt_end_offset": "half", "block_size": 128}, ValueError, OFFSET + r"got 'half'"),
+        ({"prompt_end_offset": 128}, ValueError, OFFSET + r"got 128"),  # "auto" checks against 128
         ({"prompt_end_offset": 6.0}, TypeError, r"prompt_end_offset must be an int, got float"),
         (
             {"rule": "prompt_end", "pattern": "local"},
@@ -44,20 +47,52 @@ def test_bad_config_values_raise_naming_the_argument(kwargs, error, match):
 @pytest.mark.parametrize(
     ("kwargs", "gen_start", "front"),
     [
-        ({}, 2048, 64),  # the default grid: the prompt ends in the middle of a 128-token block
-        ({}, 2047, 65),
-        ({}, 1000, 88),
+        ({"block_size": 128}, 2048, 64),  # the moved grid: the prompt ends in the middle of a 128-token block
+        ({"block_size": 128}, 2047, 65),
+        ({"block_size": 128}, 1000, 88),
         ({"block_size": 32}, 100, 12),  # "middle" follows the block size
-        ({"prompt_end_offset": 0}, 1000, 24),
+        ({}, 1000, 8),  # auto: 32-token blocks for ~1k tokens, the prompt ends 16 tokens into one
+        ({}, 4000, 32),  # auto: 128-token blocks from 2,897 tokens on
+        ({"prompt_end_offset": 0, "block_size": 128}, 1000, 24),
+        ({"prompt_end_offset": 0}, 1000, 24),  # auto at an int offset: the paper's 128
         ({"prompt_end_offset": None}, 1000, 0),  # the reference's grid
         ({}, None, 0),  # no generation region: nothing to move
     ],
 )
 def test_grid_front_puts_the_prompt_end_at_the_offset(kwargs, gen_start, front):
-    cfg = SparseDConfig(**kwargs)
+    cfg = SparseDConfig(**kwargs).for_length((gen_start or 0) + 32)
     assert cfg.grid_front(gen_start) == front
     if gen_start and cfg.grid_offset is not None:
         assert (gen_start + front) % cfg.block_size == cfg.grid_offset
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "size"),
+    [(1, 32), (1000, 32), (1448, 32), (1449, 64), (2048, 64), (2896, 64), (2897, 128), (4096, 128), (131072, 128)],
+)
+def test_auto_block_size_gives_about_32_blocks_per_row_within_32_to_128(seq_len, size):
+    assert auto_block_size(seq_len) == size
+    assert SparseDConfig().for_length(seq_len).block_size == size
+
+
+def test_auto_block_size_is_the_papers_128_off_the_middle_grid_and_set_sizes_stay():
+    assert SparseDConfig(prompt_end_offset=None).for_length(1000).block_size == 128
+    assert SparseDConfig(prompt_end_offset=64).for_length(1000).block_size == 128
+    cfg = SparseDConfig(block_size=64)
+    assert cfg.for_length(100_000) is cfg
+
+
+def test_an_unresolved_auto_block_size_refuses_grid_arithmetic():
+    with pytest.raises(ValueError, match=r"block_size='auto' is resolved per sequence: call config.for_length"):
+        SparseDConfig().grid_front(1000)
+
+
+def test_the_state_resolves_the_block_size_once_per_length():
+    state = SparseDState(SparseDConfig(), steps=10)
+    assert state.config_for(1000).block_size == 32
+    assert state.config_for(1000) is state.config_for(1000)
+    assert state.config_for(4096).block_size == 128
+    assert state.config.block_size == "auto"  # the user's config is left as given
 
 
 def test_config_is_frozen():

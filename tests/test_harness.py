@@ -265,7 +265,7 @@ def _make(harness_model, **kw):
         ({"attn": "sparsed", "select": 1.5}, r"^model arg select: select must be in \(0, 1\], got 1.5$"),
         ({"attn": "sparsed", "skip": "x"}, r"^model arg skip: skip must be a float, got str \('x'\)$"),
         ({"attn": "sparsed", "block_size": 24},
-         r"^model arg block_size: block_size must be a positive multiple of 16, got 24$"),
+         r"^model arg block_size: block_size must be 'auto' or a positive multiple of 16, got 24$"),
         ({"attn": "sparsed", "keep_diagonal": "yes"}, r"^model args: keep_diagonal must be a bool, got str$"),
         ({"select": 0.3}, r"model args \['select'\] are SparseD settings: they need attn=sparsed, got attn=dense"),
         ({"alg": "entropy"}, r"model args \['alg'\] belong to the dream sampler; this checkpoint is llada"),

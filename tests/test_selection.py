@@ -239,15 +239,15 @@ def test_prompt_end_takes_the_place_of_the_lowest_kept_prompt_block():
     # One row, 10 key blocks, select 0.3 -> k = 3; the generation region is block 9.
     imp = torch.tensor([[[[0.9, 0.8, 0.7, 0.6, 0.1, 0.2, 0.3, 0.05, 0.4, 0.5]]]])
     gen_imp = torch.tensor([[[[1.0]]]])
-    paper = select_topk(imp, SparseDConfig(select=0.3), 9, gen_imp)
+    paper = select_topk(imp, SparseDConfig(select=0.3, block_size=128), 9, gen_imp)
     assert paper[0, 0, 0].nonzero().flatten().tolist() == [0, 1, 2, 9]
     # The prompt ends on the edge of block 7 (gen_start = 8 * 128): block 7 replaces block 2.
-    cfg = SparseDConfig(select=0.3, rule="prompt_end")
+    cfg = SparseDConfig(select=0.3, rule="prompt_end", block_size=128)
     got = select_topk(imp, cfg, 9, gen_imp, gen_start=8 * 128)
     assert got[0, 0, 0].nonzero().flatten().tolist() == [0, 1, 7, 9]
-    assert select_topk(imp, SparseDConfig(select=0.3, rule="sink"), 9, gen_imp, 1000).sum() == 4
+    assert select_topk(imp, SparseDConfig(select=0.3, rule="sink", block_size=128), 9, gen_imp, 1000).sum() == 4
     # prompt_end_gen: a query block before the generation region gives up the generation block.
-    cfg = SparseDConfig(select=0.3, rule="prompt_end_gen")
+    cfg = SparseDConfig(select=0.3, rule="prompt_end_gen", block_size=128)
     got = select_topk(imp, cfg, 9, gen_imp, gen_start=8 * 128)
     assert got[0, 0, 0].nonzero().flatten().tolist() == [0, 1, 2, 7]
 
@@ -305,3 +305,19 @@ def test_no_row_keeps_more_blocks_than_the_host_bound(overrides, gen_start):
     gen_block = generation_start_block(None if gen_start is None else gen_start + sel.front, 32, n_kv)
     bound = max_row_blocks(cfg, n_kv, gen_block)
     assert sel.max_row_blocks == bound and int(sel.table.sum(-1).max()) <= bound < n_kv
+
+
+def test_forced_block_refuses_an_unresolved_auto_block_size():
+    with pytest.raises(ValueError, match=r"rule='prompt_end' needs the resolved block size .*, got 'auto'"):
+        forced_block("prompt_end", 100, "auto", 9)
+
+
+@pytest.mark.parametrize(("offset", "size"), [("middle", 32), (None, 128)])
+def test_select_layer_sizes_auto_blocks_by_the_key_length(offset, size):
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, 2, 1000, 16, generator=g) for _ in range(2))
+    cfg = SparseDConfig(prompt_end_offset=offset)  # block_size="auto"
+    sel = select_layer(q, k, 0.25, cfg, gen_start=995)
+    front = cfg.for_length(1000).grid_front(995)
+    assert cfg.for_length(1000).block_size == size
+    assert sel.table.shape[-1] == -(-(1000 + front) // size)

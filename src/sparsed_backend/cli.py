@@ -219,7 +219,9 @@ def demo(args: argparse.Namespace) -> int:
         f"(seed {args.seed}), {args.records} records each | {args.steps} denoising steps for {VALUE_LEN} answer tokens"
     )
     diagonal = " keep_diagonal=True" if cfg.keep_diagonal else ""
-    print(f"SparseD: skip={cfg.skip} select={cfg.select} block_size={cfg.block_size} "
+    sized = cfg.for_length(args.length + VALUE_LEN)  # the block size the selection uses
+    auto = " (auto)" if cfg.block_size == "auto" else ""
+    print(f"SparseD: skip={cfg.skip} select={cfg.select} block_size={sized.block_size}{auto} "
           f"prompt_end_offset={cfg.prompt_end_offset!r}{diagonal}")  # fmt: skip
 
     results, timers = {}, {}
@@ -263,10 +265,11 @@ def demo(args: argparse.Namespace) -> int:
         f"{timers['dense'].mean('dense') * 1e3:.0f} ms | switch {t.mean('switch') * 1e3:.0f} ms | sparse "
         f"{t.mean('sparse') * 1e3:.0f} ms  (the first sparse step of a shape includes torch.compile)"
     )
-    marks = (args.length // cfg.block_size, int(prompts.record_pos[0]) // cfg.block_size)
+    bs, front = sized.block_size, sized.grid_front(args.length)  # position p is in grid block (p + front) // bs
+    marks = ((args.length + front) // bs, (int(prompts.record_pos[0]) + front) // bs)
     picture = draw_blocks(
         state, layer, list(range(min(4, model.config.n_heads))), out,
-        f"SparseD blocks kept (black), prompt 0, select={cfg.select}, block={cfg.block_size}; "
+        f"SparseD blocks kept (black), prompt 0, select={cfg.select}, block={bs}; "
         "red: answer's query block x record's key block", marks,
     )  # fmt: skip
     if picture:

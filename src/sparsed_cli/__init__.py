@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from .flags import DeviceName, FlagType, Float, GridOffset, Int, ModelDir, PngOut
+from .flags import BlockSize, DeviceName, FlagType, Float, GridOffset, Int, ModelDir, PngOut
 
 __all__ = ["build_parser", "main"]
 
@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=5, help="denoising steps, 1-5 (5: one per answer token)")
     d.add_argument("--skip", type=float, default=0.2, help="SparseD: share of steps kept dense, in [0, 1]")
     d.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept, in (0, 1]")
-    d.add_argument("--block-size", type=int, default=128, help="SparseD: tokens per block, a multiple of 16")
+    d.add_argument("--block-size", type=BlockSize(), default="auto",
+                   help="SparseD: tokens per block, a multiple of 16, or auto (32-128 by sequence length)")  # fmt: skip
     d.add_argument("--prompt-end-offset", **GRID_FLAG)
     d.add_argument("--keep-diagonal", action="store_true", help="every query block keeps its own key block")
     d.add_argument("--layer", type=int, default=None, help="layer to draw (default: the last)")
@@ -165,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--select", type=float, default=SUPPRESS,
                    help="with --attn sparsed: share of key blocks kept (SparseD), or of prefix blocks kept (block "
                         "diffusion), in (0, 1] (default: 0.3)")  # fmt: skip
-    g.add_argument("--block-size", type=int, default=SUPPRESS,
-                   help="with --attn sparsed: tokens per block of the selection, a multiple of 16 for SparseD; "
-                        "block diffusion: prefix tokens per selected block (default: 128)")  # fmt: skip
+    g.add_argument("--block-size", type=BlockSize(), default=SUPPRESS,
+                   help="with --attn sparsed: tokens per block of the selection, a multiple of 16 or auto for "
+                        "SparseD (default: auto, 32-128 by sequence length); block diffusion: prefix tokens per "
+                        "selected block (default: 128)")  # fmt: skip
     g.add_argument("--prompt-end-offset", **{**GRID_FLAG, "default": SUPPRESS,
                    "help": f"LLaDA / Dream, {GRID_FLAG['help']} (default: middle)"})  # fmt: skip
     g.add_argument("--rope-scaling", default=SUPPRESS, metavar="{none,TYPE:FACTOR}",
@@ -196,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--heads", type=Int(1), default=None, help="attention heads (default: 32 on CUDA, 4 on CPU)")
     b.add_argument("--head-dim", type=Int(1), default=None, help="head dimension (default: 128 on CUDA, 64 on CPU)")
     b.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept, in (0, 1]")
-    b.add_argument("--block-size", type=int, default=128, help="SparseD: tokens per block, a multiple of 16")
+    b.add_argument("--block-size", type=BlockSize(), default="auto",
+                   help="SparseD: tokens per block, a multiple of 16, or auto (32-128 by --length)")  # fmt: skip
     b.add_argument("--repeats", type=Int(1), default=10, help="timed calls of each kernel")
     b.add_argument(
         "--device", type=DeviceName(), default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N"

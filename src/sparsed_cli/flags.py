@@ -18,7 +18,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["DeviceName", "FlagType", "Float", "GridOffset", "Int", "ModelDir", "PngOut"]
+__all__ = ["BlockSize", "DeviceName", "FlagType", "Float", "GridOffset", "Int", "ModelDir", "PngOut"]
 
 
 class FlagType:
@@ -93,6 +93,18 @@ class GridOffset(FlagType):
             return int(text)
         except ValueError:
             raise self.fail("none, middle or an int", repr(text)) from None
+
+
+class BlockSize(FlagType):
+    """--block-size: auto (chosen per sequence length) or an int (SparseDConfig checks it)."""
+
+    def __call__(self, text: str) -> int | str:
+        if text.lower() == "auto":
+            return "auto"
+        try:
+            return int(text)
+        except ValueError:
+            raise self.fail("auto or an int", repr(text)) from None
 
 
 class DeviceName(FlagType):

@@ -232,7 +232,7 @@ def sparsed_attention_forward(
         return dense_attention(query, key, value, scale, key_valid).transpose(1, 2).contiguous(), None
 
     mode = sparsed_state.mode
-    cfg = sparsed_state.config
+    cfg = sparsed_state.config_for(S)
     min_len = policy.min_sparse_len(cfg, query.device)
     if mode == "dense" or min_len > S:
         if mode != "dense":

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from .._validate import ArgumentTypeError, ArgumentValueError, check_number
 
-__all__ = ["RULES", "SparseDConfig"]
+__all__ = ["RULES", "SparseDConfig", "auto_block_size"]
 
 # What every query block keeps beside its top-k, inside the same per-row count (selection.py):
 # "paper": the reference's rule, exactly; "prompt_end": the key block holding the prompt's last
@@ -15,6 +16,28 @@ __all__ = ["RULES", "SparseDConfig"]
 # query blocks before the generation region give up a generation block first; "sink": key block 0
 # (the sequence's first tokens), in place of the lowest-ranked kept prompt block.
 RULES = ("paper", "prompt_end", "prompt_end_gen", "sink")
+
+# block_size="auto" (not in the reference): on the moved grid, a sequence of n tokens gets blocks
+# of 2 ** round(log2(n / 32)) tokens, clamped to [32, 128]: about 32 blocks per row. So 128 from
+# 2,897 tokens on (the paper's size), 64 from 1,449, 32 below. Measured on the shipped model
+# (H200, 256 fresh prompts at every residue of the 128-token grid, benchmarks/results/
+# fidelity_grid_auto.md): at 1k, 128-token blocks fall up to 8.2 points below dense, 64 up to
+# 3.1 and 32 up to 2.7; at 2k, 128 up to 2.7, 64 up to 2.0; at 4k, 128 up to 1.6. Only the middle
+# grid (the default) is sized so: the reference's grid (prompt_end_offset=None) keeps 128 at
+# every length (the reference's selection, exactly), as does an int prompt_end_offset.
+PAPER_BLOCK_SIZE = 128
+AUTO_BLOCK_TOKENS_PER_ROW = 32
+AUTO_BLOCK_RANGE = (32, 128)
+
+
+def auto_block_size(seq_len: int) -> int:
+    """The block size ``block_size="auto"`` gives a sequence of ``seq_len`` tokens on the moved
+    grid: the power of two nearest ``seq_len / 32`` (in log scale), clamped to [32, 128]."""
+    lo, hi = AUTO_BLOCK_RANGE
+    if seq_len <= 0:
+        return lo
+    size = 2 ** round(math.log2(seq_len / AUTO_BLOCK_TOKENS_PER_ROW))
+    return max(lo, min(hi, size))
 
 
 @dataclass(frozen=True)
@@ -29,7 +52,9 @@ class SparseDConfig:
 
     skip: float = 0.2  # fraction of denoising steps kept dense, in [0, 1]
     select: float = 0.3  # fraction of key blocks kept per query block, in (0, 1]
-    block_size: int = 128  # tokens per query/key block, a positive multiple of 16
+    # Tokens per query/key block, a positive multiple of 16, or "auto": chosen per sequence by
+    # `auto_block_size` on the middle grid (32-128), 128 on any other grid (see above).
+    block_size: int | str = "auto"
     generation_share: bool = True  # the generation region gets its own top-k (reference rule)
     # Sequences shorter than this stay dense (sparse attention cannot pay there).
     # None: the measured rule of `sparsed_backend.attention.policy.min_sparse_len` for the device.
@@ -62,11 +87,16 @@ class SparseDConfig:
         check_number("select", self.select)
         if not 0.0 < self.select <= 1.0:
             raise ArgumentValueError("select", f"select must be in (0, 1], got {self.select!r}")
-        check_number("block_size", self.block_size, integer=True)
-        if self.block_size <= 0 or self.block_size % 16 != 0:
-            raise ArgumentValueError(
-                "block_size", f"block_size must be a positive multiple of 16, got {self.block_size!r}"
-            )
+        if self.block_size != "auto":
+            if isinstance(self.block_size, str):
+                raise ArgumentValueError(
+                    "block_size", f"block_size must be 'auto' or a positive multiple of 16, got {self.block_size!r}"
+                )
+            check_number("block_size", self.block_size, integer=True)
+            if self.block_size <= 0 or self.block_size % 16 != 0:
+                raise ArgumentValueError(
+                    "block_size", f"block_size must be 'auto' or a positive multiple of 16, got {self.block_size!r}"
+                )
         if not isinstance(self.generation_share, bool):
             raise ArgumentTypeError(
                 "generation_share", f"generation_share must be a bool, got {type(self.generation_share).__name__}"
@@ -88,15 +118,15 @@ class SparseDConfig:
             if self.prompt_end_offset != "middle":
                 raise ArgumentValueError(
                     "prompt_end_offset",
-                    f"prompt_end_offset must be None, 'middle' or an int in [0, block_size={self.block_size}), "
+                    f"prompt_end_offset must be None, 'middle' or an int in [0, block_size={self._grid_block_size}), "
                     f"got {self.prompt_end_offset!r}",
                 )
         elif self.prompt_end_offset is not None:
             check_number("prompt_end_offset", self.prompt_end_offset, integer=True)
-            if not 0 <= self.prompt_end_offset < self.block_size:
+            if not 0 <= self.prompt_end_offset < self._grid_block_size:
                 raise ArgumentValueError(
                     "prompt_end_offset",
-                    f"prompt_end_offset must be None, 'middle' or an int in [0, block_size={self.block_size}), "
+                    f"prompt_end_offset must be None, 'middle' or an int in [0, block_size={self._grid_block_size}), "
                     f"got {self.prompt_end_offset!r}",
                 )
         if self.min_sparse_len is not None:
@@ -106,12 +136,33 @@ class SparseDConfig:
                     "min_sparse_len", f"min_sparse_len must be >= 0 or None, got {self.min_sparse_len!r}"
                 )
 
+    def for_length(self, seq_len: int) -> SparseDConfig:
+        """This config for a sequence of ``seq_len`` tokens: ``block_size="auto"`` resolved
+        (`auto_block_size` with ``prompt_end_offset="middle"``, the paper's 128 on the reference's
+        grid or at an int offset); the config itself when its block size is set."""
+        if self.block_size != "auto":
+            return self
+        size = auto_block_size(seq_len) if self.prompt_end_offset == "middle" else PAPER_BLOCK_SIZE
+        return dataclasses.replace(self, block_size=size)
+
+    @property
+    def _grid_block_size(self) -> int:
+        """The block size an int ``prompt_end_offset`` is checked against (``"auto"`` keeps the
+        paper's 128 on every grid but the middle one)."""
+        return PAPER_BLOCK_SIZE if self.block_size == "auto" else self.block_size
+
+    def resolved_block_size(self) -> int:
+        """The block size as an int; ValueError while it is an unresolved ``"auto"``."""
+        if self.block_size == "auto":
+            raise ValueError("block_size='auto' is resolved per sequence: call config.for_length(seq_len) first")
+        return self.block_size
+
     @property
     def grid_offset(self) -> int | None:
         """Where the prompt ends inside a block on the selection's grid (``prompt_end_offset``
         resolved: "middle" is ``block_size // 2``); None for the reference's grid."""
         if self.prompt_end_offset == "middle":
-            return self.block_size // 2
+            return self.resolved_block_size() // 2
         return self.prompt_end_offset
 
     def grid_front(self, gen_start: int | None) -> int:
@@ -121,7 +172,7 @@ class SparseDConfig:
         offset = self.grid_offset
         if offset is None or not gen_start:
             return 0
-        return (offset - gen_start) % self.block_size
+        return (offset - gen_start) % self.resolved_block_size()
 
     def switch_step(self, steps: int) -> int:
         """Index of the step that selects blocks; earlier steps are dense, later ones sparse.

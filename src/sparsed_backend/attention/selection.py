@@ -41,7 +41,7 @@ def generation_start_block(gen_start: int | None, block_size: int, n_kv: int) ->
     return min(-(-gen_start // block_size), n_kv - 1)
 
 
-def forced_block(rule: str, gen_start: int | None, block_size: int, n_kv: int) -> int | None:
+def forced_block(rule: str, gen_start: int | None, block_size: int | str, n_kv: int) -> int | None:
     """The key block that every query block keeps under ``rule`` (`SparseDConfig.rule`).
 
     "paper": none. "sink": block 0. "prompt_end" and "prompt_end_gen": the block holding the
@@ -57,6 +57,10 @@ def forced_block(rule: str, gen_start: int | None, block_size: int, n_kv: int) -
             raise ValueError(
                 f"rule={rule!r} keeps the key block holding the prompt's last token, so it needs "
                 f"gen_start >= 1 (the prompt length, which the samplers put in SparseDState), got {gen_start!r}"
+            )
+        if not isinstance(block_size, int):
+            raise ValueError(
+                f"rule={rule!r} needs the resolved block size (SparseDConfig.for_length), got {block_size!r}"
             )
         return min((gen_start - 1) // block_size, n_kv - 1)
     raise ValueError(f"rule must be one of {', '.join(map(repr, RULES))}, got {rule!r}")

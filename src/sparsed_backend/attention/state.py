@@ -108,6 +108,7 @@ class SparseDState:
     step: int = 0
     layers: dict[int, LayerSelection] = field(default_factory=dict)
     dense_reason: str | None = None  # why sparse steps ran dense (set by the backend), if so
+    _sized: tuple[int, SparseDConfig] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, SparseDConfig):
@@ -142,6 +143,13 @@ class SparseDState:
         if self.switch is None or self.step < self.switch:
             return "dense"
         return "switch" if self.step == self.switch else "sparse"
+
+    def config_for(self, seq_len: int) -> SparseDConfig:
+        """``config`` for this generation's ``seq_len`` keys: its ``block_size="auto"`` resolved
+        (`SparseDConfig.for_length`), once per length."""
+        if self._sized is None or self._sized[0] != seq_len:
+            self._sized = (seq_len, self.config.for_length(seq_len))
+        return self._sized[1]
 
     def switch_here(self) -> None:
         """Make the current step the switch step (a schedule of unknown length, ``steps=None``)."""

@@ -182,7 +182,8 @@ def select_layer(
     Args:
         query: (B, Hq, L, D) with RoPE applied; key: (B, Hkv, S, D).
         scaling: the attention's softmax scale.
-        config: the SparseD knobs (``select``, ``block_size``, ``pattern``, ...).
+        config: the SparseD knobs (``select``, ``block_size``, ``pattern``, ...); a
+            ``block_size="auto"`` is resolved for the key length here.
         gen_start: index of the first generated token; the key blocks from
             ``generation_start_block`` on get their own top-k (``config.generation_share``).
         key_valid: (B, S) bool padding mask or None.
@@ -192,6 +193,7 @@ def select_layer(
     """
     B, H, L, _ = query.shape
     S = key.shape[2]
+    config = config.for_length(S)  # block_size="auto": this sequence's size
     bs = config.block_size
     real = (L, S)
     front = config.grid_front(gen_start)
