@@ -26,7 +26,8 @@ weights, YaRN (factor 4 over 32,768 positions) for prefixes past 32k. In one pro
   baseline), the same dense run with transformers' SDPA told to pass the grouped K/V heads to
   SDPA (``dense_gqa``: with a mask, transformers copies K/V to every query head, ``repeat_kv``,
   4x the cache per layer per step on this shape), and sparse prefix selection (``sparse``); one
-  run timed by `timing.synced_seconds` (peak memory above the weights), after a short warm-up
+  run timed by `timing.synced_seconds` (``peak_mib``: peak memory above what was allocated when it
+  began; ``total_mib``: the peak in all, which shows what an earlier variant left), after a short warm-up
   generation. A ``_graphs`` suffix (``dense_graphs``, ``dense_gqa_graphs``, ``sparse_graphs``)
   runs the same with ``cuda_graphs=True`` (`decode_graphs`: CUDA graphs around the eager
   attention, captured inside the timed call; graphed sparse steps read the kept blocks with the
@@ -325,7 +326,7 @@ def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
                         run = functools.partial(blockdiff_generate, model, ids, **common, **extra)
                         seconds, out = synced_seconds(run, device)
                 row = dict(base, variant=variant, seconds=seconds, tokens_per_s=b * args.gen / seconds,
-                           forwards=out.num_forwards, peak_mib=peak.mib)  # fmt: skip
+                           forwards=out.num_forwards, peak_mib=peak.mib, total_mib=peak.total_mib)  # fmt: skip
                 if out.sparsed_state is not None:
                     row["density"] = out.sparsed_state.density()
                 del out
@@ -380,7 +381,7 @@ def main() -> None:
     if "e2e" in args.parts:
         e2e_rows(args, device, dtype, rows)
     cols = ["kind", "prefix", "block", "batch", "variant", "ms", "seconds", "tokens_per_s", "vs_best_dense",
-            "vs_dense", "density", "max_err", "forwards", "peak_mib", "error"]  # fmt: skip
+            "vs_dense", "density", "max_err", "forwards", "peak_mib", "total_mib", "error"]  # fmt: skip
     table = markdown_table(rows, cols)
     write_results(args.name, env, rows, table, args.out)
     print(table)
