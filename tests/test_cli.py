@@ -149,6 +149,9 @@ BAD_INPUTS = [
     (["generate", *BLOCKDIFF, "--attn", "sparsed", "--select", "0.3", "--prefix-budget", "8"],
      r"give exactly one of --select and --prefix-budget, got --select=0.3, --prefix-budget=8$"),
     (["generate", *BLOCKDIFF, "--attn", "sparsed", "--select", "1.5"], r"--select must be in \(0, 1\], got 1.5$"),
+    (["generate", *BLOCKDIFF, "--attn", "sparsed", "--block-size", "auto"],
+     r"--block-size auto is SparseD's \(LLaDA / Dream\); a block-diffusion checkpoint takes an int .*, got "
+     r"--block-size auto$"),
     (["generate", *BLOCKDIFF, "--prefix-budget", "8"],
      r"--select, --block-size and --prefix-budget need --attn sparsed, got --attn sdpa$"),
     (["generate", *BLOCKDIFF, "--remasking", "low_confidence_dynamic"],

@@ -229,3 +229,38 @@ def test_sparse_decode_kernel_equals_the_gather(per_kv, q_len, prefix, pad, spli
     offsets = decode_offsets(prefix, front, q.device)
     got = sparse_decode_attention(q, k, v, blocks, offsets, bs, d**-0.5, valid if pad else None, splits)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@cuda
+@pytest.mark.parametrize("per_kv", [True, False])
+@pytest.mark.parametrize(("q_len", "prefix", "pad"), [(4, 8187, False), (32, 5000, True), (7, 300, False)])
+def test_decode_kernel_with_every_block_is_dense_attention_and_its_block_mass(per_kv, q_len, prefix, pad):
+    """Listing every prefix block, the decode kernel with one program per block gives dense
+    attention and the probability mass a selecting step ranks (`prefix_block_mass`, summed over
+    a KV head's query heads with per_kv), in one sweep (bf16 inputs, SDAR-8B heads)."""
+    from sparsed_backend.attention.kernels.sparse_decode import decode_attention_with_block_mass, decode_offsets
+    from sparsed_backend.attention.prefix_selection import prefix_block_mass
+
+    g = torch.Generator(device="cuda").manual_seed(q_len + prefix)
+    b, hq, hkv, d, bs = 2, 32, 8, 128, 128
+    s = prefix + q_len
+    q = torch.randn(b, hq, q_len, d, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(b, hkv, s + 100, d, device="cuda", generator=g).bfloat16() for _ in range(2))
+    valid = torch.ones(b, s, dtype=torch.bool, device="cuda")
+    if pad:
+        valid[1, : prefix // 3] = False
+    front = (-prefix) % bs
+    n = (prefix + front) // bs
+    heads = hkv if per_kv else hq
+    blocks = torch.arange(n, device="cuda").expand(b, heads, n).contiguous()
+    offsets = decode_offsets(prefix, front, q.device)
+    out, mass = decode_attention_with_block_mass(q, k, v, blocks, offsets, bs, d**-0.5, valid if pad else None)
+    qf, kf, vf = q.float(), k[:, :, :s].float(), v[:, :, :s].float()
+    want = torch.nn.functional.scaled_dot_product_attention(
+        qf, kf, vf, attn_mask=valid[:, None, None, :], scale=d**-0.5, enable_gqa=True
+    )
+    want_mass, _ = prefix_block_mass(qf, kf.repeat_interleave(hq // hkv, 1), d**-0.5, bs, valid)
+    if per_kv:
+        want_mass = want_mass.view(b, hkv, hq // hkv, n).sum(2)
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(mass, want_mass, rtol=1e-2, atol=1e-3)

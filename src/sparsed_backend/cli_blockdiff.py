@@ -53,6 +53,11 @@ def _prefix_config(args: argparse.Namespace):
     from .attention.prefix_selection import PrefixSparseConfig
 
     fields = {name: getattr(args, name) for name in ("select", "block_size") if hasattr(args, name)}
+    if fields.get("block_size") == "auto":
+        raise UsageError(
+            "--block-size auto is SparseD's (LLaDA / Dream); a block-diffusion checkpoint takes an int number "
+            "of prefix tokens per selected block, got --block-size auto"
+        )
     if hasattr(args, "prefix_budget"):
         fields = {"select": None, **fields, "budget": args.prefix_budget}  # the budget replaces select
     with _flags("select", "budget", "block_size"):

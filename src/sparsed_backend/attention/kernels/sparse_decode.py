@@ -17,6 +17,13 @@ The prefix length and the grid's front are read from a device tensor (``offsets`
 graph captured once replays every block with the same number of kept blocks: the graphed
 sparse steps of `decode_graphs.GraphedDecoder` use it. Checked against the gather on the GPU
 (bf16, ``tests/test_kernels.py``) and under Triton's CPU interpreter (fp32/fp16).
+
+`decode_attention_with_block_mass` runs the same kernel with one program per listed block, so
+each block's softmax partials stay apart: listing every prefix block gives dense attention and,
+from the partials, the probability mass per block that a selecting step ranks, in one sweep
+(the separate scorer sweeps the prefix again). Checked under the CPU interpreter against dense
+attention and `prefix_selection.prefix_block_mass` (fp32, 96 shapes); its CUDA test has not run
+yet, and no sampler uses it yet.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["decode_offsets", "sparse_decode_attention"]
+__all__ = ["decode_attention_with_block_mass", "decode_offsets", "sparse_decode_attention"]
 
 _LOG2E = 1.4426950408889634
 
@@ -137,6 +144,46 @@ def sparse_decode_attention(
     Returns:
         (B, Hq, L, D) in the query's dtype.
     """
+    B, H, n_kept = blocks.shape
+    splits = decode_splits(B * H, max(1, n_kept), query.device) if splits is None else max(1, splits)
+    per_split = max(1, triton.cdiv(n_kept, splits))
+    splits = max(1, triton.cdiv(n_kept, per_split))
+    parts = _launch(query, key, value, blocks, offsets, block_size, scaling, key_valid, per_split, splits)
+    return _combine(query, H, *parts)[0]
+
+
+def decode_attention_with_block_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    blocks: torch.Tensor,
+    offsets: torch.Tensor,
+    block_size: int,
+    scaling: float,
+    key_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sparse_decode_attention` with one program per listed block and one for the block's own
+    keys, so each block's softmax partials are its own: returns also the probability mass the
+    selection head's rows (its query heads x the L queries) put on each listed block. Listing
+    every prefix block gives dense attention and the mass a block-diffusion selecting step ranks
+    (`prefix_selection.prefix_block_mass`, summed over a selection head's query heads), in one
+    sweep over the keys.
+
+    Args: as `sparse_decode_attention` (``blocks`` (B, H, k): the blocks to score).
+    Returns:
+        ((B, Hq, L, D) output in the query's dtype, (B, H, k) float32 mass per listed block).
+    """
+    B, H, n_kept = blocks.shape
+    parts = _launch(query, key, value, blocks, offsets, block_size, scaling, key_valid, 1, n_kept + 1)
+    out, m_part, l_part, w, total = _combine(query, H, *parts)
+    live = parts[3] * query.shape[2]  # the rows that are queries (the program's other rows are padding)
+    shares = (l_part[:, :n_kept, :live] * w[:, :n_kept, :live]) / total[:, None, :live]  # (BH, k, rows)
+    return out, shares.sum(-1).view(B, H, n_kept)
+
+
+def _launch(query, key, value, blocks, offsets, block_size, scaling, key_valid, per_split, splits):
+    """One kernel launch over (B * H, splits) programs; returns the fp32 partials (output, max,
+    sum) per program and row, the query heads per selection head and the rows per program."""
     B, Hq, L, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     H, n_kept = blocks.shape[1], blocks.shape[2]
@@ -149,9 +196,6 @@ def sparse_decode_attention(
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
     blocks = blocks.contiguous()
-    splits = decode_splits(B * H, max(1, n_kept), query.device) if splits is None else max(1, splits)
-    per_split = max(1, triton.cdiv(n_kept, splits))
-    splits = max(1, triton.cdiv(n_kept, per_split))
     o_part = torch.empty(B * H, splits, block_m, D, device=query.device, dtype=torch.float32)
     m_part = torch.empty(B * H, splits, block_m, device=query.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
@@ -163,8 +207,16 @@ def sparse_decode_attention(
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, GRID=block_size, HAS_VALID=key_valid is not None,
         num_warps=4, num_stages=2,
     )  # fmt: skip
+    return o_part, m_part, l_part, gq
+
+
+def _combine(query, H, o_part, m_part, l_part, gq):
+    """The programs' partials combined per row: ((B, Hq, L, D) output, the max and sum partials,
+    each program's weight exp2(max - row max) (BH, splits, M), each row's total (BH, M))."""
+    B, Hq, L, D = query.shape
     m = m_part.amax(1, keepdim=True)
     w = torch.exp2(m_part - m.where(m > float("-inf"), 0.0))  # (BH, splits, M)
-    out = (o_part * w[..., None]).sum(1) / (l_part * w).sum(1).clamp_min(1e-30)[..., None]  # (BH, M, D)
+    total = (l_part * w).sum(1).clamp_min(1e-30)  # (BH, M)
+    out = (o_part * w[..., None]).sum(1) / total[..., None]  # (BH, M, D)
     out = out[:, : gq * L].view(B, H, gq, L, D).reshape(B, Hq, L, D)
-    return out.to(query.dtype)
+    return out.to(query.dtype), m_part, l_part, w, total
