@@ -26,12 +26,14 @@ weights, YaRN (factor 4 over 32,768 positions) for prefixes past 32k. In one pro
   baseline), the same dense run with transformers' SDPA told to pass the grouped K/V heads to
   SDPA (``dense_gqa``: with a mask, transformers copies K/V to every query head, ``repeat_kv``,
   4x the cache per layer per step on this shape), and sparse prefix selection (``sparse``); one
-  run timed by `timing.synced_seconds` (``peak_mib``: peak memory above what was allocated when it
-  began; ``total_mib``: the peak in all, which shows what an earlier variant left), after a short warm-up
-  generation. A ``_graphs`` suffix (``dense_graphs``, ``dense_gqa_graphs``, ``sparse_graphs``)
+  run timed by `timing.synced_seconds` (``peak_mib``: peak memory above what was allocated when
+  it began; ``total_mib``: the peak in all, which shows what an earlier variant left), after a
+  short warm-up generation. A ``_graphs`` suffix (``dense_graphs``, ``dense_gqa_graphs``, ``sparse_graphs``)
   runs the same with ``cuda_graphs=True`` (`decode_graphs`: CUDA graphs around the eager
   attention, captured inside the timed call; graphed sparse steps read the kept blocks with the
-  block-sparse decode kernel). Two more run with graphs only: ``sparse_gather_graphs`` (the
+  block-sparse decode kernel). ``sparse_fused`` (and ``_graphs``) is ``sparse`` with
+  ``PrefixSparseConfig(scorer="fused")``: each block's selecting step is one sweep of the decode
+  kernel over every prefix block. Two more run with graphs only: ``sparse_gather_graphs`` (the
   graphed sparse steps gather the kept keys and call SDPA instead of the kernel) and
   ``dense_cudnn_graphs`` (``dense_gqa_graphs`` with SDPA's own kernel order, cuDNN first on an
   H200, instead of FlashAttention-2 first: cuDNN is faster per call at batch 8 but rebuilds its
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -132,7 +135,7 @@ class ConcatCache:
         return self.length
 
 
-VARIANTS = ("dense", "dense_gqa", "concat", "sparse")
+VARIANTS = ("dense", "dense_gqa", "concat", "sparse", "sparse_fused")
 GRAPHED_ONLY = ("dense_cudnn_graphs", "sparse_gather_graphs")
 # the baseline: the fastest of them
 DENSE_VARIANTS = ("dense", "dense_gqa", "dense_graphs", "dense_gqa_graphs", "dense_cudnn_graphs")
@@ -161,7 +164,8 @@ def variant_context(name: str):
     if name == "dense_cudnn":
         stack.enter_context(patched(decode_graphs, "decode_kernels", lambda query: contextlib.nullcontext()))
     if name == "sparse_gather":
-        stack.enter_context(patched(decode_graphs, "_kernel_refusal", lambda query, block_size: "the gather variant"))
+        refusal = lambda query, block_size: "the gather variant"  # noqa: E731
+        stack.enter_context(patched(decode_graphs, "decode_kernel_refusal", refusal))
     return stack
 
 
@@ -313,9 +317,12 @@ def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
                       return_dict_in_generate=True)  # fmt: skip
         for variant in args.variants:
             name, graphs = variant.removesuffix("_graphs"), variant.endswith("_graphs")
-            sparse = name in ("sparse", "sparse_gather")
+            sparse = name in ("sparse", "sparse_gather", "sparse_fused")
             model.set_attn_implementation("sparsed" if sparse else "sdpa")
-            extra = {"sparsed": sparse_cfg} if sparse else {}
+            extra = {}
+            if sparse:
+                scorer = "fused" if name == "sparse_fused" else "separate"
+                extra["sparsed"] = dataclasses.replace(sparse_cfg, scorer=scorer)
             if graphs:
                 extra["cuda_graphs"] = True
             block_diffusion.BlockDiffusionKVCache = ConcatCache if name == "concat" else real_cache

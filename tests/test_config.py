@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sparsed_backend import SparseDConfig, SparseDState
 from sparsed_backend.attention.config import auto_block_size
@@ -143,3 +145,13 @@ def test_bad_state_arguments(kwargs, error, match):
 def test_state_needs_a_config():
     with pytest.raises(TypeError, match=r"config must be a SparseDConfig, got dict"):
         SparseDState({"select": 0.3}, steps=4)
+
+
+@given(st.integers(1, 1 << 20), st.integers(1, 1 << 20))
+def test_auto_block_size_is_a_monotone_power_of_two_near_32_blocks_per_row(a, b):
+    lo, hi = sorted((a, b))
+    assert auto_block_size(lo) <= auto_block_size(hi)
+    size = auto_block_size(hi)
+    assert size in (32, 64, 128)
+    if 32 * 32 <= hi <= 128 * 32:  # unclamped: within a factor sqrt(2) of 32 blocks per row
+        assert 32 / 2**0.5 <= hi / size <= 32 * 2**0.5

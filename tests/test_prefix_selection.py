@@ -250,6 +250,58 @@ def test_sampler_keeps_a_share_of_the_prefix_and_commits_exact_keys():
     assert 0.2 < out.sparsed_state.density() < 0.5  # ceil(0.25 * 5 or 6 blocks) of 5-6
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the block-sparse decode kernel)")
+@pytest.mark.parametrize("per_kv", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_fused_scorer_selects_what_the_separate_one_selects(per_kv, padded):
+    """scorer="fused" (one sweep of the decode kernel over every prefix block) gives the
+    separate scorer's output and, but for near ties in bf16, its kept blocks (SDAR-8B heads, a
+    prefix with a short first block, with and without left padding)."""
+    g = torch.Generator(device="cuda").manual_seed(6)
+    q = torch.randn(2, 32, 4, 128, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(2, 8, 6004, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
+    mask = torch.ones(2, 1, 4, 6004, dtype=torch.bool, device="cuda")
+    if padded:
+        mask[1, ..., :900] = False
+    outs, kept = {}, {}
+    for scorer in ("separate", "fused"):
+        config = PrefixSparseConfig(select=0.2, block_size=128, per_kv_head=per_kv, scorer=scorer)
+        state = PrefixSparseState(config, padded=padded)
+        state.begin_block()
+        outs[scorer] = prefix_sparse_attention(q, k, v, mask, 128**-0.5, state, 0)
+        kept[scorer] = state.layers[0].blocks
+    torch.testing.assert_close(outs["fused"], outs["separate"], rtol=2e-2, atol=2e-2)
+    assert kept["fused"].shape == kept["separate"].shape
+    same = (kept["fused"][..., :, None] == kept["separate"][..., None, :]).any(-1).float().mean().item()
+    assert same > 0.95, f"only {same:.1%} of the kept blocks agree"
+
+
+def test_the_fused_scorer_refuses_what_the_decode_kernel_cannot_run():
+    """No silent fallback: scorer="fused" off CUDA raises, naming the argument and the reason."""
+    ids = torch.randint(2, 99, (1, 9))
+    config = PrefixSparseConfig(scorer="fused")
+    common = {"gen_length": 4, "block_length": 4, "denoising_steps": 4, "mask_id": 99}
+    with pytest.raises(ArgumentValueError, match=r"scorer='fused' needs the block-sparse decode kernel, but it runs on "
+                                                 r"CUDA, the query is on cpu") as err:  # fmt: skip
+        blockdiff_generate(sdar_model("sparsed"), ids, sparsed=config, **common)
+    assert err.value.argument == "scorer"
+    with pytest.raises(ArgumentValueError, match=r"scorer must be one of \('separate', 'fused'\), got 'one'"):
+        PrefixSparseConfig(scorer="one")
+
+
+def test_the_decode_kernel_refusal_says_why():
+    from types import SimpleNamespace
+
+    from sparsed_backend.attention.policy import decode_kernel_refusal
+
+    assert decode_kernel_refusal(torch.zeros(1, 1, 4, 16), 128) == "it runs on CUDA, the query is on cpu"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        fake = SimpleNamespace(is_cuda=True, shape=(1, 1, 4, 16))
+        assert decode_kernel_refusal(fake, 128) == "Triton is not installed"
+
+
 def test_bad_configurations_name_the_argument():
     with pytest.raises(ArgumentValueError, match="give exactly one of select and budget") as err:
         PrefixSparseConfig(select=None)

@@ -59,6 +59,25 @@ def decode_kernels(query: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def decode_kernel_refusal(query: torch.Tensor, block_size: int) -> str | None:
+    """Why the block-sparse decode kernel (`kernels.sparse_decode`) cannot attend ``query`` over
+    prefix blocks of ``block_size`` tokens; None when it can (CUDA with Triton, a power-of-two
+    head_dim >= 16, blocks of 16 or 32 tokens or a multiple of 64)."""
+    if not query.is_cuda:
+        return f"it runs on CUDA, the query is on {query.device.type}"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed"
+    d = query.shape[-1]
+    if d < 16 or d & (d - 1):
+        return f"head_dim {d} is not a power of two >= 16"
+    tile = min(block_size, 64)
+    if tile < 16 or tile & (tile - 1) or block_size % tile:
+        return f"block_size {block_size} is neither a multiple of 64 nor 16 or 32"
+    return None
+
+
 # Measured on an H100 (benchmarks/results/tune_64k.md, LLaDA shape, N = 65536, select 0.3):
 # defaults 51.4 ms; these 45.0 ms; the same with 3 stages runs out of shared memory.
 _SM90_D128 = {

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validate import ArgumentTypeError, ArgumentValueError, check_int, check_number
-from .policy import decode_kernels
+from .policy import decode_kernel_refusal, decode_kernels
 from .scoring import key_block_counts
 from .switch_step import block_importance, cudnn_lse_applies, dense_with_lse
 
@@ -41,6 +41,7 @@ __all__ = [
     "PrefixSparseConfig",
     "PrefixSparseState",
     "PrefixSelection",
+    "fused_score",
     "prefix_block_mass",
     "gathered_attention",
     "prefix_sparse_attention",
@@ -51,6 +52,7 @@ __all__ = [
 PrefixMode = Literal["dense", "score", "sparse"]
 PREFIX_MODES = ("dense", "score", "sparse")
 PREFIX_PATTERNS = ("topk", "local", "random")
+PREFIX_SCORERS = ("separate", "fused")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,12 @@ class PrefixSparseConfig:
             nearest the decoded block) and "random" (blocks drawn per head and block from a
             generator seeded with ``seed``).
         seed: the "random" pattern's seed.
+        scorer: how a block's first step gets its attention and the mass it ranks. "separate"
+            (the default): the attention (FlashAttention-2 with log-sum-exp on CUDA), then the
+            block scorer's sweep over the prefix (`prefix_block_mass`). "fused": the block-sparse
+            decode kernel with every prefix block listed gives both in one sweep
+            (`kernels.sparse_decode.decode_attention_with_block_mass`); CUDA with Triton only
+            (elsewhere it raises), not yet measured on a GPU.
     """
 
     select: float | None = 0.3
@@ -76,6 +84,7 @@ class PrefixSparseConfig:
     per_kv_head: bool = False
     pattern: str = "topk"
     seed: int = 0
+    scorer: str = "separate"
 
     def __post_init__(self) -> None:
         if (self.select is None) == (self.budget is None):
@@ -94,6 +103,8 @@ class PrefixSparseConfig:
         if self.pattern not in PREFIX_PATTERNS:
             raise ArgumentValueError("pattern", f"pattern must be one of {PREFIX_PATTERNS}, got {self.pattern!r}")
         check_int("seed", self.seed, 0)
+        if self.scorer not in PREFIX_SCORERS:
+            raise ArgumentValueError("scorer", f"scorer must be one of {PREFIX_SCORERS}, got {self.scorer!r}")
 
     def blocks_kept(self, n_blocks: int) -> int:
         """Prefix blocks each head keeps out of ``n_blocks`` (at least one, at most all)."""
@@ -216,13 +227,14 @@ def prefix_block_mass(
 def select_prefix_blocks(
     mass: torch.Tensor, config: PrefixSparseConfig, num_kv_heads: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """(B, Hq, n) mass -> (B, H, k) kept blocks, ascending; H = Hq, or Hkv with ``per_kv_head``.
+    """(B, Hq, n) mass -> (B, H, k) kept blocks, ascending; H = Hq, or Hkv with ``per_kv_head``
+    (a (B, Hkv, n) mass is taken as already summed per KV head).
 
     "topk" keeps the heaviest blocks; "local" the last k (nearest the block being decoded);
     "random" k drawn from ``generator`` (the mass is not read).
     """
     B, Hq, n = mass.shape
-    if config.per_kv_head:
+    if config.per_kv_head and Hq != num_kv_heads:
         mass = mass.view(B, num_kv_heads, Hq // num_kv_heads, n).sum(2)
     k = config.blocks_kept(n)
     if config.pattern == "local":
@@ -297,6 +309,10 @@ def prefix_sparse_attention(
         )
     lse = None
     unmasked = attention_mask is None or not state.padded  # the sampler says every key is attendable
+    if mode == "score" and state.config.scorer == "fused":
+        key_valid = None if unmasked else attention_mask[:, 0, -1]
+        out, mass, front = fused_score(query, key, value, scaling, state.config, key_valid)
+        return _keep_selection(state, layer_idx, mass, Hkv, S - L, front, out)
     if mode == "score" and unmasked and cudnn_lse_applies(query, None):
         out, lse = dense_with_lse(query, key, value, scaling, kernel="flash")
     elif mode in ("dense", "score"):
@@ -312,11 +328,7 @@ def prefix_sparse_attention(
         key_valid = attention_mask[:, 0, -1]  # the block's queries all see the same keys
     if mode == "score":
         mass, front = prefix_block_mass(query, key, scaling, state.config.block_size, key_valid, lse)
-        if state.config.pattern == "random" and state.generator is None:
-            state.generator = torch.Generator(device=query.device).manual_seed(state.config.seed)
-        blocks = select_prefix_blocks(mass, state.config, Hkv, state.generator)
-        state.layers[layer_idx] = PrefixSelection(blocks, S - L, front, mass.shape[-1], state.config.block_size)
-        return out
+        return _keep_selection(state, layer_idx, mass, Hkv, S - L, front, out)
 
     sel = state.layers[layer_idx]
     if sel.prefix_len != S - L:
@@ -326,6 +338,51 @@ def prefix_sparse_attention(
         )
     _, index, mask = sparse_gather(sel, L, key_valid, Hq, Hkv)
     return gathered_attention(query, key, value, index, mask, scaling)
+
+
+def _keep_selection(state, layer_idx: int, mass: torch.Tensor, num_kv_heads: int, prefix_len: int, front: int, out):
+    """Select from ``mass`` and store the layer's selection in ``state``; returns ``out``."""
+    if state.config.pattern == "random" and state.generator is None:
+        state.generator = torch.Generator(device=mass.device).manual_seed(state.config.seed)
+    blocks = select_prefix_blocks(mass, state.config, num_kv_heads, state.generator)
+    state.layers[layer_idx] = PrefixSelection(blocks, prefix_len, front, mass.shape[-1], state.config.block_size)
+    return out
+
+
+def fused_score(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    config: PrefixSparseConfig,
+    key_valid: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A block's first step with ``scorer="fused"``: exact attention and the mass per prefix
+    block in one sweep of the block-sparse decode kernel listing every prefix block.
+
+    Args:
+        query: (B, Hq, L, D); key, value: (B, Hkv, S, D), the prefix then the block's L keys.
+        key_valid: (B, S) bool, or None when every key is attendable.
+    Returns:
+        ((B, Hq, L, D) output, (B, H, n) float32 mass (H = Hkv with ``per_kv_head``, else Hq),
+        front).
+    """
+    refusal = decode_kernel_refusal(query, config.block_size)
+    if refusal is not None:
+        raise ArgumentValueError("scorer", f"scorer='fused' needs the block-sparse decode kernel, but {refusal}")
+    from .kernels.sparse_decode import decode_attention_with_block_mass, decode_offsets
+
+    B, Hq, L, _ = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    prefix = S - L
+    front = (-prefix) % config.block_size
+    n_blocks = (prefix + front) // config.block_size
+    heads = Hkv if config.per_kv_head else Hq
+    blocks = torch.arange(n_blocks, device=query.device).expand(B, heads, n_blocks)
+    offsets = decode_offsets(prefix, front, query.device)
+    bs = config.block_size
+    out, mass = decode_attention_with_block_mass(query, key, value, blocks, offsets, bs, scaling, key_valid)
+    return out, mass, front
 
 
 def sparse_gather(

@@ -34,7 +34,7 @@ from torch import nn
 
 from .._validate import ArgumentValueError
 from .._warn import warn_once
-from ..attention.policy import decode_kernels
+from ..attention.policy import decode_kernel_refusal, decode_kernels
 from ..attention.prefix_selection import PrefixSparseState, gathered_attention, sparse_gather
 
 __all__ = ["GraphedDecoder"]
@@ -63,22 +63,6 @@ def _decoder_parts(model: nn.Module):
             f"got {type(model).__name__}",
         )
     return (*parts, head, rotate)
-
-
-def _kernel_refusal(query: torch.Tensor, block_size: int) -> str | None:
-    """Why the block-sparse decode kernel (`kernels.sparse_decode`) cannot run a sparse step of
-    ``query`` on prefix blocks of ``block_size`` tokens; None when it can."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "Triton is not installed"
-    d = query.shape[-1]
-    if d < 16 or d & (d - 1):
-        return f"head_dim {d} is not a power of two >= 16"
-    tile = min(block_size, 64)
-    if tile < 16 or tile & (tile - 1) or block_size % tile:
-        return f"block_size {block_size} is neither a multiple of 64 nor 16 or 32"
-    return None
 
 
 def _captured(run, pool=None) -> torch.cuda.CUDAGraph:
@@ -294,7 +278,9 @@ class GraphedDecoder:
         self._set_inputs(ids, positions)
         fresh_cache = cache is not self._cache  # the graph holds the cache's storage
         self._cache = cache
-        refusal = _kernel_refusal(self.q, state.config.block_size) if self.graphs is not None else "no CUDA graphs"
+        refusal = "no CUDA graphs"
+        if self.graphs is not None:
+            refusal = decode_kernel_refusal(self.q, state.config.block_size)
         if refusal is None:
             fresh = self._load_kept(key_valid, cache, state, fresh_cache)
         else:
