@@ -192,6 +192,22 @@ def test_scoring_past_two_to_the_31_elements():
     torch.cuda.empty_cache()
 
 
+def _decode_inputs(q_len: int, prefix: int, pad: bool):
+    """A block of ``q_len`` bf16 queries over a ``prefix`` on SDAR-8B heads (32 / 8, head_dim 128),
+    K/V storage 100 positions longer than prefix + block, row 1 left padded by a third of the
+    prefix when ``pad``; the prefix grid of 128 has a short first block."""
+    g = torch.Generator(device="cuda").manual_seed(q_len + prefix)
+    b, hq, hkv, d, bs = 2, 32, 8, 128, 128
+    s = prefix + q_len
+    q = torch.randn(b, hq, q_len, d, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(b, hkv, s + 100, d, device="cuda", generator=g).bfloat16() for _ in range(2))
+    valid = torch.ones(b, s, dtype=torch.bool, device="cuda")
+    if pad:
+        valid[1, : prefix // 3] = False
+    front = (-prefix) % bs
+    return g, q, k, v, valid, front, (prefix + front) // bs
+
+
 @cuda
 @pytest.mark.parametrize("per_kv", [True, False])
 @pytest.mark.parametrize(("q_len", "prefix", "pad", "splits"), [(4, 8187, False, None), (32, 5000, True, None),
@@ -209,16 +225,8 @@ def test_sparse_decode_kernel_equals_the_gather(per_kv, q_len, prefix, pad, spli
         sparse_gather,
     )  # fmt: skip
 
-    g = torch.Generator(device="cuda").manual_seed(q_len + prefix)
-    b, hq, hkv, d, bs = 2, 32, 8, 128, 128
-    s = prefix + q_len
-    q = torch.randn(b, hq, q_len, d, device="cuda", generator=g).bfloat16()
-    k, v = (torch.randn(b, hkv, s + 100, d, device="cuda", generator=g).bfloat16() for _ in range(2))
-    valid = torch.ones(b, s, dtype=torch.bool, device="cuda")
-    if pad:
-        valid[1, : prefix // 3] = False
-    front = (-prefix) % bs
-    n = (prefix + front) // bs
+    g, q, k, v, valid, front, n = _decode_inputs(q_len, prefix, pad)
+    b, hq, hkv, d, bs, s = 2, 32, 8, 128, 128, prefix + q_len
     cfg = PrefixSparseConfig(select=0.3, block_size=bs, per_kv_head=per_kv)
     mass = torch.rand(b, hq, n, device="cuda", generator=g)
     blocks = select_prefix_blocks(mass, cfg, hkv) if n else torch.zeros(b, hkv if per_kv else hq, 0, device="cuda",
@@ -241,16 +249,8 @@ def test_decode_kernel_with_every_block_is_dense_attention_and_its_block_mass(pe
     from sparsed_backend.attention.kernels.sparse_decode import decode_attention_with_block_mass, decode_offsets
     from sparsed_backend.attention.prefix_selection import prefix_block_mass
 
-    g = torch.Generator(device="cuda").manual_seed(q_len + prefix)
-    b, hq, hkv, d, bs = 2, 32, 8, 128, 128
-    s = prefix + q_len
-    q = torch.randn(b, hq, q_len, d, device="cuda", generator=g).bfloat16()
-    k, v = (torch.randn(b, hkv, s + 100, d, device="cuda", generator=g).bfloat16() for _ in range(2))
-    valid = torch.ones(b, s, dtype=torch.bool, device="cuda")
-    if pad:
-        valid[1, : prefix // 3] = False
-    front = (-prefix) % bs
-    n = (prefix + front) // bs
+    g, q, k, v, valid, front, n = _decode_inputs(q_len, prefix, pad)
+    b, hq, hkv, d, bs, s = 2, 32, 8, 128, 128, prefix + q_len
     heads = hkv if per_kv else hq
     blocks = torch.arange(n, device="cuda").expand(b, heads, n).contiguous()
     offsets = decode_offsets(prefix, front, q.device)

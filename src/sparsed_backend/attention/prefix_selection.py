@@ -312,7 +312,8 @@ def prefix_sparse_attention(
     if mode == "score" and state.config.scorer == "fused":
         key_valid = None if unmasked else attention_mask[:, 0, -1]
         out, mass, front = fused_score(query, key, value, scaling, state.config, key_valid)
-        return _keep_selection(state, layer_idx, mass, Hkv, S - L, front, out)
+        _keep_selection(state, layer_idx, mass, Hkv, S - L, front)
+        return out
     if mode == "score" and unmasked and cudnn_lse_applies(query, None):
         out, lse = dense_with_lse(query, key, value, scaling, kernel="flash")
     elif mode in ("dense", "score"):
@@ -328,7 +329,8 @@ def prefix_sparse_attention(
         key_valid = attention_mask[:, 0, -1]  # the block's queries all see the same keys
     if mode == "score":
         mass, front = prefix_block_mass(query, key, scaling, state.config.block_size, key_valid, lse)
-        return _keep_selection(state, layer_idx, mass, Hkv, S - L, front, out)
+        _keep_selection(state, layer_idx, mass, Hkv, S - L, front)
+        return out
 
     sel = state.layers[layer_idx]
     if sel.prefix_len != S - L:
@@ -340,13 +342,15 @@ def prefix_sparse_attention(
     return gathered_attention(query, key, value, index, mask, scaling)
 
 
-def _keep_selection(state, layer_idx: int, mass: torch.Tensor, num_kv_heads: int, prefix_len: int, front: int, out):
-    """Select from ``mass`` and store the layer's selection in ``state``; returns ``out``."""
+def _keep_selection(
+    state: PrefixSparseState, layer_idx: int, mass: torch.Tensor, num_kv_heads: int, prefix_len: int, front: int
+) -> None:
+    """Select from ``mass`` ((B, Hq, n), or (B, Hkv, n) per KV head) and store the layer's
+    selection in ``state``."""
     if state.config.pattern == "random" and state.generator is None:
         state.generator = torch.Generator(device=mass.device).manual_seed(state.config.seed)
     blocks = select_prefix_blocks(mass, state.config, num_kv_heads, state.generator)
     state.layers[layer_idx] = PrefixSelection(blocks, prefix_len, front, mass.shape[-1], state.config.block_size)
-    return out
 
 
 def fused_score(
