@@ -41,7 +41,10 @@ Runtime, estimated from ``fidelity.json`` (H100, 256 prompts per cell, batch 128
 (about 3 s; the sparse methods of one length share it, and ``shift`` pads almost every length of
 a base to one length, so it adds about one compilation per base). The default sweep (3 bases x 26
 residues = 78 lengths, all 8 methods) is then about 78 x 3 s of compilation plus 26 x 8 x 1.6 s of
-cells: about 9 minutes. ``--methods dense paper prompt_end shift`` takes about 6.
+cells: about 9 minutes. ``--methods dense paper prompt_end shift`` takes about 6. Measured on
+one H200 (``fidelity_grid_all_*.md``, each cell's ``seconds`` column, compilation included): all
+128 residues of one base, dense and default, took 296 s at 2k and 450 s at 4k with five such
+processes sharing the GPU.
 """
 
 from __future__ import annotations
