@@ -172,7 +172,8 @@ def variant_context(name: str):
 def sparse_config(args, per_kv_head: bool) -> PrefixSparseConfig:
     """The prefix selection the flags ask for: a --budget of tokens, else a --select share."""
     keep = {"select": None, "budget": args.budget} if args.budget is not None else {"select": args.select}
-    return PrefixSparseConfig(**keep, block_size=args.block_size, per_kv_head=per_kv_head)
+    return PrefixSparseConfig(**keep, block_size=args.block_size, per_kv_head=per_kv_head,
+                              select_every=args.select_every)  # fmt: skip
 
 
 def attention_rows(args, device, dtype, rows: list[dict]) -> None:
@@ -284,7 +285,7 @@ def triton_case(q, k, v, mask, scale, state, run, rows) -> None:
     from sparsed_backend.attention.kernels.sparse_decode import decode_offsets, sparse_decode_attention
 
     sel = state.layers[0]
-    offsets = decode_offsets(sel.prefix_len, sel.front, q.device)
+    offsets = decode_offsets(sel.prefix_len, sel.front, k.shape[2], q.device)
 
     def sparse_triton():
         return sparse_decode_attention(q, k, v, sel.blocks, offsets, sel.block_size, scale)
@@ -367,6 +368,7 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=None, help="kept prefix tokens per head instead of --select")
     p.add_argument("--block-size", type=int, default=128 if cuda else 16, help="prefix tokens per selectable block")
     p.add_argument("--per-kv-head", action="store_true", help="e2e: one selection per key-value head")
+    p.add_argument("--select-every", type=int, default=1, help="e2e: blocks per selection (PrefixSparseConfig)")
     p.add_argument("--parts", nargs="+", choices=["attention", "e2e"], default=["attention", "e2e"])
     p.add_argument(
         "--variants",
@@ -380,7 +382,8 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     env = environment(device)
-    env.update(select=args.select, budget=args.budget, block_size=args.block_size, gen=args.gen, steps=args.steps)
+    env.update(select=args.select, budget=args.budget, block_size=args.block_size, gen=args.gen, steps=args.steps,
+               select_every=args.select_every)  # fmt: skip
     print(json.dumps(env), flush=True)
     rows: list[dict] = []
     if "attention" in args.parts:

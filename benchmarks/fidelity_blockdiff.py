@@ -14,6 +14,9 @@ token per step, blocks of the model's ``block_size``. Methods:
 - ``topk``: sparse prefix selection, each head's heaviest ``select`` share of prefix blocks;
 - ``local`` / ``random``: the same number of blocks, nearest the decoded block / drawn at random.
 
+``--select-every`` runs each sparse method at every listed ``PrefixSparseConfig.select_every``
+(1: a selection per block; r: per r blocks, the blocks between reading the positions since).
+
 Each row gives exact match with its 95% Wilson interval, the kept share of prefix blocks, and
 how many answers equal the dense answers on the same prompts.
 """
@@ -47,6 +50,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", choices=["topk", "local", "random"], default=["topk", "local", "random"])
     p.add_argument("--prefix-block", type=int, default=128, help="prefix tokens per selectable block")
     p.add_argument("--per-kv-head", action="store_true")
+    p.add_argument("--select-every", type=int, nargs="+", default=[1], help="blocks per selection")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=FRESH_SEED, help="prompts of length n use seed + n")
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
@@ -71,9 +75,9 @@ def main() -> None:
         cells = [("dense", None, None)]
         for select in args.selects:
             for method in args.methods:
-                cfg = PrefixSparseConfig(select=select, block_size=args.prefix_block, per_kv_head=args.per_kv_head,
-                                         pattern=method)  # fmt: skip
-                cells.append((method, select, cfg))
+                for every in args.select_every:
+                    fields = {"select": select, "block_size": args.prefix_block, "per_kv_head": args.per_kv_head}
+                    cells.append((method, select, PrefixSparseConfig(**fields, pattern=method, select_every=every)))
         for method, select, cfg in cells:
             if cfg is None:
                 out, share = dense, None
@@ -83,12 +87,16 @@ def main() -> None:
                 out, share = ans.generated, ans.density()
             correct = int((out == prompts.answers).all(-1).sum())
             lo, hi = wilson_interval(correct, args.prompts)
-            row = {"N": n, "method": method, "select": select, "exact_match": 100 * correct / args.prompts,
+            every = None if cfg is None else cfg.select_every
+            row = {"N": n, "method": method, "select": select, "select_every": every,
+                   "exact_match": 100 * correct / args.prompts,
                    "ci95": f"[{100 * lo:.1f}, {100 * hi:.1f}]", "kept_share": share,
                    "same_as_dense": 100 * float((out == dense).all(-1).float().mean())}  # fmt: skip
             rows.append(row)
-            print(f"  N={n:5d} {method:6s} select={select} {row['exact_match']:5.1f}% {row['ci95']}", flush=True)
-    table = markdown_table(rows, ["N", "method", "select", "exact_match", "ci95", "kept_share", "same_as_dense"])
+            print(f"  N={n:5d} {method:6s} select={select} every={every} {row['exact_match']:5.1f}% {row['ci95']}",
+                  flush=True)  # fmt: skip
+    cols = ["N", "method", "select", "select_every", "exact_match", "ci95", "kept_share", "same_as_dense"]
+    table = markdown_table(rows, cols)
     write_results(args.name, env, rows, table, args.out)
     print(table)
 

@@ -86,7 +86,13 @@ def test_the_pieces_compute_the_models_forward(implementation):
 
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize(
-    "sparsed", [None, PrefixSparseConfig(select=0.3, block_size=4, per_kv_head=True)], ids=["dense", "sparse"]
+    "sparsed",
+    [
+        None,
+        PrefixSparseConfig(select=0.3, block_size=4, per_kv_head=True),
+        PrefixSparseConfig(select=0.3, block_size=4, per_kv_head=True, select_every=3),
+    ],
+    ids=["dense", "sparse", "sparse_every_3"],
 )
 def test_the_sampler_with_the_decoder_decodes_the_same_tokens(monkeypatch, sparsed, padded):
     """blockdiff_generate(cuda_graphs=True) with the decoder's pieces run uncaptured decodes
@@ -122,11 +128,14 @@ def test_the_sampler_with_the_decoder_decodes_the_same_tokens(monkeypatch, spars
     monkeypatch.setattr(block_diffusion, "GraphedDecoder", Uncaptured)
     got = blockdiff_generate(model, ids, mask, cuda_graphs=True, return_dict_in_generate=True, **args)
     assert torch.equal(got.sequences, want)
-    # Every block's denoising steps and its commit went through the decoder; with sparsed, each
-    # block's steps after the first through the whole-forward sparse step.
+    # Every block's denoising steps and its commit went through the decoder; with sparsed, every
+    # step but a selecting block's first through the whole-forward sparse step.
     blocks = len(got.block_steps)
     assert calls.count("commit") == blocks == 7
-    sparse = sum(steps - 1 for steps in got.block_steps) if sparsed is not None else 0
+    sparse = 0
+    if sparsed is not None:  # every step but a selecting block's first
+        selecting = got.sparsed_state.selections
+        sparse = sum(got.block_steps) - selecting
     assert sparse > 0 or sparsed is None
     assert set(masks) == {not padded}
     assert calls.count("sparse") == sparse and calls.count("step") == sum(got.block_steps) - sparse
@@ -210,9 +219,10 @@ def _decode_both_ways(model, ids, mask, sparsed, exact: bool) -> None:
 
 
 @pytest.mark.skipif(not _cuda_available(), reason="needs CUDA (the block-sparse decode kernel)")
+@pytest.mark.parametrize("every", [1, 3])
 @pytest.mark.parametrize("per_kv", [True, False])
 @pytest.mark.parametrize("padded", [False, True])
-def test_the_kernel_sparse_step_computes_the_gathered_steps_logits(per_kv, padded):
+def test_the_kernel_sparse_step_computes_the_gathered_steps_logits(per_kv, padded, every):
     """The decoder's sparse step through the block-sparse decode kernel (kept blocks, offsets
     and attendable keys in its buffers) gives the gathered step's logits, step by step over a
     generation (fp32 model, uncaptured, both run on the same inputs; the kernel's dot products
@@ -242,7 +252,7 @@ def test_the_kernel_sparse_step_computes_the_gathered_steps_logits(per_kv, padde
     mask = torch.ones_like(ids)
     if padded:
         mask[1, :23] = 0
-    config = PrefixSparseConfig(select=0.3, block_size=16, per_kv_head=per_kv)
+    config = PrefixSparseConfig(select=0.3, block_size=16, per_kv_head=per_kv, select_every=every)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(block_diffusion, "GraphedDecoder", BothWays)
         blockdiff_generate(model, ids, mask, gen_length=16, block_length=4, denoising_steps=4, mask_id=MASK_ID,

@@ -234,7 +234,7 @@ def test_sparse_decode_kernel_equals_the_gather(per_kv, q_len, prefix, pad, spli
     sel = PrefixSelection(blocks, prefix, front, n, bs)
     _, index, mask = sparse_gather(sel, q_len, valid, hq, hkv)
     want = gathered_attention(q, k[:, :, :s], v[:, :, :s], index, mask, d**-0.5)
-    offsets = decode_offsets(prefix, front, q.device)
+    offsets = decode_offsets(prefix, front, s, q.device)
     got = sparse_decode_attention(q, k, v, blocks, offsets, bs, d**-0.5, valid if pad else None, splits)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
@@ -253,7 +253,7 @@ def test_decode_kernel_with_every_block_is_dense_attention_and_its_block_mass(pe
     b, hq, hkv, d, bs, s = 2, 32, 8, 128, 128, prefix + q_len
     heads = hkv if per_kv else hq
     blocks = torch.arange(n, device="cuda").expand(b, heads, n).contiguous()
-    offsets = decode_offsets(prefix, front, q.device)
+    offsets = decode_offsets(prefix, front, s, q.device)
     out, mass = decode_attention_with_block_mass(q, k, v, blocks, offsets, bs, d**-0.5, valid if pad else None)
     qf, kf, vf = q.float(), k[:, :, :s].float(), v[:, :, :s].float()
     want = torch.nn.functional.scaled_dot_product_attention(

@@ -136,6 +136,54 @@ def test_selection_is_the_oracles_top_blocks_and_the_step_attends_only_to_them(s
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=30, deadline=None)
+@given(SHAPES, st.integers(1, 12), st.booleans(), st.integers(0, 2**16))
+def test_a_reused_selection_reads_its_kept_blocks_and_every_position_since(shape, tail, per_kv, seed):
+    """select_every > 1: a later block's sparse step on an earlier selection attends the kept
+    blocks of the selection's prefix plus every position committed since (the tail) and the block
+    itself, as fp64 attention restricted to those positions; at select 1.0 that is dense."""
+    b, (hq, hkv), prefix, length, block, pad = shape
+    pad = min(pad, prefix)
+    q, k, v, mask = inputs(seed, b, hq, hkv, prefix + tail, length, 16, pad)
+    for select in (0.3, 1.0):
+        cfg = PrefixSparseConfig(select=select, block_size=block, per_kv_head=per_kv, select_every=2)
+        state = PrefixSparseState(cfg)
+        state.begin_block()  # the selection, on the first `prefix` positions
+        short = (q, k[:, :, : prefix + length], v[:, :, : prefix + length], mask[..., : prefix + length])
+        prefix_sparse_attention(*short, 16**-0.5, state, 0)
+        state.begin_block()  # the next block reuses it, `tail` positions later
+        assert state.mode == "sparse" and state.selections == 1
+        got = prefix_sparse_attention(q, k, v, mask, 16**-0.5, state, 0)
+        sel = state.layers[0]
+        s = prefix + tail + length
+        pos = torch.arange(s)
+        grid_block = (pos + sel.front) // block
+        keep = (grid_block[None, None, :, None] == sel.blocks[:, :, None, :]).any(-1) & (pos < prefix)
+        keep = keep | (pos >= prefix)  # the tail and the block
+        keep = keep.repeat_interleave(hq // sel.blocks.shape[1], 1) & mask[:, :, -1]
+        kk, vv = (t.double().repeat_interleave(hq // hkv, 1) for t in (k, v))
+        scores = (q.double() @ kk.transpose(-1, -2)) * 16**-0.5
+        want = scores.masked_fill(~keep[:, :, None, :], float("-inf")).softmax(-1) @ vv
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        if select == 1.0:
+            dense = scores.masked_fill(~mask[:, :, -1:].expand(b, hq, 1, -1), float("-inf")).softmax(-1) @ vv
+            torch.testing.assert_close(got.double(), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_select_every_selects_at_every_nth_block_and_refuses_a_bad_value():
+    state = PrefixSparseState(PrefixSparseConfig(select_every=3))
+    modes = []
+    for _ in range(7):
+        state.begin_block()
+        modes.append(state.mode)
+        state.layers[0] = PrefixSelection(torch.zeros(1, 1, 1, dtype=torch.long), 0, 0, 2, 128)  # as a score step
+    assert modes == ["score", "sparse", "sparse", "score", "sparse", "sparse", "score"]
+    assert state.selections == 3 and state.blocks == 7
+    with pytest.raises(ArgumentValueError, match="select_every must be >= 1, got 0") as err:
+        PrefixSparseConfig(select_every=0)
+    assert err.value.argument == "select_every"
+
+
 def test_later_sparse_steps_reuse_the_gather_and_read_the_blocks_new_keys():
     """A block's first sparse step builds the kept keys' index; its later steps reuse it (the
     kept blocks and the mask do not change) and still read the block's own K/V as they change."""
@@ -212,10 +260,12 @@ def test_mass_covers_every_attendable_key_once():
     torch.testing.assert_close(mass.sum(-1) + own, torch.full((2, 4), 4.0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("every", [1, 3])
 @pytest.mark.parametrize("prompt_len", [3, 21])
-def test_sampler_at_select_one_decodes_the_dense_tokens(prompt_len):
+def test_sampler_at_select_one_decodes_the_dense_tokens(prompt_len, every):
     """blockdiff_generate with the "sparsed" attention and select 1.0 decodes what the dense
-    sampler ("sdpa") decodes, greedy, for a prompt shorter than one block and one of several."""
+    sampler ("sdpa") decodes, greedy, for a prompt shorter than one block and one of several,
+    selecting at every block or at every third (the blocks between read the positions since)."""
     g = torch.Generator().manual_seed(prompt_len)
     ids = torch.randint(2, 99, (2, prompt_len), generator=g)
     mask = torch.ones_like(ids)
@@ -223,12 +273,13 @@ def test_sampler_at_select_one_decodes_the_dense_tokens(prompt_len):
     common = {"gen_length": 12, "block_length": 4, "denoising_steps": 4, "mask_id": 99}
     dense = blockdiff_generate(sdar_model("sdpa"), ids, mask, **common)
     out = blockdiff_generate(
-        sdar_model("sparsed"), ids, mask, sparsed=PrefixSparseConfig(select=1.0, block_size=4),
+        sdar_model("sparsed"), ids, mask, sparsed=PrefixSparseConfig(select=1.0, block_size=4, select_every=every),
         return_dict_in_generate=True, **common,
     )  # fmt: skip
     assert torch.equal(out.sequences, dense)
     state = out.sparsed_state
-    assert state.selections == len(out.block_steps) == 4 and state.density() == 1.0
+    assert len(out.block_steps) == state.blocks == 4 and state.density() == 1.0
+    assert state.selections == (4 if every == 1 else 2)
 
 
 def test_sampler_keeps_a_share_of_the_prefix_and_commits_exact_keys():

@@ -70,6 +70,11 @@ class PrefixSparseConfig:
             nearest the decoded block) and "random" (blocks drawn per head and block from a
             generator seeded with ``seed``).
         seed: the "random" pattern's seed.
+        select_every: a block's first step selects afresh every ``select_every`` blocks (1:
+            every block, as MAGE and LoSA do). The blocks in between skip the selecting step:
+            all their steps are sparse and read the last selection's kept blocks plus every
+            position committed since it (the tail) and the block itself. Not in MAGE or LoSA;
+            its fidelity and speed are measured in benchmarks/results where named.
         scorer: how a block's first step gets its attention and the mass it ranks. "separate"
             (the default): the attention (FlashAttention-2 with log-sum-exp on CUDA), then the
             block scorer's sweep over the prefix (`prefix_block_mass`). "fused": the block-sparse
@@ -84,6 +89,7 @@ class PrefixSparseConfig:
     per_kv_head: bool = False
     pattern: str = "topk"
     seed: int = 0
+    select_every: int = 1
     scorer: str = "separate"
 
     def __post_init__(self) -> None:
@@ -103,6 +109,7 @@ class PrefixSparseConfig:
         if self.pattern not in PREFIX_PATTERNS:
             raise ArgumentValueError("pattern", f"pattern must be one of {PREFIX_PATTERNS}, got {self.pattern!r}")
         check_int("seed", self.seed, 0)
+        check_int("select_every", self.select_every, 1)
         if self.scorer not in PREFIX_SCORERS:
             raise ArgumentValueError("scorer", f"scorer must be one of {PREFIX_SCORERS}, got {self.scorer!r}")
 
@@ -127,8 +134,9 @@ class PrefixSelection:
         block_size: prefix tokens per grid block.
         gather: what the block's sparse steps read, built by the first of them and reused by
             the rest (the kept blocks and the mask do not change between a block's steps):
-            (block length, the (batch, head, position) index of the kept keys, each
-            broadcasting to (B, H, K), and the (B, Hq, 1, K) bool mask of the attendable ones).
+            ((block length, key length), the (batch, head, position) index of the kept keys,
+            each broadcasting to (B, H, K), and the (B, Hq, 1, K) bool mask of the attendable
+            ones).
     """
 
     blocks: torch.Tensor
@@ -136,7 +144,7 @@ class PrefixSelection:
     front: int
     n_blocks: int
     block_size: int
-    gather: tuple[int, tuple[torch.Tensor, ...], torch.Tensor] | None = None
+    gather: tuple[tuple[int, int], tuple[torch.Tensor, ...], torch.Tensor] | None = None
 
     @property
     def density(self) -> float:
@@ -151,8 +159,8 @@ class PrefixSparseState:
 
     The sampler sets ``mode``: "dense" for the prefill and the commits (exact attention, so the
     cache holds the dense K/V), "score" for a block's first denoising step (exact attention plus
-    selection; clears the old selections first via :meth:`begin_block`), "sparse" for its other
-    steps.
+    selection; :meth:`begin_block` clears the old selections first, or with ``select_every`` > 1
+    keeps them and makes the step "sparse" between selections), "sparse" for its other steps.
 
     ``padded`` says whether any key may be unattendable in a denoising step. The sampler sets it
     False when no row is left padded; the selecting step then runs cuDNN's attention without
@@ -164,7 +172,8 @@ class PrefixSparseState:
     mode: PrefixMode = "dense"
     padded: bool = True
     layers: dict[int, PrefixSelection] = field(default_factory=dict)
-    selections: int = 0  # blocks selected so far
+    selections: int = 0  # selections made so far
+    blocks: int = 0  # blocks begun so far (begin_block calls)
     densities: list[float] = field(default_factory=list)  # each selection's kept share (layer mean)
     generator: torch.Generator | None = None  # the "random" pattern's, made on first use
 
@@ -173,7 +182,13 @@ class PrefixSparseState:
             raise ArgumentTypeError("config", f"config must be a PrefixSparseConfig, got {type(self.config).__name__}")
 
     def begin_block(self) -> None:
-        """The next forward is a block's first denoising step: select afresh."""
+        """The next forward is a block's first denoising step: it selects afresh (mode "score")
+        every ``config.select_every`` blocks; in between it is a sparse step on the last
+        selection (mode "sparse")."""
+        self.blocks += 1
+        if self.layers and (self.blocks - 1) % self.config.select_every:
+            self.mode = "sparse"
+            return
         if self.layers:
             self.densities.append(sum(s.density for s in self.layers.values()) / len(self.layers))
         self.layers.clear()
@@ -248,16 +263,18 @@ def _gather_positions(sel: PrefixSelection, block_len: int, key_valid: torch.Ten
     """Key positions a sparse step reads, per head, and which of them are attendable.
 
     Returns ((B, H, K) int64 positions, (B, H, K) bool valid): the kept prefix blocks' positions
-    in order, then the block's own ``block_len``; slots of the short first grid block that lie
-    before position 0 are moved last and masked. Keeping every block gives exactly the positions
-    0 .. S - 1 in order.
+    in order, then every position from the selection's prefix end to S (the positions committed
+    since the selection, with ``select_every`` > 1, then the block's own ``block_len``); slots of
+    the short first grid block that lie before position 0 are moved last and masked. Keeping
+    every block gives exactly the positions 0 .. S - 1 in order.
     """
     bs = sel.block_size
     B, H, k = sel.blocks.shape
     device = sel.blocks.device
     grid = sel.blocks[..., None] * bs + torch.arange(bs, device=device)  # (B, H, k, bs)
     prefix_pos = grid.flatten(2) - sel.front  # (B, H, k * bs), ascending; < 0 before position 0
-    own = torch.arange(sel.prefix_len, sel.prefix_len + block_len, device=device).expand(B, H, block_len)
+    S = key_valid.shape[1]
+    own = torch.arange(sel.prefix_len, S, device=device).expand(B, H, S - sel.prefix_len)
     pos = torch.cat([prefix_pos, own], -1)
     absent = pos < 0
     if k == sel.n_blocks:  # every block kept: the absent slots are the first `front` of every head
@@ -333,7 +350,8 @@ def prefix_sparse_attention(
         return out
 
     sel = state.layers[layer_idx]
-    if sel.prefix_len != S - L:
+    reused = state.config.select_every > 1 and sel.prefix_len < S - L  # the positions since are read whole
+    if sel.prefix_len != S - L and not reused:
         raise ValueError(
             f"layer {layer_idx}: the selection covers a prefix of {sel.prefix_len} positions, this step has "
             f"{S - L}; call begin_block() when a new block starts"
@@ -383,7 +401,7 @@ def fused_score(
     n_blocks = (prefix + front) // config.block_size
     heads = Hkv if config.per_kv_head else Hq
     blocks = torch.arange(n_blocks, device=query.device).expand(B, heads, n_blocks)
-    offsets = decode_offsets(prefix, front, query.device)
+    offsets = decode_offsets(prefix, front, S, query.device)
     bs = config.block_size
     out, mass = decode_attention_with_block_mass(query, key, value, blocks, offsets, bs, scaling, key_valid)
     return out, mass, front
@@ -391,16 +409,16 @@ def fused_score(
 
 def sparse_gather(
     sel: PrefixSelection, block_len: int, key_valid: torch.Tensor, num_heads: int, num_kv_heads: int
-) -> tuple[int, tuple[torch.Tensor, ...], torch.Tensor]:
+) -> tuple[tuple[int, int], tuple[torch.Tensor, ...], torch.Tensor]:
     """What a block's sparse steps read (``sel.gather``), built by the first of them.
 
     Args:
         key_valid: (B, S) bool, the keys the block's queries may attend.
     Returns:
-        (block_len, the (batch, head, position) index of the kept keys, each broadcasting to
+        ((block_len, S), the (batch, head, position) index of the kept keys, each broadcasting to
         (B, H, K), the (B, Hq, 1, K) bool mask of the attendable ones).
     """
-    if sel.gather is None or sel.gather[0] != block_len:  # the block's first sparse step
+    if sel.gather is None or sel.gather[0] != (block_len, key_valid.shape[1]):  # a block's first sparse step
         B, heads = sel.blocks.shape[:2]  # heads: query heads, or key/value heads with per_kv_head
         device = sel.blocks.device
         pos, valid = _gather_positions(sel, block_len, key_valid)  # (B, H, K)
@@ -409,7 +427,7 @@ def sparse_gather(
         mask = valid[:, :, None, :]  # (B, H, 1, K)
         if heads != num_heads:  # per-kv-head selection: each group's query heads read their kv head's keys
             mask = mask.repeat_interleave(num_heads // heads, 1)
-        sel.gather = (block_len, index, mask)
+        sel.gather = ((block_len, key_valid.shape[1]), index, mask)
     return sel.gather
 
 

@@ -125,7 +125,7 @@ class GraphedDecoder:
         self.write_positions = torch.zeros(tokens, dtype=torch.long, device=device)
         self._sparse_graph: torch.cuda.CUDAGraph | None = None
         self._sparse_key: tuple | None = None
-        self._sparse_selections = -1  # the state's block whose kept keys the buffers hold
+        self._sparse_block = -1  # the state's block (its count of blocks begun) the buffers hold
         self._gather: tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
         # With the block-sparse decode kernel: each layer's kept blocks, (prefix_len, front), and
         # the attendable keys over the whole storage (None when no row is padded).
@@ -223,7 +223,7 @@ class GraphedDecoder:
         if fresh:
             self._sparse_key, self._kept = key, None
             self._gather = (index[:2], [g[1][2].clone() for g in gathers], [g[2].clone() for g in gathers])
-        elif state.selections != self._sparse_selections:  # a new block: its kept positions
+        elif state.blocks != self._sparse_block:  # a new block: its kept positions
             for i, g in enumerate(gathers):
                 self._gather[1][i].copy_(g[1][2])
                 self._gather[2][i].copy_(g[2])
@@ -241,15 +241,16 @@ class GraphedDecoder:
             self._sparse_key, self._gather = key, None
             storage = cache.keys[0].shape[2]
             valid = torch.zeros(self.batch, storage, dtype=torch.bool, device=self.q.device) if padded else None
-            offsets = torch.zeros(2, dtype=torch.int32, device=self.q.device)
+            offsets = torch.zeros(3, dtype=torch.int32, device=self.q.device)
             self._kept = ([s.blocks.clone() for s in sels], offsets, valid, first.block_size)
         blocks, offsets, valid, _ = self._kept
-        if fresh or state.selections != self._sparse_selections:  # a new block: its kept blocks
-            if not fresh:
-                for buffer, sel in zip(blocks, sels, strict=True):
-                    buffer.copy_(sel.blocks)
+        if not fresh and state.blocks != self._sparse_block:  # a new block: its kept blocks
+            for buffer, sel in zip(blocks, sels, strict=True):
+                buffer.copy_(sel.blocks)
+        if fresh or state.blocks != self._sparse_block:  # its offsets and attendable keys
             offsets[0].fill_(first.prefix_len)
             offsets[1].fill_(first.front)
+            offsets[2].fill_(key_valid.shape[1])
             if valid is not None:
                 valid.zero_()
                 valid[:, : key_valid.shape[1]].copy_(key_valid)
@@ -293,7 +294,7 @@ class GraphedDecoder:
             fresh = self._load_gathers(key_valid, state, fresh_cache)
         if fresh:
             self._sparse_graph = None
-        self._sparse_selections = state.selections
+        self._sparse_block = state.blocks
         self.write_positions.copy_(torch.arange(cache.length, cache.length + self.tokens, device=ids.device))
         if self.graphs is None:  # not captured: the same computation, eagerly
             self._sparse_forward()

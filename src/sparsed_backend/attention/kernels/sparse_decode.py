@@ -61,12 +61,15 @@ def _sparse_decode_kernel(
     )  # fmt: skip
     k_base = K + b * skb + kv * skh
     v_base = V + b * svb + kv * svh
-    PREFIX = tl.load(OFFSETS).to(tl.int32)  # read on the device: a captured graph replays any block
+    # Read on the device, so a captured graph replays any block: the selection's prefix end (where
+    # the keys read whole begin), the grid's front, and the key length (where they end).
+    OWN_START = tl.load(OFFSETS).to(tl.int32)
     FRONT = tl.load(OFFSETS + 1).to(tl.int32)
+    OWN_STOP = tl.load(OFFSETS + 2).to(tl.int32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Work items: the kept blocks of this head, then (in the last split) the block's own keys.
+    # Work items: the kept blocks of this head, then (in the last split) the keys read whole.
     first = split * PER_SPLIT
     last = tl.minimum(N_KEPT, first + PER_SPLIT)
     own = split == n_splits - 1
@@ -76,8 +79,8 @@ def _sparse_decode_kernel(
             start = grid_block * GRID - FRONT
             stop = start + GRID
         else:
-            start = PREFIX
-            stop = PREFIX + L
+            start = OWN_START
+            stop = OWN_STOP
         for c in range(0, stop - start, BLOCK_N):
             offs_n = start + c + tl.arange(0, BLOCK_N)
             live = (offs_n >= 0) & (offs_n < stop) & (offs_n < S)
@@ -107,9 +110,12 @@ def decode_splits(programs: int, kept: int, device: torch.device) -> int:
     return max(1, min(kept, triton.cdiv(2 * sms, max(1, programs))))
 
 
-def decode_offsets(prefix_len: int, front: int, device: torch.device) -> torch.Tensor:
-    """The ``offsets`` tensor `sparse_decode_attention` reads: (2,) int32 (prefix_len, front)."""
-    return torch.tensor([prefix_len, front], dtype=torch.int32, device=device)
+def decode_offsets(prefix_len: int, front: int, key_len: int, device: torch.device) -> torch.Tensor:
+    """The ``offsets`` tensor `sparse_decode_attention` reads: (3,) int32 (prefix_len, front,
+    key_len). The listed blocks lie on the grid of the first ``prefix_len`` positions; the keys
+    from ``prefix_len`` to ``key_len`` are all read (the block's own, and with a reused selection
+    the positions committed since it)."""
+    return torch.tensor([prefix_len, front, key_len], dtype=torch.int32, device=device)
 
 
 def sparse_decode_attention(
@@ -130,14 +136,14 @@ def sparse_decode_attention(
 
     Args:
         query: (B, Hq, L, D), D a power of 2 >= 16; the block's L queries.
-        key, value: (B, Hkv, S, D), S >= prefix_len + L (the cache's views or whole storage):
-            the committed prefix, then the block's own L keys at ``prefix_len``.
+        key, value: (B, Hkv, S, D), S >= key_len (the cache's views or whole storage): the
+            committed prefix, then the block's own L keys ending at ``key_len``.
         blocks: (B, H, k) int64 kept grid blocks per selection head, H = Hq (per query head)
             or Hkv (per KV head); grid block g covers positions [g * block_size - front,
             (g + 1) * block_size - front) (the short first block starts before 0).
-        offsets: (2,) int32 on the query's device, (prefix_len, front) (`decode_offsets`):
-            read by the kernel, so a CUDA graph captured once replays every block whose
-            shapes match (the block's own keys start at prefix_len).
+        offsets: (3,) int32 on the query's device, (prefix_len, front, key_len)
+            (`decode_offsets`): read by the kernel, so a CUDA graph captured once replays every
+            block whose shapes match. The keys from prefix_len to key_len are all read.
         key_valid: (B, S') bool or None: keys a query may attend (left padding); keys at
             S' or after are not attended.
         splits: kept-block splits per head; None: `decode_splits`.
