@@ -178,7 +178,7 @@ def test_select_every_selects_at_every_nth_block_and_refuses_a_bad_value():
         modes.append(state.mode)
         state.layers[0] = PrefixSelection(torch.zeros(1, 1, 1, dtype=torch.long), 0, 0, 2, 128)  # as a score step
     assert modes == ["score", "sparse", "sparse", "score", "sparse", "sparse", "score"]
-    assert state.selections == 3 and state.blocks == 7
+    assert state.selections == 3 and state.blocks_begun == 7
     with pytest.raises(ArgumentValueError, match="select_every must be >= 1, got 0") as err:
         PrefixSparseConfig(select_every=0)
     assert err.value.argument == "select_every"
@@ -278,7 +278,7 @@ def test_sampler_at_select_one_decodes_the_dense_tokens(prompt_len, every):
     )  # fmt: skip
     assert torch.equal(out.sequences, dense)
     state = out.sparsed_state
-    assert len(out.block_steps) == state.blocks == 4 and state.density() == 1.0
+    assert len(out.block_steps) == state.blocks_begun == 4 and state.density() == 1.0
     assert state.selections == (4 if every == 1 else 2)
 
 

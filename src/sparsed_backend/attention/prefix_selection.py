@@ -173,7 +173,7 @@ class PrefixSparseState:
     padded: bool = True
     layers: dict[int, PrefixSelection] = field(default_factory=dict)
     selections: int = 0  # selections made so far
-    blocks: int = 0  # blocks begun so far (begin_block calls)
+    blocks_begun: int = 0  # begin_block calls so far
     densities: list[float] = field(default_factory=list)  # each selection's kept share (layer mean)
     generator: torch.Generator | None = None  # the "random" pattern's, made on first use
 
@@ -185,8 +185,8 @@ class PrefixSparseState:
         """The next forward is a block's first denoising step: it selects afresh (mode "score")
         every ``config.select_every`` blocks; in between it is a sparse step on the last
         selection (mode "sparse")."""
-        self.blocks += 1
-        if self.layers and (self.blocks - 1) % self.config.select_every:
+        self.blocks_begun += 1
+        if self.layers and (self.blocks_begun - 1) % self.config.select_every:
             self.mode = "sparse"
             return
         if self.layers:

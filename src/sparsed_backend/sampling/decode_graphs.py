@@ -223,7 +223,7 @@ class GraphedDecoder:
         if fresh:
             self._sparse_key, self._kept = key, None
             self._gather = (index[:2], [g[1][2].clone() for g in gathers], [g[2].clone() for g in gathers])
-        elif state.blocks != self._sparse_block:  # a new block: its kept positions
+        elif state.blocks_begun != self._sparse_block:  # a new block: its kept positions
             for i, g in enumerate(gathers):
                 self._gather[1][i].copy_(g[1][2])
                 self._gather[2][i].copy_(g[2])
@@ -244,10 +244,10 @@ class GraphedDecoder:
             offsets = torch.zeros(3, dtype=torch.int32, device=self.q.device)
             self._kept = ([s.blocks.clone() for s in sels], offsets, valid, first.block_size)
         blocks, offsets, valid, _ = self._kept
-        if not fresh and state.blocks != self._sparse_block:  # a new block: its kept blocks
+        if not fresh and state.blocks_begun != self._sparse_block:  # a new block: its kept blocks
             for buffer, sel in zip(blocks, sels, strict=True):
                 buffer.copy_(sel.blocks)
-        if fresh or state.blocks != self._sparse_block:  # its offsets and attendable keys
+        if fresh or state.blocks_begun != self._sparse_block:  # its offsets and attendable keys
             offsets[0].fill_(first.prefix_len)
             offsets[1].fill_(first.front)
             offsets[2].fill_(key_valid.shape[1])
@@ -294,7 +294,7 @@ class GraphedDecoder:
             fresh = self._load_gathers(key_valid, state, fresh_cache)
         if fresh:
             self._sparse_graph = None
-        self._sparse_block = state.blocks
+        self._sparse_block = state.blocks_begun
         self.write_positions.copy_(torch.arange(cache.length, cache.length + self.tokens, device=ids.device))
         if self.graphs is None:  # not captured: the same computation, eagerly
             self._sparse_forward()
