@@ -43,6 +43,7 @@ __all__ = [
     "PrefixSelection",
     "fused_score",
     "prefix_block_mass",
+    "prefix_grid",
     "gathered_attention",
     "prefix_sparse_attention",
     "select_prefix_blocks",
@@ -203,6 +204,13 @@ class PrefixSparseState:
         return sum(shares) / len(shares) if shares else None
 
 
+def prefix_grid(prefix_len: int, block_size: int) -> tuple[int, int]:
+    """The prefix's grid of ``block_size`` blocks, ending where the prefix ends: (front, the
+    absent positions before position 0 in its short first block; the number of blocks)."""
+    front = (-prefix_len) % block_size
+    return front, (prefix_len + front) // block_size
+
+
 @torch.no_grad()
 def prefix_block_mass(
     query: torch.Tensor,
@@ -227,9 +235,7 @@ def prefix_block_mass(
     """
     B, _, L, _ = query.shape
     S = key.shape[2]
-    prefix = S - L
-    front = (-prefix) % block_size
-    n_blocks = (prefix + front) // block_size
+    front, n_blocks = prefix_grid(S - L, block_size)
     valid = F.pad(key_valid, (front, 0), value=False)  # (B, front + S): the front positions absent
     counts = key_block_counts(valid, S + front, block_size, B, query.device)  # (B, nKV)
     importance = block_importance(query, key, scaling, block_size, valid, lse, counts, 0, front)
@@ -396,13 +402,11 @@ def fused_score(
 
     B, Hq, L, _ = query.shape
     Hkv, S = key.shape[1], key.shape[2]
-    prefix = S - L
-    front = (-prefix) % config.block_size
-    n_blocks = (prefix + front) // config.block_size
+    bs = config.block_size
+    front, n_blocks = prefix_grid(S - L, bs)
     heads = Hkv if config.per_kv_head else Hq
     blocks = torch.arange(n_blocks, device=query.device).expand(B, heads, n_blocks)
-    offsets = decode_offsets(prefix, front, S, query.device)
-    bs = config.block_size
+    offsets = decode_offsets(S - L, front, S, query.device)
     out, mass = decode_attention_with_block_mass(query, key, value, blocks, offsets, bs, scaling, key_valid)
     return out, mass, front
 

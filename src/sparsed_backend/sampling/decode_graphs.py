@@ -230,8 +230,8 @@ class GraphedDecoder:
         return fresh
 
     def _load_kept(self, key_valid: torch.Tensor, cache, state: PrefixSparseState, fresh_cache: bool) -> bool:
-        """Each layer's kept blocks, the (prefix_len, front) offsets and the attendable keys into
-        the decode kernel's buffers; True when their shape is new (capture anew)."""
+        """Each layer's kept blocks, the (prefix_len, front, key_len) offsets and the attendable
+        keys into the decode kernel's buffers; True when their shape is new (capture anew)."""
         sels = [state.layers[i] for i in range(len(self.layers))]
         first = sels[0]
         padded = state.padded
@@ -244,10 +244,10 @@ class GraphedDecoder:
             offsets = torch.zeros(3, dtype=torch.int32, device=self.q.device)
             self._kept = ([s.blocks.clone() for s in sels], offsets, valid, first.block_size)
         blocks, offsets, valid, _ = self._kept
-        if not fresh and state.blocks_begun != self._sparse_block:  # a new block: its kept blocks
-            for buffer, sel in zip(blocks, sels, strict=True):
-                buffer.copy_(sel.blocks)
-        if fresh or state.blocks_begun != self._sparse_block:  # its offsets and attendable keys
+        if fresh or state.blocks_begun != self._sparse_block:  # a new block
+            if not fresh:  # its kept blocks (a fresh buffer holds them already)
+                for buffer, sel in zip(blocks, sels, strict=True):
+                    buffer.copy_(sel.blocks)
             offsets[0].fill_(first.prefix_len)
             offsets[1].fill_(first.front)
             offsets[2].fill_(key_valid.shape[1])
@@ -279,18 +279,19 @@ class GraphedDecoder:
         self._set_inputs(ids, positions)
         fresh_cache = cache is not self._cache  # the graph holds the cache's storage
         self._cache = cache
-        refusal = "no CUDA graphs"
+        kernel = False  # uncaptured (the CPU tests), the steps gather as prefix_sparse_attention does
         if self.graphs is not None:
             refusal = decode_kernel_refusal(self.q, state.config.block_size)
-        if refusal is None:
-            fresh = self._load_kept(key_valid, cache, state, fresh_cache)
-        else:
-            if self.graphs is not None:
+            kernel = refusal is None
+            if not kernel:
                 warn_once(
                     "sparse-decode-kernel",
                     f"sparsed: the block-sparse decode kernel cannot run these sparse steps ({refusal}); "
                     "they gather the kept keys and call SDPA instead (slower)",
                 )
+        if kernel:
+            fresh = self._load_kept(key_valid, cache, state, fresh_cache)
+        else:
             fresh = self._load_gathers(key_valid, state, fresh_cache)
         if fresh:
             self._sparse_graph = None

@@ -180,16 +180,16 @@ def decode_attention_with_block_mass(
         ((B, Hq, L, D) output in the query's dtype, (B, H, k) float32 mass per listed block).
     """
     B, H, n_kept = blocks.shape
-    parts = _launch(query, key, value, blocks, offsets, block_size, scaling, key_valid, 1, n_kept + 1)
-    out, m_part, l_part, w, total = _combine(query, H, *parts)
-    live = parts[3] * query.shape[2]  # the rows that are queries (the program's other rows are padding)
+    o_part, m_part, l_part = _launch(query, key, value, blocks, offsets, block_size, scaling, key_valid, 1, n_kept + 1)
+    out, w, total = _combine(query, H, o_part, m_part, l_part)
+    live = query.shape[1] // H * query.shape[2]  # the rows that are queries (the others pad the tile)
     shares = (l_part[:, :n_kept, :live] * w[:, :n_kept, :live]) / total[:, None, :live]  # (BH, k, rows)
     return out, shares.sum(-1).view(B, H, n_kept)
 
 
 def _launch(query, key, value, blocks, offsets, block_size, scaling, key_valid, per_split, splits):
     """One kernel launch over (B * H, splits) programs; returns the fp32 partials (output, max,
-    sum) per program and row, the query heads per selection head and the rows per program."""
+    sum) per program and row."""
     B, Hq, L, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     H, n_kept = blocks.shape[1], blocks.shape[2]
@@ -213,16 +213,17 @@ def _launch(query, key, value, blocks, offsets, block_size, scaling, key_valid, 
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, GRID=block_size, HAS_VALID=key_valid is not None,
         num_warps=4, num_stages=2,
     )  # fmt: skip
-    return o_part, m_part, l_part, gq
+    return o_part, m_part, l_part
 
 
-def _combine(query, H, o_part, m_part, l_part, gq):
-    """The programs' partials combined per row: ((B, Hq, L, D) output, the max and sum partials,
-    each program's weight exp2(max - row max) (BH, splits, M), each row's total (BH, M))."""
+def _combine(query, H, o_part, m_part, l_part):
+    """The programs' partials combined per row: ((B, Hq, L, D) output, each program's weight
+    exp2(max - row max) (BH, splits, M), each row's total (BH, M))."""
     B, Hq, L, D = query.shape
+    gq = Hq // H  # query heads per selection head
     m = m_part.amax(1, keepdim=True)
     w = torch.exp2(m_part - m.where(m > float("-inf"), 0.0))  # (BH, splits, M)
     total = (l_part * w).sum(1).clamp_min(1e-30)  # (BH, M)
     out = (o_part * w[..., None]).sum(1) / total[..., None]  # (BH, M, D)
     out = out[:, : gq * L].view(B, H, gq, L, D).reshape(B, Hq, L, D)
-    return out.to(query.dtype), m_part, l_part, w, total
+    return out.to(query.dtype), w, total
