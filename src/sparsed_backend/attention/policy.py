@@ -72,6 +72,12 @@ def decode_kernel_refusal(query: torch.Tensor, block_size: int) -> str | None:
     d = query.shape[-1]
     if d < 16 or d & (d - 1):
         return f"head_dim {d} is not a power of two >= 16"
+    return decode_block_size_refusal(block_size)
+
+
+def decode_block_size_refusal(block_size: int) -> str | None:
+    """Why the decode kernel cannot tile prefix blocks of ``block_size`` tokens (its key tile is
+    min(block_size, 64), a power of two >= 16 dividing the block); None when it can."""
     tile = min(block_size, 64)
     if tile < 16 or tile & (tile - 1) or block_size % tile:
         return f"block_size {block_size} is neither a multiple of 64 nor 16 or 32"

@@ -23,7 +23,7 @@ each block's softmax partials stay apart: listing every prefix block gives dense
 from the partials, the probability mass per block that a selecting step ranks, in one sweep
 (the separate scorer sweeps the prefix again). Checked under the CPU interpreter against dense
 attention and `prefix_selection.prefix_block_mass` (fp32, 96 shapes); its CUDA test has not run
-yet, and no sampler uses it yet.
+yet. The opt-in ``PrefixSparseConfig(scorer="fused")`` uses it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..policy import decode_block_size_refusal
 
 __all__ = ["decode_attention_with_block_mass", "decode_offsets", "sparse_decode_attention"]
 
@@ -195,9 +197,10 @@ def _launch(query, key, value, blocks, offsets, block_size, scaling, key_valid, 
     H, n_kept = blocks.shape[1], blocks.shape[2]
     gq = Hq // H  # query heads per selection head
     block_m = max(16, triton.next_power_of_2(gq * L))
+    refusal = decode_block_size_refusal(block_size)
+    if refusal is not None:
+        raise ValueError(refusal)
     block_n = min(block_size, 64)
-    if block_size % block_n:
-        raise ValueError(f"block_size must be a multiple of {block_n} or at most 64, got {block_size}")
     query = query if query.stride(-1) == 1 else query.contiguous()
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
