@@ -29,8 +29,12 @@ step 1). All prompts of a cell have one length, so a batch needs no padding. Met
 - ``middle``: the moved grid of ``SparseDConfig(prompt_end_offset="middle")`` at ``--block-size``
   (the prompt ends block_size // 2 tokens into a block: the same as ``offset64`` at block 128);
 - ``default``: ``SparseDConfig()``'s own defaults: the ``middle`` grid with ``block_size="auto"``
-  (32-128 tokens by sequence length; ``--block-size`` then only sets the residues' grid). Results
-  files written before block_size="auto" existed label the ``middle`` method "default".
+  (16-128 tokens by sequence length; ``--block-size`` then only sets the residues' grid). Results
+  files written before block_size="auto" existed label the ``middle`` method "default";
+- ``default+diag`` / ``default+prompt_end`` / ``default+prompt_end_gen`` / ``default+sink``: the
+  defaults with ``keep_diagonal=True`` or that ``rule`` (each kept within the same per-row count);
+- ``middle16`` / ``middle32`` / ``middle64``: the moved grid with blocks of that size, whatever
+  ``--block-size`` (which then only sets the residues' grid);
 
 Each row reports exact match with its 95% Wilson interval and the mean kept share of attendable
 key blocks (``density``; SparseD counts every kept block, forced ones included). The summary gives,
@@ -82,6 +86,11 @@ METHODS: dict[str, dict | None] = {
     "offset64": {"prompt_end_offset": 64},
     "middle": {"prompt_end_offset": "middle"},
     "default": {"block_size": "auto"},
+    "default+diag": {"block_size": "auto", "keep_diagonal": True},
+    "default+prompt_end": {"block_size": "auto", "rule": "prompt_end"},
+    "default+prompt_end_gen": {"block_size": "auto", "rule": "prompt_end_gen"},
+    "default+sink": {"block_size": "auto", "rule": "sink"},
+    **{f"middle{size}": {"block_size": size, "prompt_end_offset": "middle"} for size in (16, 32, 64)},
 }
 DEFAULT_RESIDUES = "0,1-8,60-68,120-127"
 

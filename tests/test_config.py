@@ -3,7 +3,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparsed_backend import SparseDConfig, SparseDState
-from sparsed_backend.attention.config import auto_block_size
+from sparsed_backend.attention.config import AUTO_BLOCK_SIZES, auto_block_size
 
 OFFSET = r"prompt_end_offset must be None, 'middle' or an int in \[0, block_size=128\), "
 
@@ -53,7 +53,8 @@ def test_bad_config_values_raise_naming_the_argument(kwargs, error, match):
         ({"block_size": 128}, 2047, 65),
         ({"block_size": 128}, 1000, 88),
         ({"block_size": 32}, 100, 12),  # "middle" follows the block size
-        ({}, 1000, 8),  # auto: 32-token blocks for ~1k tokens, the prompt ends 16 tokens into one
+        ({}, 1000, 0),  # auto: 16-token blocks for ~1k tokens; 1000 already ends 8 tokens into one
+        ({}, 1001, 15),
         ({}, 4000, 32),  # auto: 128-token blocks from 2,897 tokens on
         ({"prompt_end_offset": 0, "block_size": 128}, 1000, 24),
         ({"prompt_end_offset": 0}, 1000, 24),  # auto at an int offset: the paper's 128
@@ -70,9 +71,9 @@ def test_grid_front_puts_the_prompt_end_at_the_offset(kwargs, gen_start, front):
 
 @pytest.mark.parametrize(
     ("seq_len", "size"),
-    [(1, 32), (1000, 32), (1448, 32), (1449, 64), (2048, 64), (2896, 64), (2897, 128), (4096, 128), (131072, 128)],
+    [(1, 16), (1000, 16), (1448, 16), (1449, 64), (2048, 64), (2896, 64), (2897, 128), (4096, 128), (131072, 128)],
 )
-def test_auto_block_size_gives_about_32_blocks_per_row_within_32_to_128(seq_len, size):
+def test_auto_block_size_takes_the_size_measured_at_the_nearest_base_length(seq_len, size):
     assert auto_block_size(seq_len) == size
     assert SparseDConfig().for_length(seq_len).block_size == size
 
@@ -91,7 +92,7 @@ def test_an_unresolved_auto_block_size_refuses_grid_arithmetic():
 
 def test_the_state_resolves_the_block_size_once_per_length():
     state = SparseDState(SparseDConfig(), steps=10)
-    assert state.config_for(1000).block_size == 32
+    assert state.config_for(1000).block_size == 16
     assert state.config_for(1000) is state.config_for(1000)
     assert state.config_for(4096).block_size == 128
     assert state.config.block_size == "auto"  # the user's config is left as given
@@ -148,10 +149,11 @@ def test_state_needs_a_config():
 
 
 @given(st.integers(1, 1 << 20), st.integers(1, 1 << 20))
-def test_auto_block_size_is_a_monotone_power_of_two_near_32_blocks_per_row(a, b):
+def test_auto_block_size_grows_with_the_length_through_the_measured_sizes(a, b):
     lo, hi = sorted((a, b))
     assert auto_block_size(lo) <= auto_block_size(hi)
-    size = auto_block_size(hi)
-    assert size in (32, 64, 128)
-    if 32 * 32 <= hi <= 128 * 32:  # unclamped: within a factor sqrt(2) of 32 blocks per row
-        assert 32 / 2**0.5 <= hi / size <= 32 * 2**0.5
+    assert auto_block_size(hi) in [size for _, size in AUTO_BLOCK_SIZES]
+    for base, size in AUTO_BLOCK_SIZES:  # within a factor sqrt(2) of a base: that base's size
+        if base / 2**0.5 < hi < base * 2**0.5:
+            assert auto_block_size(hi) == size
+    assert SparseDConfig().for_length(hi).block_size == auto_block_size(hi)

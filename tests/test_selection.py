@@ -312,7 +312,7 @@ def test_forced_block_refuses_an_unresolved_auto_block_size():
         forced_block("prompt_end", 100, "auto", 9)
 
 
-@pytest.mark.parametrize(("offset", "size"), [("middle", 32), (None, 128)])
+@pytest.mark.parametrize(("offset", "size"), [("middle", 16), (None, 128)])
 def test_select_layer_sizes_auto_blocks_by_the_key_length(offset, size):
     g = torch.Generator().manual_seed(3)
     q, k = (torch.randn(1, 2, 1000, 16, generator=g) for _ in range(2))

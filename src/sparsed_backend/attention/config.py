@@ -17,27 +17,26 @@ __all__ = ["RULES", "SparseDConfig", "auto_block_size"]
 # (the sequence's first tokens), in place of the lowest-ranked kept prompt block.
 RULES = ("paper", "prompt_end", "prompt_end_gen", "sink")
 
-# block_size="auto" (not in the reference): on the moved grid, a sequence of n tokens gets blocks
-# of 2 ** round(log2(n / 32)) tokens, clamped to [32, 128]: about 32 blocks per row. So 128 from
-# 2,897 tokens on (the paper's size), 64 from 1,449, 32 below. Measured on the shipped model
-# (H200, 256 fresh prompts at every residue of the 128-token grid, benchmarks/results/
-# fidelity_grid_auto.md): at 1k, 128-token blocks fall up to 8.2 points below dense, 64 up to
-# 3.1 and 32 up to 2.7; at 2k, 128 up to 2.7, 64 up to 2.0; at 4k, 128 up to 1.6. Only the middle
-# grid (the default) is sized so: the reference's grid (prompt_end_offset=None) keeps 128 at
-# every length (the reference's selection, exactly), as does an int prompt_end_offset.
+# block_size="auto" (not in the reference): on the moved grid, a sequence of n tokens gets the
+# block size measured for the base length nearest n in log scale (AUTO_BLOCK_SIZES): 16 below
+# 1,449 tokens, 64 below 2,897, the paper's 128 from 2,897 on. Each is the coarsest size
+# measured to keep every residue of the 128-token grid within 2 points of dense at its base
+# (shipped model, H200, 256 fresh prompts per residue, benchmarks/results/fidelity_grid_auto.md):
+# at 1k, 128-token blocks fall up to 8.2 points below dense, 64 up to 3.1, 32 up to 2.7 and 16
+# up to 1.6; at 2k, 128 up to 2.7 and 64 up to 2.0; at 4k, 128 up to 1.6. Only the middle grid
+# (the default) is sized so: the reference's grid (prompt_end_offset=None) keeps 128 at every
+# length (the reference's selection, exactly), as does an int prompt_end_offset.
 PAPER_BLOCK_SIZE = 128
-AUTO_BLOCK_TOKENS_PER_ROW = 32
-AUTO_BLOCK_RANGE = (32, 128)
+AUTO_BLOCK_SIZES = ((1024, 16), (2048, 64), (4096, PAPER_BLOCK_SIZE))  # (base length, block size)
 
 
 def auto_block_size(seq_len: int) -> int:
     """The block size ``block_size="auto"`` gives a sequence of ``seq_len`` tokens on the moved
-    grid: the power of two nearest ``seq_len / 32`` (in log scale), clamped to [32, 128]."""
-    lo, hi = AUTO_BLOCK_RANGE
+    grid: that of the `AUTO_BLOCK_SIZES` base length nearest ``seq_len`` in log scale (so the
+    first base's below it, the last's above it)."""
     if seq_len <= 0:
-        return lo
-    size = 2 ** round(math.log2(seq_len / AUTO_BLOCK_TOKENS_PER_ROW))
-    return max(lo, min(hi, size))
+        return AUTO_BLOCK_SIZES[0][1]
+    return min(AUTO_BLOCK_SIZES, key=lambda base_size: abs(math.log2(seq_len / base_size[0])))[1]
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ class SparseDConfig:
     skip: float = 0.2  # fraction of denoising steps kept dense, in [0, 1]
     select: float = 0.3  # fraction of key blocks kept per query block, in (0, 1]
     # Tokens per query/key block, a positive multiple of 16, or "auto": chosen per sequence by
-    # `auto_block_size` on the middle grid (32-128), 128 on any other grid (see above).
+    # `auto_block_size` on the middle grid (16-128), 128 on any other grid (see above).
     block_size: int | str = "auto"
     generation_share: bool = True  # the generation region gets its own top-k (reference rule)
     # Sequences shorter than this stay dense (sparse attention cannot pay there).
