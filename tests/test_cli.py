@@ -153,7 +153,17 @@ BAD_INPUTS = [
      r"--block-size auto is SparseD's \(LLaDA / Dream\); a block-diffusion checkpoint takes an int .*, got "
      r"--block-size auto$"),
     (["generate", *BLOCKDIFF, "--prefix-budget", "8"],
-     r"--select, --block-size and --prefix-budget need --attn sparsed, got --attn sdpa$"),
+     r"--prefix-budget \(like --select, --block-size, --prefix-budget, --select-every and --scorer\) needs --attn "
+     r"sparsed, got --attn sdpa$"),
+    (["generate", *BLOCKDIFF, "--select-every", "2"],
+     r"^sparsed generate: error: --select-every \(like .*\) needs --attn "),
+    (["generate", *BLOCKDIFF, "--attn", "sparsed", "--select-every", "0"], r"--select-every must be >= 1, got 0$"),
+    (["generate", *BLOCKDIFF, "--attn", "sparsed", "--scorer", "best"],
+     r"^sparsed generate: error: argument --scorer: invalid choice: 'best'"),
+    (["generate", *BLOCKDIFF, "--attn", "sparsed", "--scorer", "fused"],
+     r"^sparsed generate: error: --scorer='fused' needs the block-sparse decode kernel, but "),
+    (["generate", *QUICK, "--select-every", "2"], r"^sparsed generate: error: --select-every applies only to "),
+    (["generate", *QUICK, "--scorer", "fused"], r"^sparsed generate: error: --scorer applies only to "),
     (["generate", *BLOCKDIFF, "--remasking", "low_confidence_dynamic"],
      r"--remasking='low_confidence_dynamic' needs a --threshold in \[0, 1\]"),
     (["generate", *BLOCKDIFF, "--threshold", "0.9", "--remasking", "sequential"],
@@ -460,26 +470,31 @@ def test_generate_runs_a_block_diffusion_checkpoint_with_its_flags(tmp_path, mon
     )  # fmt: skip
     assert kw["sparsed"] is None and kw["gen_length"] == 8
     extra = ["--attn", "sparsed", "--block-length", "2", "--denoising-steps", "1", "--threshold", "0.9",
-             "--prefix-budget", "8", "--block-size", "4", "--no-progress"]  # fmt: skip
+             "--prefix-budget", "8", "--block-size", "4", "--select-every", "3", "--scorer", "separate",
+             "--no-progress"]  # fmt: skip
     assert main(["generate", *argv, *extra]) == 0
     name, attn, kw = calls[-1]
     assert (attn, kw["block_length"], kw["denoising_steps"], kw["remasking"], kw["threshold"]) == (
         "sparsed", 2, 1, "low_confidence_dynamic", 0.9
     )  # fmt: skip
-    assert kw["sparsed"] == PrefixSparseConfig(select=None, budget=8, block_size=4)
+    assert kw["sparsed"] == PrefixSparseConfig(select=None, budget=8, block_size=4, select_every=3)
     assert main(["generate", *argv, "--attn", "sparsed", "--no-progress"]) == 0
     assert calls[-1][2]["sparsed"] == PrefixSparseConfig()  # select 0.3, its default
 
 
 def test_generate_help_lists_the_block_diffusion_flags(capsys):
+    from sparsed_backend.attention.prefix_selection import PREFIX_SCORERS
     from sparsed_backend.sampling.block_diffusion import BLOCKDIFF_REMASKING
 
     status, out, _ = run_main(["generate", "--help"], capsys)
     assert status == 0
-    for flag in ("--denoising-steps", "--remasking", "--prefix-budget", "--select", "--block-size", "--threshold"):
+    flags = ("--denoising-steps", "--remasking", "--prefix-budget", "--select", "--block-size", "--threshold",
+             "--select-every", "--scorer")  # fmt: skip
+    for flag in flags:
         assert re.search(rf"^  {flag} ", out, re.M), flag
     actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions}
     assert tuple(actions["remasking"].choices) == BLOCKDIFF_REMASKING  # the parser's copy of the sampler's rules
+    assert tuple(actions["scorer"].choices) == PREFIX_SCORERS  # and of PrefixSparseConfig's scorers
 
 
 def test_help_shows_defaults_and_version(capsys):

@@ -284,7 +284,9 @@ def _make(harness_model, **kw):
         ({"device": "gpu0"}, r"model arg device: expected a torch device such as 'cpu' or 'cuda:0', got 'gpu0'"),
         ({"mc_samples": -1}, r"^model arg mc_samples: mc_samples must be >= 1, got -1$"),
         ({"stepz": 3}, r"unknown model args \['stepz'\]; sparsed-dlm takes pretrained and"),
-        ({"cuda_graphs": True}, r"^model arg cuda_graphs applies to block-diffusion \(Qwen3\) checkpoints only$"),
+        ({"cuda_graphs": True}, r"^model args \['cuda_graphs'\] apply to block-diffusion \(Qwen3\) checkpoints only$"),
+        ({"select_every": 2, "denoising_steps": 2},
+         r"^model args \['denoising_steps', 'select_every'\] apply to block-diffusion \(Qwen3\) checkpoints only$"),
         ({"kv_cache": "full"}, r"^model arg kv_cache: kv_cache must be None, 'prefix' or 'dual', got 'full'$"),
         ({"attn": "sparsed", "prompt_end_offset": -1},
          r"^model arg prompt_end_offset: prompt_end_offset must be None, 'middle' or an int in \[0, block_size=128\), "
@@ -712,6 +714,8 @@ def test_a_block_diffusion_checkpoint_runs_blockdiff_generate(harness_model, tmp
         harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", attn="sparsed", select=0.3, prefix_budget=8)
     with pytest.raises(ValueError, match=r"^model arg prefix_budget \(the library's budget\): budget must be >= 1"):
         harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", attn="sparsed", prefix_budget=0)
+    with pytest.raises(ValueError, match=r"^model arg scorer: scorer must be one of \('separate', 'fused'\), got 'x'"):
+        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", attn="sparsed", scorer="x")
     # blockdiff_generate's own rule, checked when it runs: a one-line error naming the model arg.
     lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", remasking="low_confidence_dynamic")
     with pytest.raises(harness_model.ModelArgError, match=r"^model arg threshold: remasking='low_confidence_dynamic' "):
@@ -720,7 +724,8 @@ def test_a_block_diffusion_checkpoint_runs_blockdiff_generate(harness_model, tmp
     real = harness_model.blockdiff_generate
     monkeypatch.setattr(harness_model, "blockdiff_generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=8, attn="sparsed",
-                                   prefix_budget=8, block_size=4, per_kv_head=True, threshold=0.9)  # fmt: skip
+                                   prefix_budget=8, block_size=4, per_kv_head=True, threshold=0.9,
+                                   select_every=2)  # fmt: skip
     assert lm.family == "blockdiff" and type(lm.model).__name__ == "Qwen3ForCausalLM"
     out = lm.generate_until([_instance("generate_until", ("\u4e00\u4e01?" * 3, {"until": [], "max_gen_toks": 8}))])
     assert len(out) == 1 and isinstance(out[0], str)
@@ -728,7 +733,7 @@ def test_a_block_diffusion_checkpoint_runs_blockdiff_generate(harness_model, tmp
     assert (kw["block_length"], kw["denoising_steps"], kw["remasking"], kw["threshold"]) == (
         4, 4, "low_confidence_dynamic", 0.9,
     )  # fmt: skip
-    assert kw["sparsed"] == PrefixSparseConfig(select=None, budget=8, block_size=4, per_kv_head=True)
+    assert kw["sparsed"] == PrefixSparseConfig(select=None, budget=8, block_size=4, per_kv_head=True, select_every=2)
     assert kw["cuda_graphs"] is False
     if not torch.cuda.is_available():  # the model arg reaches the sampler, which refuses it off CUDA
         lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=8, cuda_graphs=True)

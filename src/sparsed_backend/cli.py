@@ -52,6 +52,8 @@ LIBRARY_FLAGS = {
     "denoising_steps": "--denoising-steps",
     "remasking": "--remasking",
     "budget": "--prefix-budget",
+    "select_every": "--select-every",
+    "scorer": "--scorer",
     "cuda_graphs": "--cuda-graphs",
     # the demo's sample_prompts
     "seed": "--seed",

@@ -26,6 +26,8 @@ BLOCKDIFF_FLAGS = {
     "denoising_steps": "--denoising-steps",
     "remasking": "--remasking",
     "prefix_budget": "--prefix-budget",
+    "select_every": "--select-every",
+    "scorer": "--scorer",
     "cuda_graphs": "--cuda-graphs",
 }
 # Flags of the LLaDA / Dream samplers (and SparseD) that a block-diffusion checkpoint refuses.
@@ -34,7 +36,9 @@ NOT_BLOCKDIFF_FLAGS = {"steps": "--steps", "kv_cache": "--kv-cache", "skip": "--
                        "factor": "--factor"}  # fmt: skip
 # blockdiff_generate's and PrefixSparseConfig's arguments that flags feed (keys of LIBRARY_FLAGS).
 FED = ("gen_length", "block_length", "denoising_steps", "remasking", "threshold", "temperature", "select", "budget",
-       "block_size", "cuda_graphs")  # fmt: skip
+       "block_size", "select_every", "scorer", "cuda_graphs")  # fmt: skip
+# PrefixSparseConfig fields a flag of the same name sets (with --attn sparsed only).
+PREFIX_FIELDS = ("select", "block_size", "select_every", "scorer")
 
 
 def refuse_flags(args: argparse.Namespace, flags: dict[str, str], family: str, model_type: str) -> None:
@@ -49,10 +53,11 @@ def refuse_flags(args: argparse.Namespace, flags: dict[str, str], family: str, m
 
 
 def _prefix_config(args: argparse.Namespace):
-    """The PrefixSparseConfig of --select or --prefix-budget and --block-size (it checks them)."""
+    """The PrefixSparseConfig of --select or --prefix-budget, --block-size, --select-every and
+    --scorer (it checks them)."""
     from .attention.prefix_selection import PrefixSparseConfig
 
-    fields = {name: getattr(args, name) for name in ("select", "block_size") if hasattr(args, name)}
+    fields = {name: getattr(args, name) for name in PREFIX_FIELDS if hasattr(args, name)}
     if fields.get("block_size") == "auto":
         raise UsageError(
             "--block-size auto is SparseD's (LLaDA / Dream); a block-diffusion checkpoint takes an int number "
@@ -60,7 +65,7 @@ def _prefix_config(args: argparse.Namespace):
         )
     if hasattr(args, "prefix_budget"):
         fields = {"select": None, **fields, "budget": args.prefix_budget}  # the budget replaces select
-    with _flags("select", "budget", "block_size"):
+    with _flags("select", "budget", "block_size", "select_every", "scorer"):
         return PrefixSparseConfig(**fields)
 
 
@@ -82,8 +87,11 @@ def generate_blockdiff(args: argparse.Namespace, config, device: torch.device) -
     threshold = args.threshold
     remasking = getattr(args, "remasking", "low_confidence_static" if threshold is None else "low_confidence_dynamic")
     sparsed = _prefix_config(args) if args.attn == "sparsed" else None
-    if sparsed is None and (hasattr(args, "prefix_budget") or hasattr(args, "select") or hasattr(args, "block_size")):
-        raise UsageError(f"--select, --block-size and --prefix-budget need --attn sparsed, got --attn {args.attn}")
+    given = [name for name in (*PREFIX_FIELDS, "prefix_budget") if hasattr(args, name)]
+    if sparsed is None and given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UsageError(f"{flag} (like --select, --block-size, --prefix-budget, --select-every and --scorer) needs "
+                         f"--attn sparsed, got --attn {args.attn}")  # fmt: skip
     tok, ids = _encode_prompt(args, config)
     _quiet_loading(args)
     model = _load_weights(args.model, causal_lm=True, config=config, attn_implementation=args.attn,

@@ -82,8 +82,10 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 SEED_MAX = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 SUPPRESS = argparse.SUPPRESS
 # blockdiff_generate's remasking rules (sampling.block_diffusion.BLOCKDIFF_REMASKING; not imported:
-# that loads torch. tests/test_cli.py checks the two agree).
+# that loads torch. tests/test_cli.py checks the copies agree).
 BLOCKDIFF_REMASKING = ("low_confidence_static", "low_confidence_dynamic", "sequential")
+# PrefixSparseConfig's scorers (attention.prefix_selection.PREFIX_SCORERS; the same check).
+PREFIX_SCORERS = ("separate", "fused")
 
 GENERATE_EPILOG = """\
 The checkpoint's model_type picks the sampler: llada or Dream (SparseD with --attn sparsed), or
@@ -122,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--skip", type=float, default=0.2, help="SparseD: share of steps kept dense, in [0, 1]")
     d.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept, in (0, 1]")
     d.add_argument("--block-size", type=BlockSize(), default="auto",
-                   help="SparseD: tokens per block, a multiple of 16, or auto (32-128 by sequence length)")  # fmt: skip
+                   help="SparseD: tokens per block, a multiple of 16, or auto (16-128 by sequence length)")  # fmt: skip
     d.add_argument("--prompt-end-offset", **GRID_FLAG)
     d.add_argument("--keep-diagonal", action="store_true", help="every query block keeps its own key block")
     d.add_argument("--layer", type=int, default=None, help="layer to draw (default: the last)")
@@ -168,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "diffusion), in (0, 1] (default: 0.3)")  # fmt: skip
     g.add_argument("--block-size", type=BlockSize(), default=SUPPRESS,
                    help="with --attn sparsed: tokens per block of the selection, a multiple of 16 or auto for "
-                        "SparseD (default: auto, 32-128 by sequence length); block diffusion: prefix tokens per "
+                        "SparseD (default: auto, 16-128 by sequence length); block diffusion: prefix tokens per "
                         "selected block (default: 128)")  # fmt: skip
     g.add_argument("--prompt-end-offset", **{**GRID_FLAG, "default": SUPPRESS,
                    "help": f"LLaDA / Dream, {GRID_FLAG['help']} (default: middle)"})  # fmt: skip
@@ -184,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefix-budget", type=Int(1), default=SUPPRESS,
                    help="block diffusion with --attn sparsed: prefix tokens kept per head, instead of "
                         "--select")  # fmt: skip
+    g.add_argument("--select-every", type=Int(1), default=SUPPRESS,
+                   help="block diffusion with --attn sparsed: select afresh on every Nth block; the blocks between "
+                        "reuse its prefix blocks plus the positions since (default: 1, every block)")  # fmt: skip
+    g.add_argument("--scorer", default=SUPPRESS, choices=PREFIX_SCORERS,
+                   help="block diffusion with --attn sparsed: how a block's first step scores the prefix; fused "
+                        "needs CUDA and the Triton decode kernel (default: separate)")  # fmt: skip
     g.add_argument("--cuda-graphs", action="store_true", default=SUPPRESS,
                    help="block diffusion on CUDA: run the decoding forwards through CUDA graphs around the "
                         "attention (less launch time, same tokens)")  # fmt: skip
@@ -199,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--head-dim", type=Int(1), default=None, help="head dimension (default: 128 on CUDA, 64 on CPU)")
     b.add_argument("--select", type=float, default=0.3, help="SparseD: share of key blocks kept, in (0, 1]")
     b.add_argument("--block-size", type=BlockSize(), default="auto",
-                   help="SparseD: tokens per block, a multiple of 16, or auto (32-128 by --length)")  # fmt: skip
+                   help="SparseD: tokens per block, a multiple of 16, or auto (16-128 by --length)")  # fmt: skip
     b.add_argument("--repeats", type=Int(1), default=10, help="timed calls of each kernel")
     b.add_argument(
         "--device", type=DeviceName(), default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N"

@@ -52,7 +52,9 @@ FAMILIES = {"llada": "llada", "Dream": "dream", "qwen3": "blockdiff"}  # config.
 # Model args of the LLaDA / Dream samplers that a block-diffusion checkpoint (blockdiff_generate) refuses.
 NOT_BLOCKDIFF = ("skip", "min_sparse_len", "keep_diagonal", "prompt_end_offset", "steps", "alg", "alg_temp",
                  "kv_cache", "rope_scaling", "factor")  # fmt: skip
-BLOCKDIFF_SPARSE = ("select", "prefix_budget", "block_size", "per_kv_head", "pattern")
+BLOCKDIFF_SPARSE = ("select", "prefix_budget", "block_size", "per_kv_head", "pattern", "select_every", "scorer")
+# Model args only blockdiff_generate takes, refused for a LLaDA / Dream checkpoint.
+ONLY_BLOCKDIFF = ("denoising_steps", "prefix_budget", "per_kv_head", "select_every", "scorer", "cuda_graphs")
 ATTN = ("dense", "sparsed")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -185,7 +187,8 @@ class DiffusionLM(LM):
     (``low_confidence_static``, ``low_confidence_dynamic`` with ``threshold``, ``sequential``),
     ``temperature``, ``top_k``, ``top_p``, and with ``attn=sparsed`` the sparse prefix selection's
     ``select`` (default 0.3) or ``prefix_budget`` (tokens), ``block_size`` (prefix tokens per block,
-    default 128), ``per_kv_head`` and ``pattern`` (`prefix_selection.PrefixSparseConfig`), and
+    default 128), ``per_kv_head``, ``pattern``, ``select_every`` and ``scorer``
+    (`prefix_selection.PrefixSparseConfig`), and
     ``cuda_graphs`` (True: the decoding forwards through CUDA graphs, CUDA only).
     """
 
@@ -198,7 +201,8 @@ class DiffusionLM(LM):
             "prompt_end_offset", "gen_length",
             "steps", "threshold", "block_length", "remasking", "alg", "alg_temp", "top_p", "top_k", "temperature",
             "mc_samples", "seed", "dtype", "device", "batch_size", "max_batch_size", "kv_cache", "rope_scaling",
-            "denoising_steps", "prefix_budget", "per_kv_head", "pattern", "cuda_graphs", "factor",
+            "denoising_steps", "prefix_budget", "per_kv_head", "pattern", "cuda_graphs", "factor", "select_every",
+            "scorer",
         }  # fmt: skip
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -244,8 +248,9 @@ class DiffusionLM(LM):
         """Model args of a LLaDA or Dream checkpoint, checked before the model loads by the code
         that owns each rule: SparseDConfig its fields, `check_llada_arguments` /
         `check_dream_arguments` the sampler's (the samplers run the same checks)."""
-        if "cuda_graphs" in kw:
-            raise ModelArgError("model arg cuda_graphs applies to block-diffusion (Qwen3) checkpoints only")
+        wrong = [k for k in ONLY_BLOCKDIFF if k in kw]
+        if wrong:
+            raise ModelArgError(f"model args {wrong} apply to block-diffusion (Qwen3) checkpoints only")
         self.attn = _choice("attn", kw.get("attn", "dense"), ATTN)
         sparse_keys = ("skip", "select", "block_size", "min_sparse_len", "keep_diagonal", "prompt_end_offset")
         self.sparsed = None
@@ -308,7 +313,7 @@ class DiffusionLM(LM):
         self.attn = _choice("attn", kw.get("attn", "dense"), ATTN)
         self.sparsed = None
         if self.attn == "sparsed":
-            fields = {k: kw[k] for k in ("select", "block_size", "per_kv_head", "pattern") if k in kw}
+            fields = {k: kw[k] for k in BLOCKDIFF_SPARSE if k in kw and k != "prefix_budget"}
             if "prefix_budget" in kw:
                 fields = {"select": None, **fields, "budget": kw["prefix_budget"]}  # the budget replaces select
             with _model_args(self._known):
