@@ -152,6 +152,38 @@ def test_sampler_attends_views_of_one_preallocated_cache(monkeypatch):
     assert len(set(storages)) == 1
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "sparsed"])
+def test_every_attention_call_runs_in_the_decode_kernel_order(monkeypatch, implementation):
+    """Dense and sparse runs steer SDPA alike (policy.decode_kernels) in the prefill, the commits
+    and the denoising steps, so they share those kernels."""
+    import contextlib
+
+    from sparsed_backend.attention import policy
+    from sparsed_backend.attention.prefix_selection import PrefixSparseConfig
+
+    depth, calls = [0], []
+    real_order, real_sdpa = policy.decode_kernels, torch.nn.functional.scaled_dot_product_attention
+
+    @contextlib.contextmanager
+    def order(query):
+        depth[0] += 1
+        with real_order(query):
+            yield
+        depth[0] -= 1
+
+    def sdpa(*args, **kwargs):
+        calls.append(depth[0])
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(policy, "decode_kernels", order)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    ids, mask = left_padded([[5, 17, 42, 8, 23, 64, 11], [31, 7, 88]])
+    sparsed = PrefixSparseConfig(select=0.5, block_size=16) if implementation == "sparsed" else None
+    blockdiff_generate(sdar_model(implementation), ids, mask, gen_length=8, block_length=4, denoising_steps=4,
+                       mask_id=MASK_ID, sparsed=sparsed)  # fmt: skip
+    assert len(calls) > 8 and all(d > 0 for d in calls)
+
+
 def test_denoise_step_matches_a_full_block_causal_forward():
     """A cached denoising forward (block against committed prefix) gives the logits of the whole
     canvas run without a cache under the block-causal mask."""

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validate import ArgumentTypeError, ArgumentValueError, check_float, check_int
+from ..attention import policy
 from ..attention._ranking import top_count
 from ..attention.prefix_selection import PrefixSparseConfig, PrefixSparseState
 from ._shared import DiffusionGenerationOutput, check_length, prepare_canvas, resolve_mask_id
@@ -98,7 +99,13 @@ def _implementation_mask(keep: torch.Tensor, implementation: str, dtype: torch.d
 
 class _BlockRunner:
     """Calls the model on one stretch of the canvas, with the cache announced for it; forwards
-    of one block's length go through ``graphs`` (a `GraphedDecoder`) when given."""
+    of one block's length go through ``graphs`` (a `GraphedDecoder`) when given.
+
+    Every forward runs SDPA in the order of `policy.decode_kernels` (on CUDA FlashAttention-2
+    first, then cuDNN), whatever the attention implementation: "sparsed" attends in that order
+    in its dense and selecting steps, so dense and sparse runs share the prefill's and the
+    commits' kernels (transformers' SDPA on its own order took a kernel that asked for 48 GiB
+    at a 32k prefix, batch 8, where the sparse run's prefill fit: blockdiff_session12.md)."""
 
     def __init__(
         self,
@@ -126,15 +133,16 @@ class _BlockRunner:
             # One block with no padding in the batch attends every key: no mask.
             mask = mask if self.padded else None
             return self.graphs(ids, positions, mask, self.cache, logits=logits, **self.attention_kwargs)
-        out = self.model(
-            input_ids=ids,
-            position_ids=positions,
-            attention_mask=mask,
-            logits_to_keep=0 if logits else 1,
-            use_cache=True,
-            **{cache_keyword(self.model): self.cache},
-            **self.attention_kwargs,
-        )
+        with policy.decode_kernels(ids):  # steers SDPA by the device of its argument
+            out = self.model(
+                input_ids=ids,
+                position_ids=positions,
+                attention_mask=mask,
+                logits_to_keep=0 if logits else 1,
+                use_cache=True,
+                **{cache_keyword(self.model): self.cache},
+                **self.attention_kwargs,
+            )
         return out.logits if logits else None
 
 
