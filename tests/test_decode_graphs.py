@@ -84,6 +84,32 @@ def test_the_pieces_compute_the_models_forward(implementation):
             assert torch.equal(sel.blocks, got_state.layers[i].blocks)
 
 
+def test_a_commit_through_the_pieces_writes_the_models_keys_and_values():
+    """A commit (no logits wanted) skips the last piece, which feeds only the LM head: it
+    returns None and writes the cache the model's own forward writes, bit for bit."""
+    model = sdar_model("sdpa")
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(2, MASK_ID, (2, 24), generator=g)
+    block = torch.randint(2, MASK_ID, (2, 4), generator=g)
+    positions = torch.arange(24, 28).expand(2, 4)
+    caches = []
+    for graphed in (False, True):
+        cache, valid = prefilled(model, ids, 4)
+        mask = block_causal_mask(valid, 24, 28, 4)
+        cache.prepare("commit", 4)
+        if graphed:
+            decoder = GraphedDecoder(model, 2, 4, capture=False)
+            ran = []
+            piece = decoder._piece
+            decoder._piece = lambda index, ran=ran, piece=piece: ran.append(index) or piece(index)
+            assert decoder(block, positions, mask, cache, logits=False) is None
+            assert ran == list(range(decoder.n_pieces - 1))  # one piece per layer, not the logits'
+        else:
+            model(input_ids=block, position_ids=positions, attention_mask=mask, **{cache_keyword(model): cache})
+        caches.append(cache)
+    assert torch.equal(caches[0].keys, caches[1].keys) and torch.equal(caches[0].values, caches[1].values)
+
+
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize(
     "sparsed",

@@ -5,11 +5,15 @@ SDAR-8B shape its GPU work at a 32k prefix is about 32 ms, but eager PyTorch tak
 to launch it (hundreds of small kernels per forward; ``benchmarks/profile_blockdiff.py``), so
 the sparse prefix selection's savings on the GPU never reach the wall clock.
 
-`GraphedDecoder` captures, for one (batch, tokens) shape, every decoder layer's work before the
-attention (input norm, Q/K/V projections, Q/K norms, rotary embedding) and after it (output
-projection, residuals, post-attention norm, MLP) as CUDA graphs, plus the embedding with the
-rotary tables and the final norm with the LM head. Between a layer's two graphs it runs, eagerly
-and unchanged, what depends on the prefix length: the cache write and the model's attention
+`GraphedDecoder` captures, for one (batch, tokens) shape, the work between two attention calls
+as one CUDA graph: a layer's work after its attention (output projection, residuals,
+post-attention norm, MLP) with the next layer's work before it (input norm, Q/K/V projections,
+Q/K norms, rotary embedding); the first graph holds the embedding with the rotary tables, the
+last the final norm with the LM head. So a forward replays one graph per layer plus one (each
+replay costs host time: 74 graphs per forward, one per piece, took 5.3 ms of a 32k forward's
+22.8 ms to launch, `profile_blockdiff_32k_flash.txt`), and a commit, which needs no logits,
+skips the last graph (the last layer's MLP feeds only the LM head). Between two graphs it runs,
+eagerly and unchanged, what depends on the prefix length: the cache write and the model's attention
 function (transformers' SDPA or eager attention, or "sparsed" with its prefix selection). So
 the attention shapes may change at every block while the graphs are captured once. (vLLM
 calls this piecewise capture; this is the project's own implementation.) A sparse denoising
@@ -119,7 +123,7 @@ class GraphedDecoder:
         self.attn_out = torch.zeros(batch, tokens, heads * head_dim, dtype=dtype, device=device)
         self.logits = torch.zeros(batch, tokens, config.vocab_size, dtype=dtype, device=device)
 
-        self.n_pieces = 2 * len(self.layers) + 2  # embedding, (before, after) per layer, logits
+        self.n_pieces = len(self.layers) + 1  # the stretches between attention calls
         self.graphs: list[torch.cuda.CUDAGraph] | None = self._capture() if capture else None
         # The sparse step's whole-forward graph and what it reads (`sparse_step`).
         self.write_positions = torch.zeros(tokens, dtype=torch.long, device=device)
@@ -140,17 +144,19 @@ class GraphedDecoder:
         self.positions.copy_(positions)
 
     def _piece(self, index: int) -> None:
-        """Runs piece ``index`` eagerly. (Dispatched by index: a list of bound methods on the
-        decoder would make a reference cycle, freed by the garbage collector at any time, even
-        while a later decoder captures, which a capture does not allow.)"""
+        """Runs piece ``index`` eagerly: what comes before layer ``index``'s attention (after
+        the embedding or layer ``index - 1``'s attention); the last piece ends with the logits.
+        (Dispatched by index: a list of bound methods on the decoder would make a reference
+        cycle, freed by the garbage collector at any time, even while a later decoder captures,
+        which a capture does not allow.)"""
         if index == 0:
             self._embed()
-        elif index == self.n_pieces - 1:
-            self._logits()
-        elif index % 2:
-            self._before_attention(index // 2)
         else:
-            self._after_attention(index // 2 - 1)
+            self._after_attention(index - 1)
+        if index < len(self.layers):
+            self._before_attention(index)
+        else:
+            self._logits()
 
     # The pieces: each reads and writes only this decoder's buffers (fixed addresses).
     def _embed(self) -> None:
@@ -336,9 +342,9 @@ class GraphedDecoder:
         # No mask: every query attends every key; transformers' SDPA would otherwise go causal.
         unmasked = {"is_causal": False} if attention_mask is None else {}
         self._set_inputs(ids, positions)
+        last = len(self.layers) - 1
         self._run(0)
         for i, layer in enumerate(self.layers):
-            self._run(1 + 2 * i)
             attn = layer.self_attn
             key, value = cache.update(self.k, self.v, attn.layer_idx)
             with decode_kernels(self.q):
@@ -355,8 +361,6 @@ class GraphedDecoder:
                     **attention_kwargs,
                 )
             self.attn_out.copy_(out.reshape(self.attn_out.shape))
-            self._run(2 + 2 * i)
-        if not logits:
-            return None
-        self._run(self.n_pieces - 1)
-        return self.logits.clone()
+            if i < last or logits:  # the last piece feeds only the logits
+                self._run(i + 1)
+        return self.logits.clone() if logits else None
