@@ -28,7 +28,10 @@ weights, YaRN (factor 4 over 32,768 positions) for prefixes past 32k. In one pro
   4x the cache per layer per step on this shape), and sparse prefix selection (``sparse``); one
   run timed by `timing.synced_seconds` (``peak_mib``: peak memory above what was allocated when
   it began; ``total_mib``: the peak in all, which shows what an earlier variant left), after a
-  short warm-up generation. A ``_graphs`` suffix (``dense_graphs``, ``dense_gqa_graphs``, ``sparse_graphs``)
+  short warm-up generation; ``prefill_s``: of those seconds, the prefill's (from the first forward to
+  the first denoising step, by CUDA events, so the run is not synchronised in between), and
+  ``vs_dense_decode``: the ratio without the prefills (what the generated tokens cost). A
+  ``_graphs`` suffix (``dense_graphs``, ``dense_gqa_graphs``, ``sparse_graphs``)
   runs the same with ``cuda_graphs=True`` (`decode_graphs`: CUDA graphs around the eager
   attention, captured inside the timed call; graphed sparse steps read the kept blocks with the
   block-sparse decode kernel). ``sparse_fused`` (and ``_graphs``) is ``sparse`` with
@@ -51,6 +54,7 @@ import dataclasses
 import functools
 import json
 import math
+import time
 import traceback
 
 import torch
@@ -300,6 +304,44 @@ def triton_case(q, k, v, mask, scale, state, run, rows) -> None:
     rows[-1]["density"], rows[-1]["max_err"] = sel.density, err
 
 
+class PrefillClock:
+    """The prefill's share of one `blockdiff_generate` call: the time from its first forward to
+    its first denoising step (CUDA events on CUDA, so nothing waits in between; the host's clock
+    on the CPU, where every call is synchronous)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @contextlib.contextmanager
+    def watching(self):
+        """Inside: the sampler's forwards mark the prefill's start and end."""
+        real = block_diffusion._BlockRunner.__call__
+        clock = self
+
+        def timed(runner, forward, *args, **kwargs):
+            if not clock.marks or (forward == "denoise" and len(clock.marks) == 1):
+                clock.marks.append(clock._mark())
+            return real(runner, forward, *args, **kwargs)
+
+        with patched(block_diffusion._BlockRunner, "__call__", timed):
+            yield self
+
+    def seconds(self) -> float:
+        """After the call (and a device sync): the prefill's seconds, NaN if it never decoded."""
+        if len(self.marks) < 2:
+            return math.nan
+        start, stop = self.marks
+        return start.elapsed_time(stop) / 1000 if self.cuda else stop - start
+
+
 def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
     from transformers import Qwen3ForCausalLM
 
@@ -330,11 +372,12 @@ def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
             try:
                 with variant_context(name):
                     blockdiff_generate(model, ids[:, : min(p, 4 * bl)], **{**common, "gen_length": 2 * bl}, **extra)
-                    with PeakMemory(device) as peak:
+                    with PeakMemory(device) as peak, PrefillClock(device).watching() as prefill:
                         run = functools.partial(blockdiff_generate, model, ids, **common, **extra)
                         seconds, out = synced_seconds(run, device)
                 row = dict(base, variant=variant, seconds=seconds, tokens_per_s=b * args.gen / seconds,
-                           forwards=out.num_forwards, peak_mib=peak.mib, total_mib=peak.total_mib)  # fmt: skip
+                           prefill_s=prefill.seconds(), forwards=out.num_forwards, peak_mib=peak.mib,
+                           total_mib=peak.total_mib)  # fmt: skip
                 if out.sparsed_state is not None:
                     row["density"] = out.sparsed_state.density()
                 del out
@@ -352,8 +395,10 @@ def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
                 torch.cuda.empty_cache()
         done = [r for r in rows[-len(args.variants) :] if "seconds" in r]
         dense = min((r["seconds"] for r in done if r["variant"] in DENSE_VARIANTS), default=math.nan)
+        decode = min((r["seconds"] - r["prefill_s"] for r in done if r["variant"] in DENSE_VARIANTS), default=math.nan)
         for r in done:
             r["vs_dense"] = dense / r["seconds"]
+            r["vs_dense_decode"] = decode / (r["seconds"] - r["prefill_s"])
 
 
 def main() -> None:
@@ -390,8 +435,9 @@ def main() -> None:
         attention_rows(args, device, dtype, rows)
     if "e2e" in args.parts:
         e2e_rows(args, device, dtype, rows)
-    cols = ["kind", "prefix", "block", "batch", "variant", "ms", "seconds", "tokens_per_s", "vs_best_dense",
-            "vs_dense", "density", "max_err", "forwards", "peak_mib", "total_mib", "error"]  # fmt: skip
+    cols = ["kind", "prefix", "block", "batch", "variant", "ms", "seconds", "prefill_s", "tokens_per_s",
+            "vs_best_dense", "vs_dense", "vs_dense_decode", "density", "max_err", "forwards", "peak_mib", "total_mib",
+            "error"]  # fmt: skip
     table = markdown_table(rows, cols)
     write_results(args.name, env, rows, table, args.out)
     print(table)
