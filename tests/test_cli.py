@@ -153,10 +153,9 @@ BAD_INPUTS = [
      r"--block-size auto is SparseD's \(LLaDA / Dream\); a block-diffusion checkpoint takes an int .*, got "
      r"--block-size auto$"),
     (["generate", *BLOCKDIFF, "--prefix-budget", "8"],
-     r"--prefix-budget \(like --select, --block-size, --prefix-budget, --select-every and --scorer\) needs --attn "
-     r"sparsed, got --attn sdpa$"),
+     r"--prefix-budget is a setting of the sparse prefix selection: it needs --attn sparsed, got --attn sdpa$"),
     (["generate", *BLOCKDIFF, "--select-every", "2"],
-     r"^sparsed generate: error: --select-every \(like .*\) needs --attn "),
+     r"^sparsed generate: error: --select-every is a setting of the sparse prefix selection: it needs --attn "),
     (["generate", *BLOCKDIFF, "--attn", "sparsed", "--select-every", "0"], r"--select-every must be >= 1, got 0$"),
     (["generate", *BLOCKDIFF, "--attn", "sparsed", "--scorer", "best"],
      r"^sparsed generate: error: argument --scorer: invalid choice: 'best'"),

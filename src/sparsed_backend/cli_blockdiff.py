@@ -90,8 +90,8 @@ def generate_blockdiff(args: argparse.Namespace, config, device: torch.device) -
     given = [name for name in (*PREFIX_FIELDS, "prefix_budget") if hasattr(args, name)]
     if sparsed is None and given:
         flag = "--" + given[0].replace("_", "-")
-        raise UsageError(f"{flag} (like --select, --block-size, --prefix-budget, --select-every and --scorer) needs "
-                         f"--attn sparsed, got --attn {args.attn}")  # fmt: skip
+        raise UsageError(f"{flag} is a setting of the sparse prefix selection: it needs --attn sparsed, got "
+                         f"--attn {args.attn}")  # fmt: skip
     tok, ids = _encode_prompt(args, config)
     _quiet_loading(args)
     model = _load_weights(args.model, causal_lm=True, config=config, attn_implementation=args.attn,

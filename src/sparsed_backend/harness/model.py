@@ -252,7 +252,8 @@ class DiffusionLM(LM):
         if wrong:
             raise ModelArgError(f"model args {wrong} apply to block-diffusion (Qwen3) checkpoints only")
         self.attn = _choice("attn", kw.get("attn", "dense"), ATTN)
-        sparse_keys = ("skip", "select", "block_size", "min_sparse_len", "keep_diagonal", "prompt_end_offset")
+        sparse_keys = ("skip", "select", "block_size", "min_sparse_len", "keep_diagonal", "prompt_end_offset",
+                       "pattern")  # fmt: skip
         self.sparsed = None
         if self.attn == "sparsed":
             fields = {k: kw[k] for k in sparse_keys if k in kw}
