@@ -46,16 +46,21 @@ def prefilled(model, ids, block, **extra):
     return cache, valid
 
 
+def prompt_and_block(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of 2 prompts of 24 tokens, a 4-token block after them and the block's positions."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, MASK_ID, (2, 24), generator=g)
+    block = torch.randint(2, MASK_ID, (2, 4), generator=g)
+    return ids, block, torch.arange(24, 28).expand(2, 4)
+
+
 @pytest.mark.parametrize("implementation", ["sdpa", "sparsed"])
 def test_the_pieces_compute_the_models_forward(implementation):
     """A denoising forward through the decoder's pieces (uncaptured) equals the model's forward
     bit for bit, with the same cache writes; with the "sparsed" attention through a selecting
     step and a sparse step, whose selections are equal too."""
     model = sdar_model(implementation)
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(2, MASK_ID, (2, 24), generator=g)
-    block = torch.randint(2, MASK_ID, (2, 4), generator=g)
-    positions = torch.arange(24, 28).expand(2, 4)
+    ids, block, positions = prompt_and_block(seed=3)
     results = []
     for graphed in (False, True):
         state = PrefixSparseState(PrefixSparseConfig(select=0.5, block_size=4), padded=False)
@@ -88,10 +93,7 @@ def test_a_commit_through_the_pieces_writes_the_models_keys_and_values():
     """A commit (no logits wanted) skips the last piece, which feeds only the LM head: it
     returns None and writes the cache the model's own forward writes, bit for bit."""
     model = sdar_model("sdpa")
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(2, MASK_ID, (2, 24), generator=g)
-    block = torch.randint(2, MASK_ID, (2, 4), generator=g)
-    positions = torch.arange(24, 28).expand(2, 4)
+    ids, block, positions = prompt_and_block(seed=5)
     caches = []
     for graphed in (False, True):
         cache, valid = prefilled(model, ids, 4)
