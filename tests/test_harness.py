@@ -712,6 +712,8 @@ def test_a_block_diffusion_checkpoint_runs_blockdiff_generate(harness_model, tmp
     write_blockdiff_checkpoint(tmp_path, block_size=4)
     with pytest.raises(ValueError, match=r"model args \['steps'\] belong to the LLaDA / Dream samplers"):
         harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", steps=4)
+    with pytest.raises(ValueError, match=r"model args \['mc_samples'\] belong to the LLaDA / Dream samplers"):
+        harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", mc_samples=8)  # no likelihood here
     with pytest.raises(ValueError, match=r"model args \['select'\] are sparse prefix settings: they need attn=sparsed"):
         harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", select=0.3)
     with pytest.raises(ValueError, match=r"^model arg select: give exactly one of select and budget"):

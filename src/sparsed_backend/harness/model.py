@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 FAMILIES = {"llada": "llada", "Dream": "dream", "qwen3": "blockdiff"}  # config.model_type -> sampler family
 # Model args of the LLaDA / Dream samplers that a block-diffusion checkpoint (blockdiff_generate) refuses.
 NOT_BLOCKDIFF = ("skip", "min_sparse_len", "keep_diagonal", "prompt_end_offset", "steps", "alg", "alg_temp",
-                 "kv_cache", "rope_scaling", "factor")  # fmt: skip
+                 "kv_cache", "rope_scaling", "factor", "mc_samples")  # fmt: skip
 BLOCKDIFF_SPARSE = ("select", "prefix_budget", "block_size", "per_kv_head", "pattern", "select_every", "scorer")
 # Model args only blockdiff_generate takes, refused for a LLaDA / Dream checkpoint.
 ONLY_BLOCKDIFF = ("denoising_steps", "prefix_budget", "per_kv_head", "select_every", "scorer", "cuda_graphs")
