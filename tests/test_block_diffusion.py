@@ -14,7 +14,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from sparsed_backend._validate import ArgumentTypeError, ArgumentValueError
 from sparsed_backend.sampling.block_cache import BlockDiffusionKVCache, cache_keyword
-from sparsed_backend.sampling.block_diffusion import block_causal_mask, blockdiff_generate
+from sparsed_backend.sampling.block_diffusion import block_causal_mask, blockdiff_generate, planned_steps
 
 REFERENCE_DIR = Path(__file__).parent / "fixtures" / "sdar_reference"
 REFERENCE = json.loads((REFERENCE_DIR / "reference.json").read_text())
@@ -322,6 +322,53 @@ def test_seeded_sampling_is_reproducible():
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
     assert not (runs[0][:, ids.shape[1] :] == MASK_ID).any()
+
+
+@pytest.mark.parametrize(
+    ("masked", "schedule", "steps"),
+    [([4], [1, 1, 1, 1], 4), ([1, 4], [1, 1, 1, 1], 4), ([1, 2], [1, 1, 1, 1], 2), ([3], [2, 2], 2),
+     ([2], [2, 2], 1), ([0, 0], [1, 1], 0), ([5], [2, 2, 1], 3)],
+)  # fmt: skip
+def test_planned_steps_run_until_the_most_masked_row_is_done(masked, schedule, steps):
+    assert planned_steps(masked, schedule) == steps
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"denoising_steps": 4}, {"denoising_steps": 2}, {"remasking": "sequential"},
+     {"remasking": "low_confidence_dynamic", "threshold": 0.3}, {"temperature": 1.0}],
+    ids=["static", "static-2-steps", "sequential", "dynamic", "sampled"],
+)  # fmt: skip
+def test_planned_steps_skip_read_backs_and_change_nothing(monkeypatch, kwargs):
+    """A greedy schedule with fixed counts runs its planned steps without reading the masks
+    back (one read-back per block, after the plan), and decodes what reading back at every step
+    decodes: same tokens, steps and forwards. Dynamic counts and sampling read back every step."""
+    from sparsed_backend.sampling import block_diffusion
+
+    ids, mask = left_padded(PROMPTS)  # tails of 3, 2 and 1 against blocks of 4
+    args = {"gen_length": 10, "block_length": 4, "denoising_steps": 4, "mask_id": MASK_ID,
+            "return_dict_in_generate": True, **kwargs}  # fmt: skip
+    runs, read_backs = [], []
+    real_tolist = torch.Tensor.tolist
+    for plan in (True, False):
+        count = [0]
+
+        def tolist(tensor, count=count):
+            count[0] += 1
+            return real_tolist(tensor)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "tolist", tolist)
+            if not plan:
+                patch.setattr(block_diffusion, "planned_steps", lambda masked, schedule: 0)
+            g = torch.Generator().manual_seed(5)
+            runs.append(blockdiff_generate(sdar_model(), ids, mask, generator=g, **args))
+        read_backs.append(count[0])
+    (planned, every), (with_plan, without) = runs, read_backs
+    assert torch.equal(planned.sequences, every.sequences)
+    assert planned.block_steps == every.block_steps and planned.num_forwards == every.num_forwards
+    fixed = kwargs.get("remasking") != "low_confidence_dynamic" and kwargs.get("temperature", 0) == 0
+    assert without - with_plan == (sum(every.block_steps) if fixed else 0)
 
 
 def test_a_mask_token_written_by_the_model_is_decoded_after_the_schedule():

@@ -212,6 +212,19 @@ def choose_transfer(
     return chosen
 
 
+def planned_steps(masked: list[int], schedule: list[int]) -> int:
+    """Denoising steps a block takes when every step unmasks its scheduled count: until the row
+    with the most masked positions (``masked``, one count per row) has none left. A row whose
+    model writes the mask token itself takes more; fewer are not possible (a step never unmasks
+    more than its count), so the sampler may run this many steps without reading back."""
+    done, total = 0, 0
+    for count in schedule:
+        if total >= max(masked):
+            break
+        total, done = total + count, done + 1
+    return done
+
+
 def _check_arguments(remasking, threshold, temperature, top_k, top_p, eos_token_id, mask_id, generator, batch):
     if remasking not in BLOCKDIFF_REMASKING:
         raise ArgumentValueError("remasking", f"remasking must be one of {BLOCKDIFF_REMASKING}, got {remasking!r}")
@@ -382,6 +395,11 @@ def blockdiff_generate(
     graphs = GraphedDecoder(model, batch, block_length) if cuda_graphs else None
     run = _BlockRunner(model, cache, dtype, state, graphs, padded)
     schedule = llada_transfer_schedule(block_length, steps)
+    # With a fixed count per step and greedy sampling, the steps a block needs are known on the
+    # host (`planned_steps`): those run without reading the masks back, so the host queues the
+    # next step while the device computes; from there on each step reads back as below.
+    static = remasking != "low_confidence_dynamic" and temperature == 0
+    everyone = list(range(batch))
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     generated = column >= ends[:, None]  # (B, T)
     stopped_after = [None] * batch  # the block after which each row stopped
@@ -400,11 +418,17 @@ def blockdiff_generate(
         keep = block_causal_mask(valid, start, stop, block_length)  # (B, 1, BL, stop)
         block = x[:, start:stop].clone()  # (B, BL)
         step = 0
+        # Masked positions per row: the first decoded block holds each prompt's tail.
+        tails = [p % block_length if b == prefill_blocks else 0 for p in lengths]
+        planned = planned_steps([block_length - t for t in tails], schedule) if static else 0
         while True:
             masked = block == mask_id  # (B, BL)
-            left = masked.sum(-1).tolist()  # the one read-back per step: which rows go on
-            if max(left) == 0:
-                break
+            rows = everyone  # who draws samples; greedy (all the plan allows), nobody draws
+            if step >= planned:
+                left = masked.sum(-1).tolist()  # the read-back: which rows go on
+                if max(left) == 0:
+                    break
+                rows = [r for r in range(batch) if left[r] > 0]
             past_schedule = step >= steps
             if state is not None and step == 0:
                 state.begin_block()  # the block's first step selects
@@ -413,7 +437,6 @@ def blockdiff_generate(
             logits = run("denoise", block, positions[:, start:stop], keep, True)  # (B, BL, V)
             if past_schedule:  # only reached when the model wrote the mask token itself
                 logits[..., mask_id] = -torch.inf
-            rows = [r for r in range(batch) if left[r] > 0]
             tokens, confidence = sample_tokens(logits, temperature, top_k, top_p, generators, rows)
             count = block_length if past_schedule else schedule[step]
             transfer = choose_transfer(remasking, confidence, masked, count, threshold)
