@@ -9,9 +9,10 @@ profiler off for the prefill and on for every forward of --block queries (the de
 and the commits). Printed per variant: the wall time per decoding forward (device synchronised at
 the profiler's start and stop), the summed CUDA kernel time per forward (how busy the GPU is),
 and the kernels and CPU ops that take the most time; then, from a second generation with every
-forward synchronised (`timing.StepTimer`), the mean time per forward kind (prefill chunks, the
-selecting "score" step, "sparse" steps, dense denoising steps and commits; with CUDA graphs only
-the prefill runs the model's forward, so only it is listed). Variants as in ``bench_blockdiff.py``.
+forward synchronised (`KindTimer`, around the sampler's per-forward call, so graphed forwards
+count too), the mean time per forward kind: prefill chunks, the selecting "score" step, "sparse"
+steps, "dense" denoising steps and commits. Variants as in ``bench_blockdiff.py``
+(``sparse_fused``: the fused scorer; ``--select-every`` for the sparse variants).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from bench_blockdiff import qwen3_config, sdpa_grouped_heads
 from sparsed_backend.attention.prefix_selection import PrefixSparseConfig
 from sparsed_backend.sampling import block_diffusion
 from sparsed_backend.sampling.block_diffusion import blockdiff_generate
-from sparsed_backend.timing import StepTimer, sync
+from sparsed_backend.timing import sync
 
 
 class DecodeProfiler:
@@ -64,6 +65,37 @@ class DecodeProfiler:
             self.prof.stop()
 
 
+class KindTimer:
+    """Every forward of the sampler synchronised before and after and filed by kind: "prefill"
+    (forwards wider than a block), "commit", or the denoising step's prefix-selection mode
+    ("score", "sparse"; "dense" without sparse selection). Wraps the sampler's per-forward call,
+    so forwards through CUDA graphs count as well."""
+
+    def __init__(self, block: int, device: torch.device) -> None:
+        self.records: dict[str, list[float]] = {}
+        self._call = block_diffusion._BlockRunner.__call__
+        timer = self
+
+        def call(runner, forward, ids, *args, **kwargs):
+            if ids.shape[1] != block:
+                kind = "prefill"
+            elif forward == "commit":
+                kind = "commit"
+            else:
+                kind = "dense" if runner.state is None else runner.state.mode
+            sync(device)
+            t0 = time.perf_counter()
+            out = timer._call(runner, forward, ids, *args, **kwargs)
+            sync(device)
+            timer.records.setdefault(kind, []).append(time.perf_counter() - t0)
+            return out
+
+        block_diffusion._BlockRunner.__call__ = call
+
+    def finish(self) -> None:
+        block_diffusion._BlockRunner.__call__ = self._call
+
+
 @torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,10 +106,20 @@ def main() -> None:
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=["dense", "dense_gqa", "sparse", "dense_graphs", "dense_gqa_graphs", "sparse_graphs"],
+        choices=[
+            "dense",
+            "dense_gqa",
+            "sparse",
+            "sparse_fused",
+            "dense_graphs",
+            "dense_gqa_graphs",
+            "sparse_graphs",
+            "sparse_fused_graphs",
+        ],
         default=["dense", "sparse"],
         help="a _graphs suffix runs with cuda_graphs=True",
     )
+    p.add_argument("--select-every", type=int, default=1, help="sparse variants: blocks per selection")
     p.add_argument("--rows", type=int, default=15)
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -92,8 +134,11 @@ def main() -> None:
     common = dict(block_length=args.block, denoising_steps=args.block, mask_id=mask_id)
     for variant in args.variants:
         name = variant.removesuffix("_graphs")
-        model.set_attn_implementation("sparsed" if name == "sparse" else "sdpa")
-        extra = {"sparsed": PrefixSparseConfig(select=args.select, per_kv_head=True)} if name == "sparse" else {}
+        sparse = name in ("sparse", "sparse_fused")
+        model.set_attn_implementation("sparsed" if sparse else "sdpa")
+        scorer = "fused" if name == "sparse_fused" else "separate"
+        config = PrefixSparseConfig(select=args.select, per_kv_head=True, select_every=args.select_every, scorer=scorer)
+        extra = {"sparsed": config} if sparse else {}
         extra["cuda_graphs"] = variant.endswith("_graphs")
         grouped = sdpa_grouped_heads() if name == "dense_gqa" else contextlib.nullcontext()
         with grouped:
@@ -103,23 +148,20 @@ def main() -> None:
                 blockdiff_generate(model, ids, gen_length=args.gen, **common, **extra)
             finally:
                 hook.finish()
-            timer = StepTimer(model)  # a second run: each forward synchronised, by kind and rows
+            timer = KindTimer(args.block, dev)  # a second run: each forward synchronised, by kind
             try:
                 blockdiff_generate(model, ids, gen_length=args.gen, **common, **extra)
             finally:
-                timer.remove()
-        kinds: dict[tuple[str, int], list[float]] = {}
-        for kind, rows, seconds in timer.records:
-            kinds.setdefault((kind, rows), []).append(seconds)
+                timer.finish()
         events = hook.prof.key_averages()
         # GPU busy time: the kernels' own events (an aten op's self device time repeats its kernels').
         cuda_us = sum(e.self_device_time_total for e in hook.prof.events() if e.device_type == DeviceType.CUDA)
         n = hook.forwards
         print(f"\n## {variant}: prefix {args.prefix}, block {args.block}, {n} decoding forwards", flush=True)
         print(f"wall {1e3 * hook.wall / n:.2f} ms per forward; CUDA kernels {cuda_us / 1e3 / n:.2f} ms per forward")
-        for (kind, rows), times in sorted(kinds.items()):
+        for kind, times in sorted(timer.records.items()):
             mean_ms = 1e3 * sum(times) / len(times)
-            print(f"synchronised forwards, {kind} x {rows} rows: {len(times)}, mean {mean_ms:.2f} ms")
+            print(f"synchronised forwards, {kind}: {len(times)}, mean {mean_ms:.2f} ms")
         try:
             print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
         except (AttributeError, KeyError, ValueError):  # older profilers name it after CUDA
