@@ -15,7 +15,9 @@ token per step, blocks of the model's ``block_size``. Methods:
 - ``local`` / ``random``: the same number of blocks, nearest the decoded block / drawn at random.
 
 ``--select-every`` runs each sparse method at every listed ``PrefixSparseConfig.select_every``
-(1: a selection per block; r: per r blocks, the blocks between reading the positions since).
+(1: a selection per block; r: per r blocks, the blocks between reading the positions since), and
+``--commits`` with exact commits (``exact``) and/or sparse ones (``sparse``:
+``PrefixSparseConfig.sparse_commit``, the stored K/V of decoded blocks read the kept blocks).
 
 Each row gives exact match with its 95% Wilson interval, the kept share of prefix blocks, and
 how many answers equal the dense answers on the same prompts.
@@ -51,6 +53,8 @@ def main() -> None:
     p.add_argument("--prefix-block", type=int, default=128, help="prefix tokens per selectable block")
     p.add_argument("--per-kv-head", action="store_true")
     p.add_argument("--select-every", type=int, nargs="+", default=[1], help="blocks per selection")
+    p.add_argument("--commits", nargs="+", choices=["exact", "sparse"], default=["exact"],
+                   help="how each decoded block's K/V are stored (PrefixSparseConfig.sparse_commit)")  # fmt: skip
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=FRESH_SEED, help="prompts of length n use seed + n")
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
@@ -76,8 +80,11 @@ def main() -> None:
         for select in args.selects:
             for method in args.methods:
                 for every in args.select_every:
-                    fields = {"select": select, "block_size": args.prefix_block, "per_kv_head": args.per_kv_head}
-                    cells.append((method, select, PrefixSparseConfig(**fields, pattern=method, select_every=every)))
+                    for commit in args.commits:
+                        fields = {"select": select, "block_size": args.prefix_block, "per_kv_head": args.per_kv_head,
+                                  "pattern": method, "select_every": every}  # fmt: skip
+                        config = PrefixSparseConfig(**fields, sparse_commit=commit == "sparse")
+                        cells.append((method, select, config))
         for method, select, cfg in cells:
             if cfg is None:
                 out, share = dense, None
@@ -88,14 +95,15 @@ def main() -> None:
             correct = int((out == prompts.answers).all(-1).sum())
             lo, hi = wilson_interval(correct, args.prompts)
             every = None if cfg is None else cfg.select_every
-            row = {"N": n, "method": method, "select": select, "select_every": every,
+            commit = None if cfg is None else ("sparse" if cfg.sparse_commit else "exact")
+            row = {"N": n, "method": method, "select": select, "select_every": every, "commit": commit,
                    "exact_match": 100 * correct / args.prompts,
                    "ci95": f"[{100 * lo:.1f}, {100 * hi:.1f}]", "kept_share": share,
                    "same_as_dense": 100 * float((out == dense).all(-1).float().mean())}  # fmt: skip
             rows.append(row)
-            print(f"  N={n:5d} {method:6s} select={select} every={every} {row['exact_match']:5.1f}% {row['ci95']}",
-                  flush=True)  # fmt: skip
-    cols = ["N", "method", "select", "select_every", "exact_match", "ci95", "kept_share", "same_as_dense"]
+            print(f"  N={n:5d} {method:6s} select={select} every={every} commit={commit} {row['exact_match']:5.1f}% "
+                  f"{row['ci95']}", flush=True)  # fmt: skip
+    cols = ["N", "method", "select", "select_every", "commit", "exact_match", "ci95", "kept_share", "same_as_dense"]
     table = markdown_table(rows, cols)
     write_results(args.name, env, rows, table, args.out)
     print(table)

@@ -163,6 +163,9 @@ BAD_INPUTS = [
      r"^sparsed generate: error: --scorer='fused' needs the block-sparse decode kernel, but "),
     (["generate", *QUICK, "--select-every", "2"], r"^sparsed generate: error: --select-every applies only to "),
     (["generate", *QUICK, "--scorer", "fused"], r"^sparsed generate: error: --scorer applies only to "),
+    (["generate", *QUICK, "--sparse-commit"], r"^sparsed generate: error: --sparse-commit applies only to "),
+    (["generate", *BLOCKDIFF, "--sparse-commit"],
+     r"^sparsed generate: error: --sparse-commit is a setting of the sparse prefix selection: it needs --attn "),
     (["generate", *BLOCKDIFF, "--remasking", "low_confidence_dynamic"],
      r"--remasking='low_confidence_dynamic' needs a --threshold in \[0, 1\]"),
     (["generate", *BLOCKDIFF, "--threshold", "0.9", "--remasking", "sequential"],
@@ -470,13 +473,13 @@ def test_generate_runs_a_block_diffusion_checkpoint_with_its_flags(tmp_path, mon
     assert kw["sparsed"] is None and kw["gen_length"] == 8
     extra = ["--attn", "sparsed", "--block-length", "2", "--denoising-steps", "1", "--threshold", "0.9",
              "--prefix-budget", "8", "--block-size", "4", "--select-every", "3", "--scorer", "separate",
-             "--no-progress"]  # fmt: skip
+             "--sparse-commit", "--no-progress"]  # fmt: skip
     assert main(["generate", *argv, *extra]) == 0
     name, attn, kw = calls[-1]
     assert (attn, kw["block_length"], kw["denoising_steps"], kw["remasking"], kw["threshold"]) == (
         "sparsed", 2, 1, "low_confidence_dynamic", 0.9
     )  # fmt: skip
-    assert kw["sparsed"] == PrefixSparseConfig(select=None, budget=8, block_size=4, select_every=3)
+    assert kw["sparsed"] == PrefixSparseConfig(select=None, budget=8, block_size=4, select_every=3, sparse_commit=True)
     assert main(["generate", *argv, "--attn", "sparsed", "--no-progress"]) == 0
     assert calls[-1][2]["sparsed"] == PrefixSparseConfig()  # select 0.3, its default
 
@@ -488,7 +491,7 @@ def test_generate_help_lists_the_block_diffusion_flags(capsys):
     status, out, _ = run_main(["generate", "--help"], capsys)
     assert status == 0
     flags = ("--denoising-steps", "--remasking", "--prefix-budget", "--select", "--block-size", "--threshold",
-             "--select-every", "--scorer")  # fmt: skip
+             "--select-every", "--scorer", "--sparse-commit")  # fmt: skip
     for flag in flags:
         assert re.search(rf"^  {flag} ", out, re.M), flag
     actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions}

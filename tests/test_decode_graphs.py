@@ -119,8 +119,9 @@ def test_a_commit_through_the_pieces_writes_the_models_keys_and_values():
         None,
         PrefixSparseConfig(select=0.3, block_size=4, per_kv_head=True),
         PrefixSparseConfig(select=0.3, block_size=4, per_kv_head=True, select_every=3),
+        PrefixSparseConfig(select=0.3, block_size=4, per_kv_head=True, sparse_commit=True),
     ],
-    ids=["dense", "sparse", "sparse_every_3"],
+    ids=["dense", "sparse", "sparse_every_3", "sparse_commit"],
 )
 def test_the_sampler_with_the_decoder_decodes_the_same_tokens(monkeypatch, sparsed, padded):
     """blockdiff_generate(cuda_graphs=True) with the decoder's pieces run uncaptured decodes
@@ -159,14 +160,15 @@ def test_the_sampler_with_the_decoder_decodes_the_same_tokens(monkeypatch, spars
     # Every block's denoising steps and its commit went through the decoder; with sparsed, every
     # step but a selecting block's first through the whole-forward sparse step.
     blocks = len(got.block_steps)
-    assert calls.count("commit") == blocks == 7
+    sparse_commits = blocks if sparsed is not None and sparsed.sparse_commit else 0  # whole-forward sparse steps
+    assert calls.count("commit") + sparse_commits == blocks == 7
     sparse = 0
     if sparsed is not None:  # every step but a selecting block's first
         selecting = got.sparsed_state.selections
         sparse = sum(got.block_steps) - selecting
     assert sparse > 0 or sparsed is None
     assert set(masks) == {not padded}
-    assert calls.count("sparse") == sparse and calls.count("step") == sum(got.block_steps) - sparse
+    assert calls.count("sparse") == sparse + sparse_commits and calls.count("step") == sum(got.block_steps) - sparse
 
 
 def test_cuda_graphs_refuses_what_it_cannot_run():

@@ -731,7 +731,7 @@ def test_a_block_diffusion_checkpoint_runs_blockdiff_generate(harness_model, tmp
     monkeypatch.setattr(harness_model, "blockdiff_generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=8, attn="sparsed",
                                    prefix_budget=8, block_size=4, per_kv_head=True, threshold=0.9,
-                                   select_every=2)  # fmt: skip
+                                   select_every=2, sparse_commit=True)  # fmt: skip
     assert lm.family == "blockdiff" and type(lm.model).__name__ == "Qwen3ForCausalLM"
     out = lm.generate_until([_instance("generate_until", ("\u4e00\u4e01?" * 3, {"until": [], "max_gen_toks": 8}))])
     assert len(out) == 1 and isinstance(out[0], str)
@@ -739,7 +739,9 @@ def test_a_block_diffusion_checkpoint_runs_blockdiff_generate(harness_model, tmp
     assert (kw["block_length"], kw["denoising_steps"], kw["remasking"], kw["threshold"]) == (
         4, 4, "low_confidence_dynamic", 0.9,
     )  # fmt: skip
-    assert kw["sparsed"] == PrefixSparseConfig(select=None, budget=8, block_size=4, per_kv_head=True, select_every=2)
+    assert kw["sparsed"] == PrefixSparseConfig(
+        select=None, budget=8, block_size=4, per_kv_head=True, select_every=2, sparse_commit=True
+    )
     assert kw["cuda_graphs"] is False
     if not torch.cuda.is_available():  # the model arg reaches the sampler, which refuses it off CUDA
         lm = harness_model.DiffusionLM(pretrained=str(tmp_path), device="cpu", gen_length=8, cuda_graphs=True)

@@ -24,6 +24,7 @@ from sparsed_backend.attention.prefix_selection import (
     prefix_sparse_attention,
 )
 from sparsed_backend.attention.switch_step import dense_with_lse
+from sparsed_backend.sampling.block_cache import BlockDiffusionKVCache
 from sparsed_backend.sampling.block_diffusion import blockdiff_generate
 
 REFERENCE_DIR = Path(__file__).parent / "fixtures" / "sdar_reference"
@@ -260,12 +261,13 @@ def test_mass_covers_every_attendable_key_once():
     torch.testing.assert_close(mass.sum(-1) + own, torch.full((2, 4), 4.0), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize(("every", "sparse_commit"), [(1, False), (3, False), (1, True), (3, True)])
 @pytest.mark.parametrize("prompt_len", [3, 21])
-def test_sampler_at_select_one_decodes_the_dense_tokens(prompt_len, every):
+def test_sampler_at_select_one_decodes_the_dense_tokens(prompt_len, every, sparse_commit):
     """blockdiff_generate with the "sparsed" attention and select 1.0 decodes what the dense
     sampler ("sdpa") decodes, greedy, for a prompt shorter than one block and one of several,
-    selecting at every block or at every third (the blocks between read the positions since)."""
+    selecting at every block or at every third (the blocks between read the positions since),
+    with exact commits or sparse ones (which at select 1.0 read every key)."""
     g = torch.Generator().manual_seed(prompt_len)
     ids = torch.randint(2, 99, (2, prompt_len), generator=g)
     mask = torch.ones_like(ids)
@@ -273,8 +275,8 @@ def test_sampler_at_select_one_decodes_the_dense_tokens(prompt_len, every):
     common = {"gen_length": 12, "block_length": 4, "denoising_steps": 4, "mask_id": 99}
     dense = blockdiff_generate(sdar_model("sdpa"), ids, mask, **common)
     out = blockdiff_generate(
-        sdar_model("sparsed"), ids, mask, sparsed=PrefixSparseConfig(select=1.0, block_size=4, select_every=every),
-        return_dict_in_generate=True, **common,
+        sdar_model("sparsed"), ids, mask, return_dict_in_generate=True, **common,
+        sparsed=PrefixSparseConfig(select=1.0, block_size=4, select_every=every, sparse_commit=sparse_commit),
     )  # fmt: skip
     assert torch.equal(out.sequences, dense)
     state = out.sparsed_state
@@ -299,6 +301,42 @@ def test_sampler_keeps_a_share_of_the_prefix_and_commits_exact_keys():
     # prefill, then per block: score, sparse, commit.
     assert modes == ["dense", "score", "sparse", "dense", "score", "sparse", "dense"]
     assert 0.2 < out.sparsed_state.density() < 0.5  # ceil(0.25 * 5 or 6 blocks) of 5-6
+
+
+def test_sparse_commits_store_the_keys_the_sparse_steps_read(monkeypatch):
+    """sparse_commit=True: each block's commit runs in sparse mode (prefix blocks kept by the
+    block's selection), so the cache then holds K/V that differ from the exact commits' from
+    the second layer on (the first layer's K/V come from the embeddings alone)."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(2, 99, (1, 40), generator=g)
+    common = {"gen_length": 8, "block_length": 4, "denoising_steps": 2, "mask_id": 99}
+    caches, modes = [], []
+    update = BlockDiffusionKVCache.update
+    for sparse_commit in (False, True):
+        model = sdar_model("sparsed")
+        hook = model.model.layers[0].self_attn.register_forward_pre_hook(
+            lambda mod, args, kwargs: modes.append(kwargs["prefix_state"].mode), with_kwargs=True
+        )
+        seen = []
+
+        def spy(self, key, value, layer_idx, *args, seen=seen, **kwargs):
+            seen.append(self)
+            return update(self, key, value, layer_idx, *args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(BlockDiffusionKVCache, "update", spy)
+            config = PrefixSparseConfig(select=0.25, block_size=8, sparse_commit=sparse_commit)
+            blockdiff_generate(model, ids, sparsed=config, **common)
+        hook.remove()
+        caches.append(seen[-1])
+    # prefill, then per block: score, sparse, commit (dense, then sparse).
+    assert modes[:7] == ["dense", "score", "sparse", "dense", "score", "sparse", "dense"]
+    assert modes[7:] == ["dense", "score", "sparse", "sparse", "score", "sparse", "sparse"]
+    exact, sparse = caches
+    first = slice(40, 44)  # the first decoded block: the same tokens in both runs (nothing differs before its commit)
+    assert torch.equal(exact.keys[:, :, :, :40], sparse.keys[:, :, :, :40])  # the prefill is exact in both
+    assert torch.equal(exact.keys[0, :, :, first], sparse.keys[0, :, :, first])  # layer 0: embeddings only
+    assert not torch.allclose(exact.keys[1:, :, :, first], sparse.keys[1:, :, :, first])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the block-sparse decode kernel)")
@@ -362,6 +400,9 @@ def test_bad_configurations_name_the_argument():
     assert PrefixSparseConfig(select=None, budget=300, block_size=128).blocks_kept(10) == 3
     with pytest.raises(ArgumentTypeError, match="per_kv_head must be a bool"):
         PrefixSparseConfig(per_kv_head=1)
+    with pytest.raises(ArgumentTypeError, match="sparse_commit must be a bool, got 'yes'") as err:
+        PrefixSparseConfig(sparse_commit="yes")
+    assert err.value.argument == "sparse_commit"
     ids = torch.randint(2, 99, (1, 9))
     common = {"gen_length": 4, "block_length": 4, "denoising_steps": 4, "mask_id": 99}
     with pytest.raises(ArgumentValueError, match="needs the model loaded with attn_implementation='sparsed'"):

@@ -54,6 +54,7 @@ LIBRARY_FLAGS = {
     "budget": "--prefix-budget",
     "select_every": "--select-every",
     "scorer": "--scorer",
+    "sparse_commit": "--sparse-commit",
     "cuda_graphs": "--cuda-graphs",
     # the demo's sample_prompts
     "seed": "--seed",

@@ -28,6 +28,7 @@ BLOCKDIFF_FLAGS = {
     "prefix_budget": "--prefix-budget",
     "select_every": "--select-every",
     "scorer": "--scorer",
+    "sparse_commit": "--sparse-commit",
     "cuda_graphs": "--cuda-graphs",
 }
 # Flags of the LLaDA / Dream samplers (and SparseD) that a block-diffusion checkpoint refuses.
@@ -36,9 +37,9 @@ NOT_BLOCKDIFF_FLAGS = {"steps": "--steps", "kv_cache": "--kv-cache", "skip": "--
                        "factor": "--factor"}  # fmt: skip
 # blockdiff_generate's and PrefixSparseConfig's arguments that flags feed (keys of LIBRARY_FLAGS).
 FED = ("gen_length", "block_length", "denoising_steps", "remasking", "threshold", "temperature", "select", "budget",
-       "block_size", "select_every", "scorer", "cuda_graphs")  # fmt: skip
+       "block_size", "select_every", "scorer", "sparse_commit", "cuda_graphs")  # fmt: skip
 # PrefixSparseConfig fields a flag of the same name sets (with --attn sparsed only).
-PREFIX_FIELDS = ("select", "block_size", "select_every", "scorer")
+PREFIX_FIELDS = ("select", "block_size", "select_every", "scorer", "sparse_commit")
 
 
 def refuse_flags(args: argparse.Namespace, flags: dict[str, str], family: str, model_type: str) -> None:
@@ -53,8 +54,8 @@ def refuse_flags(args: argparse.Namespace, flags: dict[str, str], family: str, m
 
 
 def _prefix_config(args: argparse.Namespace):
-    """The PrefixSparseConfig of --select or --prefix-budget, --block-size, --select-every and
-    --scorer (it checks them)."""
+    """The PrefixSparseConfig of --select or --prefix-budget, --block-size, --select-every,
+    --scorer and --sparse-commit (it checks them)."""
     from .attention.prefix_selection import PrefixSparseConfig
 
     fields = {name: getattr(args, name) for name in PREFIX_FIELDS if hasattr(args, name)}
@@ -65,7 +66,7 @@ def _prefix_config(args: argparse.Namespace):
         )
     if hasattr(args, "prefix_budget"):
         fields = {"select": None, **fields, "budget": args.prefix_budget}  # the budget replaces select
-    with _flags("select", "budget", "block_size", "select_every", "scorer"):
+    with _flags("select", "budget", "block_size", "select_every", "scorer", "sparse_commit"):
         return PrefixSparseConfig(**fields)
 
 

@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scorer", default=SUPPRESS, choices=PREFIX_SCORERS,
                    help="block diffusion with --attn sparsed: how a block's first step scores the prefix; fused "
                         "needs CUDA and the Triton decode kernel (default: separate)")  # fmt: skip
+    g.add_argument("--sparse-commit", action="store_true", default=SUPPRESS,
+                   help="block diffusion with --attn sparsed: each decoded block's commit reads the kept prefix "
+                        "blocks too (its stored K/V approximate) instead of every key")  # fmt: skip
     g.add_argument("--cuda-graphs", action="store_true", default=SUPPRESS,
                    help="block diffusion on CUDA: run the decoding forwards through CUDA graphs around the "
                         "attention (less launch time, same tokens)")  # fmt: skip

@@ -81,7 +81,13 @@ class PrefixSparseConfig:
             block scorer's sweep over the prefix (`prefix_block_mass`). "fused": the block-sparse
             decode kernel with every prefix block listed gives both in one sweep
             (`kernels.sparse_decode.decode_attention_with_block_mass`); CUDA with Triton only
-            (elsewhere it raises), not yet measured on a GPU.
+            (elsewhere it raises).
+        sparse_commit: the commit of a finished block (the forward that stores its K/V for
+            every later block) attends like the block's sparse steps, to the kept prefix blocks
+            and the block, instead of exactly. Every forward after the prefill is then sparse
+            or selecting, but the stored K/V of the decoded blocks (the prompt's last partial
+            block among them) are approximate from the second layer on. Not in MAGE or LoSA;
+            False (the default) keeps every stored K/V exact.
     """
 
     select: float | None = 0.3
@@ -92,6 +98,7 @@ class PrefixSparseConfig:
     seed: int = 0
     select_every: int = 1
     scorer: str = "separate"
+    sparse_commit: bool = False
 
     def __post_init__(self) -> None:
         if (self.select is None) == (self.budget is None):
@@ -113,6 +120,8 @@ class PrefixSparseConfig:
         check_int("select_every", self.select_every, 1)
         if self.scorer not in PREFIX_SCORERS:
             raise ArgumentValueError("scorer", f"scorer must be one of {PREFIX_SCORERS}, got {self.scorer!r}")
+        if not isinstance(self.sparse_commit, bool):
+            raise ArgumentTypeError("sparse_commit", f"sparse_commit must be a bool, got {self.sparse_commit!r}")
 
     def blocks_kept(self, n_blocks: int) -> int:
         """Prefix blocks each head keeps out of ``n_blocks`` (at least one, at most all)."""

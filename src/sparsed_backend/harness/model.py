@@ -52,9 +52,11 @@ FAMILIES = {"llada": "llada", "Dream": "dream", "qwen3": "blockdiff"}  # config.
 # Model args of the LLaDA / Dream samplers that a block-diffusion checkpoint (blockdiff_generate) refuses.
 NOT_BLOCKDIFF = ("skip", "min_sparse_len", "keep_diagonal", "prompt_end_offset", "steps", "alg", "alg_temp",
                  "kv_cache", "rope_scaling", "factor", "mc_samples")  # fmt: skip
-BLOCKDIFF_SPARSE = ("select", "prefix_budget", "block_size", "per_kv_head", "pattern", "select_every", "scorer")
+BLOCKDIFF_SPARSE = ("select", "prefix_budget", "block_size", "per_kv_head", "pattern", "select_every", "scorer",
+                    "sparse_commit")  # fmt: skip
 # Model args only blockdiff_generate takes, refused for a LLaDA / Dream checkpoint.
-ONLY_BLOCKDIFF = ("denoising_steps", "prefix_budget", "per_kv_head", "select_every", "scorer", "cuda_graphs")
+ONLY_BLOCKDIFF = ("denoising_steps", "prefix_budget", "per_kv_head", "select_every", "scorer", "sparse_commit",
+                  "cuda_graphs")  # fmt: skip
 ATTN = ("dense", "sparsed")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -187,7 +189,7 @@ class DiffusionLM(LM):
     (``low_confidence_static``, ``low_confidence_dynamic`` with ``threshold``, ``sequential``),
     ``temperature``, ``top_k``, ``top_p``, and with ``attn=sparsed`` the sparse prefix selection's
     ``select`` (default 0.3) or ``prefix_budget`` (tokens), ``block_size`` (prefix tokens per block,
-    default 128), ``per_kv_head``, ``pattern``, ``select_every`` and ``scorer``
+    default 128), ``per_kv_head``, ``pattern``, ``select_every``, ``scorer`` and ``sparse_commit``
     (`prefix_selection.PrefixSparseConfig`), and
     ``cuda_graphs`` (True: the decoding forwards through CUDA graphs, CUDA only).
     """
@@ -202,7 +204,7 @@ class DiffusionLM(LM):
             "steps", "threshold", "block_length", "remasking", "alg", "alg_temp", "top_p", "top_k", "temperature",
             "mc_samples", "seed", "dtype", "device", "batch_size", "max_batch_size", "kv_cache", "rope_scaling",
             "denoising_steps", "prefix_budget", "per_kv_head", "pattern", "cuda_graphs", "factor", "select_every",
-            "scorer",
+            "scorer", "sparse_commit",
         }  # fmt: skip
         unknown = sorted(set(kwargs) - known)
         if unknown:

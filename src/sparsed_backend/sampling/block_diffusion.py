@@ -128,8 +128,9 @@ class _BlockRunner:
         self.cache.prepare(forward, ids.shape[1])
         mask = _implementation_mask(keep, self.implementation, self.dtype)
         if self.graphs is not None and ids.shape[1] == self.graphs.tokens:
-            if forward == "denoise" and self.state is not None and self.state.mode == "sparse":
-                return self.graphs.sparse_step(ids, positions, keep[:, 0, -1], self.cache, self.state)
+            if self.state is not None and self.state.mode == "sparse":  # a sparse step or commit
+                logits_out = self.graphs.sparse_step(ids, positions, keep[:, 0, -1], self.cache, self.state)
+                return logits_out if logits else None
             # One block with no padding in the batch attends every key: no mask.
             mask = mask if self.padded else None
             return self.graphs(ids, positions, mask, self.cache, logits=logits, **self.attention_kwargs)
@@ -444,8 +445,8 @@ def blockdiff_generate(
             step += 1
             assert step <= steps + 1, "one step past the schedule decodes every masked position"
         x[:, start:stop] = block
-        if state is not None:
-            state.mode = "dense"  # the commit stores exact K/V
+        if state is not None:  # the commit stores exact K/V, or with sparse_commit reads as the steps did
+            state.mode = "sparse" if state.config.sparse_commit else "dense"
         run("commit", block, positions[:, start:stop], keep, False)
         block_steps.append(step)
         if eos:
