@@ -177,7 +177,7 @@ def sparse_config(args, per_kv_head: bool) -> PrefixSparseConfig:
     """The prefix selection the flags ask for: a --budget of tokens, else a --select share."""
     keep = {"select": None, "budget": args.budget} if args.budget is not None else {"select": args.select}
     return PrefixSparseConfig(**keep, block_size=args.block_size, per_kv_head=per_kv_head,
-                              select_every=args.select_every)  # fmt: skip
+                              select_every=args.select_every, sparse_commit=args.sparse_commit)  # fmt: skip
 
 
 def attention_rows(args, device, dtype, rows: list[dict]) -> None:
@@ -414,6 +414,7 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=128 if cuda else 16, help="prefix tokens per selectable block")
     p.add_argument("--per-kv-head", action="store_true", help="e2e: one selection per key-value head")
     p.add_argument("--select-every", type=int, default=1, help="e2e: blocks per selection (PrefixSparseConfig)")
+    p.add_argument("--sparse-commit", action="store_true", help="e2e: commits read the kept blocks too")
     p.add_argument("--parts", nargs="+", choices=["attention", "e2e"], default=["attention", "e2e"])
     p.add_argument(
         "--variants",
@@ -428,7 +429,7 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     env = environment(device)
     env.update(select=args.select, budget=args.budget, block_size=args.block_size, gen=args.gen, steps=args.steps,
-               select_every=args.select_every)  # fmt: skip
+               select_every=args.select_every, sparse_commit=args.sparse_commit)  # fmt: skip
     print(json.dumps(env), flush=True)
     rows: list[dict] = []
     if "attention" in args.parts:
