@@ -265,7 +265,8 @@ class GraphedDecoder:
     def sparse_step(
         self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache, state: PrefixSparseState
     ) -> torch.Tensor:
-        """A block's later denoising step (``state.mode == "sparse"``) as one captured graph.
+        """A block's later denoising step (``state.mode == "sparse"``), or its commit with
+        ``sparse_commit`` (the cache prepared for a commit then advances), as one captured graph.
 
         Every layer's cache write and attention to its kept keys run inside the graph, so the
         step launches nothing eagerly. On CUDA with Triton the attention is the block-sparse
@@ -278,7 +279,8 @@ class GraphedDecoder:
 
         Args:
             key_valid: (B, S) bool, the keys the block's queries may attend.
-            cache: the prepared `BlockDiffusionKVCache` (``prepare("denoise", tokens)``).
+            cache: the prepared `BlockDiffusionKVCache` (``prepare("denoise", tokens)``, or
+                ``"commit"``).
         Returns:
             (B, tokens, V) logits.
         """
