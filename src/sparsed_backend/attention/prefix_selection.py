@@ -6,7 +6,8 @@ runs exact attention and measures, per head, how much softmax probability mass t
 queries put on each prefix block of ``block_size`` tokens; it keeps the heaviest ones (a
 ``select`` share of the prefix blocks, or a ``budget`` of prefix tokens). The block's later
 denoising steps attend only to those prefix blocks plus the block itself. Prefill and commit
-forwards stay exact, so the cache always holds the dense model's K/V. (The idea follows MAGE,
+forwards stay exact, so the cache holds the dense model's K/V (unless ``sparse_commit``, where a
+block's commit reads what its sparse steps read). (The idea follows MAGE,
 arXiv 2602.14209, and LoSA, arXiv 2604.12056; this is the project's own implementation.)
 
 The prefix grid ends where the prefix ends: the block being denoised starts a grid block of its
@@ -170,7 +171,8 @@ class PrefixSparseState:
     The sampler sets ``mode``: "dense" for the prefill and the commits (exact attention, so the
     cache holds the dense K/V), "score" for a block's first denoising step (exact attention plus
     selection; :meth:`begin_block` clears the old selections first, or with ``select_every`` > 1
-    keeps them and makes the step "sparse" between selections), "sparse" for its other steps.
+    keeps them and makes the step "sparse" between selections), "sparse" for its other steps
+    (and for its commit with ``sparse_commit``).
 
     ``padded`` says whether any key may be unattendable in a denoising step. The sampler sets it
     False when no row is left padded; the selecting step then runs cuDNN's attention without

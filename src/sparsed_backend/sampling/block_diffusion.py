@@ -129,8 +129,8 @@ class _BlockRunner:
         mask = _implementation_mask(keep, self.implementation, self.dtype)
         if self.graphs is not None and ids.shape[1] == self.graphs.tokens:
             if self.state is not None and self.state.mode == "sparse":  # a sparse step or commit
-                logits_out = self.graphs.sparse_step(ids, positions, keep[:, 0, -1], self.cache, self.state)
-                return logits_out if logits else None
+                out = self.graphs.sparse_step(ids, positions, keep[:, 0, -1], self.cache, self.state)
+                return out if logits else None
             # One block with no padding in the batch attends every key: no mask.
             mask = mask if self.padded else None
             return self.graphs(ids, positions, mask, self.cache, logits=logits, **self.attention_kwargs)
@@ -320,7 +320,8 @@ def blockdiff_generate(
             sample as they would alone); None: torch's global generator (as SDAR).
         sparsed: sparse prefix selection (`prefix_selection`): at each block's first denoising
             step every head keeps its heaviest prefix blocks, and the block's later steps attend
-            to those and the block; prefill and commits stay exact. Needs the model loaded with
+            to those and the block; the prefill stays exact, and the commits too unless
+            ``sparsed.sparse_commit``. Needs the model loaded with
             ``attn_implementation="sparsed"``. None: exact attention throughout.
         prefill_chunk: prompt tokens per prefill forward (rounded down to whole blocks, at
             least one block); a long prompt is prefilled in several commits, each with a
