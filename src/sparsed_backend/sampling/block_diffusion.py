@@ -218,9 +218,9 @@ def planned_steps(masked: list[int], schedule: list[int]) -> int:
     with the most masked positions (``masked``, one count per row) has none left. A row whose
     model writes the mask token itself takes more; fewer are not possible (a step never unmasks
     more than its count), so the sampler may run this many steps without reading back."""
-    done, total = 0, 0
+    most, done, total = max(masked), 0, 0
     for count in schedule:
-        if total >= max(masked):
+        if total >= most:
             break
         total, done = total + count, done + 1
     return done
@@ -425,7 +425,7 @@ def blockdiff_generate(
         planned = planned_steps([block_length - t for t in tails], schedule) if static else 0
         while True:
             masked = block == mask_id  # (B, BL)
-            rows = everyone  # who draws samples; greedy (all the plan allows), nobody draws
+            rows = everyone  # the rows that draw samples: only read back when sampling (never in the plan)
             if step >= planned:
                 left = masked.sum(-1).tolist()  # the read-back: which rows go on
                 if max(left) == 0:
