@@ -40,8 +40,12 @@ weights, YaRN (factor 4 over 32,768 positions) for prefixes past 32k. In one pro
   graphed sparse steps gather the kept keys and call SDPA instead of the kernel) and
   ``dense_cudnn_graphs`` (``dense_gqa_graphs`` with SDPA's own kernel order, cuDNN first on an
   H200, instead of FlashAttention-2 first: cuDNN is faster per call at batch 8 but rebuilds its
-  plan for every new key length). ``vs_dense`` is against the fastest dense variant run
-  (``dense``, ``dense_gqa``, ``dense_graphs``, ``dense_gqa_graphs``, ``dense_cudnn_graphs``).
+  plan for every new key length). A ``_whole`` suffix (``dense_whole``, ``sparse_whole``,
+  ``sparse_fused_whole``) runs with ``cuda_graphs="whole"``: every denoising step and commit is
+  one CUDA graph, the exact ones attending through the split-KV decode kernel
+  (`kernels.sparse_decode.dense_decode_attention`), and with the fused scorer the selecting steps
+  too. ``vs_dense`` is against the fastest dense variant run (``dense``, ``dense_gqa``,
+  ``dense_graphs``, ``dense_gqa_graphs``, ``dense_cudnn_graphs``, ``dense_whole``).
 
 A configuration that fails (e.g. out of memory) is recorded with its error.
 """
@@ -141,8 +145,16 @@ class ConcatCache:
 
 VARIANTS = ("dense", "dense_gqa", "concat", "sparse", "sparse_fused")
 GRAPHED_ONLY = ("dense_cudnn_graphs", "sparse_gather_graphs")
+WHOLE = ("dense_whole", "sparse_whole", "sparse_fused_whole")  # cuda_graphs="whole"
 # the baseline: the fastest of them
-DENSE_VARIANTS = ("dense", "dense_gqa", "dense_graphs", "dense_gqa_graphs", "dense_cudnn_graphs")
+DENSE_VARIANTS = ("dense", "dense_gqa", "dense_graphs", "dense_gqa_graphs", "dense_cudnn_graphs", "dense_whole")
+
+
+def graph_mode(variant: str) -> tuple[str, bool | str]:
+    """(the variant's name without its suffix, the ``cuda_graphs`` it runs with)."""
+    if variant.endswith("_whole"):
+        return variant.removesuffix("_whole"), "whole"
+    return variant.removesuffix("_graphs"), variant.endswith("_graphs")
 
 
 @contextlib.contextmanager
@@ -156,14 +168,15 @@ def patched(module, name: str, value):
         setattr(module, name, saved)
 
 
-def variant_context(name: str):
-    """What a variant changes around the sampler: grouped K/V heads for transformers' SDPA; SDPA's
-    own kernel order in the graphed forwards (``dense_cudnn``); the gather in graphed sparse steps
-    (``sparse_gather``)."""
+def variant_context(name: str, whole: bool = False):
+    """What a variant changes around the sampler: grouped K/V heads for transformers' SDPA (also
+    in ``dense_whole``'s prefill, the one forward it does not run whole, as the sparse runs'
+    prefill passes them); SDPA's own kernel order in the graphed forwards (``dense_cudnn``); the
+    gather in graphed sparse steps (``sparse_gather``)."""
     from sparsed_backend.sampling import decode_graphs
 
     stack = contextlib.ExitStack()
-    if name in ("dense_gqa", "dense_cudnn"):
+    if name in ("dense_gqa", "dense_cudnn") or name == "dense" and whole:
         stack.enter_context(sdpa_grouped_heads())
     if name == "dense_cudnn":
         stack.enter_context(patched(decode_graphs, "decode_kernels", lambda query: contextlib.nullcontext()))
@@ -359,7 +372,7 @@ def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
         common = dict(gen_length=args.gen, block_length=bl, denoising_steps=min(args.steps, bl), mask_id=mask_id,
                       return_dict_in_generate=True)  # fmt: skip
         for variant in args.variants:
-            name, graphs = variant.removesuffix("_graphs"), variant.endswith("_graphs")
+            name, graphs = graph_mode(variant)
             sparse = name in ("sparse", "sparse_gather", "sparse_fused")
             model.set_attn_implementation("sparsed" if sparse else "sdpa")
             extra = {}
@@ -367,10 +380,10 @@ def e2e_rows(args, device, dtype, rows: list[dict]) -> None:
                 scorer = "fused" if name == "sparse_fused" else "separate"
                 extra["sparsed"] = dataclasses.replace(sparse_cfg, scorer=scorer)
             if graphs:
-                extra["cuda_graphs"] = True
+                extra["cuda_graphs"] = graphs
             block_diffusion.BlockDiffusionKVCache = ConcatCache if name == "concat" else real_cache
             try:
-                with variant_context(name):
+                with variant_context(name, graphs == "whole"):
                     blockdiff_generate(model, ids[:, : min(p, 4 * bl)], **{**common, "gen_length": 2 * bl}, **extra)
                     with PeakMemory(device) as peak, PrefillClock(device).watching() as prefill:
                         run = functools.partial(blockdiff_generate, model, ids, **common, **extra)
@@ -419,7 +432,7 @@ def main() -> None:
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=[*VARIANTS, *(v + "_graphs" for v in VARIANTS if v != "concat"), *GRAPHED_ONLY],
+        choices=[*VARIANTS, *(v + "_graphs" for v in VARIANTS if v != "concat"), *GRAPHED_ONLY, *WHOLE],
         default=["dense", "dense_gqa", "concat", "sparse"],
     )
     p.add_argument("--name", default="bench_blockdiff" if cuda else "bench_blockdiff_cpu_smoke")

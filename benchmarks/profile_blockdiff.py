@@ -26,7 +26,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import sparsed_backend  # noqa: F401  (registers the "sparsed" attention)
-from bench_blockdiff import qwen3_config, sdpa_grouped_heads
+from bench_blockdiff import graph_mode, qwen3_config, sdpa_grouped_heads
 from sparsed_backend.attention.prefix_selection import PrefixSparseConfig
 from sparsed_backend.sampling import block_diffusion
 from sparsed_backend.sampling.block_diffusion import blockdiff_generate
@@ -115,9 +115,11 @@ def main() -> None:
             "dense_gqa_graphs",
             "sparse_graphs",
             "sparse_fused_graphs",
+            "dense_whole",
+            "sparse_fused_whole",
         ],
         default=["dense", "sparse"],
-        help="a _graphs suffix runs with cuda_graphs=True",
+        help='a _graphs suffix runs with cuda_graphs=True, _whole with cuda_graphs="whole"',
     )
     p.add_argument("--select-every", type=int, default=1, help="sparse variants: blocks per selection")
     p.add_argument("--rows", type=int, default=15)
@@ -133,14 +135,14 @@ def main() -> None:
     ids = torch.randint(0, mask_id, (1, args.prefix), device=dev, generator=torch.Generator(dev).manual_seed(1))
     common = dict(block_length=args.block, denoising_steps=args.block, mask_id=mask_id)
     for variant in args.variants:
-        name = variant.removesuffix("_graphs")
+        name, graphs = graph_mode(variant)
         sparse = name in ("sparse", "sparse_fused")
         model.set_attn_implementation("sparsed" if sparse else "sdpa")
         scorer = "fused" if name == "sparse_fused" else "separate"
         config = PrefixSparseConfig(select=args.select, per_kv_head=True, select_every=args.select_every, scorer=scorer)
         extra = {"sparsed": config} if sparse else {}
-        extra["cuda_graphs"] = variant.endswith("_graphs")
-        grouped = sdpa_grouped_heads() if name == "dense_gqa" else contextlib.nullcontext()
+        extra["cuda_graphs"] = graphs
+        grouped = sdpa_grouped_heads() if name == "dense_gqa" or variant == "dense_whole" else contextlib.nullcontext()
         with grouped:
             blockdiff_generate(model, ids[:, : 4 * args.block], gen_length=2 * args.block, **common, **extra)
             hook = DecodeProfiler(args.block, dev)

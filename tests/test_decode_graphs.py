@@ -5,6 +5,7 @@ captures them and compares whole generations."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import warnings
@@ -171,6 +172,112 @@ def test_the_sampler_with_the_decoder_decodes_the_same_tokens(monkeypatch, spars
     assert calls.count("sparse") == sparse + sparse_commits and calls.count("step") == sum(got.block_steps) - sparse
 
 
+class _Whole(GraphedDecoder):
+    """The decoder with ``whole=True``, uncaptured (the whole forwards run eagerly: SDPA for the
+    exact attention, `prefix_block_mass` for the selecting steps' mass), counting its calls."""
+
+    calls: list[str] = []
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k, capture=False)
+
+    def __call__(self, *a, **k):
+        self.calls.append("piecewise")
+        return super().__call__(*a, **k)
+
+    def dense_step(self, *a, **k):
+        self.calls.append("dense" if k.get("logits", True) else "dense_commit")
+        return super().dense_step(*a, **k)
+
+    def score_step(self, *a, **k):
+        self.calls.append("score")
+        return super().score_step(*a, **k)
+
+    def sparse_step(self, *a, **k):
+        self.calls.append("sparse" if k.get("logits", True) else "sparse_commit")
+        return super().sparse_step(*a, **k)
+
+
+def _whole_inputs(padded: bool):
+    ids = torch.randint(2, MASK_ID, (2, 30), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :7] = 0
+    return ids, mask
+
+
+def _whole_run(monkeypatch, sparsed, padded: bool, reference):
+    """(what the model's forward decodes with ``reference``, the whole-graph run's output, its
+    decoder calls) for a 30-token batch decoding 24 tokens in blocks of 4."""
+    model = sdar_model("sdpa" if sparsed is None else "sparsed")
+    ids, mask = _whole_inputs(padded)
+    args = {"gen_length": 24, "block_length": 4, "denoising_steps": 2, "mask_id": MASK_ID}
+    want = blockdiff_generate(model, ids, mask, sparsed=reference, return_dict_in_generate=True, **args)
+    monkeypatch.setattr(block_diffusion, "GraphedDecoder", _Whole)
+    monkeypatch.setattr(_Whole, "calls", [])
+    got = blockdiff_generate(model, ids, mask, sparsed=sparsed, cuda_graphs="whole", return_dict_in_generate=True,
+                             **args)  # fmt: skip
+    return want, got, _Whole.calls
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+@pytest.mark.parametrize(
+    "sparsed",
+    [
+        None,
+        PrefixSparseConfig(select=0.3, block_size=4, per_kv_head=True, scorer="fused"),
+        PrefixSparseConfig(select=0.3, block_size=4, scorer="fused", select_every=3),
+        PrefixSparseConfig(select=0.3, block_size=4, per_kv_head=True, scorer="fused", sparse_commit=True),
+        PrefixSparseConfig(select=0.5, block_size=4, per_kv_head=True, scorer="fused", pattern="local"),
+    ],
+    ids=["dense", "sparse", "sparse_every_3", "sparse_commit", "local"],
+)
+def test_whole_forward_graphs_decode_the_same_tokens(monkeypatch, sparsed, padded):
+    """cuda_graphs="whole" runs every forward of a block as one whole forward (uncaptured here):
+    exact steps and commits through `dense_step`, selecting steps through `score_step`, which
+    chooses the blocks itself, the rest through `sparse_step`. It decodes what the model's own
+    forward decodes (with the separate scorer, whose mass the uncaptured selecting step
+    computes), with the same selections' density, and no forward takes the piecewise path."""
+    reference = None if sparsed is None else dataclasses.replace(sparsed, scorer="separate")
+    want, got, calls = _whole_run(monkeypatch, sparsed, padded, reference)
+    assert torch.equal(got.sequences, want.sequences)
+    blocks, steps = len(got.block_steps), sum(got.block_steps)
+    assert blocks == 7 and "piecewise" not in calls
+    if sparsed is None:
+        assert calls.count("dense") == steps and calls.count("dense_commit") == blocks
+        return
+    selections = got.sparsed_state.selections
+    assert calls.count("score") == selections == (3 if sparsed.select_every == 3 else blocks)
+    assert calls.count("sparse") == steps - selections
+    commits = "sparse_commit" if sparsed.sparse_commit else "dense_commit"
+    assert calls.count(commits) == blocks
+    assert got.sparsed_state.density() == want.sparsed_state.density()
+    for i, sel in want.sparsed_state.layers.items():  # the last selection, layer by layer
+        assert torch.equal(got.sparsed_state.layers[i].blocks, sel.blocks)
+
+
+def test_whole_graphs_say_once_when_selecting_steps_run_piecewise(monkeypatch):
+    """A selecting step that cannot be one graph runs through the piecewise graphs, said once:
+    the separate scorer (its attention changes shape with the prefix; this run) and the random
+    pattern (its blocks are drawn on the host; the fused scorer it would need runs on CUDA
+    only, so only the reason is checked). Every other forward is still whole, and the tokens
+    are the model's."""
+    from sparsed_backend import _warn
+
+    random = PrefixSparseConfig(select=0.3, block_size=4, scorer="fused", pattern="random")
+    assert block_diffusion.whole_scoring_refusal(random) == "pattern='random' draws its blocks on the host"
+    monkeypatch.setattr(_warn, "_warned", set())
+    sparsed = PrefixSparseConfig(select=0.3, block_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        want, got, calls = _whole_run(monkeypatch, sparsed, False, sparsed)
+    said = [str(w.message) for w in caught if "cuda_graphs='whole'" in str(w.message)]
+    assert said == ["cuda_graphs='whole': the selecting steps run as piecewise graphs (they score with "
+                    "scorer='fused' only, got scorer='separate'); every other forward is one graph"]  # fmt: skip
+    assert torch.equal(got.sequences, want.sequences)
+    assert calls.count("piecewise") == got.sparsed_state.selections == 7 and "score" not in calls
+
+
 def test_cuda_graphs_refuses_what_it_cannot_run():
     """Asking for CUDA graphs off a CUDA device, for a model of another layout, or with a
     non-bool names the argument."""
@@ -223,6 +330,33 @@ def test_captured_graphs_decode_what_the_eager_forward_decodes(monkeypatch, impl
         _decode_both_ways(model, ids, mask, sparsed, exact=block_size != 16)
     said = [str(w.message) for w in caught if "block-sparse decode kernel" in str(w.message)]
     assert (len(said) == 1 and refused in said[0]) if block_size == 4 else not said
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs CUDA (captures CUDA graphs, the decode kernel)")
+@pytest.mark.parametrize("sparsed", [None, PrefixSparseConfig(select=0.3, block_size=16, per_kv_head=True,
+                                                              scorer="fused")], ids=["dense", "sparse"])  # fmt: skip
+def test_whole_captured_graphs_decode_what_the_eager_forward_decodes(monkeypatch, sparsed):
+    """On CUDA, bf16: cuda_graphs="whole" (every forward one graph; exact attention through the
+    split-KV decode kernel, selecting steps through the fused kernel) decodes the eager
+    forward's greedy tokens, up to the bf16 near ties the kernel's summation order may flip
+    (agreement >= 80%, as for the piecewise kernel steps), and says nothing."""
+    from sparsed_backend import _warn
+
+    monkeypatch.setattr(_warn, "_warned", set())
+    model = sdar_model("sdpa" if sparsed is None else "sparsed", "cuda", torch.bfloat16)
+    ids = torch.randint(2, MASK_ID, (3, 37), generator=torch.Generator().manual_seed(9)).cuda()
+    mask = torch.ones_like(ids)
+    mask[2, :10] = 0
+    args = {"gen_length": 16, "block_length": 4, "denoising_steps": 4, "mask_id": MASK_ID}
+    eager_config = None if sparsed is None else dataclasses.replace(sparsed, scorer="separate")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        want = blockdiff_generate(model, ids, mask, sparsed=eager_config, **args)
+        got = blockdiff_generate(model, ids, mask, sparsed=sparsed, cuda_graphs="whole", **args)
+    assert not [w for w in caught if "sparsed" in str(w.message) or "cuda_graphs" in str(w.message)]
+    generated = slice(ids.shape[1], None)
+    agree = (want[:, generated] == got[:, generated]).float().mean().item()
+    assert agree >= 0.8, f"whole graphs agree with eager on {agree:.0%} of the greedy tokens"
 
 
 def _decode_both_ways(model, ids, mask, sparsed, exact: bool) -> None:

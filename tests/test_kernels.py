@@ -264,3 +264,29 @@ def test_decode_kernel_with_every_block_is_dense_attention_and_its_block_mass(pe
         want_mass = want_mass.view(b, hkv, hq // hkv, n).sum(2)
     torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(mass, want_mass, rtol=1e-2, atol=1e-3)
+
+
+@cuda
+@pytest.mark.parametrize(("q_len", "key_len", "pad", "splits"), [(4, 8191, False, None), (4, 131, True, None),
+                                                                  (32, 5000, True, 7), (4, 3, False, 40)])  # fmt: skip
+def test_dense_decode_kernel_is_dense_attention(q_len, key_len, pad, splits):
+    """The split-KV dense decode kernel (the key range shared out over programs, its length read
+    from the device) gives SDPA's attention over keys [0, key_len) of a longer storage (bf16,
+    SDAR-8B heads, left padding, more splits than key tiles)."""
+    from sparsed_backend.attention.kernels.sparse_decode import decode_offsets, dense_decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    b, hq, hkv, d = 2, 32, 8, 128
+    q = torch.randn(b, hq, q_len, d, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(b, hkv, key_len + 300, d, device="cuda", generator=g).bfloat16() for _ in range(2))
+    valid = torch.ones(b, key_len + 300, dtype=torch.bool, device="cuda")
+    if pad:
+        valid[1, : key_len // 3] = False
+    offsets = decode_offsets(0, 0, key_len, q.device)
+    got = dense_decode_attention(q, k, v, offsets, d**-0.5, valid if pad else None, splits)
+    s = key_len
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k[:, :, :s].float(), v[:, :, :s].float(), attn_mask=valid[:, None, None, :s], scale=d**-0.5,
+        enable_gqa=True,
+    )  # fmt: skip
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)

@@ -104,7 +104,7 @@ def generate_blockdiff(args: argparse.Namespace, config, device: torch.device) -
         out = blockdiff_generate(
             model, ids, gen_length=args.gen_length, block_length=block_length,
             denoising_steps=getattr(args, "denoising_steps", block_length), remasking=remasking, threshold=threshold,
-            temperature=args.temperature, generator=g, sparsed=sparsed, cuda_graphs=hasattr(args, "cuda_graphs"),
+            temperature=args.temperature, generator=g, sparsed=sparsed, cuda_graphs=getattr(args, "cuda_graphs", False),
         )  # fmt: skip
     print(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return 0

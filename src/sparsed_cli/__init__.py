@@ -195,9 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sparse-commit", action="store_true", default=SUPPRESS,
                    help="block diffusion with --attn sparsed: each decoded block's commit reads the kept prefix "
                         "blocks too (its stored K/V approximate) instead of every key")  # fmt: skip
-    g.add_argument("--cuda-graphs", action="store_true", default=SUPPRESS,
-                   help="block diffusion on CUDA: run the decoding forwards through CUDA graphs around the "
-                        "attention (less launch time, same tokens)")  # fmt: skip
+    g.add_argument("--cuda-graphs", nargs="?", const="piecewise", choices=("piecewise", "whole"), default=SUPPRESS,
+                   help="block diffusion on CUDA: run the decoding forwards through CUDA graphs, around the "
+                        "attention (piecewise, the default) or each forward whole with the Triton decode kernel "
+                        "(whole); less launch time, the same attention")  # fmt: skip
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="model dtype")
     g.add_argument(
         "--device", type=DeviceName(), default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N"

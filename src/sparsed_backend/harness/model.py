@@ -191,7 +191,8 @@ class DiffusionLM(LM):
     ``select`` (default 0.3) or ``prefix_budget`` (tokens), ``block_size`` (prefix tokens per block,
     default 128), ``per_kv_head``, ``pattern``, ``select_every``, ``scorer`` and ``sparse_commit``
     (`prefix_selection.PrefixSparseConfig`), and
-    ``cuda_graphs`` (True: the decoding forwards through CUDA graphs, CUDA only).
+    ``cuda_graphs`` (True or "piecewise": the decoding forwards through CUDA graphs around the
+    attention; "whole": each forward one graph through the Triton decode kernel; CUDA only).
     """
 
     def __init__(self, pretrained: str | None = None, **kwargs) -> None:

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validate import ArgumentTypeError, ArgumentValueError, check_float, check_int
+from .._warn import warn_once
 from ..attention import policy
 from ..attention._ranking import top_count
 from ..attention.prefix_selection import PrefixSparseConfig, PrefixSparseState
@@ -67,9 +68,10 @@ from .block_cache import BlockDiffusionKVCache, cache_keyword
 from .decode_graphs import GraphedDecoder
 from .generation import llada_transfer_schedule
 
-__all__ = ["BLOCKDIFF_REMASKING", "blockdiff_generate", "block_causal_mask"]
+__all__ = ["BLOCKDIFF_REMASKING", "CUDA_GRAPH_MODES", "blockdiff_generate", "block_causal_mask"]
 
 BLOCKDIFF_REMASKING = ("low_confidence_static", "low_confidence_dynamic", "sequential")
+CUDA_GRAPH_MODES = ("piecewise", "whole")  # True is "piecewise"
 MASK_IMPLEMENTATIONS = ("sdpa", "eager", "sparsed")
 
 
@@ -89,6 +91,16 @@ def block_causal_mask(valid: torch.Tensor, start: int, stop: int, block_length: 
     causal = (k // block_length) <= (q // block_length)  # (Lq, S)
     keep = causal[None, None] & valid[:, None, None, :stop]
     return keep | (k == q)[None, None]
+
+
+def whole_scoring_refusal(config: PrefixSparseConfig) -> str | None:
+    """Why ``cuda_graphs="whole"`` cannot capture a selecting step with ``config`` (its blocks
+    are scored by the fused kernel and chosen inside the graph); None when it can."""
+    if config.scorer != "fused":
+        return f"they score with scorer='fused' only, got scorer={config.scorer!r}"
+    if config.pattern == "random":
+        return "pattern='random' draws its blocks on the host"
+    return None
 
 
 def _implementation_mask(keep: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
@@ -128,9 +140,13 @@ class _BlockRunner:
         self.cache.prepare(forward, ids.shape[1])
         mask = _implementation_mask(keep, self.implementation, self.dtype)
         if self.graphs is not None and ids.shape[1] == self.graphs.tokens:
-            if self.state is not None and self.state.mode == "sparse":  # a sparse step or commit
-                out = self.graphs.sparse_step(ids, positions, keep[:, 0, -1], self.cache, self.state)
-                return out if logits else None
+            graphs, state, key_valid = self.graphs, self.state, keep[:, 0, -1]  # a block's queries share keys
+            if state is not None and state.mode == "sparse":  # a sparse step or commit
+                return graphs.sparse_step(ids, positions, key_valid, self.cache, state, logits=logits)
+            if graphs.whole and (state is None or state.mode == "dense"):  # a dense step or commit
+                return graphs.dense_step(ids, positions, key_valid, self.cache, padded=self.padded, logits=logits)
+            if graphs.whole and whole_scoring_refusal(state.config) is None:  # a selecting step
+                return graphs.score_step(ids, positions, key_valid, self.cache, state, padded=self.padded)
             # One block with no padding in the batch attends every key: no mask.
             mask = mask if self.padded else None
             return self.graphs(ids, positions, mask, self.cache, logits=logits, **self.attention_kwargs)
@@ -293,7 +309,7 @@ def blockdiff_generate(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     sparsed: PrefixSparseConfig | None = None,
     prefill_chunk: int = 4096,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | str = False,
     return_dict_in_generate: bool = False,
 ) -> torch.LongTensor | DiffusionGenerationOutput:
     """SDAR's block-diffusion sampler on a Qwen3-layout model (see the module docstring).
@@ -326,14 +342,18 @@ def blockdiff_generate(
         prefill_chunk: prompt tokens per prefill forward (rounded down to whole blocks, at
             least one block); a long prompt is prefilled in several commits, each with a
             (B, 1, chunk, keys) mask instead of one (B, 1, P, P) mask.
-        cuda_graphs: run the denoising and commit forwards through CUDA graphs around the
-            eager attention (`decode_graphs.GraphedDecoder`, captured once per call), and with
-            ``sparsed`` each block's sparse steps as one whole-forward graph: the same
-            computation with a fraction of the launch time. When no row is padded, a block's
-            forwards attend without a mask (every key is attendable), so SDPA may take
-            FlashAttention-2 (same attention, different rounding from the masked call). Needs
-            a Qwen3-layout model on a CUDA device (else ArgumentValueError). The prefill runs
-            the model's forward.
+        cuda_graphs: True or "piecewise": run the denoising and commit forwards through CUDA
+            graphs around the eager attention (`decode_graphs.GraphedDecoder`, captured once
+            per call), and with ``sparsed`` each block's sparse steps as one whole-forward
+            graph: the same computation with a fraction of the launch time. When no row is
+            padded, a block's forwards attend without a mask (every key is attendable), so SDPA
+            may take FlashAttention-2 (same attention, different rounding from the masked
+            call). "whole": every denoising step and commit is one graph, the exact ones
+            attending through the split-KV decode kernel (`dense_decode_attention`), and with
+            ``sparsed`` the selecting steps too (``scorer="fused"``, pattern "topk" or "local";
+            otherwise they run piecewise, said once); needs the decode kernel (Triton, a
+            power-of-two head_dim). Needs a Qwen3-layout model on a CUDA device (else
+            ArgumentValueError). The prefill runs the model's forward.
         return_dict_in_generate: return a DiffusionGenerationOutput (``num_forwards``: prefill,
             denoising and commit forwards; ``block_steps``: denoising steps of each block;
             ``sparsed_state``: the PrefixSparseState, with the kept density, or None).
@@ -392,9 +412,18 @@ def blockdiff_generate(
     cache = BlockDiffusionKVCache.for_model(model, batch, total)
     padded = len(set(full)) > 1  # some row is left padded (its prompt has fewer whole blocks)
     state = None if sparsed is None else PrefixSparseState(sparsed, padded=padded)
-    if not isinstance(cuda_graphs, bool):
-        raise ArgumentTypeError("cuda_graphs", f"cuda_graphs must be a bool, got {cuda_graphs!r}")
-    graphs = GraphedDecoder(model, batch, block_length) if cuda_graphs else None
+    if not (isinstance(cuda_graphs, bool) or cuda_graphs in CUDA_GRAPH_MODES):
+        raise ArgumentTypeError(
+            "cuda_graphs", f"cuda_graphs must be a bool or one of {CUDA_GRAPH_MODES}, got {cuda_graphs!r}"
+        )
+    whole = cuda_graphs == "whole"
+    if whole and sparsed is not None and whole_scoring_refusal(sparsed) is not None:
+        warn_once(
+            "whole-graph-scoring",
+            f"cuda_graphs='whole': the selecting steps run as piecewise graphs ({whole_scoring_refusal(sparsed)}); "
+            "every other forward is one graph",
+        )
+    graphs = GraphedDecoder(model, batch, block_length, whole=whole) if cuda_graphs else None
     run = _BlockRunner(model, cache, dtype, state, graphs, padded)
     schedule = llada_transfer_schedule(block_length, steps)
     # With a fixed count per step and greedy sampling, the steps a block needs are known on the

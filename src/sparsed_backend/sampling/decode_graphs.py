@@ -20,6 +20,16 @@ calls this piecewise capture; this is the project's own implementation.) A spars
 step, whose attention reads a fixed number of kept blocks, is captured whole (`sparse_step`),
 with the block-sparse decode kernel reading those blocks in place where it applies.
 
+With ``whole=True`` (``blockdiff_generate(cuda_graphs="whole")``) every forward of a block is
+captured whole: the exact ones (a dense run's steps, the commits) attend through the split-KV
+decode kernel (`dense_step`, `kernels.sparse_decode.dense_decode_attention`), which reads the
+key length from a device buffer, so one graph serves every block; a selecting step
+(`score_step`) lists every prefix block to the same kernel, which gives the attention and each
+block's probability mass in one sweep, and chooses the kept blocks inside the graph (captured
+anew when the prefix grows by a block). A forward then costs one graph launch instead of one per
+layer, and a batch of one block spreads its keys over the whole GPU, which SDPA's kernels (one
+program per head and 128 query rows) do not.
+
 The eager attention runs with FlashAttention-2 first in SDPA's order (`policy.decode_kernels`):
 cuDNN's attention rebuilds its plan for every new key length, which block diffusion gives it
 at every block.
@@ -34,12 +44,21 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._validate import ArgumentValueError
 from .._warn import warn_once
 from ..attention.policy import decode_kernel_refusal, decode_kernels
-from ..attention.prefix_selection import PrefixSparseState, gathered_attention, sparse_gather
+from ..attention.prefix_selection import (
+    PrefixSelection,
+    PrefixSparseState,
+    gathered_attention,
+    prefix_block_mass,
+    prefix_grid,
+    select_prefix_blocks,
+    sparse_gather,
+)
 
 __all__ = ["GraphedDecoder"]
 
@@ -91,12 +110,21 @@ class GraphedDecoder:
         batch, tokens: the shape of every forward this decoder runs.
         capture: capture the CUDA graphs (the model must be on a CUDA device); False runs the
             same pieces eagerly (what the CPU tests compare with the model's forward).
+        whole: every forward of a block one graph (`dense_step`, `score_step`); needs
+            ``kernels``.
+        kernels: attend through the Triton decode kernels where the captured graphs do
+            (sparse steps, and with ``whole`` every whole forward); None: when capturing.
+            ``capture=False, kernels=True`` runs the captured computation eagerly (on the CPU
+            under Triton's interpreter, ``TRITON_INTERPRET=1``); False: SDPA and the gather.
 
     Calling it runs one forward (`__call__`). Its outputs live in buffers the next call
     overwrites, so the logits are returned as a copy.
     """
 
-    def __init__(self, model: nn.Module, batch: int, tokens: int, *, capture: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, batch: int, tokens: int, *, capture: bool = True, whole: bool = False,
+        kernels: bool | None = None,
+    ) -> None:  # fmt: skip
         self.embed, self.rotary, self.layers, self.norm, self.head, self.rotate = _decoder_parts(model)
         self.model = model
         param = next(model.parameters())
@@ -123,11 +151,19 @@ class GraphedDecoder:
         self.attn_out = torch.zeros(batch, tokens, heads * head_dim, dtype=dtype, device=device)
         self.logits = torch.zeros(batch, tokens, config.vocab_size, dtype=dtype, device=device)
 
+        self.whole = whole
+        self.kernels = capture if kernels is None else kernels
+        if whole and self.kernels:
+            refusal = decode_kernel_refusal(self.q, 64)
+            if refusal is not None:
+                raise ArgumentValueError(
+                    "cuda_graphs", f"cuda_graphs='whole' attends through the block-sparse decode kernel, but {refusal}"
+                )
         self.n_pieces = len(self.layers) + 1  # the stretches between attention calls
         self.graphs: list[torch.cuda.CUDAGraph] | None = self._capture() if capture else None
-        # The sparse step's whole-forward graph and what it reads (`sparse_step`).
+        # The whole-forward graphs (`sparse_step`, `dense_step`, `score_step`), by what they run.
         self.write_positions = torch.zeros(tokens, dtype=torch.long, device=device)
-        self._sparse_graph: torch.cuda.CUDAGraph | None = None
+        self._whole_graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._sparse_key: tuple | None = None
         self._sparse_block = -1  # the state's block (its count of blocks begun) the buffers hold
         self._gather: tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -135,6 +171,18 @@ class GraphedDecoder:
         # the attendable keys over the whole storage (None when no row is padded).
         self._kept: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None, int] | None = None
         self._cache = None
+        # Dense whole forwards and selecting steps (`dense_step`, `score_step`): (prefix_len,
+        # front, key_len) for the kernel, the attendable keys over the whole storage (padded
+        # batches), the key length on the host (uncaptured runs), the scored blocks and each
+        # layer's selection, and the selecting graph's (prefix blocks, front).
+        self._offsets = torch.zeros(3, dtype=torch.int32, device=device)
+        self._valid: torch.Tensor | None = None
+        self._splits: int | None = None
+        self._key_len = 0
+        self._listed: torch.Tensor | None = None
+        self._selected: list[torch.Tensor] = []
+        self._score_grid: tuple[int, int] | None = None
+        self._score_state: PrefixSparseState | None = None
 
     def _set_inputs(self, ids: torch.Tensor, positions: torch.Tensor) -> None:
         """Copy one forward's (B, tokens) ids and positions into the buffers the graphs read."""
@@ -190,31 +238,70 @@ class GraphedDecoder:
         pool = torch.cuda.graph_pool_handle()  # one pool: the graphs replay in capture order
         return [_captured(lambda index=index: self._piece(index), pool) for index in range(self.n_pieces)]
 
-    def _sparse_forward(self) -> None:
-        """A whole sparse denoising step on the buffers: every layer writes its K/V at
-        ``write_positions`` and attends to its kept keys (what `prefix_sparse_attention`'s
-        sparse mode computes from the cache's views): read in place by the block-sparse decode
-        kernel when ``self._kept`` is set, else gathered."""
+    def _whole_forward(self, attend, logits: bool) -> None:
+        """A whole forward on the buffers: every layer writes its K/V at ``write_positions`` and
+        ``attend(i, q, keys, values, scaling)`` attends over the cache's whole storage; without
+        ``logits`` (a commit) the last layer's MLP and the LM head, which feed only the logits,
+        are skipped."""
         cache = self._cache
+        last = len(self.layers) - 1
         self._embed()
         for i, layer in enumerate(self.layers):
             self._before_attention(i)
             keys, values = cache.keys[i], cache.values[i]  # (B, Hkv, T, D), the whole storage
             keys.index_copy_(2, self.write_positions, self.k)
             values.index_copy_(2, self.write_positions, self.v)
-            scaling = layer.self_attn.scaling
-            if self._kept is not None:
-                from ..attention.kernels.sparse_decode import sparse_decode_attention
-
-                blocks, offsets, valid, block_size = self._kept
-                out = sparse_decode_attention(self.q, keys, values, blocks[i], offsets, block_size, scaling, valid)
-            else:
-                (batch_index, head_index), positions, masks = self._gather
-                index = (batch_index, head_index, positions[i])
-                out = gathered_attention(self.q, keys, values, index, masks[i], scaling)
+            out = attend(i, self.q, keys, values, layer.self_attn.scaling)
             self.attn_out.copy_(out.transpose(1, 2).reshape(self.attn_out.shape))
-            self._after_attention(i)
-        self._logits()
+            if i < last or logits:
+                self._after_attention(i)
+        if logits:
+            self._logits()
+
+    def _sparse_attend(self, i, q, keys, values, scaling) -> torch.Tensor:
+        """Layer ``i``'s attention to its kept keys (what `prefix_sparse_attention`'s sparse mode
+        computes from the cache's views): read in place by the block-sparse decode kernel when
+        ``self._kept`` is set, else gathered."""
+        if self._kept is not None:
+            from ..attention.kernels.sparse_decode import sparse_decode_attention
+
+            blocks, offsets, valid, block_size = self._kept
+            return sparse_decode_attention(q, keys, values, blocks[i], offsets, block_size, scaling, valid)
+        (batch_index, head_index), positions, masks = self._gather
+        return gathered_attention(q, keys, values, (batch_index, head_index, positions[i]), masks[i], scaling)
+
+    def _dense_attend(self, i, q, keys, values, scaling) -> torch.Tensor:
+        """Layer ``i``'s exact attention over keys ``[0, key_len)``: the split-KV decode kernel
+        (the key length read from ``self._offsets``) with ``kernels``, else SDPA."""
+        if self.kernels:
+            from ..attention.kernels.sparse_decode import dense_decode_attention
+
+            return dense_decode_attention(q, keys, values, self._offsets, scaling, self._valid, self._splits)
+        n = self._key_len
+        mask = None if self._valid is None else self._valid[:, None, None, :n]
+        gqa = q.shape[1] != keys.shape[1]
+        return F.scaled_dot_product_attention(
+            q, keys[:, :, :n], values[:, :, :n], attn_mask=mask, scale=scaling, enable_gqa=gqa
+        )
+
+    def _score_attend(self, i, q, keys, values, scaling) -> torch.Tensor:
+        """A selecting step's layer ``i``: exact attention and each prefix block's mass (the
+        fused decode kernel listing every block with ``kernels``; else SDPA and
+        `prefix_block_mass`), the kept blocks written into ``self._selected[i]``."""
+        config = self._score_state.config
+        if self.kernels:
+            from ..attention.kernels.sparse_decode import decode_attention_with_block_mass
+
+            out, mass = decode_attention_with_block_mass(
+                q, keys, values, self._listed, self._offsets, config.block_size, scaling, self._valid
+            )
+        else:
+            n = self._key_len
+            out = self._dense_attend(i, q, keys, values, scaling)
+            valid = self._valid[:, :n] if self._valid is not None else keys.new_ones(keys.shape[0], n, dtype=torch.bool)
+            mass, _ = prefix_block_mass(q, keys[:, :, :n], scaling, config.block_size, valid)
+        self._selected[i].copy_(select_prefix_blocks(mass, config, keys.shape[1]))
+        return out
 
     def _load_gathers(self, key_valid: torch.Tensor, state: PrefixSparseState, fresh_cache: bool) -> bool:
         """Each layer's gather index and mask into the graph's buffers; True when their shape is
@@ -262,11 +349,124 @@ class GraphedDecoder:
                 valid[:, : key_valid.shape[1]].copy_(key_valid)
         return fresh
 
+    def _use_cache(self, cache) -> bool:
+        """Point the whole-forward graphs at ``cache``; a new cache (its storage is what the
+        graphs read and write) drops every whole-forward graph and buffer. True when new."""
+        if cache is self._cache:
+            return False
+        self._cache = cache
+        self._whole_graphs.clear()
+        self._sparse_key = self._score_grid = self._valid = None
+        if self.kernels and self.whole:  # the dense kernel's key splits, for the longest key range
+            from ..attention.kernels.sparse_decode import dense_decode_splits
+
+            self._splits = dense_decode_splits(self.batch * self.k.shape[1], cache.keys[0].shape[2], self.q.device)
+        return True
+
+    def _replay(self, key: tuple, forward) -> None:
+        """Run ``forward`` (a whole forward on the buffers): eagerly when uncaptured, else by
+        replaying the graph captured for ``key`` (captured on its first use: the warm-up run is
+        this step's own computation, and the replay redoes it)."""
+        if self.graphs is None:
+            forward()
+            return
+        graph = self._whole_graphs.get(key)
+        if graph is None:
+            graph = self._whole_graphs[key] = _captured(forward)
+        graph.replay()
+
+    def _forget(self, kind: str) -> None:
+        """Drop the whole-forward graphs of one kind ("sparse", "dense", "score")."""
+        for key in [k for k in self._whole_graphs if k[0] == kind]:
+            del self._whole_graphs[key]
+
+    def _load_whole(self, cache, key_valid: torch.Tensor, padded: bool, prefix_len: int, front: int) -> None:
+        """What a dense or selecting whole forward reads: the (prefix_len, front, key_len)
+        offsets, the key length, the attendable keys (padded batches) and the write positions."""
+        key_len = key_valid.shape[1]
+        if padded:
+            storage = cache.keys[0].shape[2]
+            if self._valid is None:
+                self._valid = torch.zeros(self.batch, storage, dtype=torch.bool, device=self.q.device)
+            self._valid[:, :key_len].copy_(key_valid)
+        else:
+            self._valid = None
+        self._offsets[0].fill_(prefix_len)
+        self._offsets[1].fill_(front)
+        self._offsets[2].fill_(key_len)
+        self._key_len = key_len
+        self.write_positions.copy_(torch.arange(cache.length, cache.length + self.tokens, device=self.q.device))
+
+    def dense_step(
+        self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache, *, padded: bool,
+        logits: bool = True,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """One exact forward of a block against the cache (a dense run's denoising step, or a
+        commit) as one captured graph, with ``whole=True``: every layer's cache write and its
+        attention over keys ``[0, key_len)``, through the split-KV decode kernel
+        (`kernels.sparse_decode.dense_decode_attention`), which reads the key length from a
+        device buffer, so one graph per kind of forward serves the whole generation.
+
+        Args:
+            key_valid: (B, S) bool, the keys the block's queries may attend (S = key_len).
+            cache: the prepared `BlockDiffusionKVCache`.
+            padded: some key before S is not attendable (left padding); False: none is.
+            logits: False for a commit (the last layer's MLP and the LM head are skipped).
+        Returns:
+            (B, tokens, V) logits, or None with ``logits=False``.
+        """
+        self._set_inputs(ids, positions)
+        self._use_cache(cache)
+        self._load_whole(cache, key_valid, padded, 0, 0)
+        self._replay(("dense", logits, padded), lambda: self._whole_forward(self._dense_attend, logits))
+        cache.written()
+        return self.logits.clone() if logits else None
+
+    def score_step(
+        self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache, state: PrefixSparseState,
+        *, padded: bool,
+    ) -> torch.Tensor:  # fmt: skip
+        """A block's selecting step (``state.mode == "score"``) as one captured graph, with
+        ``whole=True``: every layer's exact attention and the probability mass its rows put on
+        each prefix block, from one sweep of the decode kernel listing every block
+        (``scorer="fused"``'s computation; uncaptured, SDPA and `prefix_block_mass`), and each
+        head's kept blocks chosen in the graph (patterns "topk" and "local"). The selections
+        land in ``state.layers`` as with the model's forward. A new number of prefix blocks
+        captures anew (once per ``block_size`` committed positions).
+
+        Returns:
+            (B, tokens, V) logits.
+        """
+        config = state.config
+        if config.pattern == "random":
+            raise ValueError("score_step chooses blocks inside a graph: pattern 'random' draws on the host")
+        self._set_inputs(ids, positions)
+        self._use_cache(cache)
+        prefix_len = key_valid.shape[1] - self.tokens
+        front, n_blocks = prefix_grid(prefix_len, config.block_size)
+        self._load_whole(cache, key_valid, padded, prefix_len, front)
+        if self._score_grid != n_blocks:  # the listed blocks and the kept count change
+            heads = self.k.shape[1] if config.per_kv_head else self.q.shape[1]
+            device = self.q.device
+            self._listed = torch.arange(n_blocks, device=device).expand(self.batch, heads, n_blocks).contiguous()
+            shape = (self.batch, heads, config.blocks_kept(n_blocks))
+            self._selected = [torch.zeros(shape, dtype=torch.long, device=device) for _ in self.layers]
+            self._forget("score")
+            self._score_grid = n_blocks
+        self._score_state = state
+        self._replay(("score", padded), lambda: self._whole_forward(self._score_attend, True))
+        for i, blocks in enumerate(self._selected):
+            state.layers[i] = PrefixSelection(blocks, prefix_len, front, n_blocks, config.block_size)
+        cache.written()
+        return self.logits.clone()
+
     def sparse_step(
-        self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache, state: PrefixSparseState
-    ) -> torch.Tensor:
+        self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache, state: PrefixSparseState,
+        *, logits: bool = True,
+    ) -> torch.Tensor | None:  # fmt: skip
         """A block's later denoising step (``state.mode == "sparse"``), or its commit with
-        ``sparse_commit`` (the cache prepared for a commit then advances), as one captured graph.
+        ``sparse_commit`` (the cache prepared for a commit then advances; ``logits=False``
+        skips the last layer's MLP and the LM head), as one captured graph.
 
         Every layer's cache write and attention to its kept keys run inside the graph, so the
         step launches nothing eagerly. On CUDA with Triton the attention is the block-sparse
@@ -282,13 +482,12 @@ class GraphedDecoder:
             cache: the prepared `BlockDiffusionKVCache` (``prepare("denoise", tokens)``, or
                 ``"commit"``).
         Returns:
-            (B, tokens, V) logits.
+            (B, tokens, V) logits, or None with ``logits=False``.
         """
         self._set_inputs(ids, positions)
-        fresh_cache = cache is not self._cache  # the graph holds the cache's storage
-        self._cache = cache
-        kernel = False  # uncaptured (the CPU tests), the steps gather as prefix_sparse_attention does
-        if self.graphs is not None:
+        fresh_cache = self._use_cache(cache)  # the graphs hold the cache's storage
+        kernel = False  # without kernels (the CPU tests), the steps gather as prefix_sparse_attention does
+        if self.kernels:
             refusal = decode_kernel_refusal(self.q, state.config.block_size)
             kernel = refusal is None
             if not kernel:
@@ -302,17 +501,12 @@ class GraphedDecoder:
         else:
             fresh = self._load_gathers(key_valid, state, fresh_cache)
         if fresh:
-            self._sparse_graph = None
+            self._forget("sparse")
         self._sparse_block = state.blocks_begun
         self.write_positions.copy_(torch.arange(cache.length, cache.length + self.tokens, device=ids.device))
-        if self.graphs is None:  # not captured: the same computation, eagerly
-            self._sparse_forward()
-        else:
-            if fresh:  # the warm-up run is this step's own computation; the replay redoes it
-                self._sparse_graph = _captured(self._sparse_forward)
-            self._sparse_graph.replay()
+        self._replay(("sparse", logits), lambda: self._whole_forward(self._sparse_attend, logits))
         cache.written()
-        return self.logits.clone()
+        return self.logits.clone() if logits else None
 
     def _run(self, index: int) -> None:
         if self.graphs is None:

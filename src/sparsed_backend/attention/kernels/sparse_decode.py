@@ -34,7 +34,13 @@ import triton.language as tl
 
 from ..policy import decode_block_size_refusal
 
-__all__ = ["decode_attention_with_block_mass", "decode_offsets", "sparse_decode_attention"]
+__all__ = [
+    "decode_attention_with_block_mass",
+    "decode_offsets",
+    "dense_decode_attention",
+    "dense_decode_splits",
+    "sparse_decode_attention",
+]
 
 _LOG2E = 1.4426950408889634
 
@@ -45,7 +51,7 @@ def _sparse_decode_kernel(
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     L, S, VS, N_KEPT, PER_SPLIT, H, GQ, GROUP, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRID: tl.constexpr,
-    HAS_VALID: tl.constexpr,
+    HAS_VALID: tl.constexpr, SPLIT_OWN: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -71,18 +77,28 @@ def _sparse_decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Work items: the kept blocks of this head, then (in the last split) the keys read whole.
-    first = split * PER_SPLIT
+    # Work items: the kept blocks of this head, then the keys read whole: all in the last split,
+    # or with SPLIT_OWN a share of them in every split (whole BLOCK_N tiles; a split past their
+    # end reads none).
+    first = tl.minimum(split * PER_SPLIT, N_KEPT)  # splits past the listed blocks list none
     last = tl.minimum(N_KEPT, first + PER_SPLIT)
-    own = split == n_splits - 1
+    if SPLIT_OWN:
+        share = tl.cdiv(tl.cdiv(OWN_STOP - OWN_START, n_splits), BLOCK_N) * BLOCK_N
+        own_lo = OWN_START + split * share
+        own_hi = tl.minimum(own_lo + share, OWN_STOP)
+        own = split >= 0  # every split
+    else:
+        own_lo = OWN_START
+        own_hi = OWN_STOP
+        own = split == n_splits - 1
     for j in range(first, last + own.to(tl.int32)):
         if j < last:
             grid_block = tl.load(BLOCKS + pid_bh * N_KEPT + j).to(tl.int32)  # both branches' bounds are int32
             start = grid_block * GRID - FRONT
             stop = start + GRID
         else:
-            start = OWN_START
-            stop = OWN_STOP
+            start = own_lo
+            stop = own_hi
         for c in range(0, stop - start, BLOCK_N):
             offs_n = start + c + tl.arange(0, BLOCK_N)
             live = (offs_n >= 0) & (offs_n < stop) & (offs_n < S)
@@ -160,6 +176,46 @@ def sparse_decode_attention(
     return _combine(query, H, *parts)[0]
 
 
+def dense_decode_splits(programs: int, key_capacity: int, device: torch.device) -> int:
+    """Splits of the key range per program for `dense_decode_attention`: about two programs per
+    SM in all, and no split shorter than 256 keys at ``key_capacity`` (the longest key range
+    the splits must serve: a captured graph keeps its count)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(triton.cdiv(key_capacity, 256), triton.cdiv(2 * sms, max(1, programs))))
+
+
+def dense_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    offsets: torch.Tensor,
+    scaling: float,
+    key_valid: torch.Tensor | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """Dense attention of a few query rows to the keys ``[0, key_len)``, split over programs
+    (flash-decoding's split-KV): each KV head's query heads share one program per split, and
+    the key range is cut into ``splits`` equal shares, so a batch of one still fills the GPU
+    (SDPA's kernels parallelise over batch x heads x 128-row query tiles only). The key length
+    is read from ``offsets`` on the device, so one captured CUDA graph serves every block.
+
+    Args:
+        query: (B, Hq, L, D), D a power of 2 >= 16.
+        key, value: (B, Hkv, S, D), S >= key_len (the cache's whole storage may be passed).
+        offsets: (3,) int32 (`decode_offsets(0, 0, key_len)`): every key before key_len is read.
+        key_valid: (B, S') bool or None: keys a query may attend (left padding).
+        splits: shares of the key range per KV head; None: `dense_decode_splits` for S keys.
+    Returns:
+        (B, Hq, L, D) in the query's dtype.
+    """
+    B, Hkv = query.shape[0], key.shape[1]
+    if splits is None:
+        splits = dense_decode_splits(B * Hkv, key.shape[2], query.device)
+    blocks = torch.empty(B, Hkv, 0, dtype=torch.long, device=query.device)  # no listed block
+    parts = _launch(query, key, value, blocks, offsets, 64, scaling, key_valid, 1, max(1, splits), split_own=True)
+    return _combine(query, Hkv, *parts)[0]
+
+
 def decode_attention_with_block_mass(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -189,9 +245,10 @@ def decode_attention_with_block_mass(
     return out, shares.sum(-1).view(B, H, n_kept)
 
 
-def _launch(query, key, value, blocks, offsets, block_size, scaling, key_valid, per_split, splits):
+def _launch(query, key, value, blocks, offsets, block_size, scaling, key_valid, per_split, splits, split_own=False):
     """One kernel launch over (B * H, splits) programs; returns the fp32 partials (output, max,
-    sum) per program and row."""
+    sum) per program and row. ``split_own``: the keys read whole are shared out over every split
+    (else the last split reads them all)."""
     B, Hq, L, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     H, n_kept = blocks.shape[1], blocks.shape[2]
@@ -208,13 +265,14 @@ def _launch(query, key, value, blocks, offsets, block_size, scaling, key_valid, 
     o_part = torch.empty(B * H, splits, block_m, D, device=query.device, dtype=torch.float32)
     m_part = torch.empty(B * H, splits, block_m, device=query.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
-    valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else blocks  # dummy pointer
+    listed = blocks if blocks.numel() else offsets  # with no block listed, a pointer never read
+    valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else listed  # dummy pointer
     strides = (*query.stride()[:3], *key.stride()[:3], *value.stride()[:3])
     _sparse_decode_kernel[(B * H, splits)](
-        query, key, value, blocks, offsets, valid, o_part, m_part, l_part, *strides,
+        query, key, value, listed, offsets, valid, o_part, m_part, l_part, *strides,
         L, S, valid.shape[-1], n_kept, per_split, H, gq, Hq // Hkv, scaling * _LOG2E,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, GRID=block_size, HAS_VALID=key_valid is not None,
-        num_warps=4, num_stages=2,
+        SPLIT_OWN=split_own, num_warps=4, num_stages=2,
     )  # fmt: skip
     return o_part, m_part, l_part
 

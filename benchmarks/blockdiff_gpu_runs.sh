@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU runs behind the README's block-diffusion end-to-end tables, one section per device
+# call (each fits the device tool's 10-minute limit on one H200; SDAR-8B shape, random bf16
+# weights, block 4, select 0.1, per KV head, 1,024 generated tokens):
+#
+#   bash benchmarks/blockdiff_gpu_runs.sh tests      # the CUDA tests of the kernels and graphs (~3 min)
+#   bash benchmarks/blockdiff_gpu_runs.sh 32k        # 32k, batch 1 and 8: piecewise vs whole graphs
+#   bash benchmarks/blockdiff_gpu_runs.sh 128k       # 128k, batch 1: the same, then select_every=4 + sparse_commit
+#   bash benchmarks/blockdiff_gpu_runs.sh profile    # 128k, per forward kind, whole graphs
+#
+# Each section writes its tables (.md/.json) and log into $OUT (default benchmarks/results).
+# Every table's variants run side by side in one process, dense first (a dense run after the
+# sparse ones once ran out of memory in its prefill: blockdiff_session12.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+OUT="$(realpath -m "${OUT:-benchmarks/results}")"
+mkdir -p "$OUT"
+COMMON=(--parts e2e --blocks 4 --gen 1024 --select 0.1 --per-kv-head)
+
+case "${1:-}" in
+  tests)
+    python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_decode_graphs.py \
+      tests/test_prefix_selection.py tests/test_block_diffusion.py 2>&1 | tee "$OUT/tests_cuda_blockdiff.log" | tail -5
+    ;;
+  32k)
+    (python benchmarks/bench_blockdiff.py "${COMMON[@]}" --prefixes 32768 --batches 1 \
+      --variants dense_gqa_graphs dense_whole sparse_fused_graphs sparse_fused_whole \
+      --name bench_blockdiff_whole_32k_b1 --out "$OUT") 2>&1 | tee "$OUT/bench_blockdiff_whole_32k_b1.log" | tail -8
+    (python benchmarks/bench_blockdiff.py "${COMMON[@]}" --prefixes 32768 --batches 8 \
+      --variants dense_cudnn_graphs dense_whole sparse_fused_whole \
+      --name bench_blockdiff_whole_32k_b8 --out "$OUT") 2>&1 | tee "$OUT/bench_blockdiff_whole_32k_b8.log" | tail -8
+    ;;
+  128k)
+    (python benchmarks/bench_blockdiff.py "${COMMON[@]}" --prefixes 131072 --batches 1 \
+      --variants dense_gqa_graphs dense_whole sparse_fused_graphs sparse_fused_whole \
+      --name bench_blockdiff_whole_128k_b1 --out "$OUT") 2>&1 | tee "$OUT/bench_blockdiff_whole_128k_b1.log" | tail -8
+    (python benchmarks/bench_blockdiff.py "${COMMON[@]}" --prefixes 131072 --batches 1 \
+      --select-every 4 --sparse-commit --variants dense_whole sparse_fused_whole \
+      --name bench_blockdiff_whole_128k_b1_every4_commit --out "$OUT") 2>&1 \
+      | tee "$OUT/bench_blockdiff_whole_128k_b1_every4_commit.log" | tail -8
+    ;;
+  profile)
+    (python benchmarks/profile_blockdiff.py --prefix 131072 --gen 64 \
+      --variants dense_whole sparse_fused_whole) > "$OUT/profile_blockdiff_whole_128k.txt" 2>&1
+    tail -40 "$OUT/profile_blockdiff_whole_128k.txt"
+    ;;
+  *)
+    echo "usage: $0 tests|32k|128k|profile" >&2
+    exit 2
+    ;;
+esac
