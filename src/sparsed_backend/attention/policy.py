@@ -7,6 +7,7 @@ benchmarks/results/; where nothing was measured the rule is the neutral one and 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -61,9 +62,10 @@ def decode_kernels(query: torch.Tensor):
 
 def decode_kernel_refusal(query: torch.Tensor, block_size: int) -> str | None:
     """Why the block-sparse decode kernel (`kernels.sparse_decode`) cannot attend ``query`` over
-    prefix blocks of ``block_size`` tokens; None when it can (CUDA with Triton, a power-of-two
-    head_dim >= 16, blocks of 16 or 32 tokens or a multiple of 64)."""
-    if not query.is_cuda:
+    prefix blocks of ``block_size`` tokens; None when it can (CUDA with Triton, or any device
+    under Triton's interpreter, ``TRITON_INTERPRET=1``; a power-of-two head_dim >= 16, blocks
+    of 16 or 32 tokens or a multiple of 64)."""
+    if not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return f"it runs on CUDA, the query is on {query.device.type}"
     try:
         import triton  # noqa: F401

@@ -1,0 +1,151 @@
+"""Checks of the Triton decode kernels that run on the CPU under Triton's interpreter.
+
+`test_kernels_interpreted.py` runs each function here in a subprocess with ``TRITON_INTERPRET=1``
+(Triton reads it when a kernel is defined, so it must be set before the kernels' module is
+imported). Inputs are fp32, so the kernels' sums differ from PyTorch's by rounding only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.nn.functional as F
+
+ATOL = 1e-5
+
+
+def _inputs(b, hq, hkv, q_len, storage, d, pad_rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, q_len, d, generator=g)
+    k = torch.randn(b, hkv, storage, d, generator=g) * 1.5
+    v = torch.randn(b, hkv, storage, d, generator=g)
+    valid = torch.ones(b, storage, dtype=torch.bool)
+    valid[-1, :pad_rows] = False
+    return g, q, k, v, valid
+
+
+def _dense(q, k, v, valid, key_len):
+    mask = valid[:, None, None, :key_len]
+    return F.scaled_dot_product_attention(q, k[:, :, :key_len], v[:, :, :key_len], attn_mask=mask, enable_gqa=True,
+                                          scale=q.shape[-1] ** -0.5)  # fmt: skip
+
+
+def sparse_decode_equals_the_gather() -> None:
+    """`sparse_decode_attention` (kept blocks read in place, split over programs) equals the
+    gather + SDPA step, per query and per KV head, with a short first grid block, left padding,
+    an empty prefix, and fewer and more splits than blocks."""
+    from sparsed_backend.attention.kernels.sparse_decode import decode_offsets, sparse_decode_attention
+    from sparsed_backend.attention.prefix_selection import (
+        PrefixSelection,
+        PrefixSparseConfig,
+        gathered_attention,
+        prefix_grid,
+        select_prefix_blocks,
+        sparse_gather,
+    )
+
+    hq, hkv, d, bs = 8, 2, 16, 16
+    for per_kv in (True, False):
+        for q_len, prefix, pad, splits in [(4, 300, 0, None), (4, 301, 100, 3), (7, 0, 0, None), (16, 129, 40, 1)]:
+            s = prefix + q_len
+            g, q, k, v, valid = _inputs(2, hq, hkv, q_len, s + 20, d, pad, seed=prefix + q_len)
+            front, n = prefix_grid(prefix, bs)
+            config = PrefixSparseConfig(select=0.3, block_size=bs, per_kv_head=per_kv)
+            heads = hkv if per_kv else hq
+            blocks = select_prefix_blocks(torch.rand(2, hq, n, generator=g), config, hkv) if n else torch.zeros(
+                2, heads, 0, dtype=torch.long)  # fmt: skip
+            sel = PrefixSelection(blocks, prefix, front, n, bs)
+            _, index, mask = sparse_gather(sel, q_len, valid[:, :s], hq, hkv)
+            want = gathered_attention(q, k[:, :, :s], v[:, :, :s], index, mask, d**-0.5)
+            offsets = decode_offsets(prefix, front, s, q.device)
+            got = sparse_decode_attention(q, k, v, blocks, offsets, bs, d**-0.5, valid if pad else None, splits)
+            torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+def block_mass_kernel_is_dense_attention_and_its_mass() -> None:
+    """Listing every prefix block, `decode_attention_with_block_mass` gives dense attention and
+    `prefix_block_mass`'s mass (summed over a KV head's query heads per KV head)."""
+    from sparsed_backend.attention.kernels.sparse_decode import decode_attention_with_block_mass, decode_offsets
+    from sparsed_backend.attention.prefix_selection import prefix_block_mass, prefix_grid
+
+    hq, hkv, d, bs = 8, 2, 16, 16
+    for per_kv in (True, False):
+        for q_len, prefix, pad in [(4, 300, 0), (4, 257, 90), (7, 5, 0)]:
+            s = prefix + q_len
+            _, q, k, v, valid = _inputs(2, hq, hkv, q_len, s + 20, d, pad, seed=prefix)
+            front, n = prefix_grid(prefix, bs)
+            heads = hkv if per_kv else hq
+            blocks = torch.arange(n).expand(2, heads, n).contiguous()
+            offsets = decode_offsets(prefix, front, s, q.device)
+            out, mass = decode_attention_with_block_mass(q, k, v, blocks, offsets, bs, d**-0.5, valid if pad else None)
+            torch.testing.assert_close(out, _dense(q, k, v, valid, s), rtol=0, atol=ATOL)
+            want, _ = prefix_block_mass(q, k[:, :, :s], d**-0.5, bs, valid[:, :s])
+            if per_kv:
+                want = want.view(2, hkv, hq // hkv, n).sum(2)
+            torch.testing.assert_close(mass, want, rtol=1e-4, atol=ATOL)
+
+
+def dense_decode_is_dense_attention() -> None:
+    """`dense_decode_attention` (the key range shared out over splits, its end read from the
+    device) equals SDPA over keys [0, key_len) of a longer storage: padded, more splits than key
+    tiles, a key length shorter than one tile, GQA and not."""
+    from sparsed_backend.attention.kernels.sparse_decode import decode_offsets, dense_decode_attention
+
+    for hq, hkv, q_len, key_len, pad, splits in [(8, 2, 4, 300, 0, None), (8, 2, 4, 1000, 300, 7),
+                                                 (4, 4, 7, 65, 0, 3), (8, 2, 32, 129, 40, None),
+                                                 (8, 2, 4, 5, 0, None), (4, 2, 4, 4, 1, 50)]:  # fmt: skip
+        _, q, k, v, valid = _inputs(2, hq, hkv, q_len, key_len + 100, 32, pad, seed=key_len)
+        offsets = decode_offsets(0, 0, key_len, q.device)
+        got = dense_decode_attention(q, k, v, offsets, 32**-0.5, valid if pad else None, splits)
+        torch.testing.assert_close(got, _dense(q, k, v, valid, key_len), rtol=0, atol=ATOL)
+
+
+def whole_forwards_with_the_kernels_decode_the_models_tokens() -> None:
+    """blockdiff_generate(cuda_graphs="whole") run uncaptured with the kernels (what its graphs
+    capture: the split-KV dense kernel for exact forwards, the fused kernel and in-graph top-k
+    for selecting steps, the sparse kernel for the rest) decodes the model's own tokens and
+    selections (the separate scorer's), padded and not, with select_every and sparse_commit."""
+    from sparsed_backend.attention.prefix_selection import PrefixSparseConfig
+    from sparsed_backend.sampling import block_diffusion
+    from sparsed_backend.sampling.block_diffusion import blockdiff_generate
+    from sparsed_backend.sampling.decode_graphs import GraphedDecoder
+    from test_decode_graphs import MASK_ID, sdar_model
+
+    class KernelsUncaptured(GraphedDecoder):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k, capture=False, kernels=True)
+
+    configs = [
+        None,
+        PrefixSparseConfig(select=0.3, block_size=16, per_kv_head=True, scorer="fused"),
+        PrefixSparseConfig(select=0.3, block_size=16, scorer="fused", select_every=3, sparse_commit=True),
+    ]
+    for sparsed in configs:
+        for padded in (False, True):
+            model = sdar_model("sdpa" if sparsed is None else "sparsed")
+            ids = torch.randint(2, MASK_ID, (2, 70), generator=torch.Generator().manual_seed(8))
+            mask = torch.ones_like(ids)
+            if padded:
+                mask[1, :23] = 0
+            args = {"gen_length": 24, "block_length": 4, "denoising_steps": 2, "mask_id": MASK_ID,
+                    "return_dict_in_generate": True}  # fmt: skip
+            reference = None if sparsed is None else dataclasses.replace(sparsed, scorer="separate")
+            want = blockdiff_generate(model, ids, mask, sparsed=reference, **args)
+            block_diffusion.GraphedDecoder = KernelsUncaptured
+            try:
+                got = blockdiff_generate(model, ids, mask, sparsed=sparsed, cuda_graphs="whole", **args)
+            finally:
+                block_diffusion.GraphedDecoder = GraphedDecoder
+            assert torch.equal(got.sequences, want.sequences), (sparsed, padded)
+            if sparsed is not None:
+                assert got.sparsed_state.density() == want.sparsed_state.density(), (sparsed, padded)
+
+
+if __name__ == "__main__":  # one check, by name (what the test runs)
+    import sys
+
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    globals()[sys.argv[1]]()
+    print("ok", sys.argv[1])
