@@ -256,6 +256,25 @@ def test_whole_forward_graphs_decode_the_same_tokens(monkeypatch, sparsed, padde
         assert torch.equal(got.sparsed_state.layers[i].blocks, sel.blocks)
 
 
+@pytest.mark.parametrize("graphs", [True, "whole"])
+def test_a_prefill_of_one_block_runs_the_models_forward(monkeypatch, graphs):
+    """A prompt whose prefill is one block long (the length of the decoder's forwards), with a
+    row that is all padding there, is prefilled by the model's forward, not through the graphs:
+    every decoder call is a decoding step or a block's commit, and the tokens are the model's."""
+    model = sdar_model("sdpa")
+    ids = torch.randint(2, MASK_ID, (2, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1: two tokens, no whole block; its prefill block is padding
+    args = {"gen_length": 8, "block_length": 4, "denoising_steps": 2, "mask_id": MASK_ID}
+    want = blockdiff_generate(model, ids, mask, **args)
+    monkeypatch.setattr(block_diffusion, "GraphedDecoder", _Whole)
+    monkeypatch.setattr(_Whole, "calls", [])
+    got = blockdiff_generate(model, ids, mask, cuda_graphs=graphs, return_dict_in_generate=True, **args)
+    assert torch.equal(got.sequences, want)
+    # every denoising step and every decoded block's commit, and no prefill forward
+    assert len(_Whole.calls) == sum(got.block_steps) + len(got.block_steps) and len(got.block_steps) == 3
+
+
 def test_whole_graphs_say_once_when_selecting_steps_run_piecewise(monkeypatch):
     """A selecting step that cannot be one graph runs through the piecewise graphs, said once:
     the separate scorer (its attention changes shape with the prefix; this run) and the random

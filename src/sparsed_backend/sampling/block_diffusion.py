@@ -134,12 +134,14 @@ class _BlockRunner:
         # What the attention gets besides Q/K/V and the mask: the sparse prefix selection's state.
         self.attention_kwargs = {} if state is None else {"prefix_state": state}
 
-    def __call__(self, forward, ids, positions, keep, logits: bool) -> torch.Tensor | None:
+    def __call__(self, forward, ids, positions, keep, logits: bool, prefill: bool = False) -> torch.Tensor | None:
         """ids, positions (B, n); keep (B, 1, n, S) bool -> logits (B, n, V), or None when
-        ``logits`` is False (a commit: only its K/V are wanted)."""
+        ``logits`` is False (a commit: only its K/V are wanted). ``prefill``: a chunk of the
+        prompt, which always runs the model's forward (a chunk of one block may hold a row's
+        padding as queries, which the graphs' one key mask per block does not describe)."""
         self.cache.prepare(forward, ids.shape[1])
         mask = _implementation_mask(keep, self.implementation, self.dtype)
-        if self.graphs is not None and ids.shape[1] == self.graphs.tokens:
+        if self.graphs is not None and not prefill and ids.shape[1] == self.graphs.tokens:
             graphs, state, key_valid = self.graphs, self.state, keep[:, 0, -1]  # a block's queries share keys
             if state is not None and state.mode == "sparse":  # a sparse step or commit
                 return graphs.sparse_step(ids, positions, key_valid, self.cache, state, logits=logits)
@@ -442,7 +444,7 @@ def blockdiff_generate(
     for start in range(0, prefill_blocks * block_length, chunk):
         stop = min(start + chunk, prefill_blocks * block_length)
         keep = block_causal_mask(valid, start, stop, block_length)
-        run("commit", x[:, start:stop], positions[:, start:stop], keep, False)
+        run("commit", x[:, start:stop], positions[:, start:stop], keep, False, prefill=True)
 
     for b in range(prefill_blocks, prefill_blocks + decode_blocks):
         start, stop = b * block_length, (b + 1) * block_length

@@ -160,7 +160,10 @@ class GraphedDecoder:
                     "cuda_graphs", f"cuda_graphs='whole' attends through the block-sparse decode kernel, but {refusal}"
                 )
         self.n_pieces = len(self.layers) + 1  # the stretches between attention calls
-        self.graphs: list[torch.cuda.CUDAGraph] | None = self._capture() if capture else None
+        self.capture = capture
+        # The pieces' graphs, captured on the first forward that runs them (with ``whole`` only
+        # a selecting step that cannot be whole does).
+        self.graphs: list[torch.cuda.CUDAGraph] | None = None
         # The whole-forward graphs (`sparse_step`, `dense_step`, `score_step`), by what they run.
         self.write_positions = torch.zeros(tokens, dtype=torch.long, device=device)
         self._whole_graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
@@ -367,7 +370,7 @@ class GraphedDecoder:
         """Run ``forward`` (a whole forward on the buffers): eagerly when uncaptured, else by
         replaying the graph captured for ``key`` (captured on its first use: the warm-up run is
         this step's own computation, and the replay redoes it)."""
-        if self.graphs is None:
+        if not self.capture:
             forward()
             return
         graph = self._whole_graphs.get(key)
@@ -509,10 +512,12 @@ class GraphedDecoder:
         return self.logits.clone() if logits else None
 
     def _run(self, index: int) -> None:
-        if self.graphs is None:
+        if not self.capture:
             self._piece(index)
-        else:
-            self.graphs[index].replay()
+            return
+        if self.graphs is None:
+            self.graphs = self._capture()
+        self.graphs[index].replay()
 
     def __call__(
         self,
