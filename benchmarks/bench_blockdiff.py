@@ -11,15 +11,18 @@ weights, YaRN (factor 4 over 32,768 positions) for prefixes past 32k. In one pro
   dense SDPA with the sampler's bool mask (``dense_mask``), without a mask (``dense``: SDPA's
   default order, cuDNN first on an H200) and without a mask with FlashAttention-2 first
   (``dense_flash``, `policy.decode_kernels`, what the graphed sampler runs when nothing is
-  padded); ``vs_best_dense`` is against the fastest of the three; the selecting step (``score``: exact attention
+  padded); the selecting step (``score``: exact attention
   plus block masses and top-k; unpadded, as the sampler runs it for rows of one length: a fused
   attention with log-sum-exp, FlashAttention-2's since session 10 (cuDNN's before), then one
   scoring sweep) and the sparse step (``sparse_q``: one selection per query head,
   ``sparse_kv``: per key-value head), the per-KV-head selection through compiled FlexAttention
   (``sparse_flex``, with ``flex_build`` its BlockMask's construction and ``max_err`` its largest
   difference from the gather), the block-sparse decode kernel reading the kept blocks in place
-  (``sparse_triton``, `kernels.sparse_decode`, CUDA only, with its ``max_err``), each a median
-  of `common.bench`;
+  (``sparse_triton``, `kernels.sparse_decode`, CUDA only, with its ``max_err``), the split-KV
+  dense decode kernel (``dense_triton``), and FlashAttention-2, that kernel and the sparse kernel
+  replayed from a CUDA graph (``dense_flash_graph``, ``dense_triton_graph``,
+  ``sparse_triton_graph``: their kernels without the host's launch work, as the sampler's graphs
+  run them), each a median of `common.bench`; ``vs_best_dense`` is against the fastest dense row;
 - ``e2e``: `blockdiff_generate` end to end (prefill of P tokens in chunks, then --gen tokens),
   dense on the preallocated cache (``dense``), the same with a cache that concatenates like
   transformers' ``DynamicCache`` and SDAR's sampler (``concat``, reported separately: not the
@@ -244,7 +247,9 @@ def attention_case(args, device, dtype, base: dict, rows: list[dict]) -> None:
         rows[-1]["density"] = state.layers[0].density
     flex_case(q, k, v, mask, scale, state, run, rows)
     triton_case(q, k, v, mask, scale, state, run, rows)
-    best = min(times["dense"], times["dense_mask"], times["dense_flash"])
+    graphed_case(q, k, v, scale, flash, state, run, rows)
+    dense = ("dense", "dense_mask", "dense_flash", "dense_triton", "dense_flash_graph", "dense_triton_graph")
+    best = min(times.get(name, math.nan) for name in dense if not math.isnan(times.get(name, math.nan)))
     for row in rows[first:]:
         if "ms" in row and row["variant"] != "flex_build":  # building a mask is no attention
             row["vs_best_dense"] = best / row["ms"]
@@ -315,6 +320,56 @@ def triton_case(q, k, v, mask, scale, state, run, rows) -> None:
         return
     run("sparse_triton", sparse_triton)
     rows[-1]["density"], rows[-1]["max_err"] = sel.density, err
+
+
+def graphed_case(q, k, v, scale, flash, state, run, rows) -> None:
+    """The split-KV dense decode kernel (``dense_triton``, `kernels.sparse_decode.dense_decode_attention`:
+    the key range shared out over programs) called eagerly, and each of FlashAttention-2
+    (``dense_flash_graph``), that kernel (``dense_triton_graph``) and the block-sparse kernel on
+    the per-KV-head selection (``sparse_triton_graph``) replayed from a CUDA graph: the time of
+    their kernels without the host's launch work, as the sampler's graphs run them (called
+    eagerly, a few small launches cost more than a decode kernel's work). ``vs_best_dense`` is
+    against the fastest dense row, graphed or not. CUDA only."""
+    base = {key: rows[-1][key] for key in ("kind", "prefix", "block", "batch")}
+    if not q.is_cuda:
+        rows.append(dict(base, variant="dense_triton", error="needs CUDA (Triton)"))
+        return
+    from sparsed_backend.attention.kernels.sparse_decode import (
+        decode_offsets,
+        dense_decode_attention,
+        sparse_decode_attention,
+    )
+    from sparsed_backend.sampling.decode_graphs import _captured
+
+    sel = state.layers[0]
+    s = k.shape[2]
+    dense_offsets = decode_offsets(0, 0, s, q.device)
+    sparse_offsets = decode_offsets(sel.prefix_len, sel.front, s, q.device)
+
+    def dense_triton():
+        return dense_decode_attention(q, k, v, dense_offsets, scale)
+
+    def sparse_triton():
+        return sparse_decode_attention(q, k, v, sel.blocks, sparse_offsets, sel.block_size, scale)
+
+    try:
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale, enable_gqa=True)
+        err = (dense_triton().float() - want).abs().max().item()
+    except Exception as error:  # recorded: the row says why the kernel could not run this shape
+        rows.append(dict(base, variant="dense_triton", error=f"{type(error).__name__}: {str(error)[:160]}"))
+        return
+    run("dense_triton", dense_triton)
+    rows[-1]["max_err"] = err
+    for name, fn in (("dense_flash_graph", flash), ("dense_triton_graph", dense_triton),
+                     ("sparse_triton_graph", sparse_triton)):  # fmt: skip
+        try:
+            graph = _captured(fn)
+        except Exception as error:  # recorded: the row says why this call could not be captured
+            rows.append(dict(base, variant=name, error=f"{type(error).__name__}: {str(error)[:160]}"))
+            continue
+        run(name, graph.replay)
+        if name == "sparse_triton_graph":
+            rows[-1]["density"] = sel.density
 
 
 class PrefillClock:

@@ -4,6 +4,7 @@
 # weights, block 4, select 0.1, per KV head, 1,024 generated tokens):
 #
 #   bash benchmarks/blockdiff_gpu_runs.sh tests      # the CUDA tests of the kernels and graphs (~3 min)
+#   bash benchmarks/blockdiff_gpu_runs.sh attention  # one layer's attention, eager and CUDA-graphed kernels
 #   bash benchmarks/blockdiff_gpu_runs.sh 32k        # 32k, batch 1 and 8: piecewise vs whole graphs
 #   bash benchmarks/blockdiff_gpu_runs.sh 128k       # 128k, batch 1: the same, then select_every=4 + sparse_commit
 #   bash benchmarks/blockdiff_gpu_runs.sh profile    # 128k, per forward kind, whole graphs
@@ -22,6 +23,11 @@ case "${1:-}" in
   tests)
     python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_decode_graphs.py \
       tests/test_prefix_selection.py tests/test_block_diffusion.py 2>&1 | tee "$OUT/tests_cuda_blockdiff.log" | tail -5
+    ;;
+  attention)
+    python benchmarks/bench_blockdiff.py --parts attention --prefixes 32768 131072 --blocks 4 --batches 1 8 \
+      --select 0.1 --name bench_blockdiff_attention_graphed --out "$OUT" 2>&1 \
+      | tee "$OUT/bench_blockdiff_attention_graphed.log" | tail -40
     ;;
   32k)
     (python benchmarks/bench_blockdiff.py "${COMMON[@]}" --prefixes 32768 --batches 1 \
@@ -46,7 +52,7 @@ case "${1:-}" in
     tail -40 "$OUT/profile_blockdiff_whole_128k.txt"
     ;;
   *)
-    echo "usage: $0 tests|32k|128k|profile" >&2
+    echo "usage: $0 tests|attention|32k|128k|profile" >&2
     exit 2
     ;;
 esac
