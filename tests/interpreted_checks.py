@@ -102,6 +102,70 @@ def dense_decode_is_dense_attention() -> None:
         torch.testing.assert_close(got, _dense(q, k, v, valid, key_len), rtol=0, atol=ATOL)
 
 
+def decode_kernels_property() -> None:
+    """Hypothesis, over batch, GQA ratio, block length, prefix length (0-300), prefix grid
+    block (16-64, so a short first block), left padding and splits: the sparse kernel listing
+    every prefix block (keep = 100%) and the split-KV dense kernel both equal SDPA's dense
+    attention, the fused kernel gives dense attention and `prefix_block_mass`'s mass, and the
+    sparse kernel on a random selection of ``select`` equals the gather + SDPA step."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from sparsed_backend.attention.kernels.sparse_decode import (
+        decode_attention_with_block_mass,
+        decode_offsets,
+        dense_decode_attention,
+        sparse_decode_attention,
+    )
+    from sparsed_backend.attention.prefix_selection import (
+        PrefixSelection,
+        PrefixSparseConfig,
+        gathered_attention,
+        prefix_block_mass,
+        prefix_grid,
+        select_prefix_blocks,
+        sparse_gather,
+    )
+
+    @settings(max_examples=25, deadline=None, derandomize=os.environ.get("HYPOTHESIS_PROFILE") == "ci")
+    @given(
+        b=st.integers(1, 2), hkv=st.sampled_from([1, 2, 4]), ratio=st.sampled_from([1, 2, 4]),
+        q_len=st.integers(1, 16), prefix=st.integers(0, 300), bs=st.sampled_from([16, 32, 64]),
+        pad_share=st.floats(0.0, 1.0), per_kv=st.booleans(), splits=st.one_of(st.none(), st.integers(1, 9)),
+        select=st.floats(0.05, 1.0), seed=st.integers(0, 2**16),
+    )  # fmt: skip
+    def check(b, hkv, ratio, q_len, prefix, bs, pad_share, per_kv, splits, select, seed):
+        hq, s = hkv * ratio, prefix + q_len
+        _, q, k, v, valid = _inputs(b, hq, hkv, q_len, s + 7, 16, int(pad_share * prefix), seed)
+        key_valid = valid if pad_share > 0 else None
+        want = _dense(q, k, v, valid, s)
+        front, n = prefix_grid(prefix, bs)
+        heads = hkv if per_kv else hq
+        every = torch.arange(n).expand(b, heads, n).contiguous()
+        offsets = decode_offsets(prefix, front, s, q.device)
+        got = sparse_decode_attention(q, k, v, every, offsets, bs, 16**-0.5, key_valid, splits)
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+        dense = dense_decode_attention(q, k, v, decode_offsets(0, 0, s, q.device), 16**-0.5, key_valid, splits)
+        torch.testing.assert_close(dense, want, rtol=0, atol=ATOL)
+        out, mass = decode_attention_with_block_mass(q, k, v, every, offsets, bs, 16**-0.5, key_valid)
+        torch.testing.assert_close(out, want, rtol=0, atol=ATOL)
+        want_mass, _ = prefix_block_mass(q, k[:, :, :s], 16**-0.5, bs, valid[:, :s])
+        if per_kv:
+            want_mass = want_mass.view(b, hkv, ratio, n).sum(2)
+        torch.testing.assert_close(mass, want_mass, rtol=1e-4, atol=ATOL)
+        if n:  # a random selection: the kernel reads what the gather copies
+            config = PrefixSparseConfig(select=select, block_size=bs, per_kv_head=per_kv)
+            g = torch.Generator().manual_seed(seed)
+            blocks = select_prefix_blocks(torch.rand(b, hq, n, generator=g), config, hkv)
+            _, index, gather_mask = sparse_gather(PrefixSelection(blocks, prefix, front, n, bs), q_len, valid[:, :s],
+                                                  hq, hkv)  # fmt: skip
+            gathered = gathered_attention(q, k[:, :, :s], v[:, :, :s], index, gather_mask, 16**-0.5)
+            got = sparse_decode_attention(q, k, v, blocks, offsets, bs, 16**-0.5, key_valid, splits)
+            torch.testing.assert_close(got, gathered, rtol=0, atol=ATOL)
+
+    check()
+
+
 def whole_forwards_with_the_kernels_decode_the_models_tokens() -> None:
     """blockdiff_generate(cuda_graphs="whole") run uncaptured with the kernels (what its graphs
     capture: the split-KV dense kernel for exact forwards, the fused kernel and in-graph top-k

@@ -1,6 +1,7 @@
 """The Triton decode kernels on the CPU, under Triton's interpreter: each check of
 `interpreted_checks.py` in its own process with ``TRITON_INTERPRET=1`` (Triton reads it when a
-kernel is defined). The CUDA tests (`test_kernels.py`, `test_decode_graphs.py`) check the same
+kernel is defined), among them a Hypothesis property over shapes, padding, grids and splits
+(keep = 100% is dense attention; a random selection is the gather's step). The CUDA tests (`test_kernels.py`, `test_decode_graphs.py`) check the same
 kernels compiled, in bf16, on a GPU; these run everywhere the test extra is installed (it brings
 Triton), so a change to a kernel is checked on every CI run."""
 
@@ -24,6 +25,7 @@ CHECKS = Path(__file__).with_name("interpreted_checks.py")
         "sparse_decode_equals_the_gather",
         "block_mass_kernel_is_dense_attention_and_its_mass",
         "dense_decode_is_dense_attention",
+        "decode_kernels_property",
         "whole_forwards_with_the_kernels_decode_the_models_tokens",
     ],
 )
