@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The GPU runs behind the README's block-diffusion end-to-end tables, one section per device
-# call (each fits the device tool's 10-minute limit on one H200; SDAR-8B shape, random bf16
+# GPU runs planned for the open issues' tables, one section per device call (each fits the
+# device tool's 10-minute limit on one H200). Block diffusion (SDAR-8B shape, random bf16
 # weights, block 4, select 0.1, per KV head, 1,024 generated tokens):
 #
-#   bash benchmarks/blockdiff_gpu_runs.sh tests      # the CUDA tests of the kernels and graphs (~3 min)
-#   bash benchmarks/blockdiff_gpu_runs.sh attention  # one layer's attention, eager and CUDA-graphed kernels
-#   bash benchmarks/blockdiff_gpu_runs.sh 32k        # 32k, batch 1 and 8: piecewise vs whole graphs
-#   bash benchmarks/blockdiff_gpu_runs.sh 128k       # 128k, batch 1: the same, then select_every=4 + sparse_commit
-#   bash benchmarks/blockdiff_gpu_runs.sh profile    # 128k, per forward kind, whole graphs
+#   bash benchmarks/gpu_runs.sh tests      # the CUDA tests of the kernels and graphs (~3 min)
+#   bash benchmarks/gpu_runs.sh attention  # one layer's attention, eager and CUDA-graphed kernels
+#   bash benchmarks/gpu_runs.sh 32k        # 32k, batch 1 and 8: piecewise vs whole graphs
+#   bash benchmarks/gpu_runs.sh 128k       # 128k, batch 1: the same, then select_every=4 + sparse_commit
+#   bash benchmarks/gpu_runs.sh profile    # 128k, per forward kind, whole graphs
+#
+# LLaDA with a K/V cache (LLaDA-8B shape):
+#
+#   bash benchmarks/gpu_runs.sh window     # where a 64k windowed step's time goes (8 layers)
 #
 # Each section writes its tables (.md/.json) and log into $OUT (default benchmarks/results).
 # Every table's variants run side by side in one process, dense first (a dense run after the
@@ -51,8 +55,12 @@ case "${1:-}" in
       --variants dense_whole sparse_fused_whole) > "$OUT/profile_blockdiff_whole_128k.txt" 2>&1
     tail -40 "$OUT/profile_blockdiff_whole_128k.txt"
     ;;
+  window)
+    python benchmarks/profile_window.py --length 65536 --layers 8 > "$OUT/profile_window_64k.txt" 2>&1
+    grep "^## \|^attention kernels" "$OUT/profile_window_64k.txt"
+    ;;
   *)
-    echo "usage: $0 tests|attention|32k|128k|profile" >&2
+    echo "usage: $0 tests|attention|32k|128k|profile|window" >&2
     exit 2
     ;;
 esac
