@@ -8,6 +8,7 @@ imported). Inputs are fp32, so the kernels' sums differ from PyTorch's by roundi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
@@ -205,6 +206,112 @@ def whole_forwards_with_the_kernels_decode_the_models_tokens() -> None:
             assert torch.equal(got.sequences, want.sequences), (sparsed, padded)
             if sparsed is not None:
                 assert got.sparsed_state.density() == want.sparsed_state.density(), (sparsed, padded)
+
+
+def cached_windows_through_the_kernel_equal_flex() -> None:
+    """LLaDA and Dream with a dual / prefix K/V cache and SparseD: a dual window (8 rows, in one
+    16-row query block of the selection's grid) runs through the block-sparse decode kernel
+    (`backend.window_decode_attention`, taken here because the interpreter stands in for CUDA)
+    and decodes the tokens the FlexAttention windows decode (forced by refusing the kernel),
+    padded batch, moved grid (the default) and the reference grid; a prefix window spanning
+    several query blocks stays on FlexAttention."""
+    from sparsed_backend.attention import policy
+    from sparsed_backend.attention.config import SparseDConfig
+    from sparsed_backend.attention.kernels import sparse_decode
+    from sparsed_backend.attention.state import LayerSelection
+    from sparsed_backend.sampling.generation import dream_generate, llada_generate
+    from tiny_models import padded_pair, tiny_model
+
+    taken = []
+    real = sparse_decode.sparse_decode_attention
+
+    def counted(*a, **k):
+        taken.append(a[0].shape[2])
+        return real(*a, **k)
+
+    sparse_decode.sparse_decode_attention = counted
+    flexed = []
+    window_mask = LayerSelection.window_mask
+
+    def flex_window(sel, start, q_len, *rest):
+        flexed.append(q_len)
+        return window_mask(sel, start, q_len, *rest)
+
+    LayerSelection.window_mask = flex_window
+    refusal = policy.decode_kernel_refusal
+    for kind, generate in (("llada", llada_generate), ("dream", dream_generate)):
+        model = tiny_model(kind)
+        model.set_attn_implementation("sparsed")
+        ids, mask = padded_pair(0, 16, 6)
+        for mode in ("dual", "prefix"):
+            for grid in ("middle", None):
+                cfg = SparseDConfig(skip=0.25, select=0.5, block_size=16, min_sparse_len=0, prompt_end_offset=grid)
+                gen = {"gen_length": 32} if kind == "llada" else {"max_new_tokens": 32, "alg": "entropy"}
+                run = functools.partial(generate, model, ids, mask, steps=8, block_length=8, kv_cache=mode,
+                                        sparsed=cfg, **gen)  # fmt: skip
+                taken.clear()
+                flexed.clear()
+                got = run()
+                windows, flex_windows = list(taken), list(flexed)
+                policy.decode_kernel_refusal = lambda q, bs: "forced off"
+                try:
+                    want = run()
+                finally:
+                    policy.decode_kernel_refusal = refusal
+                assert torch.equal(got, want), (kind, mode, grid)
+                if mode == "dual":  # through the kernel (Dream's windows, a row longer for its shifted
+                    # logits, cross a query block now and then: those go to FlexAttention)
+                    assert windows and max(windows) <= 9, (kind, mode, grid, windows)
+                else:  # the long windows span several query blocks: FlexAttention
+                    assert flex_windows and max(flex_windows) > 16, (kind, mode, grid, flex_windows)
+
+
+def a_kernel_window_gives_the_refreshs_rows() -> None:
+    """A refresh on a sparse step, then a cached sparse step on a window with the tokens
+    unchanged: the window's logits are the refresh's rows (fp32, 1e-5), for windows that the
+    decode kernel runs (in one query block of the selection's grid: counted) on the reference
+    grid and on a moved one (front 8), LLaDA and Dream, a padded batch."""
+    from sparsed_backend.attention.config import SparseDConfig
+    from sparsed_backend.attention.kernels import sparse_decode
+    from sparsed_backend.attention.state import SparseDState
+    from sparsed_backend.sampling.kv_cache import BlockKVCache
+    from tiny_models import MASK_ID, padded_pair, tiny_model
+
+    taken = []
+    real = sparse_decode.sparse_decode_attention
+
+    def counted(*a, **k):
+        taken.append(a[0].shape[2])
+        return real(*a, **k)
+
+    sparse_decode.sparse_decode_attention = counted
+    p, g = 16, 32
+    ids, mask = padded_pair(2, p, 6)
+    x = torch.cat([ids, torch.randint(2, MASK_ID, (2, g), generator=torch.Generator().manual_seed(2))], 1)
+    x[:, p + 20 :] = MASK_ID
+    full_mask = torch.cat([mask, torch.ones(2, g, dtype=torch.long)], 1)
+    pos = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    for kind in ("llada", "dream"):
+        model = tiny_model(kind)
+        model.set_attn_implementation("sparsed")
+        for offset, (start, stop) in ((None, (16, 32)), (None, (20, 28)), (8, (16, 24)), (8, (26, 32))):
+            cfg = SparseDConfig(skip=0.0, select=0.5, block_size=16, min_sparse_len=0, prompt_end_offset=offset)
+            state = SparseDState(cfg, steps=3, gen_start=p)
+            cache = BlockKVCache("dual")
+            with torch.no_grad():
+                model(x, attention_mask=full_mask, position_ids=pos, sparsed_state=state)  # the switch step
+                state.advance()
+                cache.refresh()
+                full = model(x, attention_mask=full_mask, position_ids=pos, sparsed_state=state, kv_cache=cache)
+                state.advance()
+                cache.set_window(start, stop)
+                taken.clear()
+                rows = {"position_ids": pos[:, start:stop], "sparsed_state": state, "kv_cache": cache}
+                part = model(x[:, start:stop], attention_mask=full_mask, **rows).logits
+            assert taken == [stop - start] * model.config.num_hidden_layers, (kind, offset, start, taken)
+            assert state.layers[0].density < 1
+            torch.testing.assert_close(part, full.logits[:, start:stop], rtol=1e-5, atol=1e-5)
+    model.set_attn_implementation("sdpa")
 
 
 if __name__ == "__main__":  # one check, by name (what the test runs)

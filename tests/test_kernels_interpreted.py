@@ -1,9 +1,11 @@
 """The Triton decode kernels on the CPU, under Triton's interpreter: each check of
 `interpreted_checks.py` in its own process with ``TRITON_INTERPRET=1`` (Triton reads it when a
 kernel is defined), among them a Hypothesis property over shapes, padding, grids and splits
-(keep = 100% is dense attention; a random selection is the gather's step). The CUDA tests (`test_kernels.py`, `test_decode_graphs.py`) check the same
-kernels compiled, in bf16, on a GPU; these run everywhere the test extra is installed (it brings
-Triton), so a change to a kernel is checked on every CI run."""
+(keep = 100% is dense attention; a random selection is the gather's step), the whole-forward
+graphs' computation, and LLaDA / Dream cache windows through the kernel. The CUDA tests
+(`test_kernels.py`, `test_decode_graphs.py`, `test_kv_cache.py`) check the same kernels
+compiled, on a GPU; these run everywhere the test extra is installed (it brings Triton), so a
+change to a kernel is checked on every CI run."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ CHECKS = Path(__file__).with_name("interpreted_checks.py")
         "dense_decode_is_dense_attention",
         "decode_kernels_property",
         "whole_forwards_with_the_kernels_decode_the_models_tokens",
+        "a_kernel_window_gives_the_refreshs_rows",
+        "cached_windows_through_the_kernel_equal_flex",
     ],
 )
 def test_kernel_under_the_interpreter(check):

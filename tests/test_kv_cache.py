@@ -116,6 +116,41 @@ def test_sparse_window_uses_the_switch_steps_rows(kind, offset, start):
     torch.testing.assert_close(part, full[:, start : P + BL], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the block-sparse decode kernel)")
+@pytest.mark.parametrize(("offset", "start", "stop"), [(None, 16, 32), (None, 20, 28), (8, 16, 24)])
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_a_window_through_the_decode_kernel_gives_the_refreshs_rows(kind, offset, start, stop, monkeypatch):
+    """On CUDA (fp32 model, TF32 dot products): a window in one query block of the selection's
+    grid runs through the block-sparse decode kernel (counted), and with the tokens unchanged
+    its logits are the refresh's rows, as FlexAttention's are (checked exactly under Triton's
+    interpreter: tests/interpreted_checks.py)."""
+    from sparsed_backend.attention.kernels import sparse_decode
+
+    taken = []
+    real = sparse_decode.sparse_decode_attention
+    monkeypatch.setattr(sparse_decode, "sparse_decode_attention", lambda *a, **k: taken.append(1) or real(*a, **k))
+    x, mask, pos = (t.cuda() for t in canvas(2))
+    model = with_attn(kind, "sparsed").cuda()
+    cfg = SparseDConfig(skip=0.0, select=0.5, block_size=16, min_sparse_len=0, prompt_end_offset=offset)
+    state = SparseDState(cfg, steps=3, gen_start=P)
+    cache = BlockKVCache("dual")
+    try:
+        with torch.no_grad():
+            model(x, attention_mask=mask, position_ids=pos, sparsed_state=state)  # the switch step
+            state.advance()
+            cache.refresh()
+            full = model(x, attention_mask=mask, position_ids=pos, sparsed_state=state, kv_cache=cache).logits
+            state.advance()
+            cache.set_window(start, stop)
+            rows = {"position_ids": pos[:, start:stop], "sparsed_state": state, "kv_cache": cache}
+            part = model(x[:, start:stop], attention_mask=mask, **rows).logits
+    finally:
+        model.set_attn_implementation("sdpa")
+        model.cpu()
+    assert len(taken) == 2  # both layers' windows
+    torch.testing.assert_close(part, full[:, start:stop], rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 @pytest.mark.parametrize("kind", ["llada", "dream"])
 def test_one_step_per_block_never_uses_the_cache_and_equals_no_cache(kind, mode):

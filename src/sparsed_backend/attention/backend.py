@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
@@ -13,7 +15,7 @@ from . import policy
 from .dense import dense_attention
 from .flex_shapes import CompileGuard, pad_to_mask
 from .prefix_selection import PrefixSparseState, prefix_sparse_attention
-from .state import SparseDState
+from .state import LayerSelection, SparseDState
 from .switch_step import run_switch_step, select_layer
 
 __all__ = ["sparsed_attention_forward", "sparsed_mask", "dense_attention", "sparse_attention"]
@@ -276,11 +278,58 @@ def sparsed_attention_forward(
             f"{(sel.batch, sel.num_heads, sel.q_len, sel.kv_len)}, got {(B, Hq, L, S)}"
         )
     if windowed:
+        out = window_decode_attention(query, key, value, sel, query_start, cfg.block_size, scale, key_valid)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
         block_mask, q_front = sel.window_mask(query_start, L, cfg.block_size, key_valid)
     else:
         block_mask, q_front = sel.block_mask, sel.front
     out = sparse_attention(query, key, value, block_mask, scale, q_front=q_front, kv_front=sel.front)
     return out.transpose(1, 2).contiguous(), None
+
+
+def window_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    sel: LayerSelection,
+    start: int,
+    block_size: int,
+    scale: float,
+    key_valid: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """A cached step's window through the block-sparse decode kernel, or None where it does not
+    apply (then FlexAttention runs the window's BlockMask).
+
+    It applies on CUDA with Triton (`policy.decode_kernel_refusal`: a power-of-two head_dim,
+    blocks of 16 or 32 tokens or a multiple of 64) when the window's rows lie in one query block
+    of the selection's grid (a dual cache's decoding block on the default grid, which ends a
+    block at the prompt's end). The kernel reads each head's kept key blocks where the cache
+    holds them, split over programs, with the grid's front as an offset; FlexAttention instead
+    pads the window to whole 128-row query tiles and, off its bucket grid or with a moved grid,
+    copies every layer's whole K/V to the mask's length (`flex_shapes.pad_to_mask`).
+
+    Returns:
+        (B, Hq, L, D) or None.
+    """
+    if policy.decode_kernel_refusal(query, block_size) is not None:
+        return None
+    blocks = sel.window_blocks(start, query.shape[2], block_size)
+    if blocks is None:
+        return None
+    from .kernels.sparse_decode import sparse_decode_attention
+
+    offsets = _window_offsets(key.shape[2], sel.front, query.device)
+    return sparse_decode_attention(query, key, value, blocks, offsets, block_size, scale, key_valid)
+
+
+@functools.lru_cache(maxsize=16)
+def _window_offsets(kv_len: int, front: int, device: torch.device) -> torch.Tensor:
+    """The decode kernel's offsets for a window: the grid's front, and no keys read whole (the
+    kept blocks list them all). One device tensor per (length, front), not a copy per call."""
+    from .kernels.sparse_decode import decode_offsets
+
+    return decode_offsets(kv_len, front, kv_len, device)
 
 
 def sparsed_mask(

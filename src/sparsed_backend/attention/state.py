@@ -35,6 +35,7 @@ class LayerSelection:
     # mask's index lists on CUDA; None keeps full-width lists.
     max_row_blocks: int | None = None
     _window: tuple | None = field(default=None, repr=False)  # (start, q_len, mask) of the last window
+    _window_blocks: tuple | None = field(default=None, repr=False)  # (start, q_len, blocks) of the last window
 
     def window_mask(
         self, start: int, q_len: int, block_size: int, key_valid: torch.Tensor | None
@@ -68,6 +69,28 @@ class LayerSelection:
         )  # fmt: skip
         self._window = (start, q_len, mask)
         return mask, q_front
+
+    def window_blocks(self, start: int, q_len: int, block_size: int) -> torch.Tensor | None:
+        """The kept key blocks of query rows ``[start, start + q_len)`` (a cached step's window)
+        when they all lie in one query block of the selection's grid, for the block-sparse
+        decode kernel (`kernels.sparse_decode`): (B, H, k) int64 grid blocks per head,
+        ascending, a row with fewer than the widest row's k padded with -1. None when the
+        window spans several query blocks. The last window's lists are kept, so the steps of
+        one block build them once (one read-back of the widest count)."""
+        first = start + self.front  # the window's first row on the selection's grid
+        if first // block_size != (first + q_len - 1) // block_size:
+            return None
+        if self._window_blocks is not None and self._window_blocks[:2] == (start, q_len):
+            return self._window_blocks[2]
+        row = self.table[:, :, first // block_size]  # (B, H, nKV) bool
+        n_kv = row.shape[-1]
+        column = torch.arange(n_kv, device=row.device)
+        order = torch.where(row, column, n_kv).sort(-1).values  # kept blocks first, ascending
+        widest = max(1, int(row.sum(-1).max()))
+        blocks = order[..., :widest]
+        blocks = torch.where(blocks < n_kv, blocks, -1)
+        self._window_blocks = (start, q_len, blocks)
+        return blocks
 
     def memory_bytes(self) -> int:
         """Device bytes held by the mask's block lists and the block table its mask_mod reads."""
@@ -176,6 +199,28 @@ class SparseDState:
         if not self.layers:
             return None
         return float(torch.stack([s.density for s in self.layers.values()]).float().mean())
+
+    def window_blocks(self, start: int, q_len: int, block_size: int) -> torch.Tensor | None:
+        """The kept key blocks of query rows ``[start, start + q_len)`` (a cached step's window)
+        when they all lie in one query block of the selection's grid, for the block-sparse
+        decode kernel (`kernels.sparse_decode`): (B, H, k) int64 grid blocks per head,
+        ascending, a row with fewer than the widest row's k padded with -1. None when the
+        window spans several query blocks. The last window's lists are kept, so the steps of
+        one block build them once (one read-back of the widest count)."""
+        first = start + self.front  # the window's first row on the selection's grid
+        if first // block_size != (first + q_len - 1) // block_size:
+            return None
+        if self._window_blocks is not None and self._window_blocks[:2] == (start, q_len):
+            return self._window_blocks[2]
+        row = self.table[:, :, first // block_size]  # (B, H, nKV) bool
+        n_kv = row.shape[-1]
+        column = torch.arange(n_kv, device=row.device)
+        order = torch.where(row, column, n_kv).sort(-1).values  # kept blocks first, ascending
+        widest = max(1, int(row.sum(-1).max()))
+        blocks = order[..., :widest]
+        blocks = torch.where(blocks < n_kv, blocks, -1)
+        self._window_blocks = (start, q_len, blocks)
+        return blocks
 
     def memory_bytes(self) -> int:
         """Device bytes held by all cached layer masks."""

@@ -95,7 +95,7 @@ def _sparse_decode_kernel(
         if j < last:
             grid_block = tl.load(BLOCKS + pid_bh * N_KEPT + j).to(tl.int32)  # both branches' bounds are int32
             start = grid_block * GRID - FRONT
-            stop = start + GRID
+            stop = tl.where(grid_block < 0, start, start + GRID)  # a negative entry pads a shorter list
         else:
             start = own_lo
             stop = own_hi
@@ -158,7 +158,8 @@ def sparse_decode_attention(
             committed prefix, then the block's own L keys ending at ``key_len``.
         blocks: (B, H, k) int64 kept grid blocks per selection head, H = Hq (per query head)
             or Hkv (per KV head); grid block g covers positions [g * block_size - front,
-            (g + 1) * block_size - front) (the short first block starts before 0).
+            (g + 1) * block_size - front) (the short first block starts before 0); a negative
+            entry reads nothing (a head with fewer kept blocks pads its list with -1).
         offsets: (3,) int32 on the query's device, (prefix_len, front, key_len)
             (`decode_offsets`): read by the kernel, so a CUDA graph captured once replays every
             block whose shapes match. The keys from prefix_len to key_len are all read.
