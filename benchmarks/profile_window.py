@@ -15,11 +15,15 @@ step, which selects the blocks), then windowed steps of each kind, and prints pe
 - ``attention``: the part of ``kernels`` in attention kernels (names holding flash, fmha, cudnn,
   attention, or FlexAttention's Triton template ``triton_tem``; the names matched are printed);
 - the kernels taking the most GPU time, and the host's busiest operators.
+
+Kinds: ``dense`` and ``sparsed`` with each cache, and ``sparsed_flex+dual``, the dual window on
+FlexAttention (the decode kernel refused), as it ran before the kernel took such windows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import statistics
 import time
@@ -30,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench_e2e import build_model
 from sparsed_backend import SparseDConfig, SparseDState
+from sparsed_backend.attention import policy
 from sparsed_backend.sampling.kv_cache import BlockKVCache
 from sparsed_backend.timing import sync
 
@@ -42,6 +47,18 @@ def windowed_forward(model, ids, window, cache, state):
     cache.set_window(start, stop)
     extra = {} if state is None else {"sparsed_state": state}
     return model(input_ids=ids[:, start:stop], logits_to_keep=min(32, stop - start), kv_cache=cache, **extra)
+
+
+@contextlib.contextmanager
+def patched_refusal(refusal):
+    """Inside: `policy.decode_kernel_refusal` replaced by ``refusal`` (None: unchanged)."""
+    saved = policy.decode_kernel_refusal
+    if refusal is not None:
+        policy.decode_kernel_refusal = refusal
+    try:
+        yield
+    finally:
+        policy.decode_kernel_refusal = saved
 
 
 @torch.inference_mode()
@@ -66,13 +83,17 @@ def main() -> None:
     config = SparseDConfig(skip=0.2, select=args.select, min_sparse_len=0)
     print(f"length {args.length}, layers {args.layers}, {dev}, {dtype}, select {args.select}", flush=True)
 
-    for attn in ("dense", "sparsed"):
+    runs = [("dense", kind) for kind in windows] + [("sparsed", kind) for kind in windows] + [("sparsed_flex", "dual")]
+    for attn, kind in runs:
+        window = windows[kind]
         model.set_attn_implementation("sdpa" if attn == "dense" else "sparsed")
         state = None
-        if attn == "sparsed":
+        if attn != "dense":
             state = SparseDState(config, steps=1000, gen_start=gen_start)
             state.step = config.switch_step(1000)  # the refresh below selects
-        for kind, window in windows.items():
+        # sparsed_flex: the dual window on FlexAttention, as before the decode kernel took it
+        refusal = (lambda query, block_size: "FlexAttention asked for") if attn == "sparsed_flex" else None
+        with patched_refusal(refusal):
             cache = BlockKVCache(kind)
             cache.refresh()
             extra = {} if state is None else {"sparsed_state": state}
@@ -106,7 +127,7 @@ def main() -> None:
                 print(line, flush=True)
                 print("attention kernels: " + "; ".join(n[:80] for n in matched))
                 table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows,
-                                                  max_name_column_width=60)  # fmt: skip
+                                                      max_name_column_width=60)  # fmt: skip
                 print(table)
             else:
                 print(line + " (CPU: no kernel split)", flush=True)
