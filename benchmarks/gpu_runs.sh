@@ -12,6 +12,7 @@
 # LLaDA with a K/V cache (LLaDA-8B shape):
 #
 #   bash benchmarks/gpu_runs.sh window     # where a 64k windowed step's time goes (8 layers)
+#   bash benchmarks/gpu_runs.sh cache      # 64k, gen 256, block 32: dual cache, SDPA / kernel windows, sparsed
 #
 # Each section writes its tables (.md/.json) and log into $OUT (default benchmarks/results).
 # Every table's variants run side by side in one process, dense first (a dense run after the
@@ -26,7 +27,7 @@ COMMON=(--parts e2e --blocks 4 --gen 1024 --select 0.1 --per-kv-head)
 case "${1:-}" in
   tests)
     python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_decode_graphs.py \
-      tests/test_prefix_selection.py tests/test_block_diffusion.py 2>&1 | tee "$OUT/tests_cuda_blockdiff.log" | tail -5
+      tests/test_prefix_selection.py tests/test_block_diffusion.py tests/test_kv_cache.py 2>&1 | tee "$OUT/tests_cuda_blockdiff.log" | tail -5
     ;;
   attention)
     python benchmarks/bench_blockdiff.py --parts attention --prefixes 32768 131072 --blocks 4 --batches 1 8 \
@@ -59,8 +60,13 @@ case "${1:-}" in
     python benchmarks/profile_window.py --length 65536 --layers 8 > "$OUT/profile_window_64k.txt" 2>&1
     grep "^## \|^attention kernels" "$OUT/profile_window_64k.txt"
     ;;
+  cache)
+    python benchmarks/bench_cache.py --lengths 65536 --variants sdpa+dual dense+dual sparsed+dual \
+      --name bench_cache_llada_64k_kernel_windows --out "$OUT" 2>&1 | tee "$OUT/bench_cache_llada_64k_kernel_windows.log" \
+      | tail -8
+    ;;
   *)
-    echo "usage: $0 tests|attention|32k|128k|profile|window" >&2
+    echo "usage: $0 tests|attention|32k|128k|profile|window|cache" >&2
     exit 2
     ;;
 esac

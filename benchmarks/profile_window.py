@@ -16,8 +16,10 @@ step, which selects the blocks), then windowed steps of each kind, and prints pe
   attention, or FlexAttention's Triton template ``triton_tem``; the names matched are printed);
 - the kernels taking the most GPU time, and the host's busiest operators.
 
-Kinds: ``dense`` and ``sparsed`` with each cache, and ``sparsed_flex+dual``, the dual window on
-FlexAttention (the decode kernel refused), as it ran before the kernel took such windows.
+Kinds, each with both caches: ``sdpa`` (transformers' SDPA attention), ``dense`` (the "sparsed"
+attention with no SparseD state: windows of up to 128 rows through the split-KV dense decode
+kernel on CUDA), ``sparsed``; and ``sparsed_flex+dual``, the dual window on FlexAttention (the
+decode kernel refused), as it ran before the kernel took such windows.
 """
 
 from __future__ import annotations
@@ -83,12 +85,12 @@ def main() -> None:
     config = SparseDConfig(skip=0.2, select=args.select, min_sparse_len=0)
     print(f"length {args.length}, layers {args.layers}, {dev}, {dtype}, select {args.select}", flush=True)
 
-    runs = [("dense", kind) for kind in windows] + [("sparsed", kind) for kind in windows] + [("sparsed_flex", "dual")]
+    runs = [(attn, kind) for attn in ("sdpa", "dense", "sparsed") for kind in windows] + [("sparsed_flex", "dual")]
     for attn, kind in runs:
         window = windows[kind]
-        model.set_attn_implementation("sdpa" if attn == "dense" else "sparsed")
+        model.set_attn_implementation("sdpa" if attn == "sdpa" else "sparsed")
         state = None
-        if attn != "dense":
+        if attn.startswith("sparsed"):
             state = SparseDState(config, steps=1000, gen_start=gen_start)
             state.step = config.switch_step(1000)  # the refresh below selects
         # sparsed_flex: the dual window on FlexAttention, as before the decode kernel took it

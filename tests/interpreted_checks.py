@@ -266,6 +266,38 @@ def cached_windows_through_the_kernel_equal_flex() -> None:
                     assert flex_windows and max(flex_windows) > 16, (kind, mode, grid, flex_windows)
 
 
+def dense_cache_windows_through_the_kernel_decode_sdpas_tokens() -> None:
+    """LLaDA and Dream loaded with "sparsed" but no SparseD config (dense attention): a cache
+    window of at most `policy.DECODE_KERNEL_ROWS` rows runs through the split-KV dense decode
+    kernel (counted) and the generation decodes the tokens of the same model on SDPA, dual and
+    prefix cache, a padded batch."""
+    from sparsed_backend.attention.kernels import sparse_decode
+    from sparsed_backend.sampling.generation import dream_generate, llada_generate
+    from tiny_models import padded_pair, tiny_model
+
+    taken = []
+    real = sparse_decode.dense_decode_attention
+
+    def counted(*a, **k):
+        taken.append(a[0].shape[2])
+        return real(*a, **k)
+
+    sparse_decode.dense_decode_attention = counted
+    ids, mask = padded_pair(0, 16, 6)
+    for kind, generate in (("llada", llada_generate), ("dream", dream_generate)):
+        gen = {"gen_length": 32} if kind == "llada" else {"max_new_tokens": 32, "alg": "entropy"}
+        model = tiny_model(kind)
+        for mode in ("dual", "prefix"):
+            outs = []
+            for attn in ("sdpa", "sparsed"):
+                model.set_attn_implementation(attn)
+                taken.clear()
+                outs.append(generate(model, ids, mask, steps=8, block_length=8, kv_cache=mode, **gen))
+            assert torch.equal(outs[0], outs[1]), (kind, mode)
+            assert taken and max(taken) <= 33, (kind, mode, taken)  # the windows (Dream's a row longer)
+        model.set_attn_implementation("sdpa")
+
+
 def a_kernel_window_gives_the_refreshs_rows() -> None:
     """A refresh on a sparse step, then a cached sparse step on a window with the tokens
     unchanged: the window's logits are the refresh's rows (fp32, 1e-5), for windows that the

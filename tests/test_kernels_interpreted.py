@@ -31,6 +31,7 @@ CHECKS = Path(__file__).with_name("interpreted_checks.py")
         "whole_forwards_with_the_kernels_decode_the_models_tokens",
         "a_kernel_window_gives_the_refreshs_rows",
         "cached_windows_through_the_kernel_equal_flex",
+        "dense_cache_windows_through_the_kernel_decode_sdpas_tokens",
     ],
 )
 def test_kernel_under_the_interpreter(check):

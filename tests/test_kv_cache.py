@@ -151,6 +151,37 @@ def test_a_window_through_the_decode_kernel_gives_the_refreshs_rows(kind, offset
     torch.testing.assert_close(part, full[:, start:stop], rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the split-KV dense decode kernel)")
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_a_dense_window_through_the_decode_kernel_gives_sdpas_logits(kind, monkeypatch):
+    """On CUDA (fp32 model, TF32 dot products): loaded with "sparsed" and no SparseD state, a
+    cache window runs through the split-KV dense decode kernel (counted) and its logits are the
+    same model's on SDPA (checked exactly under Triton's interpreter: tests/interpreted_checks.py)."""
+    from sparsed_backend.attention.kernels import sparse_decode
+
+    taken = []
+    real = sparse_decode.dense_decode_attention
+    monkeypatch.setattr(sparse_decode, "dense_decode_attention", lambda *a, **k: taken.append(1) or real(*a, **k))
+    x, mask, pos = (t.cuda() for t in canvas(3))
+    model = tiny_model(kind).cuda()
+    logits = []
+    try:
+        for attn in ("sdpa", "sparsed"):
+            model.set_attn_implementation(attn)
+            cache = BlockKVCache("dual")
+            with torch.no_grad():
+                cache.refresh()
+                model(x, attention_mask=mask, position_ids=pos, kv_cache=cache)
+                cache.set_window(P, P + BL)
+                rows = {"position_ids": pos[:, P : P + BL], "kv_cache": cache}
+                logits.append(model(x[:, P : P + BL], attention_mask=mask, **rows).logits)
+    finally:
+        model.set_attn_implementation("sdpa")
+        model.cpu()
+    assert len(taken) == 2  # both layers' windows
+    torch.testing.assert_close(logits[1], logits[0], rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 @pytest.mark.parametrize("kind", ["llada", "dream"])
 def test_one_step_per_block_never_uses_the_cache_and_equals_no_cache(kind, mode):

@@ -231,7 +231,7 @@ def sparsed_attention_forward(
         raise NotImplementedError(f"'sparsed' attention is inference-only; got dropout={dropout} in training mode")
 
     if sparsed_state is None:
-        return dense_attention(query, key, value, scale, key_valid).transpose(1, 2).contiguous(), None
+        return _dense(query, key, value, scale, key_valid, query_start).transpose(1, 2).contiguous(), None
 
     mode = sparsed_state.mode
     cfg = sparsed_state.config_for(S)
@@ -245,7 +245,7 @@ def sparsed_attention_forward(
                 "to force sparse steps.",
             )
             sparsed_state.dense_reason = f"kv length {S} < min_sparse_len {min_len}"
-        return dense_attention(query, key, value, scale, key_valid).transpose(1, 2).contiguous(), None
+        return _dense(query, key, value, scale, key_valid, query_start).transpose(1, 2).contiguous(), None
 
     layer_idx = getattr(module, "layer_idx", None)
     if not isinstance(layer_idx, int):
@@ -288,6 +288,23 @@ def sparsed_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def _dense(query, key, value, scale, key_valid, query_start) -> torch.Tensor:
+    """Dense attention, (B, Hq, L, D): a cached step's window of at most
+    `policy.DECODE_KERNEL_ROWS` rows through the split-KV dense decode kernel where it runs
+    (`policy.decode_kernel_refusal`), every other call through SDPA (`dense.dense_attention`)."""
+    rows = query.shape[2]
+    if (
+        query_start is not None
+        and rows <= policy.DECODE_KERNEL_ROWS
+        and policy.decode_kernel_refusal(query, 64) is None
+    ):
+        from .kernels.sparse_decode import dense_decode_attention
+
+        return dense_decode_attention(query, key, value, _window_offsets(0, 0, key.shape[2], query.device), scale,
+                                      key_valid)  # fmt: skip
+    return dense_attention(query, key, value, scale, key_valid)
+
+
 def window_decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -312,24 +329,24 @@ def window_decode_attention(
     Returns:
         (B, Hq, L, D) or None.
     """
-    if policy.decode_kernel_refusal(query, block_size) is not None:
+    if query.shape[2] > policy.DECODE_KERNEL_ROWS or policy.decode_kernel_refusal(query, block_size) is not None:
         return None
     blocks = sel.window_blocks(start, query.shape[2], block_size)
     if blocks is None:
         return None
     from .kernels.sparse_decode import sparse_decode_attention
 
-    offsets = _window_offsets(key.shape[2], sel.front, query.device)
+    offsets = _window_offsets(key.shape[2], sel.front, key.shape[2], query.device)  # no keys read whole
     return sparse_decode_attention(query, key, value, blocks, offsets, block_size, scale, key_valid)
 
 
 @functools.lru_cache(maxsize=16)
-def _window_offsets(kv_len: int, front: int, device: torch.device) -> torch.Tensor:
-    """The decode kernel's offsets for a window: the grid's front, and no keys read whole (the
-    kept blocks list them all). One device tensor per (length, front), not a copy per call."""
+def _window_offsets(prefix_len: int, front: int, key_len: int, device: torch.device) -> torch.Tensor:
+    """The decode kernels' (prefix_len, front, key_len) offsets (`kernels.sparse_decode.decode_offsets`)
+    as one device tensor per value, not a host-to-device copy per call."""
     from .kernels.sparse_decode import decode_offsets
 
-    return decode_offsets(kv_len, front, kv_len, device)
+    return decode_offsets(prefix_len, front, key_len, device)
 
 
 def sparsed_mask(

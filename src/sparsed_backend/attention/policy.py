@@ -77,6 +77,13 @@ def decode_kernel_refusal(query: torch.Tensor, block_size: int) -> str | None:
     return decode_block_size_refusal(block_size)
 
 
+# Query rows per program of the decode kernels (`kernels.sparse_decode`), the GQA group's heads
+# counted: past 128 their fp32 accumulator (rows x head_dim) outgrows the registers of a
+# 4-warp program. Not measured: 128 is FlashAttention's query tile, the largest the kernels'
+# tiles were written for. Cache windows with more rows use FlexAttention / SDPA.
+DECODE_KERNEL_ROWS = 128
+
+
 def decode_block_size_refusal(block_size: int) -> str | None:
     """Why the decode kernel cannot tile prefix blocks of ``block_size`` tokens (its key tile is
     min(block_size, 64), a power of two >= 16 dividing the block); None when it can."""

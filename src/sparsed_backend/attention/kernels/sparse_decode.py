@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..policy import decode_block_size_refusal
+from ..policy import DECODE_KERNEL_ROWS, decode_block_size_refusal
 
 __all__ = [
     "decode_attention_with_block_mass",
@@ -209,12 +209,16 @@ def dense_decode_attention(
     Returns:
         (B, Hq, L, D) in the query's dtype.
     """
-    B, Hkv = query.shape[0], key.shape[1]
+    B, Hq, L = query.shape[:3]
+    Hkv = key.shape[1]
+    # A GQA group's heads share a program while their rows fit one (`policy.DECODE_KERNEL_ROWS`);
+    # else one program per query head (each reads its group's K/V).
+    heads = Hkv if Hq // Hkv * L <= DECODE_KERNEL_ROWS else Hq
     if splits is None:
-        splits = dense_decode_splits(B * Hkv, key.shape[2], query.device)
-    blocks = torch.empty(B, Hkv, 0, dtype=torch.long, device=query.device)  # no listed block
+        splits = dense_decode_splits(B * heads, key.shape[2], query.device)
+    blocks = torch.empty(B, heads, 0, dtype=torch.long, device=query.device)  # no listed block
     parts = _launch(query, key, value, blocks, offsets, 64, scaling, key_valid, 1, max(1, splits), split_own=True)
-    return _combine(query, Hkv, *parts)[0]
+    return _combine(query, heads, *parts)[0]
 
 
 def decode_attention_with_block_mass(
