@@ -74,9 +74,9 @@ class LayerSelection:
         """The kept key blocks of query rows ``[start, start + q_len)`` (a cached step's window)
         when they all lie in one query block of the selection's grid, for the block-sparse
         decode kernel (`kernels.sparse_decode`): (B, H, k) int64 grid blocks per head,
-        ascending, a row with fewer than the widest row's k padded with -1. None when the
-        window spans several query blocks. The last window's lists are kept, so the steps of
-        one block build them once (one read-back of the widest count)."""
+        ascending, padded with -1 to k = ``max_row_blocks`` (the host-known bound, so nothing is
+        read back; all the key blocks without one). None when the window spans several query
+        blocks. The last window's lists are kept, so the steps of one block build them once."""
         first = start + self.front  # the window's first row on the selection's grid
         if first // block_size != (first + q_len - 1) // block_size:
             return None
@@ -86,7 +86,7 @@ class LayerSelection:
         n_kv = row.shape[-1]
         column = torch.arange(n_kv, device=row.device)
         order = torch.where(row, column, n_kv).sort(-1).values  # kept blocks first, ascending
-        widest = max(1, int(row.sum(-1).max()))
+        widest = n_kv if self.max_row_blocks is None else max(1, min(self.max_row_blocks, n_kv))
         blocks = order[..., :widest]
         blocks = torch.where(blocks < n_kv, blocks, -1)
         self._window_blocks = (start, q_len, blocks)
@@ -204,9 +204,9 @@ class SparseDState:
         """The kept key blocks of query rows ``[start, start + q_len)`` (a cached step's window)
         when they all lie in one query block of the selection's grid, for the block-sparse
         decode kernel (`kernels.sparse_decode`): (B, H, k) int64 grid blocks per head,
-        ascending, a row with fewer than the widest row's k padded with -1. None when the
-        window spans several query blocks. The last window's lists are kept, so the steps of
-        one block build them once (one read-back of the widest count)."""
+        ascending, padded with -1 to k = ``max_row_blocks`` (the host-known bound, so nothing is
+        read back; all the key blocks without one). None when the window spans several query
+        blocks. The last window's lists are kept, so the steps of one block build them once."""
         first = start + self.front  # the window's first row on the selection's grid
         if first // block_size != (first + q_len - 1) // block_size:
             return None
@@ -216,7 +216,7 @@ class SparseDState:
         n_kv = row.shape[-1]
         column = torch.arange(n_kv, device=row.device)
         order = torch.where(row, column, n_kv).sort(-1).values  # kept blocks first, ascending
-        widest = max(1, int(row.sum(-1).max()))
+        widest = n_kv if self.max_row_blocks is None else max(1, min(self.max_row_blocks, n_kv))
         blocks = order[..., :widest]
         blocks = torch.where(blocks < n_kv, blocks, -1)
         self._window_blocks = (start, q_len, blocks)
