@@ -195,17 +195,18 @@ def dense_decode_attention(
     splits: int | None = None,
 ) -> torch.Tensor:
     """Dense attention of a few query rows to the keys ``[0, key_len)``, split over programs
-    (flash-decoding's split-KV): each KV head's query heads share one program per split, and
-    the key range is cut into ``splits`` equal shares, so a batch of one still fills the GPU
-    (SDPA's kernels parallelise over batch x heads x 128-row query tiles only). The key length
-    is read from ``offsets`` on the device, so one captured CUDA graph serves every block.
+    (flash-decoding's split-KV): each KV head's query heads share one program per split while
+    their rows fit one (`policy.DECODE_KERNEL_ROWS`; else one program per query head), and the
+    key range is cut into ``splits`` equal shares, so a batch of one still fills the GPU (SDPA's
+    kernels parallelise over batch x heads x 128-row query tiles only). The key length is read
+    from ``offsets`` on the device, so one captured CUDA graph serves every block.
 
     Args:
         query: (B, Hq, L, D), D a power of 2 >= 16.
         key, value: (B, Hkv, S, D), S >= key_len (the cache's whole storage may be passed).
         offsets: (3,) int32 (`decode_offsets(0, 0, key_len)`): every key before key_len is read.
         key_valid: (B, S') bool or None: keys a query may attend (left padding).
-        splits: shares of the key range per KV head; None: `dense_decode_splits` for S keys.
+        splits: shares of the key range per program; None: `dense_decode_splits` for S keys.
     Returns:
         (B, Hq, L, D) in the query's dtype.
     """
