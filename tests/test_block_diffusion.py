@@ -276,6 +276,11 @@ def test_bad_prompts_and_models_are_refused():
     other = Qwen3ForCausalLM(Qwen3Config(**{**sdar_model().config.to_dict(), "attn_implementation": "flex_attention"}))
     with pytest.raises(NotImplementedError, match="'sdpa', 'eager' or 'sparsed', got 'flex_attention'"):
         blockdiff_generate(other, ids, mask, **GOOD)
+    fields = {**sdar_model().config.to_dict(), "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
+    fields.pop("layer_types", None)  # recomputed from use_sliding_window
+    windowed = Qwen3ForCausalLM(Qwen3Config(**fields))
+    with pytest.raises(NotImplementedError, match=r"layers \[1\] of this model use sliding-window attention"):
+        blockdiff_generate(windowed, ids, mask, **GOOD)
     with pytest.raises(ValueError, match="position limit of 256"):
         blockdiff_generate(sdar_model(), ids, mask, **{**GOOD, "gen_length": 300})
 

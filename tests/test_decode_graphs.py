@@ -298,8 +298,9 @@ def test_whole_graphs_say_once_when_selecting_steps_run_piecewise(monkeypatch):
 
 
 def test_cuda_graphs_refuses_what_it_cannot_run():
-    """Asking for CUDA graphs off a CUDA device, for a model of another layout, or with a
-    non-bool names the argument."""
+    """Asking for CUDA graphs off a CUDA device, for a model of another layout, with a value
+    other than a bool, "piecewise" or "whole", or for whole graphs of a model with a
+    sliding-window layer (they attend to every cached key) names the argument."""
     model = sdar_model("sdpa")
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     args = {"gen_length": 4, "block_length": 4, "denoising_steps": 4, "mask_id": MASK_ID}
@@ -309,6 +310,10 @@ def test_cuda_graphs_refuses_what_it_cannot_run():
         assert info.value.argument == "cuda_graphs"
     with pytest.raises(ArgumentTypeError, match="cuda_graphs must be a bool") as info:
         blockdiff_generate(model, ids, cuda_graphs="yes", **args)
+    assert info.value.argument == "cuda_graphs"
+    model.model.layers[1].self_attn.sliding_window = 8
+    with pytest.raises(ArgumentValueError, match=r"layers \[1\] use a sliding window") as info:
+        GraphedDecoder(model, 1, 4, capture=False, whole=True)
     assert info.value.argument == "cuda_graphs"
     del model.model.layers[0].self_attn.q_norm
     with pytest.raises(ArgumentValueError, match="Qwen3-layout") as info:

@@ -375,6 +375,13 @@ def blockdiff_generate(
             f"blockdiff_generate builds its block-causal mask for attn_implementation 'sdpa', 'eager' or "
             f"'sparsed', got {implementation!r} (load the model with attn_implementation='sdpa')"
         )
+    layer_types = list(getattr(getattr(model, "config", None), "layer_types", None) or [])
+    if "sliding_attention" in layer_types:
+        windowed = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+        raise NotImplementedError(
+            f"blockdiff_generate builds a block-causal mask over every cached key, but layers {windowed} of this "
+            "model use sliding-window attention (config.use_sliding_window), which it does not apply"
+        )
     if sparsed is not None and not isinstance(sparsed, PrefixSparseConfig):
         raise ArgumentTypeError(
             "sparsed", f"sparsed must be a PrefixSparseConfig or None, got {type(sparsed).__name__}"

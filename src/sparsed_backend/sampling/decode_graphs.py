@@ -153,6 +153,13 @@ class GraphedDecoder:
 
         self.whole = whole
         self.kernels = capture if kernels is None else kernels
+        windowed = [i for i, layer in enumerate(self.layers) if getattr(layer.self_attn, "sliding_window", None)]
+        if whole and windowed:
+            raise ArgumentValueError(
+                "cuda_graphs",
+                f"cuda_graphs='whole' attends to every cached key, but layers {windowed} use a sliding window "
+                "(use cuda_graphs=True)",
+            )
         if whole and self.kernels:
             refusal = decode_kernel_refusal(self.q, 64)
             if refusal is not None:
