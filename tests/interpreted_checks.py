@@ -17,6 +17,21 @@ import torch.nn.functional as F
 ATOL = 1e-5
 
 
+def _counted(name: str) -> list[int]:
+    """The query rows of every call to ``kernels.sparse_decode.<name>`` from now on (the kernel
+    still runs; each check runs in its own process)."""
+    from sparsed_backend.attention.kernels import sparse_decode
+
+    calls, real = [], getattr(sparse_decode, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[2])
+        return real(*args, **kwargs)
+
+    setattr(sparse_decode, name, counted)
+    return calls
+
+
 def _inputs(b, hq, hkv, q_len, storage, d, pad_rows, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, hq, q_len, d, generator=g)
@@ -217,19 +232,11 @@ def cached_windows_through_the_kernel_equal_flex() -> None:
     several query blocks stays on FlexAttention."""
     from sparsed_backend.attention import policy
     from sparsed_backend.attention.config import SparseDConfig
-    from sparsed_backend.attention.kernels import sparse_decode
     from sparsed_backend.attention.state import LayerSelection
     from sparsed_backend.sampling.generation import dream_generate, llada_generate
     from tiny_models import padded_pair, tiny_model
 
-    taken = []
-    real = sparse_decode.sparse_decode_attention
-
-    def counted(*a, **k):
-        taken.append(a[0].shape[2])
-        return real(*a, **k)
-
-    sparse_decode.sparse_decode_attention = counted
+    taken = _counted("sparse_decode_attention")
     flexed = []
     window_mask = LayerSelection.window_mask
 
@@ -271,18 +278,10 @@ def dense_cache_windows_through_the_kernel_decode_sdpas_tokens() -> None:
     window of at most `policy.DECODE_KERNEL_ROWS` rows runs through the split-KV dense decode
     kernel (counted) and the generation decodes the tokens of the same model on SDPA, dual and
     prefix cache, a padded batch."""
-    from sparsed_backend.attention.kernels import sparse_decode
     from sparsed_backend.sampling.generation import dream_generate, llada_generate
     from tiny_models import padded_pair, tiny_model
 
-    taken = []
-    real = sparse_decode.dense_decode_attention
-
-    def counted(*a, **k):
-        taken.append(a[0].shape[2])
-        return real(*a, **k)
-
-    sparse_decode.dense_decode_attention = counted
+    taken = _counted("dense_decode_attention")
     ids, mask = padded_pair(0, 16, 6)
     for kind, generate in (("llada", llada_generate), ("dream", dream_generate)):
         gen = {"gen_length": 32} if kind == "llada" else {"max_new_tokens": 32, "alg": "entropy"}
@@ -304,19 +303,11 @@ def a_kernel_window_gives_the_refreshs_rows() -> None:
     decode kernel runs (in one query block of the selection's grid: counted) on the reference
     grid and on a moved one (front 8), LLaDA and Dream, a padded batch."""
     from sparsed_backend.attention.config import SparseDConfig
-    from sparsed_backend.attention.kernels import sparse_decode
     from sparsed_backend.attention.state import SparseDState
     from sparsed_backend.sampling.kv_cache import BlockKVCache
     from tiny_models import MASK_ID, padded_pair, tiny_model
 
-    taken = []
-    real = sparse_decode.sparse_decode_attention
-
-    def counted(*a, **k):
-        taken.append(a[0].shape[2])
-        return real(*a, **k)
-
-    sparse_decode.sparse_decode_attention = counted
+    taken = _counted("sparse_decode_attention")
     p, g = 16, 32
     ids, mask = padded_pair(2, p, 6)
     x = torch.cat([ids, torch.randint(2, MASK_ID, (2, g), generator=torch.Generator().manual_seed(2))], 1)

@@ -200,28 +200,6 @@ class SparseDState:
             return None
         return float(torch.stack([s.density for s in self.layers.values()]).float().mean())
 
-    def window_blocks(self, start: int, q_len: int, block_size: int) -> torch.Tensor | None:
-        """The kept key blocks of query rows ``[start, start + q_len)`` (a cached step's window)
-        when they all lie in one query block of the selection's grid, for the block-sparse
-        decode kernel (`kernels.sparse_decode`): (B, H, k) int64 grid blocks per head,
-        ascending, padded with -1 to k = ``max_row_blocks`` (the host-known bound, so nothing is
-        read back; all the key blocks without one). None when the window spans several query
-        blocks. The last window's lists are kept, so the steps of one block build them once."""
-        first = start + self.front  # the window's first row on the selection's grid
-        if first // block_size != (first + q_len - 1) // block_size:
-            return None
-        if self._window_blocks is not None and self._window_blocks[:2] == (start, q_len):
-            return self._window_blocks[2]
-        row = self.table[:, :, first // block_size]  # (B, H, nKV) bool
-        n_kv = row.shape[-1]
-        column = torch.arange(n_kv, device=row.device)
-        order = torch.where(row, column, n_kv).sort(-1).values  # kept blocks first, ascending
-        widest = n_kv if self.max_row_blocks is None else max(1, min(self.max_row_blocks, n_kv))
-        blocks = order[..., :widest]
-        blocks = torch.where(blocks < n_kv, blocks, -1)
-        self._window_blocks = (start, q_len, blocks)
-        return blocks
-
     def memory_bytes(self) -> int:
         """Device bytes held by all cached layer masks."""
         return sum(s.memory_bytes() for s in self.layers.values())
