@@ -110,8 +110,10 @@ class GraphedDecoder:
         batch, tokens: the shape of every forward this decoder runs.
         capture: capture the CUDA graphs (the model must be on a CUDA device); False runs the
             same pieces eagerly (what the CPU tests compare with the model's forward).
-        whole: every forward of a block one graph (`dense_step`, `score_step`); needs
-            ``kernels``.
+        whole: every forward of a block one graph (`dense_step`, `score_step`, `sparse_step`);
+            with ``kernels`` its exact forwards attend through the split-KV decode kernel (an
+            ArgumentValueError naming ``cuda_graphs`` where it cannot run); refused for models
+            with sliding-window layers.
         kernels: attend through the Triton decode kernels where the captured graphs do
             (sparse steps, and with ``whole`` every whole forward); None: when capturing.
             ``capture=False, kernels=True`` runs the captured computation eagerly (on the CPU
