@@ -90,3 +90,42 @@ def test_mask_mod_expands_to_the_token_mask(case):
 def test_table_of_the_wrong_size_is_rejected():
     with pytest.raises(ValueError, match=r"does not fit q_len=100, kv_len=100 with block_size=16"):
         block_mask_from_table(torch.ones(1, 1, 6, 7, dtype=torch.bool), 100, 100, 16)
+
+
+@given(
+    tables(),
+    st.integers(0, 127),
+    st.integers(1, 200),
+    st.sampled_from([None, 0, 1]),
+    st.integers(0, 255),
+)
+def test_a_windows_kernel_block_lists_are_its_query_blocks_table_row(case, front, q_len, slack, start_seed):
+    """`LayerSelection.window_blocks` (what the decode kernel reads for a cache window): for a
+    window in one query block of the grid (``front`` rows before position 0), each head's
+    list is that block's table row, ascending, padded with -1 to ``max_row_blocks`` (or every
+    key block); a window across query blocks gets None (it stays on FlexAttention)."""
+    from sparsed_backend.attention.state import LayerSelection
+
+    table, _, kv_len, block, _ = case
+    b, h, n_q, n_kv = table.shape
+    front = front % block
+    rows = n_q * block - front  # the real query rows the table covers
+    start = start_seed % max(1, rows)
+    q_len = max(1, min(q_len, rows - start))
+    widest = int(table.sum(-1).max())
+    width = None if slack is None else max(1, widest + slack)
+    sel = LayerSelection(None, table, b, h, rows, kv_len, torch.tensor(0.0), front=front, max_row_blocks=width)
+    got = sel.window_blocks(start, q_len, block)
+    first, last = (start + front) // block, (start + q_len - 1 + front) // block
+    if first != last:
+        assert got is None
+        return
+    expected_width = n_kv if width is None else min(width, n_kv)
+    assert got.shape == (b, h, expected_width)
+    for bb in range(b):
+        for hh in range(h):
+            kept = torch.nonzero(table[bb, hh, first]).flatten()
+            row = got[bb, hh]
+            assert torch.equal(row[: kept.numel()], kept)
+            assert (row[kept.numel() :] == -1).all()
+    assert sel.window_blocks(start, q_len, block) is got  # kept for the block's later steps
