@@ -396,17 +396,21 @@ class GraphedDecoder:
         """What a dense or selecting whole forward reads: the (prefix_len, front, key_len)
         offsets, the key length, the attendable keys (padded batches) and the write positions."""
         key_len = key_valid.shape[1]
-        if padded:
+        if padded != (self._valid is not None):  # the graphs captured with the other setting read the old one
+            self._forget("dense")
+            self._forget("score")
             storage = cache.keys[0].shape[2]
-            if self._valid is None:
-                self._valid = torch.zeros(self.batch, storage, dtype=torch.bool, device=self.q.device)
+            self._valid = torch.zeros(self.batch, storage, dtype=torch.bool, device=self.q.device) if padded else None
+        if padded:
             self._valid[:, :key_len].copy_(key_valid)
-        else:
-            self._valid = None
         self._offsets[0].fill_(prefix_len)
         self._offsets[1].fill_(front)
         self._offsets[2].fill_(key_len)
         self._key_len = key_len
+        self._write_at(cache)
+
+    def _write_at(self, cache) -> None:
+        """The positions the next forward's K/V go to: the block after the committed prefix."""
         self.write_positions.copy_(torch.arange(cache.length, cache.length + self.tokens, device=self.q.device))
 
     def dense_step(
@@ -430,7 +434,7 @@ class GraphedDecoder:
         self._set_inputs(ids, positions)
         self._use_cache(cache)
         self._load_whole(cache, key_valid, padded, 0, 0)
-        self._replay(("dense", logits, padded), lambda: self._whole_forward(self._dense_attend, logits))
+        self._replay(("dense", logits), lambda: self._whole_forward(self._dense_attend, logits))
         cache.written()
         return self.logits.clone() if logits else None
 
@@ -466,7 +470,7 @@ class GraphedDecoder:
             self._forget("score")
             self._score_grid = n_blocks
         self._score_state = state
-        self._replay(("score", padded), lambda: self._whole_forward(self._score_attend, True))
+        self._replay(("score",), lambda: self._whole_forward(self._score_attend, True))
         for i, blocks in enumerate(self._selected):
             state.layers[i] = PrefixSelection(blocks, prefix_len, front, n_blocks, config.block_size)
         cache.written()
@@ -515,7 +519,7 @@ class GraphedDecoder:
         if fresh:
             self._forget("sparse")
         self._sparse_block = state.blocks_begun
-        self.write_positions.copy_(torch.arange(cache.length, cache.length + self.tokens, device=ids.device))
+        self._write_at(cache)
         self._replay(("sparse", logits), lambda: self._whole_forward(self._sparse_attend, logits))
         cache.written()
         return self.logits.clone() if logits else None
