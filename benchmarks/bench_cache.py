@@ -17,7 +17,7 @@ Per prompt length, in one process on one random-weight model (bf16 on CUDA):
   raw wall time, compilation included.
 
 ``dense+...`` runs the model's "sparsed" attention without a SparseD config (on CUDA its cache
-windows of up to 128 rows run the split-KV dense decode kernel, as SparseD's dense windows do);
+windows of up to 64 rows run the split-KV dense decode kernel, as SparseD's dense windows do);
 ``sdpa+...`` (asked for by name) runs transformers' SDPA attention instead;
 ``speedup_vs_best_dense_cache`` is against the fastest dense cache variant run.
 Peak memory is measured above the weights; ``cache_mib`` is what the cache holds at the end,
@@ -43,7 +43,7 @@ from sparsed_backend.timing import PeakMemory, StepTimer, synced_seconds
 
 VARIANTS = ["dense+prefix", "dense+dual", "sparsed+prefix", "sparsed+dual"]
 # transformers' SDPA attention (the model loaded with attn_implementation="sdpa"); "dense" is the
-# "sparsed" attention with no SparseD config, whose cache windows of up to 128 rows run the
+# "sparsed" attention with no SparseD config, whose cache windows of up to 64 rows run the
 # split-KV dense decode kernel on CUDA
 SDPA_VARIANTS = ["sdpa+prefix", "sdpa+dual"]
 DENSE_CACHES = ("dense+prefix", "dense+dual", "sdpa+prefix", "sdpa+dual")

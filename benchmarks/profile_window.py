@@ -17,7 +17,7 @@ step, which selects the blocks), then windowed steps of each kind, and prints pe
 - the kernels taking the most GPU time, and the host's busiest operators.
 
 Kinds, each with both caches: ``sdpa`` (transformers' SDPA attention), ``dense`` (the "sparsed"
-attention with no SparseD state: windows of up to 128 rows through the split-KV dense decode
+attention with no SparseD state: windows of up to 64 rows through the split-KV dense decode
 kernel on CUDA), ``sparsed``; and ``sparsed_flex+dual``, the dual window on FlexAttention (the
 decode kernel refused), as it ran before the kernel took such windows.
 """

@@ -77,11 +77,12 @@ def decode_kernel_refusal(query: torch.Tensor, block_size: int) -> str | None:
     return decode_block_size_refusal(block_size)
 
 
-# Query rows per program of the decode kernels (`kernels.sparse_decode`), the GQA group's heads
-# counted: past 128 their fp32 accumulator (rows x head_dim) outgrows the registers of a
-# 4-warp program. Not measured: 128 is FlashAttention's query tile, the largest the kernels'
-# tiles were written for. Cache windows with more rows use FlexAttention / SDPA.
-DECODE_KERNEL_ROWS = 128
+# Query rows per program of the decode kernels (`kernels.sparse_decode`, 4 warps), the GQA
+# group's heads counted. Not measured; a bound from the register file: at head_dim 128 the fp32
+# accumulator of 64 rows takes 64 of a thread's 255 registers, and 128 rows would take 128 beside
+# the query tile and the scores, which spills. Cache windows with more rows use FlexAttention /
+# SDPA; the dense kernel gives each query head its own program when a group's rows pass it.
+DECODE_KERNEL_ROWS = 64
 
 
 def decode_block_size_refusal(block_size: int) -> str | None:
