@@ -123,7 +123,9 @@ def decode_kernels_property() -> None:
     block (16-64, so a short first block), left padding and splits: the sparse kernel listing
     every prefix block (keep = 100%) and the split-KV dense kernel both equal SDPA's dense
     attention, the fused kernel gives dense attention and `prefix_block_mass`'s mass, and the
-    sparse kernel on a random selection of ``select`` equals the gather + SDPA step."""
+    sparse kernel on a random selection of ``select`` equals the gather + SDPA step. Up to 32
+    rows with 4 query heads per KV head, so the dense kernel runs both ways: a group's heads in
+    one program, and one program per query head (past `policy.DECODE_KERNEL_ROWS` rows)."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
@@ -146,7 +148,7 @@ def decode_kernels_property() -> None:
     @settings(max_examples=25, deadline=None, derandomize=os.environ.get("HYPOTHESIS_PROFILE") == "ci")
     @given(
         b=st.integers(1, 2), hkv=st.sampled_from([1, 2, 4]), ratio=st.sampled_from([1, 2, 4]),
-        q_len=st.integers(1, 16), prefix=st.integers(0, 300), bs=st.sampled_from([16, 32, 64]),
+        q_len=st.integers(1, 32), prefix=st.integers(0, 300), bs=st.sampled_from([16, 32, 64]),
         pad_share=st.floats(0.0, 1.0), per_kv=st.booleans(), splits=st.one_of(st.none(), st.integers(1, 9)),
         select=st.floats(0.05, 1.0), seed=st.integers(0, 2**16),
     )  # fmt: skip
