@@ -68,6 +68,27 @@ def test_importance_uses_bounded_chunks():
     torch.testing.assert_close(whole, chunked)
 
 
+def test_block_sums_normalised_by_a_given_log_sum_exp():
+    """Given each row's exact log-sum-exp, the PyTorch block sums equal its own normalisation
+    (padded keys, GQA, chunked); a row with log-sum-exp +inf (a moved grid's front row) adds
+    nothing, as in the fused kernel; a shifted log-sum-exp scales its row's sums by exp(-shift)."""
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 4, 100, 16, generator=g), torch.randn(2, 2, 100, 16, generator=g)
+    valid = torch.ones(2, 100, dtype=torch.bool)
+    valid[1, :30] = False
+    scores = torch.einsum("bhld,bhsd->bhls", q, k.repeat_interleave(2, 1)) * 0.25
+    lse = torch.logsumexp(scores.masked_fill(~valid[:, None, None, :], -torch.inf), -1)
+    own = block_prob_sums(q, k, 0.25, 32, valid)
+    torch.testing.assert_close(block_prob_sums(q, k, 0.25, 32, valid, chunk_bytes=1, lse=lse), own)
+    front = lse.clone()
+    front[:, :, :32] = torch.inf  # the first query block's rows
+    got = block_prob_sums(q, k, 0.25, 32, valid, lse=front)
+    assert torch.equal(got[:, :, 0], torch.zeros_like(got[:, :, 0]))
+    torch.testing.assert_close(got[:, :, 1:], own[:, :, 1:])
+    shifted = block_prob_sums(q, k, 0.25, 32, valid, lse=lse + 1.0)
+    torch.testing.assert_close(shifted, own * torch.exp(torch.tensor(-1.0)))
+
+
 def test_importance_ignores_nan_in_padded_keys():
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(2, 2, 70, 16, generator=g), torch.randn(2, 1, 70, 16, generator=g)

@@ -66,6 +66,7 @@ def block_prob_sums(
     block_size: int,
     key_valid: torch.Tensor | None = None,
     chunk_bytes: int = _SCORE_CHUNK_BYTES,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum of softmax probabilities per (query block, key block) pair, in plain PyTorch.
 
@@ -81,6 +82,9 @@ def block_prob_sums(
         key: (B, Hkv, S, D), Hq % Hkv == 0 (GQA: no repetition is materialised).
         scaling: the attention's softmax scale (the module's ``scaling``).
         key_valid: (B, S) bool, True for real keys; None when all keys are real.
+        lse: (B, Hq, L) natural-log log-sum-exp of the rows, or None: each row is normalised
+            by its own sum here. Given, a row's probabilities are exp(score - lse), as the
+            fused kernel computes them (a row with lse +inf adds nothing).
     Returns:
         (B, Hq, nQ, nKV) float32.
     """
@@ -102,15 +106,19 @@ def block_prob_sums(
         if masked is not None:
             # masked_fill, not an additive bias: padded keys may hold NaN garbage.
             scores.masked_fill_(masked, float("-inf"))
-        # Softmax in place, normalised after the key-block sums (one division per block, not per key).
-        row_max = scores.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)
+        if lse is None:  # softmax in place, normalised after the key-block sums (one division per block)
+            row_max = scores.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)
+        else:
+            row_max = lse[:, :, r0:r1].float().reshape(B, Hkv, G, r1 - r0, 1)
         probs = scores.sub_(row_max).exp_()
         per_key_block = probs[..., :full].unflatten(-1, (full // block_size, block_size)).sum(-1)
         if full < S:
             per_key_block = torch.cat([per_key_block, probs[..., full:].sum(-1, keepdim=True)], -1)
-        denom = per_key_block.sum(-1, keepdim=True)
-        # A query row whose keys are all masked has no distribution; it adds nothing.
-        per_key_block = per_key_block.div_(denom).nan_to_num_(nan=0.0)  # (B, Hkv, G, r, nKV)
+        if lse is None:
+            denom = per_key_block.sum(-1, keepdim=True)
+            # A query row whose keys are all masked has no distribution; it adds nothing.
+            per_key_block = per_key_block.div_(denom)
+        per_key_block = per_key_block.nan_to_num_(nan=0.0)  # (B, Hkv, G, r, nKV)
         nb = num_blocks(r1 - r0, block_size)
         per_key_block = torch.nn.functional.pad(per_key_block, (0, 0, 0, nb * block_size - (r1 - r0)))
         sums = per_key_block.view(B, Hkv, G, nb, block_size, n_kv).sum(4)

@@ -132,7 +132,8 @@ def block_importance(
 
     CUDA with Triton and a power-of-two head_dim: the fused kernel (one sweep when ``lse`` is
     given, two otherwise). Elsewhere the chunked PyTorch implementation (same math, bounded
-    memory; ``lse`` unused). Key blocks with no attendable key get -inf.
+    memory; rows normalised by ``lse`` when given, as the kernel does). Key blocks with no
+    attendable key get -inf.
 
     ``q_front`` zero query rows and ``k_front`` absent keys count as standing before the inputs
     (a moved block grid): the kernel reads them as such, the PyTorch path pads copies.
@@ -162,7 +163,7 @@ def block_importance(
             query = pad_length(query, L, q_front)
         if k_front:
             key = pad_length(key, S, k_front)
-        sums = block_prob_sums(query, key, scaling, block_size, key_valid)
+        sums = block_prob_sums(query, key, scaling, block_size, key_valid, lse=lse)
     return importance_from_sums(sums, L, counts, block_size)
 
 
@@ -200,8 +201,8 @@ def select_layer(
     if front:
         # A moved block grid: select as if `front` zero rows stood before position 0 (the
         # scorer reads them as such, Q and K are not copied). The front keys are masked; the
-        # front query rows get log-sum-exp +inf, so the fused scorer adds nothing for them (the
-        # PyTorch scorer spreads them evenly over the keys).
+        # front query rows get log-sum-exp +inf, so a scorer given the log-sum-exp adds nothing
+        # for them (without it, the PyTorch scorer spreads them evenly over the keys).
         if L != S:
             raise ValueError(
                 f"prompt_end_offset moves the block grid of query rows and keys together, so the "
