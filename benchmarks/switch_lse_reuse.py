@@ -52,10 +52,10 @@ def full_forward_lse(query: torch.Tensor, key: torch.Tensor, scale: float, key_v
 
 
 class Recorder:
-    """Inside ``watching()``: each layer's log-sum-exp of the last full dense forward, and the
-    switch step's inputs. The switch step selects with a given log-sum-exp, as the fused CUDA
-    scorer does (the CPU scorer then normalises by it too): its own exact one, or with ``reuse``
-    the recorded one."""
+    """Inside ``watching()``: each layer's log-sum-exp of the last full dense forward, and each
+    switch step's inputs with that log-sum-exp (of its own batch). The switch step selects with
+    a given log-sum-exp, as the fused CUDA scorer does (the CPU scorer then normalises by it
+    too): its own exact one, or with ``reuse`` the recorded one."""
 
     def __init__(self, n_layers: int, reuse: bool) -> None:
         self.n_layers, self.reuse = n_layers, reuse
@@ -74,14 +74,14 @@ class Recorder:
 
         def recording_switch(query, key, value, scale, config, *, gen_start=None, key_valid=None):
             layer = len(recorder.switch) % recorder.n_layers
-            recorder.switch.append((layer, query, key, scale, config, gen_start, key_valid))
+            # with this batch's log-sum-exp: a later batch overwrites recorder.lse
+            recorder.switch.append((recorder.lse[layer], query, key, scale, config, gen_start, key_valid))
             return run_switch(query, key, value, scale, config, gen_start=gen_start, key_valid=key_valid)
 
         def reused_lse(query, key, value, scaling, key_valid=None, kernel="cudnn"):
             out, _ = with_lse(query, key, value, scaling, key_valid, kernel)
-            layer = (len(recorder.switch) - 1) % recorder.n_layers  # the switch step just recorded
-            lse = recorder.lse[layer] if recorder.reuse else full_forward_lse(query, key, scaling, key_valid)
-            return out, lse
+            recorded = recorder.switch[-1][0]  # the switch step just recorded
+            return out, recorded if recorder.reuse else full_forward_lse(query, key, scaling, key_valid)
 
         backend.dense_attention, backend.run_switch_step = recording_dense, recording_switch
         switch_step.dense_with_lse = reused_lse
@@ -92,29 +92,35 @@ class Recorder:
             switch_step.dense_with_lse = with_lse
 
 
-def agreement(recorder: Recorder) -> tuple[float, float, float, float, float]:
-    """(kept_agree, rows_equal, worst layer's kept_agree, the largest and the median
-    |reused - exact| log-sum-exp of a row) of the reused log-sum-exp's selection against the
-    exact one, over every recorded switch step. The exact rule here is the layer's own switch
-    step; the recorded log-sum-exp is from the last full forward before it."""
-    kept = agree = rows = equal = 0
-    shift, shifts = 0.0, []
-    per_layer: dict[int, list[int]] = {}
-    for layer, query, key, scale, config, gen_start, key_valid in recorder.switch:
+def agreement(recorder: Recorder) -> dict[str, float]:
+    """The row fields comparing the reused log-sum-exp's selection with the exact one, over every
+    recorded switch step: ``kept_agree``, ``rows_equal``, ``worst_layer`` (the lowest layer's
+    ``kept_agree``) and ``lse_shift_max`` / ``lse_shift_median`` (|reused - exact| log-sum-exp
+    of a row). The exact rule here is the layer's own switch step; the recorded log-sum-exp is
+    from the last full forward before it."""
+    rows = equal = 0
+    shifts = []
+    per_layer: dict[int, list[int]] = {}  # layer -> [exact's kept blocks, of them kept by the reuse too]
+    for i, (recorded, query, key, scale, config, gen_start, key_valid) in enumerate(recorder.switch):
+        layer = i % recorder.n_layers
         where = {"gen_start": gen_start, "key_valid": key_valid}
         exact_lse = full_forward_lse(query, key, scale, key_valid)
         real = torch.isfinite(exact_lse)  # rows with an attendable key
-        moved = (recorder.lse[layer] - exact_lse)[real].abs()
-        shift, shifts = max(shift, moved.max().item()), shifts + [moved.flatten()]
+        shifts.append((recorded - exact_lse)[real].abs().flatten())
         exact = switch_step.select_layer(query, key, scale, config, lse=exact_lse, **where).table
-        reused = switch_step.select_layer(query, key, scale, config, lse=recorder.lse[layer], **where).table
-        both = (exact & reused).sum().item()
-        kept, agree = kept + exact.sum().item(), agree + both
+        reused = switch_step.select_layer(query, key, scale, config, lse=recorded, **where).table
         rows, equal = rows + exact[..., 0].numel(), equal + (exact == reused).all(-1).sum().item()
         counts = per_layer.setdefault(layer, [0, 0])
-        counts[0], counts[1] = counts[0] + exact.sum().item(), counts[1] + both
-    worst = min(b / a for a, b in per_layer.values() if a)
-    return agree / kept, equal / rows, worst, shift, torch.cat(shifts).median().item()
+        counts[0], counts[1] = counts[0] + exact.sum().item(), counts[1] + (exact & reused).sum().item()
+    kept, agree = (sum(c[i] for c in per_layer.values()) for i in (0, 1))
+    moved = torch.cat(shifts)
+    return {
+        "kept_agree": agree / kept,
+        "rows_equal": equal / rows,
+        "worst_layer": min(b / a for a, b in per_layer.values() if a),
+        "lse_shift_max": moved.max().item(),
+        "lse_shift_median": moved.median().item(),
+    }
 
 
 def main() -> None:
@@ -147,9 +153,7 @@ def main() -> None:
                 low, high = wilson_interval(correct, args.prompts)
                 row[f"{rule}_match"] = f"{100 * correct / args.prompts:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
                 if rule == "exact":
-                    measured = agreement(recorder)
-                    row["kept_agree"], row["rows_equal"], row["worst_layer"] = measured[:3]
-                    row["lse_shift_max"], row["lse_shift_median"] = measured[3:]
+                    row.update(agreement(recorder))
             rows.append(row)
             print(row, flush=True)
     cols = ["regime", "length", "prompts", "gen", "lse_shift_median", "lse_shift_max", "kept_agree", "rows_equal",
